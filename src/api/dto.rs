@@ -1,0 +1,136 @@
+//! Wire types: request bodies as clients send them and responses as they receive them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::model::{Attempt, Delivery, DeliveryId, Event, Seq, rfc3339};
+
+/// `POST /v1/events` body, and one item of a batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest<'a> {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+    /// Batch items carry their key here; single publishes may use the header instead.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /v1/events/batch` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest<'a> {
+    #[serde(borrow)]
+    pub events: Vec<PublishRequest<'a>>,
+}
+
+/// The answer to one published event.
+#[derive(Debug, Serialize)]
+pub struct PublishResponse<'a> {
+    pub id: &'a str,
+    pub seq: Seq,
+    pub deliveries: u32,
+    pub duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<EventView<'a>>,
+}
+
+/// An event as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct EventView<'a> {
+    pub id: &'a str,
+    pub seq: Seq,
+    #[serde(rename = "type")]
+    pub event_type: &'a str,
+    pub source: Option<&'a str>,
+    pub data: &'a RawValue,
+    pub received_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<&'a str>,
+    pub receipt_id: Option<String>,
+}
+
+impl<'a> EventView<'a> {
+    /// Borrows an event; the stored data is valid JSON by construction.
+    pub fn new(seq: Seq, e: &'a Event) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            id: &e.id,
+            seq,
+            event_type: &e.event_type,
+            source: e.source.as_deref(),
+            data: serde_json::from_str(&e.data)?,
+            received_at: rfc3339(e.received_at),
+            idempotency_key: e.idempotency_key.as_deref(),
+            receipt_id: e.receipt.map(|r| r.to_string()),
+        })
+    }
+}
+
+/// A delivery as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct DeliveryView<'a> {
+    pub id: String,
+    pub event_id: &'a str,
+    pub event_seq: Seq,
+    pub subscription: &'a str,
+    pub status: &'static str,
+    pub attempts: u32,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<&'a str>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl<'a> DeliveryView<'a> {
+    pub fn new(id: DeliveryId, d: &'a Delivery) -> Self {
+        Self {
+            id: id.to_string(),
+            event_id: &d.event_id,
+            event_seq: d.event_seq,
+            subscription: &d.subscription,
+            status: d.status.as_str(),
+            attempts: d.attempts,
+            next_attempt_at: d.next_attempt_at.map(rfc3339),
+            last_error: d.last_error.as_deref(),
+            created_at: rfc3339(d.created_at),
+            updated_at: rfc3339(d.updated_at),
+        }
+    }
+}
+
+/// One attempt as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct AttemptView<'a> {
+    pub n: u32,
+    pub started_at: String,
+    pub duration_ms: f64,
+    pub status_code: Option<u16>,
+    pub error: Option<&'a str>,
+    pub response_body: &'a str,
+}
+
+impl<'a> AttemptView<'a> {
+    pub fn new(n: u32, a: &'a Attempt) -> Self {
+        Self {
+            n,
+            started_at: rfc3339(a.started_at),
+            duration_ms: a.duration_us as f64 / 1000.0,
+            status_code: a.status_code,
+            error: a.error.as_deref(),
+            response_body: &a.response_body,
+        }
+    }
+}
+
+/// A page of a list.
+#[derive(Debug, Serialize)]
+pub struct ListResponse<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}

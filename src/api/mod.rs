@@ -1,0 +1,190 @@
+//! The HTTP API: a hyper 1.x server, its shared state, and request/response plumbing.
+//! Routes and handlers are in `routes`; wire types in `dto`.
+
+pub mod auth;
+pub mod dto;
+pub mod error;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::storage::Store;
+use crate::storage::writer::WriterHandle;
+use auth::Auth;
+use error::ApiError;
+
+/// A response with a fully buffered body.
+pub type Resp = Response<Full<Bytes>>;
+
+/// Everything a request handler may touch.
+pub struct ApiState {
+    pub store: Store,
+    pub writer: WriterHandle,
+    pub metrics: Arc<Metrics>,
+    pub auth: Auth,
+    pub registry: Arc<Registry>,
+    pub max_body: u64,
+    pub max_batch: usize,
+    pub draining: AtomicBool,
+}
+
+impl ApiState {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves, then lets open requests finish for at
+/// most `grace` before returning.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let st = state.clone();
+                    let conn = http.serve_connection(
+                        TokioIo::new(stream),
+                        service_fn(move |req| handle(st.clone(), req)),
+                    );
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all HTTP connections closed"),
+        () = tokio::time::sleep(grace) => tracing::warn!("HTTP connections still open after the shutdown grace period"),
+    }
+}
+
+async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let (route, result) = routes::dispatch(&state, req).await;
+    let resp = result.unwrap_or_else(|e| error_response(&e));
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[route, resp.status().as_str()])
+        .inc();
+    Ok(resp)
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, body: Vec<u8>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Serializes a value into a JSON response.
+pub fn json_of<T: serde::Serialize>(status: StatusCode, v: &T) -> Result<Resp, ApiError> {
+    serde_json::to_vec(v)
+        .map(|b| json(status, b))
+        .map_err(ApiError::internal)
+}
+
+pub fn error_response(e: &ApiError) -> Resp {
+    json(e.status, e.body())
+}
+
+/// Requires a JSON content type on a request with a body.
+pub fn require_json(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let ct = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content-type must be application/json, got {ct:?}"),
+        ))
+    }
+}
+
+/// Reads the whole body, refusing more than `max` bytes with 413.
+pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body exceeds the limit of {max} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(
+            "body_read_failed",
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+/// Parses a JSON body, telling malformed JSON apart from JSON of the wrong shape.
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::bad_request("malformed_json", e.to_string())
+            }
+        }
+    })
+}

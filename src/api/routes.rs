@@ -1,0 +1,480 @@
+//! The route table and the request handlers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+
+use super::dto::*;
+use super::error::ApiError;
+use super::{ApiState, Resp, json, json_of, parse_json, read_body, require_json};
+use crate::config::Scope;
+use crate::model::parse_time;
+use crate::storage::EventFilter;
+use crate::storage::writer::{NewEvent, Published};
+
+/// The routes the API knows, with path parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Events,
+    EventsBatch,
+    Event(&'a str),
+    EventDeliveries(&'a str),
+    Delivery(&'a str),
+    DeliveryAttempts(&'a str),
+}
+
+impl<'a> Route<'a> {
+    /// Matches a request path.
+    pub fn parse(path: &'a str) -> Option<Self> {
+        let path = path.strip_suffix('/').unwrap_or(path);
+        let mut segs = path.strip_prefix('/')?.split('/');
+        let r = match (
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+        ) {
+            (Some("healthz"), None, ..) => Route::Healthz,
+            (Some("readyz"), None, ..) => Route::Readyz,
+            (Some("metrics"), None, ..) => Route::Metrics,
+            (Some("v1"), Some("events"), None, ..) => Route::Events,
+            (Some("v1"), Some("events"), Some("batch"), None, _) => Route::EventsBatch,
+            (Some("v1"), Some("events"), Some(id), None, _) if !id.is_empty() => Route::Event(id),
+            (Some("v1"), Some("events"), Some(id), Some("deliveries"), None) if !id.is_empty() => {
+                Route::EventDeliveries(id)
+            }
+            (Some("v1"), Some("deliveries"), Some(id), None, _) if !id.is_empty() => {
+                Route::Delivery(id)
+            }
+            (Some("v1"), Some("deliveries"), Some(id), Some("attempts"), None)
+                if !id.is_empty() =>
+            {
+                Route::DeliveryAttempts(id)
+            }
+            _ => return None,
+        };
+        Some(r)
+    }
+
+    /// The label used in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::Events => "events",
+            Route::EventsBatch => "events_batch",
+            Route::Event(_) => "event",
+            Route::EventDeliveries(_) => "event_deliveries",
+            Route::Delivery(_) => "delivery",
+            Route::DeliveryAttempts(_) => "delivery_attempts",
+        }
+    }
+
+    /// The methods this route answers.
+    pub fn methods(self) -> &'static [Method] {
+        match self {
+            Route::Events => &[Method::GET, Method::POST],
+            Route::EventsBatch => &[Method::POST],
+            _ => &[Method::GET],
+        }
+    }
+}
+
+/// Routes a request; returns the route label for metrics with the outcome.
+pub async fn dispatch(
+    st: &ApiState,
+    req: Request<Incoming>,
+) -> (&'static str, Result<Resp, ApiError>) {
+    let path = req.uri().path().to_owned();
+    let Some(route) = Route::parse(&path) else {
+        return (
+            "unknown",
+            Err(ApiError::not_found(format!("no route for {path}"))),
+        );
+    };
+    let method = req.method().clone();
+    if !route.methods().contains(&method) {
+        let allow = route
+            .methods()
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut resp = super::error_response(&ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}; allowed: {allow}"),
+        ));
+        if let Ok(v) = HeaderValue::from_str(&allow) {
+            resp.headers_mut().insert(ALLOW, v);
+        }
+        return (route.name(), Ok(resp));
+    }
+    let result = match (route, method) {
+        (Route::Healthz, _) => Ok(json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())),
+        (Route::Readyz, _) => Ok(readyz(st).await),
+        (Route::Metrics, _) => Ok(metrics(st)),
+        (Route::Events, Method::POST) => publish(st, req).await,
+        (Route::Events, _) => list_events(st, &req),
+        (Route::EventsBatch, _) => publish_batch(st, req).await,
+        (Route::Event(id), _) => get_event(st, &req, id),
+        (Route::EventDeliveries(id), _) => event_deliveries(st, &req, id),
+        (Route::Delivery(id), _) => get_delivery(st, &req, id),
+        (Route::DeliveryAttempts(id), _) => delivery_attempts(st, &req, id),
+    };
+    (route.name(), result)
+}
+
+fn auth_header(req: &Request<Incoming>) -> Option<&[u8]> {
+    req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)
+}
+
+async fn readyz(st: &ApiState) -> Resp {
+    if st.is_draining() {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"status":"draining"}"#.to_vec(),
+        );
+    }
+    // After a failed commit, readiness proves the database writable again before saying yes.
+    let writable = st.writer.health.ok()
+        || matches!(
+            tokio::time::timeout(Duration::from_secs(2), st.writer.probe()).await,
+            Ok(Ok(()))
+        );
+    if writable && st.store.readable() {
+        json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec())
+    } else {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"status":"storage_unavailable"}"#.to_vec(),
+        )
+    }
+}
+
+fn metrics(st: &ApiState) -> Resp {
+    let mut r = json(StatusCode::OK, st.metrics.render());
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+/// Ids, event types and keys: printable, no spaces, bounded.
+fn check_token_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
+    if s.is_empty() || s.len() > max || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            format!("{what} must be 1-{max} printable ASCII characters without spaces"),
+        ));
+    }
+    Ok(())
+}
+
+fn new_event(
+    st: &ApiState,
+    p: PublishRequest<'_>,
+    header_key: Option<String>,
+) -> Result<NewEvent, ApiError> {
+    check_token_text("type", &p.event_type, 128)?;
+    if let Some(id) = &p.id {
+        check_token_text("id", id, 128)?;
+    }
+    if let Some(s) = &p.source {
+        check_token_text("source", s, 256)?;
+    }
+    let idempotency_key = header_key.or(p.idempotency_key);
+    if let Some(k) = &idempotency_key {
+        check_token_text("idempotency key", k, 255)?;
+    }
+    let subscriptions = st.registry.matching(&p.event_type);
+    Ok(NewEvent {
+        id: p
+            .id
+            .unwrap_or_else(|| format!("evt_{}", uuid::Uuid::now_v7().simple())),
+        event_type: p.event_type,
+        source: p.source,
+        data: p.data.get().to_owned(),
+        idempotency_key,
+        subscriptions,
+    })
+}
+
+fn publish_response(p: &Published) -> Result<(StatusCode, Vec<u8>), ApiError> {
+    let (status, body) = match p {
+        Published::Created {
+            seq,
+            id,
+            deliveries,
+        } => (
+            StatusCode::ACCEPTED,
+            serde_json::to_vec(&PublishResponse {
+                id,
+                seq: *seq,
+                deliveries: *deliveries,
+                duplicate: false,
+                event: None,
+            }),
+        ),
+        Published::Duplicate {
+            seq,
+            event,
+            deliveries,
+        } => (
+            StatusCode::OK,
+            serde_json::to_vec(&PublishResponse {
+                id: &event.id,
+                seq: *seq,
+                deliveries: *deliveries,
+                duplicate: true,
+                event: Some(EventView::new(*seq, event).map_err(ApiError::internal)?),
+            }),
+        ),
+    };
+    Ok((status, body.map_err(ApiError::internal)?))
+}
+
+async fn publish(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(&req), Scope::Publish)?;
+    require_json(&req)?;
+    let key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::bad_request("invalid_event", "Idempotency-Key must be ASCII")
+                })?
+                .to_owned(),
+        ),
+    };
+    let body = read_body(req, st.max_body).await?;
+    let p: PublishRequest = parse_json(&body)?;
+    let ev = new_event(st, p, key)?;
+    let mut results = st.writer.publish(vec![ev]).await?;
+    let Some(published) = results.pop() else {
+        return Err(ApiError::internal("writer returned no result"));
+    };
+    st.metrics
+        .events_received
+        .with_label_values(&["events"])
+        .inc();
+    let (status, body) = publish_response(&published)?;
+    Ok(json(status, body))
+}
+
+async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(&req), Scope::Publish)?;
+    require_json(&req)?;
+    let body = read_body(req, st.max_body).await?;
+    let b: BatchRequest = parse_json(&body)?;
+    if b.events.is_empty() || b.events.len() > st.max_batch {
+        return Err(ApiError::bad_request(
+            "invalid_batch",
+            format!(
+                "a batch holds 1 to {} events, got {}",
+                st.max_batch,
+                b.events.len()
+            ),
+        ));
+    }
+    let mut events = Vec::with_capacity(b.events.len());
+    for (i, p) in b.events.into_iter().enumerate() {
+        events.push(new_event(st, p, None).map_err(|mut e| {
+            e.message = format!("events[{i}]: {}", e.message);
+            e
+        })?);
+    }
+    let n = events.len() as u64;
+    let results = st.writer.publish(events).await?;
+    st.metrics
+        .events_received
+        .with_label_values(&["events_batch"])
+        .inc_by(n);
+    let mut out = Vec::with_capacity(results.len());
+    let mut any_created = false;
+    for p in &results {
+        any_created |= matches!(p, Published::Created { .. });
+        let (_, body) = publish_response(p)?;
+        out.push(
+            serde_json::value::RawValue::from_string(
+                String::from_utf8(body).map_err(ApiError::internal)?,
+            )
+            .map_err(ApiError::internal)?,
+        );
+    }
+    let status = if any_created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    json_of(status, &serde_json::json!({ "items": out }))
+}
+
+/// Query parameters of a request.
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn invalid_query(msg: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_query", msg)
+}
+
+/// `limit` (1..=1000, default 100) and `cursor` of a list request.
+fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError> {
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return Err(invalid_query("limit must be a number from 1 to 1000")),
+        },
+    };
+    let cursor = match q.get("cursor") {
+        None => None,
+        Some(c) if c.is_empty() => None,
+        Some(c) => Some(
+            c.parse::<u64>()
+                .map_err(|_| invalid_query("cursor is not one this API returned"))?,
+        ),
+    };
+    Ok((limit, cursor))
+}
+
+fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    match q.get(name) {
+        None => Ok(None),
+        Some(v) => parse_time(v).map(Some).ok_or_else(|| {
+            invalid_query(format!(
+                "{name} must be an RFC 3339 time like 2026-01-02T03:04:05Z or unix seconds"
+            ))
+        }),
+    }
+}
+
+fn list_events(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Admin)?;
+    let q = query(req);
+    for k in q.keys() {
+        if !matches!(
+            k.as_str(),
+            "type" | "source" | "since" | "until" | "limit" | "cursor"
+        ) {
+            return Err(invalid_query(format!("unknown parameter {k:?}")));
+        }
+    }
+    let (limit, cursor) = paging(&q)?;
+    let filter = EventFilter {
+        event_type: q.get("type").cloned(),
+        source: q.get("source").cloned(),
+        since: time_param(&q, "since")?,
+        until: time_param(&q, "until")?,
+    };
+    let page = st.store.list_events(&filter, cursor, limit)?;
+    let items = page
+        .items
+        .iter()
+        .map(|(seq, e)| EventView::new(*seq, e))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::internal)?;
+    json_of(
+        StatusCode::OK,
+        &ListResponse {
+            items,
+            next_cursor: page.next.map(|n| n.to_string()),
+        },
+    )
+}
+
+fn get_event(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Admin)?;
+    let Some((seq, e)) = st.store.event_by_id(id)? else {
+        return Err(ApiError::not_found(format!("no event with id {id:?}")));
+    };
+    json_of(
+        StatusCode::OK,
+        &EventView::new(seq, &e).map_err(ApiError::internal)?,
+    )
+}
+
+fn event_deliveries(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Admin)?;
+    let Some((seq, _)) = st.store.event_by_id(id)? else {
+        return Err(ApiError::not_found(format!("no event with id {id:?}")));
+    };
+    let ids = st.store.event_delivery_ids(seq)?;
+    let ds = st.store.deliveries(&ids)?;
+    let items: Vec<_> = ds.iter().map(|(id, d)| DeliveryView::new(*id, d)).collect();
+    json_of(
+        StatusCode::OK,
+        &ListResponse {
+            items,
+            next_cursor: None,
+        },
+    )
+}
+
+fn delivery_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::not_found(format!("no delivery with id {id:?}")))
+}
+
+fn get_delivery(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Admin)?;
+    let did = delivery_id(id)?;
+    let Some(d) = st.store.delivery(did)? else {
+        return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
+    };
+    json_of(StatusCode::OK, &DeliveryView::new(did, &d))
+}
+
+fn delivery_attempts(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Admin)?;
+    let did = delivery_id(id)?;
+    if st.store.delivery(did)?.is_none() {
+        return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
+    }
+    let attempts = st.store.attempts(did)?;
+    let items: Vec<_> = attempts
+        .iter()
+        .map(|(n, a)| AttemptView::new(*n, a))
+        .collect();
+    json_of(
+        StatusCode::OK,
+        &ListResponse {
+            items,
+            next_cursor: None,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_table() {
+        assert_eq!(Route::parse("/v1/events"), Some(Route::Events));
+        assert_eq!(Route::parse("/v1/events/"), Some(Route::Events));
+        assert_eq!(Route::parse("/v1/events/batch"), Some(Route::EventsBatch));
+        assert_eq!(Route::parse("/v1/events/e1"), Some(Route::Event("e1")));
+        assert_eq!(
+            Route::parse("/v1/events/e1/deliveries"),
+            Some(Route::EventDeliveries("e1"))
+        );
+        assert_eq!(Route::parse("/v1/events/e1/x"), None);
+        assert_eq!(Route::parse("/v1/nope"), None);
+        assert_eq!(Route::parse("/healthz"), Some(Route::Healthz));
+        assert_eq!(Route::parse(""), None);
+    }
+}

@@ -1,0 +1,112 @@
+//! Wiring: opens the store, starts the writer, the API and (later) the delivery engine, and
+//! shuts them down in order: stop accepting, finish requests, flush the writer, close the file.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiState, auth::Auth};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::storage::Store;
+use crate::storage::writer::{self, WriterConfig};
+
+/// Binds the configured address and runs until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    run(config, listener, shutdown_signal()).await
+}
+
+/// Runs the daemon on an already bound listener until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let db_path = config.db_path();
+    let store = {
+        let path = db_path.clone();
+        let cache = config.cache_size;
+        tokio::task::spawn_blocking(move || Store::open(&path, cache))
+            .await
+            .context("store opening task failed")?
+            .with_context(|| format!("cannot open database {}", db_path.display()))?
+    };
+    let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    let (writer, writer_thread) = writer::spawn(
+        store.clone(),
+        WriterConfig {
+            max_batch: config.commit_batch,
+            queue: 65_536,
+        },
+        metrics.clone(),
+        None,
+    )
+    .context("cannot start the writer")?;
+
+    let auth = Auth::new(&config.tokens).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    let addr = listener.local_addr().context("listener has no address")?;
+    if auth.is_open() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "no API tokens configured and listening beyond loopback: anyone who can reach this address can publish and administer");
+    }
+    let registry = Arc::new(Registry::new(config.subscriptions.clone()));
+    let state = Arc::new(ApiState {
+        store: store.clone(),
+        writer: writer.clone(),
+        metrics: metrics.clone(),
+        auth,
+        registry,
+        max_body: config.max_body,
+        max_batch: config.max_batch,
+        draining: Default::default(),
+    });
+
+    tracing::info!(
+        data = %db_path.display(),
+        events = store.event_count().unwrap_or(0),
+        subscriptions = config.subscriptions.len(),
+        "listening on {addr}"
+    );
+    let drain_state = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        drain_state.draining.store(true, Ordering::Relaxed);
+        tracing::info!("shutting down: no new connections, finishing open requests");
+    };
+    api::serve(listener, state, shutdown, config.shutdown_timeout).await;
+
+    writer.stop();
+    drop(writer);
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .context("writer join task failed")?
+        .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    drop(store);
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

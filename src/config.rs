@@ -1,0 +1,915 @@
+//! Configuration: built-in defaults → TOML file → `DISPATCHD_` environment → flags → `validate()`.
+//!
+//! The file is read into `RawConfig` (serde, unknown keys are errors) and then validated into
+//! `Config`, whose fields are typed and checked. Every error names the file, line and key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{
+    BreakerSettings, Ordering, RetrySettings, Subscription, SubscriptionSource, TypePattern,
+};
+
+/// A configuration problem, with where it is when it comes from a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, "{}:{}: ", file.display(), line)?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            (None, _) => {}
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// All the problems found in one configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A duration written the humantime way ("30s", "2h 5m").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+/// A size in bytes written "1MiB", "512KiB", "10MB" or a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected a number and a unit like 1MiB"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
+        };
+        let bytes = n * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("invalid size {s:?}: out of range"));
+        }
+        Ok(Self(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The configuration file as written. Every table rejects unknown keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub storage: RawStorage,
+    pub auth: RawAuth,
+    pub delivery: RawDelivery,
+    pub log: RawLog,
+    pub subscriptions: Vec<Spanned<RawSubscription>>,
+    pub sources: Vec<Spanned<RawSource>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub max_body: ByteSize,
+    pub max_batch: usize,
+    pub shutdown_timeout: HumanDuration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body: ByteSize(1 << 20),
+            max_batch: 100,
+            shutdown_timeout: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStorage {
+    pub data_dir: PathBuf,
+    pub retention: HumanDuration,
+    pub commit_batch: usize,
+    pub cache_size: ByteSize,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./dispatchd-data"),
+            retention: HumanDuration(Duration::from_secs(30 * 86_400)),
+            commit_batch: 4096,
+            cache_size: ByteSize(256 << 20),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub tokens: Vec<Spanned<RawToken>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub token: String,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDelivery {
+    pub timeout: HumanDuration,
+    pub max_attempts: u32,
+    pub allow_private_networks: bool,
+    pub max_response_body: ByteSize,
+    pub scheduler_horizon: HumanDuration,
+    pub auto_disable_after: HumanDuration,
+}
+
+impl Default for RawDelivery {
+    fn default() -> Self {
+        Self {
+            timeout: HumanDuration(Duration::from_secs(30)),
+            max_attempts: 10,
+            allow_private_networks: false,
+            max_response_body: ByteSize(4096),
+            scheduler_horizon: HumanDuration(Duration::from_secs(60)),
+            auto_disable_after: HumanDuration(Duration::from_secs(5 * 86_400)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscription {
+    pub id: String,
+    pub url: String,
+    #[serde(default = "default_event_types")]
+    pub event_types: Vec<String>,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub timeout: Option<HumanDuration>,
+    pub rate_limit: Option<String>,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    #[serde(default)]
+    pub ordering: Ordering,
+    #[serde(default)]
+    pub retry: RawRetry,
+    #[serde(default)]
+    pub breaker: RawBreaker,
+    #[serde(default)]
+    pub final_status_codes: Vec<u16>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn default_event_types() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn default_max_in_flight() -> u32 {
+    8
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetry {
+    pub max_attempts: Option<u32>,
+    pub initial: Option<HumanDuration>,
+    pub max: Option<HumanDuration>,
+    pub multiplier: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBreaker {
+    pub failure_threshold: Option<u32>,
+    pub failure_rate: Option<f64>,
+    pub min_requests: Option<u32>,
+    pub window: Option<HumanDuration>,
+    pub cooldown: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub id: String,
+    pub scheme: String,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    pub tolerance: Option<HumanDuration>,
+    /// Where the event type comes from: `header:NAME` or `json:FIELD` (dotted path).
+    pub event_type: Option<String>,
+    /// Prefix prepended to the provider's event type, e.g. `github.`.
+    pub type_prefix: Option<String>,
+    /// Where the provider's delivery id comes from: `header:NAME` or `json:FIELD`.
+    pub delivery_id: Option<String>,
+    pub max_body: Option<ByteSize>,
+    pub rate_limit: Option<String>,
+    /// For `hmac-sha256`: the signature header, its encoding and prefix, the timestamp header.
+    pub signature_header: Option<String>,
+    pub encoding: Option<String>,
+    pub signature_prefix: Option<String>,
+    pub timestamp_header: Option<String>,
+}
+
+/// A bearer token's permissions. `Admin` includes `Publish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Publish,
+    Admin,
+}
+
+/// A configured API token.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub token: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// Validated configuration: what the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub max_body: u64,
+    pub max_batch: usize,
+    pub shutdown_timeout: Duration,
+    pub data_dir: PathBuf,
+    pub retention: Duration,
+    pub commit_batch: usize,
+    pub cache_size: usize,
+    pub tokens: Vec<Token>,
+    pub delivery_timeout: Duration,
+    pub max_attempts: u32,
+    pub allow_private_networks: bool,
+    pub max_response_body: usize,
+    pub scheduler_horizon: Duration,
+    pub auto_disable_after: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub subscriptions: Vec<Arc<Subscription>>,
+    pub sources: Vec<RawSource>,
+}
+
+impl Config {
+    /// The file name of the database inside the data directory.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("dispatchd.redb")
+    }
+}
+
+/// Overrides from the environment and the command line, applied after the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// Reads `DISPATCHD_LISTEN` and `DISPATCHD_DATA_DIR`: the only place the process environment is read.
+    pub fn from_env() -> Self {
+        Self {
+            listen: std::env::var("DISPATCHD_LISTEN")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            data_dir: std::env::var_os("DISPATCHD_DATA_DIR")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        }
+    }
+
+    /// Later values win.
+    pub fn then(self, other: Overrides) -> Self {
+        Self {
+            listen: other.listen.or(self.listen),
+            data_dir: other.data_dir.or(self.data_dir),
+        }
+    }
+}
+
+/// Loads and validates a configuration file (or the built-in defaults when `path` is `None`).
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigErrors> {
+    let (raw, text) = match path {
+        None => (RawConfig::default(), String::new()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    file: Some(p.to_path_buf()),
+                    line: None,
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                }])
+            })?;
+            (parse_str(&text, Some(p))?, text)
+        }
+    };
+    validate(raw, &text, path, overrides)
+}
+
+/// Parses TOML text into the raw structure; errors carry line and key.
+pub fn parse_str(text: &str, file: Option<&Path>) -> Result<RawConfig, ConfigErrors> {
+    let de = toml::Deserializer::parse(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.map(Path::to_path_buf),
+            line: e.span().map(|s| line_of(text, s.start)),
+            key: String::new(),
+            message: first_line(e.message()),
+        }])
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigErrors(vec![ConfigError {
+            file: file.map(Path::to_path_buf),
+            line: inner.span().map(|s| line_of(text, s.start)),
+            key: if key == "." { String::new() } else { key },
+            message: first_line(inner.message()),
+        }])
+    })
+}
+
+fn first_line(s: &str) -> String {
+    s.trim().lines().next().unwrap_or("").to_string()
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset.min(text.len()))
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    file: Option<&'a Path>,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.map(Path::to_path_buf),
+            line: at.map(|o| line_of(self.text, o)),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Turns the raw file into a checked `Config`, collecting every problem rather than the first.
+pub fn validate(
+    raw: RawConfig,
+    text: &str,
+    file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<Config, ConfigErrors> {
+    let mut c = Checker {
+        text,
+        file,
+        errors: Vec::new(),
+    };
+    let listen_text = overrides
+        .listen
+        .clone()
+        .unwrap_or_else(|| raw.server.listen.clone());
+    let listen = match listen_text.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            c.err(
+                None,
+                "server.listen",
+                format!("{listen_text:?} is not an address like 127.0.0.1:8080"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        }
+    };
+    if raw.server.max_body.0 < 1024 {
+        c.err(None, "server.max_body", "must be at least 1KiB");
+    }
+    if raw.server.max_batch == 0 || raw.server.max_batch > 10_000 {
+        c.err(None, "server.max_batch", "must be between 1 and 10000");
+    }
+    if raw.storage.commit_batch == 0 {
+        c.err(None, "storage.commit_batch", "must be at least 1");
+    }
+    let data_dir = overrides
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| raw.storage.data_dir.clone());
+
+    let mut tokens = Vec::new();
+    for (i, t) in raw.auth.tokens.iter().enumerate() {
+        let at = Some(t.span().start);
+        let t = t.get_ref();
+        let key = format!("auth.tokens[{i}]");
+        if t.token.len() < 16 {
+            c.err(at, format!("{key}.token"), "must be at least 16 characters");
+        }
+        let mut scopes = Vec::new();
+        for s in &t.scopes {
+            match s.as_str() {
+                "publish" => scopes.push(Scope::Publish),
+                "admin" => scopes.push(Scope::Admin),
+                other => c.err(
+                    at,
+                    format!("{key}.scopes"),
+                    format!("unknown scope {other:?} (expected \"publish\" or \"admin\")"),
+                ),
+            }
+        }
+        if t.scopes.is_empty() {
+            c.err(at, format!("{key}.scopes"), "needs at least one scope");
+        }
+        tokens.push(Token {
+            token: t.token.clone(),
+            scopes,
+        });
+    }
+
+    let d = &raw.delivery;
+    if d.max_attempts == 0 {
+        c.err(None, "delivery.max_attempts", "must be at least 1");
+    }
+    if d.timeout.0.is_zero() {
+        c.err(None, "delivery.timeout", "must be more than zero");
+    }
+
+    let defaults = SubscriptionDefaults {
+        timeout: d.timeout.0,
+        max_attempts: d.max_attempts,
+    };
+    let mut subscriptions = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, s) in raw.subscriptions.iter().enumerate() {
+        let at = Some(s.span().start);
+        let key = format!("subscriptions[{i}]");
+        match subscription_from_raw(s.get_ref(), &defaults, SubscriptionSource::Config) {
+            Ok(sub) => {
+                if !seen.insert(sub.id.clone()) {
+                    c.err(
+                        at,
+                        format!("{key}.id"),
+                        format!("duplicate id {:?}", sub.id),
+                    );
+                }
+                subscriptions.push(Arc::new(sub));
+            }
+            Err(errs) => {
+                for (field, msg) in errs {
+                    c.err(at, format!("{key}.{field}"), msg);
+                }
+            }
+        }
+    }
+
+    let mut source_ids = HashSet::new();
+    for (i, s) in raw.sources.iter().enumerate() {
+        let at = Some(s.span().start);
+        let src = s.get_ref();
+        let key = format!("sources[{i}]");
+        if !valid_id(&src.id) {
+            c.err(
+                at,
+                format!("{key}.id"),
+                "must be 1-64 characters of A-Z a-z 0-9 _ . -",
+            );
+        }
+        if !source_ids.insert(src.id.clone()) {
+            c.err(
+                at,
+                format!("{key}.id"),
+                format!("duplicate id {:?}", src.id),
+            );
+        }
+        if !matches!(
+            src.scheme.as_str(),
+            "standard-webhooks" | "github" | "stripe" | "hmac-sha256"
+        ) {
+            c.err(
+                at,
+                format!("{key}.scheme"),
+                format!(
+                    "unknown scheme {:?} (expected standard-webhooks, github, stripe or hmac-sha256)",
+                    src.scheme
+                ),
+            );
+        }
+        if src.secrets.is_empty() {
+            c.err(at, format!("{key}.secrets"), "needs at least one secret");
+        }
+    }
+
+    if !c.errors.is_empty() {
+        return Err(ConfigErrors(c.errors));
+    }
+    Ok(Config {
+        file: file.map(Path::to_path_buf),
+        listen,
+        max_body: raw.server.max_body.0,
+        max_batch: raw.server.max_batch,
+        shutdown_timeout: raw.server.shutdown_timeout.0,
+        data_dir,
+        retention: raw.storage.retention.0,
+        commit_batch: raw.storage.commit_batch,
+        cache_size: usize::try_from(raw.storage.cache_size.0).unwrap_or(usize::MAX),
+        tokens,
+        delivery_timeout: d.timeout.0,
+        max_attempts: d.max_attempts,
+        allow_private_networks: d.allow_private_networks,
+        max_response_body: usize::try_from(d.max_response_body.0).unwrap_or(4096),
+        scheduler_horizon: d.scheduler_horizon.0,
+        auto_disable_after: d.auto_disable_after.0,
+        log_format: raw.log.format,
+        log_level: raw.log.level,
+        subscriptions,
+        sources: raw.sources.into_iter().map(Spanned::into_inner).collect(),
+    })
+}
+
+/// Delivery defaults a subscription inherits when it does not set its own.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriptionDefaults {
+    pub timeout: Duration,
+    pub max_attempts: u32,
+}
+
+/// Ids of subscriptions, sources: short, URL-safe.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Validates one subscription (from the file or the API); errors are (field, message) pairs.
+pub fn subscription_from_raw(
+    s: &RawSubscription,
+    defaults: &SubscriptionDefaults,
+    source: SubscriptionSource,
+) -> Result<Subscription, Vec<(String, String)>> {
+    let mut errs: Vec<(String, String)> = Vec::new();
+    let mut e = |field: &str, msg: String| errs.push((field.to_string(), msg));
+    if !valid_id(&s.id) {
+        e("id", "must be 1-64 characters of A-Z a-z 0-9 _ . -".into());
+    }
+    match s.url.split_once("://") {
+        Some(("http" | "https", rest)) if !rest.is_empty() && !rest.starts_with('/') => {}
+        _ => e(
+            "url",
+            format!("{:?} is not an http:// or https:// URL", s.url),
+        ),
+    }
+    if s.event_types.is_empty() {
+        e("event_types", "needs at least one pattern".into());
+    }
+    for p in &s.event_types {
+        if p.is_empty() || p.len() > 128 || p.chars().any(char::is_whitespace) {
+            e("event_types", format!("invalid pattern {p:?}"));
+        }
+    }
+    if s.secrets.is_empty() {
+        e(
+            "secrets",
+            "needs at least one whsec_ or whsk_ secret".into(),
+        );
+    }
+    for sec in &s.secrets {
+        if !(sec.starts_with("whsec_") || sec.starts_with("whsk_")) {
+            e(
+                "secrets",
+                "each secret must start with whsec_ or whsk_".into(),
+            );
+        }
+    }
+    for name in s.headers.keys() {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("webhook-")
+            || matches!(lower.as_str(), "content-type" | "content-length" | "host")
+            || name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            e("headers", format!("header {name:?} cannot be set"));
+        }
+    }
+    let rate_limit = match s.rate_limit.as_deref() {
+        None => None,
+        Some(r) => match parse_rate(r) {
+            Ok(v) => Some(v),
+            Err(m) => {
+                e("rate_limit", m);
+                None
+            }
+        },
+    };
+    if s.max_in_flight == 0 || s.max_in_flight > 1024 {
+        e("max_in_flight", "must be between 1 and 1024".into());
+    }
+    let retry = RetrySettings {
+        max_attempts: s.retry.max_attempts.unwrap_or(defaults.max_attempts),
+        initial: s.retry.initial.map_or(Duration::from_secs(5), |d| d.0),
+        max: s.retry.max.map_or(Duration::from_secs(3600), |d| d.0),
+        multiplier: s.retry.multiplier.unwrap_or(2.0),
+    };
+    if retry.max_attempts == 0 {
+        e("retry.max_attempts", "must be at least 1".into());
+    }
+    if retry.initial > retry.max {
+        e("retry.initial", "must not exceed retry.max".into());
+    }
+    if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+        e("retry.multiplier", "must be a number >= 1".into());
+    }
+    let breaker = BreakerSettings {
+        failure_threshold: s.breaker.failure_threshold.unwrap_or(5),
+        failure_rate: s.breaker.failure_rate.unwrap_or(0.5),
+        min_requests: s.breaker.min_requests.unwrap_or(20),
+        window: s.breaker.window.map_or(Duration::from_secs(30), |d| d.0),
+        cooldown: s.breaker.cooldown.map_or(Duration::from_secs(30), |d| d.0),
+    };
+    if breaker.failure_threshold == 0 {
+        e("breaker.failure_threshold", "must be at least 1".into());
+    }
+    if !(breaker.failure_rate > 0.0 && breaker.failure_rate <= 1.0) {
+        e("breaker.failure_rate", "must be in (0, 1]".into());
+    }
+    for code in &s.final_status_codes {
+        if !(400..500).contains(code) || *code == 429 {
+            e(
+                "final_status_codes",
+                format!("{code} cannot be final: only 4xx other than 429"),
+            );
+        }
+    }
+    let timeout = s.timeout.map_or(defaults.timeout, |d| d.0);
+    if timeout.is_zero() {
+        e("timeout", "must be more than zero".into());
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Subscription {
+        id: s.id.clone(),
+        url: s.url.clone(),
+        event_types: s.event_types.iter().map(TypePattern::new).collect(),
+        secrets: s.secrets.clone(),
+        headers: s.headers.clone(),
+        timeout,
+        rate_limit,
+        max_in_flight: s.max_in_flight,
+        ordering: s.ordering,
+        retry,
+        breaker,
+        final_status_codes: s.final_status_codes.clone(),
+        enabled: s.enabled,
+        source,
+    })
+}
+
+/// Parses "50/s", "100/m", "3000/h" into requests per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let bad = || format!("invalid rate {s:?}: expected N/s, N/m or N/h");
+    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n: f64 = n.trim().parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(bad());
+    }
+    Ok(n / per)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> Config {
+        let raw = match parse_str(text, Some(Path::new("t.toml"))) {
+            Ok(r) => r,
+            Err(e) => panic!("parse failed: {e}"),
+        };
+        match validate(raw, text, Some(Path::new("t.toml")), &Overrides::default()) {
+            Ok(c) => c,
+            Err(e) => panic!("validate failed: {e}"),
+        }
+    }
+
+    fn errors(text: &str) -> String {
+        match parse_str(text, Some(Path::new("t.toml")))
+            .and_then(|raw| validate(raw, text, Some(Path::new("t.toml")), &Overrides::default()))
+        {
+            Ok(_) => panic!("expected an error for {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let c = parse_ok("");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_body, 1 << 20);
+        assert_eq!(
+            c.db_path(),
+            PathBuf::from("./dispatchd-data/dispatchd.redb")
+        );
+        assert_eq!(c.retention, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = errors("[server]\nlisten = \"127.0.0.1:1\"\nmax_bodyy = 3\n");
+        assert!(e.starts_with("t.toml:3: "), "{e}");
+        assert!(e.contains("max_bodyy"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_key() {
+        let e = errors("[delivery]\n\ntimeout = \"soon\"\n");
+        assert!(e.contains("t.toml:3"), "{e}");
+        assert!(e.contains("delivery.timeout"), "{e}");
+        assert!(e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("1MiB"), Ok(ByteSize(1 << 20)));
+        assert_eq!(ByteSize::parse("512 KiB"), Ok(ByteSize(512 << 10)));
+        assert_eq!(ByteSize::parse("10MB"), Ok(ByteSize(10_000_000)));
+        assert_eq!(ByteSize::parse("42"), Ok(ByteSize(42)));
+        assert!(ByteSize::parse("lots").is_err());
+        assert!(ByteSize::parse("1XB").is_err());
+    }
+
+    #[test]
+    fn subscription_validation_points_at_its_table() {
+        let text = "[[subscriptions]]\nid = \"a\"\nurl = \"https://x.test/h\"\nsecrets = [\"whsec_AAAAAAAAAAAAAAAAAAAAAAAA\"]\n\n[[subscriptions]]\nid = \"b\"\nurl = \"ftp://nope\"\nsecrets = [\"whsec_AAAAAAAAAAAAAAAAAAAAAAAA\"]\nrate_limit = \"fast\"\n";
+        let e = errors(text);
+        assert!(e.contains("t.toml:6: subscriptions[1].url"), "{e}");
+        assert!(e.contains("subscriptions[1].rate_limit"), "{e}");
+        assert!(!e.contains("subscriptions[0]"), "{e}");
+    }
+
+    #[test]
+    fn full_subscription_parses() {
+        let text = r#"
+[[subscriptions]]
+id = "crm"
+url = "https://crm.example.com/hooks"
+event_types = ["order.*", "invoice.paid"]
+secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
+headers = { "X-Api-Key" = "k" }
+rate_limit = "50/s"
+max_in_flight = 4
+ordering = "fifo"
+retry = { max_attempts = 8, initial = "5s", max = "1h" }
+"#;
+        let c = parse_ok(text);
+        let s = &c.subscriptions[0];
+        assert_eq!(s.ordering, Ordering::Fifo);
+        assert_eq!(s.retry.max_attempts, 8);
+        assert_eq!(s.rate_limit, Some(50.0));
+        assert!(s.wants("order.created"));
+        assert!(!s.wants("invoice.created"));
+    }
+
+    #[test]
+    fn tokens_and_scopes() {
+        let e = errors("[auth]\ntokens = [ { token = \"short\", scopes = [\"root\"] } ]\n");
+        assert!(e.contains("auth.tokens[0].token"), "{e}");
+        assert!(e.contains("unknown scope \"root\""), "{e}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let raw = RawConfig::default();
+        let o = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some(PathBuf::from("/tmp/x")),
+        };
+        let c = match validate(raw, "", None, &o) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("50/s"), Ok(50.0));
+        assert_eq!(parse_rate("120/m"), Ok(2.0));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("5/d").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! dispatchd: a webhook delivery daemon. Events come in over HTTP, are kept in an append-only
+//! log in an embedded redb file, fan out to subscriptions and are delivered signed, retried,
+//! rate-limited and circuit-broken per destination. See docs/ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod registry;
+pub mod storage;

@@ -1,0 +1,199 @@
+//! One Prometheus registry holding every metric the daemon exports.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    pub events_received: IntCounterVec,
+    pub events_stored: IntCounter,
+    pub batch_size: Histogram,
+    pub commit_seconds: Histogram,
+    pub commit_failures: IntCounter,
+    pub http_requests: IntCounterVec,
+    pub attempts: IntCounterVec,
+    pub attempt_seconds: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub in_flight: IntGaugeVec,
+    pub breaker_state: IntGaugeVec,
+    pub breaker_trips: IntCounterVec,
+    pub scheduled: IntGauge,
+    pub wheel_size: IntGauge,
+    pub dead: IntCounterVec,
+    pub subscriptions_disabled: IntCounterVec,
+    pub receipts: IntCounterVec,
+}
+
+macro_rules! register {
+    ($reg:expr, $m:expr) => {{
+        let m = $m?;
+        $reg.register(Box::new(m.clone()))?;
+        m
+    }};
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new_custom(Some("dispatchd".into()), None)?;
+        let latency = vec![
+            0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0, 30.0,
+        ];
+        Ok(Self {
+            events_received: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "events_received_total",
+                        "Events accepted by the API, by route"
+                    ),
+                    &["route"]
+                )
+            ),
+            events_stored: register!(
+                r,
+                IntCounter::new("events_stored_total", "Events committed to the log")
+            ),
+            batch_size: register!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("writer_batch_size", "Commands per write transaction")
+                        .buckets(vec![
+                            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                            4096.0
+                        ])
+                )
+            ),
+            commit_seconds: register!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "writer_commit_seconds",
+                        "Time to apply and commit one batch"
+                    )
+                    .buckets(latency.clone())
+                )
+            ),
+            commit_failures: register!(
+                r,
+                IntCounter::new(
+                    "writer_commit_failures_total",
+                    "Write transactions that failed"
+                )
+            ),
+            http_requests: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("http_requests_total", "HTTP requests by route and status"),
+                    &["route", "status"]
+                )
+            ),
+            attempts: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "delivery_attempts_total",
+                        "Delivery attempts by subscription and outcome"
+                    ),
+                    &["subscription", "outcome"]
+                )
+            ),
+            attempt_seconds: register!(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new("delivery_attempt_seconds", "Duration of delivery attempts")
+                        .buckets(latency),
+                    &["subscription"]
+                )
+            ),
+            queue_depth: register!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "destination_queue_depth",
+                        "Deliveries waiting in a destination task"
+                    ),
+                    &["subscription"]
+                )
+            ),
+            in_flight: register!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "destination_in_flight",
+                        "Attempts in flight per destination"
+                    ),
+                    &["subscription"]
+                )
+            ),
+            breaker_state: register!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "breaker_state",
+                        "Circuit breaker state: 0 closed, 1 open, 2 half-open"
+                    ),
+                    &["subscription"]
+                )
+            ),
+            breaker_trips: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("breaker_trips_total", "Times a circuit breaker opened"),
+                    &["subscription"]
+                )
+            ),
+            scheduled: register!(
+                r,
+                IntGauge::new("scheduled_deliveries", "Deliveries in the durable schedule")
+            ),
+            wheel_size: register!(
+                r,
+                IntGauge::new(
+                    "timer_wheel_entries",
+                    "Deliveries held in the in-memory timer wheel"
+                )
+            ),
+            dead: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("dead_deliveries_total", "Deliveries dead-lettered"),
+                    &["subscription"]
+                )
+            ),
+            subscriptions_disabled: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "subscriptions_disabled_total",
+                        "Subscriptions disabled automatically, by reason"
+                    ),
+                    &["reason"]
+                )
+            ),
+            receipts: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "inbound_receipts_total",
+                        "Inbound webhooks by source and result"
+                    ),
+                    &["source", "result"]
+                )
+            ),
+            registry: r,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}

@@ -1,0 +1,294 @@
+//! Domain types shared by every layer: events, deliveries, attempts, subscriptions. No I/O.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Microseconds since the Unix epoch: the one time representation stored on disk.
+pub type Micros = i64;
+
+/// Sequence number of an event in the append-only log (dense, starts at 1).
+pub type Seq = u64;
+
+/// Identifier of a delivery (one event to one subscription), monotonic.
+pub type DeliveryId = u64;
+
+/// The wall clock in microseconds since the Unix epoch.
+pub fn now_micros() -> Micros {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+/// Formats a stored time as RFC 3339 (UTC, microsecond precision).
+pub fn rfc3339(micros: Micros) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0));
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// Parses an RFC 3339 UTC time (`2026-01-02T03:04:05Z`, fractions allowed) or unix seconds.
+pub fn parse_time(s: &str) -> Option<Micros> {
+    if let Ok(secs) = s.parse::<i64>() {
+        return secs.checked_mul(1_000_000);
+    }
+    let t = humantime::parse_rfc3339_weak(s).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_micros()).ok()
+}
+
+/// An event as stored in the log. Immutable once written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub event_type: String,
+    pub source: Option<String>,
+    /// The `data` member exactly as the producer sent it (valid JSON text).
+    pub data: String,
+    pub received_at: Micros,
+    pub idempotency_key: Option<String>,
+    /// Set when the event came from an inbound provider webhook.
+    pub receipt: Option<u64>,
+}
+
+/// Where a delivery is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum DeliveryStatus {
+    Pending = 0,
+    InFlight = 1,
+    Succeeded = 2,
+    Retrying = 3,
+    Dead = 4,
+    Cancelled = 5,
+}
+
+impl DeliveryStatus {
+    pub const ALL: [DeliveryStatus; 6] = [
+        Self::Pending,
+        Self::InFlight,
+        Self::Succeeded,
+        Self::Retrying,
+        Self::Dead,
+        Self::Cancelled,
+    ];
+
+    /// The name used on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::InFlight => "in_flight",
+            Self::Succeeded => "succeeded",
+            Self::Retrying => "retrying",
+            Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Terminal deliveries are never attempted again unless an operator acts.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Dead | Self::Cancelled)
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(c: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.code() == c)
+    }
+}
+
+/// Why a delivery exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    Publish,
+    Replay,
+    Redrive,
+}
+
+/// One event going to one subscription. Mutable state, rewritten by the writer only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub event_seq: Seq,
+    pub event_id: String,
+    pub subscription: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub next_attempt_at: Option<Micros>,
+    pub last_error: Option<String>,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+    pub origin: Origin,
+}
+
+/// How an attempt ended, as recorded in the append-only attempt history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub started_at: Micros,
+    pub duration_us: u64,
+    /// HTTP status when a response arrived.
+    pub status_code: Option<u16>,
+    /// Error class when no usable response arrived (`timeout`, `connect`, `refused_address`, ...).
+    pub error: Option<String>,
+    /// The first bytes of the response body (truncated).
+    pub response_body: String,
+}
+
+/// Ordering guarantee of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    #[default]
+    Unordered,
+    Fifo,
+}
+
+/// An event type pattern: `*` matches any run of characters, everything else literally.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypePattern(String);
+
+impl TypePattern {
+    pub fn new(p: impl Into<String>) -> Self {
+        Self(p.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Glob match with `*` as the only metacharacter.
+    pub fn matches(&self, event_type: &str) -> bool {
+        glob_match(self.0.as_bytes(), event_type.as_bytes())
+    }
+}
+
+fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    // Iterative matcher with single backtrack point: linear in practice, no recursion.
+    let (mut p, mut i) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        if p < pat.len() && pat[p] == b'*' {
+            star = Some((p, i));
+            p += 1;
+        } else if p < pat.len() && pat[p] == s[i] {
+            p += 1;
+            i += 1;
+        } else if let Some((sp, si)) = star {
+            p = sp + 1;
+            i = si + 1;
+            star = Some((sp, si + 1));
+        } else {
+            return false;
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
+}
+
+/// Retry policy settings of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+}
+
+/// Circuit breaker settings of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BreakerSettings {
+    pub failure_threshold: u32,
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+}
+
+/// Where a subscription was defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscriptionSource {
+    Config,
+    Api,
+}
+
+/// A validated subscription: where events of which types go and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub id: String,
+    pub url: String,
+    pub event_types: Vec<TypePattern>,
+    /// `whsec_…` / `whsk_…` secrets; all of them sign (rotation).
+    pub secrets: Vec<String>,
+    pub headers: BTreeMap<String, String>,
+    pub timeout: Duration,
+    /// Requests per second, `None` for unlimited.
+    pub rate_limit: Option<f64>,
+    pub max_in_flight: u32,
+    pub ordering: Ordering,
+    pub retry: RetrySettings,
+    pub breaker: BreakerSettings,
+    /// HTTP statuses that end a delivery at once instead of retrying.
+    pub final_status_codes: Vec<u16>,
+    pub enabled: bool,
+    pub source: SubscriptionSource,
+}
+
+impl Subscription {
+    /// Whether an event of this type goes to this subscription.
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.enabled && self.event_types.iter().any(|p| p.matches(event_type))
+    }
+}
+
+/// The subscriptions in force: replaced whole on reload, read without locks held across awaits.
+pub type SubscriptionSet = Arc<Vec<Arc<Subscription>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        let cases = [
+            ("*", "anything.at.all", true),
+            ("*", "", true),
+            ("order.*", "order.created", true),
+            ("order.*", "order.", true),
+            ("order.*", "order", false),
+            ("order.*", "orders.created", false),
+            ("invoice.paid", "invoice.paid", true),
+            ("invoice.paid", "invoice.paid2", false),
+            ("*.paid", "invoice.paid", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("**", "x", true),
+        ];
+        for (p, s, want) in cases {
+            assert_eq!(TypePattern::new(p).matches(s), want, "{p} vs {s}");
+        }
+    }
+
+    #[test]
+    fn status_codes_round_trip() {
+        for st in DeliveryStatus::ALL {
+            assert_eq!(DeliveryStatus::from_code(st.code()), Some(st));
+            assert_eq!(DeliveryStatus::parse(st.as_str()), Some(st));
+        }
+        assert_eq!(DeliveryStatus::from_code(200), None);
+    }
+
+    #[test]
+    fn time_parsing() {
+        assert_eq!(parse_time("10"), Some(10_000_000));
+        let m = parse_time("2026-01-02T03:04:05Z").unwrap_or_default();
+        assert_eq!(rfc3339(m), "2026-01-02T03:04:05.000000Z");
+        assert_eq!(parse_time("yesterday"), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! Table definitions, record encoding (version byte + postcard) and the schema version check.
+//!
+//! docs/storage-format.md describes every table; change both together.
+
+use redb::{ReadableDatabase, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::StoreError;
+
+/// Bumped whenever a table's key or value layout changes; migrations live in `migrate`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Version byte written in front of every postcard record.
+pub const RECORD_V1: u8 = 1;
+
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// seq → Event record.
+pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// event id → seq.
+pub const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
+/// Idempotency-Key header → seq.
+pub const IDEMPOTENCY_KEYS: TableDefinition<&str, u64> = TableDefinition::new("idempotency_keys");
+/// (event type, seq) → (): the type filter of the event list.
+pub const EVENTS_BY_TYPE: TableDefinition<(&str, u64), ()> = TableDefinition::new("events_by_type");
+/// delivery id → Delivery record.
+pub const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
+/// (seq, delivery id) → (): an event's deliveries.
+pub const EVENT_DELIVERIES: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("event_deliveries");
+/// (subscription id, delivery id) → (): a subscription's deliveries.
+pub const DELIVERIES_BY_SUB: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("deliveries_by_subscription");
+/// (status code, delivery id) → (): deliveries by status.
+pub const DELIVERIES_BY_STATUS: TableDefinition<(u8, u64), ()> =
+    TableDefinition::new("deliveries_by_status");
+/// (delivery id, attempt number from 1) → Attempt record. Append-only.
+pub const ATTEMPTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("attempts");
+/// (due time µs, delivery id) → (): every delivery that will be attempted. Source of truth
+/// for the scheduler.
+pub const SCHEDULE: TableDefinition<(i64, u64), ()> = TableDefinition::new("schedule");
+/// delivery id → dead-lettered at (µs): the dead-letter index.
+pub const DEAD: TableDefinition<u64, i64> = TableDefinition::new("dead");
+/// receipt id → Receipt record (raw inbound request). Immutable.
+pub const RECEIPTS: TableDefinition<u64, &[u8]> = TableDefinition::new("receipts");
+/// (source id, provider delivery id) → receipt id: inbound de-duplication.
+pub const RECEIPT_IDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("receipt_ids");
+/// subscription id → Subscription record (created over the API).
+pub const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
+
+const SCHEMA_KEY: &str = "schema_version";
+
+/// Encodes a record as one version byte followed by its postcard bytes.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(256);
+    out.push(RECORD_V1);
+    postcard::to_extend(value, out).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+/// Decodes a record written by `encode`, refusing unknown versions.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&RECORD_V1, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| StoreError::Decode(what, e.to_string()))
+        }
+        Some((v, _)) => Err(StoreError::Decode(
+            what,
+            format!("unknown record version {v}"),
+        )),
+        None => Err(StoreError::Decode(what, "empty record".into())),
+    }
+}
+
+/// Creates every table and records the schema version in a new file; checks it in an old one.
+pub fn init(db: &redb::Database) -> Result<(), StoreError> {
+    let found = {
+        let r = db.begin_read()?;
+        match r.open_table(META) {
+            Ok(t) => match t.get(SCHEMA_KEY)? {
+                Some(v) => Some(parse_version(v.value())?),
+                None => None,
+            },
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    match found {
+        Some(v) if v > SCHEMA_VERSION => return Err(StoreError::SchemaTooNew(v, SCHEMA_VERSION)),
+        Some(v) if v < SCHEMA_VERSION => migrate(db, v)?,
+        _ => {}
+    }
+    let w = db.begin_write()?;
+    {
+        let mut meta = w.open_table(META)?;
+        meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())?;
+        w.open_table(EVENTS)?;
+        w.open_table(EVENT_IDS)?;
+        w.open_table(IDEMPOTENCY_KEYS)?;
+        w.open_table(EVENTS_BY_TYPE)?;
+        w.open_table(DELIVERIES)?;
+        w.open_table(EVENT_DELIVERIES)?;
+        w.open_table(DELIVERIES_BY_SUB)?;
+        w.open_table(DELIVERIES_BY_STATUS)?;
+        w.open_table(ATTEMPTS)?;
+        w.open_table(SCHEDULE)?;
+        w.open_table(DEAD)?;
+        w.open_table(RECEIPTS)?;
+        w.open_table(RECEIPT_IDS)?;
+        w.open_table(SUBSCRIPTIONS)?;
+    }
+    w.commit()?;
+    Ok(())
+}
+
+fn parse_version(bytes: &[u8]) -> Result<u32, StoreError> {
+    let arr: [u8; 4] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Decode("schema version", "not 4 bytes".into()))?;
+    Ok(u32::from_le_bytes(arr))
+}
+
+/// Upgrades an older file in place, one version at a time. No older versions exist yet.
+fn migrate(_db: &redb::Database, from: u32) -> Result<(), StoreError> {
+    Err(StoreError::Decode(
+        "schema version",
+        format!("no migration from version {from} to {SCHEMA_VERSION}"),
+    ))
+}
+
+/// Writes a schema version, for tests of the version check.
+pub fn force_schema_version(db: &redb::Database, v: u32) -> Result<(), StoreError> {
+    let w = db.begin_write()?;
+    {
+        let mut meta = w.open_table(META)?;
+        meta.insert(SCHEMA_KEY, v.to_le_bytes().as_slice())?;
+    }
+    w.commit()?;
+    Ok(())
+}

@@ -1,0 +1,466 @@
+//! The writer thread: owns every write. Group commit: it takes everything waiting on its
+//! channel (bounded per batch), applies it in one redb write transaction, commits once
+//! (fsync), and only then answers each sender.
+//!
+//! **Invariant:** no reply leaves this thread before the commit that made it true returned.
+//! An event and its deliveries are written by the same command in the same transaction,
+//! so no interleaving of client hang-ups, cancelled futures or crashes can separate them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use redb::ReadableTable;
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use super::schema::*;
+use super::{Store, StoreError, Tips};
+use crate::metrics::Metrics;
+use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
+
+/// Why a write was not done. Every waiting sender of a failed batch gets one.
+#[derive(Debug, Error, Clone)]
+pub enum WriteError {
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("the writer is overloaded")]
+    Overloaded,
+    #[error("the writer has stopped")]
+    Stopped,
+}
+
+/// An event to append, with the subscriptions it fans out to (matched by the caller).
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: String,
+    pub event_type: String,
+    pub source: Option<String>,
+    pub data: String,
+    pub idempotency_key: Option<String>,
+    pub subscriptions: Vec<Arc<str>>,
+}
+
+/// What became of one published event.
+#[derive(Debug, Clone)]
+pub enum Published {
+    Created {
+        seq: Seq,
+        id: String,
+        deliveries: u32,
+    },
+    /// The id or idempotency key was already known: nothing was stored.
+    Duplicate {
+        seq: Seq,
+        event: Event,
+        deliveries: u32,
+    },
+}
+
+/// A delivery that became due (or changed due time) in a committed transaction.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub at: Micros,
+    pub delivery: DeliveryId,
+    pub subscription: Arc<str>,
+}
+
+/// Receives what each commit scheduled; the scheduler listens here.
+pub type DueSink = tokio::sync::mpsc::UnboundedSender<Vec<Due>>;
+
+type Reply = Box<dyn FnOnce(Result<(), WriteError>) + Send>;
+
+enum Command {
+    Publish {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<Vec<Published>, WriteError>>,
+    },
+    /// A no-op transaction: proves the database is writable.
+    Probe {
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    /// Commit what came before, then stop the thread.
+    Stop,
+}
+
+/// The shared health of the writer, read by readiness.
+#[derive(Debug, Default)]
+pub struct WriterHealth {
+    failed: AtomicBool,
+}
+
+impl WriterHealth {
+    /// False after a failed commit, true again after the next good one.
+    pub fn ok(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// The sending side, cloned into every producer of writes.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: Sender<Command>,
+    pub health: Arc<WriterHealth>,
+}
+
+impl WriterHandle {
+    fn submit(&self, cmd: Command) -> Result<(), WriteError> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            TrySendError::Full(_) => WriteError::Overloaded,
+            TrySendError::Disconnected(_) => WriteError::Stopped,
+        })
+    }
+
+    /// Appends events with their deliveries; resolves after the commit.
+    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<Published>, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::Publish { events, reply })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Asks the writer to finish what is queued and stop; later writes fail with `Stopped`.
+    pub fn stop(&self) {
+        // A full queue would refuse; this one waits, as it runs once at shutdown.
+        let _ = self.tx.send(Command::Stop);
+    }
+
+    /// Commits an empty transaction.
+    pub async fn probe(&self) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::Probe { reply })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+/// Settings of the writer thread.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Commands taken into one transaction at most.
+    pub max_batch: usize,
+    /// Commands that may wait on the channel before senders are told to back off.
+    pub queue: usize,
+}
+
+/// Starts the writer thread. It stops when every `WriterHandle` is dropped, after committing
+/// what was already queued.
+pub fn spawn(
+    store: Store,
+    cfg: WriterConfig,
+    metrics: Arc<Metrics>,
+    due_sink: Option<DueSink>,
+) -> Result<(WriterHandle, JoinHandle<()>), StoreError> {
+    let tips = store.tips()?;
+    let (tx, rx) = crossbeam_channel::bounded(cfg.queue);
+    let health = Arc::new(WriterHealth::default());
+    let mut w = Writer {
+        store,
+        rx,
+        tips,
+        max_batch: cfg.max_batch.max(1),
+        metrics,
+        due_sink,
+        health: health.clone(),
+        stopping: false,
+    };
+    let join = std::thread::Builder::new()
+        .name("dispatchd-writer".into())
+        .spawn(move || w.run())
+        .map_err(|e| StoreError::Encode(format!("cannot start writer thread: {e}")))?;
+    Ok((WriterHandle { tx, health }, join))
+}
+
+struct Writer {
+    store: Store,
+    rx: Receiver<Command>,
+    tips: Tips,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+    due_sink: Option<DueSink>,
+    health: Arc<WriterHealth>,
+    stopping: bool,
+}
+
+/// Everything one transaction produced that must be acted on after it commits.
+#[derive(Default)]
+struct Effects {
+    replies: Vec<Reply>,
+    due: Vec<Due>,
+    events: u64,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Ok(first) = self.rx.recv() {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+            if self.stopping {
+                break;
+            }
+        }
+        tracing::info!("writer stopped");
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Command>) {
+        let started = Instant::now();
+        let size = batch.len();
+        let saved_tips = self.tips;
+        let mut effects = Effects::default();
+        let result = self.apply_all(batch, &mut effects);
+        let result = match result {
+            Ok(txn) => txn.commit().map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_size.observe(size as f64);
+        match result {
+            Ok(()) => {
+                self.health.failed.store(false, Ordering::Relaxed);
+                self.metrics.events_stored.inc_by(effects.events);
+                if let Some(sink) = &self.due_sink {
+                    if !effects.due.is_empty() {
+                        let _ = sink.send(std::mem::take(&mut effects.due));
+                    }
+                }
+                for r in effects.replies {
+                    r(Ok(()));
+                }
+            }
+            Err(e) => {
+                self.tips = saved_tips;
+                self.health.failed.store(true, Ordering::Relaxed);
+                self.metrics.commit_failures.inc();
+                tracing::error!(error = %e, commands = size, "commit failed; answering every waiting request with an error");
+                let err = WriteError::Storage(e.to_string());
+                for r in effects.replies {
+                    r(Err(err.clone()));
+                }
+            }
+        }
+        batch.clear();
+    }
+
+    /// Applies every command to one write transaction. Replies are queued in `effects` and
+    /// sent only after the commit; on error every command of the batch is answered here.
+    fn apply_all(
+        &mut self,
+        batch: &mut Vec<Command>,
+        fx: &mut Effects,
+    ) -> Result<redb::WriteTransaction, StoreError> {
+        let txn = match self.store.db().begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                let e = StoreError::from(e);
+                for cmd in batch.drain(..) {
+                    fail(cmd, WriteError::Storage(e.to_string()));
+                }
+                return Err(e);
+            }
+        };
+        {
+            let mut t = match Tables::open(&txn) {
+                Ok(t) => t,
+                Err(e) => {
+                    for cmd in batch.drain(..) {
+                        fail(cmd, WriteError::Storage(e.to_string()));
+                    }
+                    return Err(e);
+                }
+            };
+            let mut cmds = batch.drain(..);
+            while let Some(cmd) = cmds.next() {
+                if let Err(e) = self.apply(&mut t, cmd, fx) {
+                    for rest in cmds {
+                        fail(rest, WriteError::Storage(e.to_string()));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(txn)
+    }
+
+    /// Applies one command; on failure answers its sender with the error.
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        cmd: Command,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        match cmd {
+            Command::Publish { events, reply } => {
+                let mut out = Vec::with_capacity(events.len());
+                for ev in events {
+                    match self.publish_one(t, ev, fx) {
+                        Ok(p) => out.push(p),
+                        Err(e) => {
+                            drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                            return Err(e);
+                        }
+                    }
+                }
+                fx.replies
+                    .push(Box::new(move |r| drop(reply.send(r.map(|()| out)))));
+            }
+            Command::Probe { reply } => {
+                fx.replies.push(Box::new(move |r| drop(reply.send(r))));
+            }
+            Command::Stop => self.stopping = true,
+        }
+        Ok(())
+    }
+
+    fn publish_one(
+        &mut self,
+        t: &mut Tables<'_>,
+        ev: NewEvent,
+        fx: &mut Effects,
+    ) -> Result<Published, StoreError> {
+        let known = match &ev.idempotency_key {
+            Some(k) => t.idempotency_keys.get(k.as_str())?.map(|g| g.value()),
+            None => None,
+        };
+        let known = match known {
+            Some(s) => Some(s),
+            None => t.event_ids.get(ev.id.as_str())?.map(|g| g.value()),
+        };
+        if let Some(seq) = known {
+            let event: Event = match t.events.get(seq)? {
+                Some(v) => decode(v.value(), "event")?,
+                None => {
+                    return Err(StoreError::Decode(
+                        "event",
+                        format!("index points at missing seq {seq}"),
+                    ));
+                }
+            };
+            let deliveries = t
+                .event_deliveries
+                .range((seq, 0)..=(seq, u64::MAX))?
+                .count() as u32;
+            return Ok(Published::Duplicate {
+                seq,
+                event,
+                deliveries,
+            });
+        }
+
+        let now = crate::model::now_micros().max(self.tips.last_received_at);
+        let seq = self.tips.last_seq + 1;
+        let event = Event {
+            id: ev.id,
+            event_type: ev.event_type,
+            source: ev.source,
+            data: ev.data,
+            received_at: now,
+            idempotency_key: ev.idempotency_key,
+            receipt: None,
+        };
+        t.events.insert(seq, encode(&event)?.as_slice())?;
+        t.event_ids.insert(event.id.as_str(), seq)?;
+        if let Some(k) = &event.idempotency_key {
+            t.idempotency_keys.insert(k.as_str(), seq)?;
+        }
+        t.events_by_type
+            .insert((event.event_type.as_str(), seq), ())?;
+        self.tips.last_seq = seq;
+        self.tips.last_received_at = now;
+        fx.events += 1;
+
+        let n = ev.subscriptions.len() as u32;
+        for sub in ev.subscriptions {
+            self.create_delivery(t, seq, &event.id, sub, now, Origin::Publish, fx)?;
+        }
+        Ok(Published::Created {
+            seq,
+            id: event.id,
+            deliveries: n,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_delivery(
+        &mut self,
+        t: &mut Tables<'_>,
+        seq: Seq,
+        event_id: &str,
+        subscription: Arc<str>,
+        now: Micros,
+        origin: Origin,
+        fx: &mut Effects,
+    ) -> Result<DeliveryId, StoreError> {
+        let id = self.tips.last_delivery + 1;
+        let d = Delivery {
+            event_seq: seq,
+            event_id: event_id.to_string(),
+            subscription: subscription.to_string(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            next_attempt_at: Some(now),
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+            origin,
+        };
+        t.deliveries.insert(id, encode(&d)?.as_slice())?;
+        t.event_deliveries.insert((seq, id), ())?;
+        t.deliveries_by_sub.insert((&*subscription, id), ())?;
+        t.deliveries_by_status
+            .insert((DeliveryStatus::Pending.code(), id), ())?;
+        t.schedule.insert((now, id), ())?;
+        self.tips.last_delivery = id;
+        fx.due.push(Due {
+            at: now,
+            delivery: id,
+            subscription,
+        });
+        Ok(id)
+    }
+}
+
+fn fail(cmd: Command, err: WriteError) {
+    match cmd {
+        Command::Publish { reply, .. } => drop(reply.send(Err(err))),
+        Command::Probe { reply } => drop(reply.send(Err(err))),
+        Command::Stop => {}
+    }
+}
+
+/// The tables a batch touches, opened once per transaction.
+struct Tables<'t> {
+    events: redb::Table<'t, u64, &'static [u8]>,
+    event_ids: redb::Table<'t, &'static str, u64>,
+    idempotency_keys: redb::Table<'t, &'static str, u64>,
+    events_by_type: redb::Table<'t, (&'static str, u64), ()>,
+    deliveries: redb::Table<'t, u64, &'static [u8]>,
+    event_deliveries: redb::Table<'t, (u64, u64), ()>,
+    deliveries_by_sub: redb::Table<'t, (&'static str, u64), ()>,
+    deliveries_by_status: redb::Table<'t, (u8, u64), ()>,
+    schedule: redb::Table<'t, (i64, u64), ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            events: txn.open_table(EVENTS)?,
+            event_ids: txn.open_table(EVENT_IDS)?,
+            idempotency_keys: txn.open_table(IDEMPOTENCY_KEYS)?,
+            events_by_type: txn.open_table(EVENTS_BY_TYPE)?,
+            deliveries: txn.open_table(DELIVERIES)?,
+            event_deliveries: txn.open_table(EVENT_DELIVERIES)?,
+            deliveries_by_sub: txn.open_table(DELIVERIES_BY_SUB)?,
+            deliveries_by_status: txn.open_table(DELIVERIES_BY_STATUS)?,
+            schedule: txn.open_table(SCHEDULE)?,
+        })
+    }
+}
