@@ -1,0 +1,5 @@
+//! Integration tests: the real `dispatchd` binary over real sockets on 127.0.0.1.
+
+mod support;
+
+mod ingest;

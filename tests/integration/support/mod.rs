@@ -1,0 +1,225 @@
+//! Test harness: starts the real `dispatchd` binary on a free loopback port with a temp data
+//! dir, and gives tests an HTTP client for it.
+
+#![allow(dead_code)]
+
+pub mod receiver;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// How long a daemon may take to start listening before a test gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running daemon process.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub http: reqwest::Client,
+}
+
+/// Makes reqwest usable: its TLS stack needs a crypto provider chosen once per process.
+pub fn install_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+pub fn client() -> reqwest::Client {
+    install_crypto();
+    match reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("cannot build HTTP client: {e}"),
+    }
+}
+
+impl Daemon {
+    /// Starts a daemon with this config file text in a fresh temp dir.
+    pub fn start(config: &str) -> Daemon {
+        let tmp = match tempfile::tempdir() {
+            Ok(t) => t,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let dir = tmp.path().to_path_buf();
+        let mut d = Self::start_in(&dir, config);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts a daemon on an existing data dir (for restarts); the caller keeps the dir.
+    pub fn start_in(dir: &Path, config: &str) -> Daemon {
+        Self::start_with(dir, config, &[])
+    }
+
+    /// Starts with extra environment variables.
+    pub fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        let cfg = dir.join("dispatchd.toml");
+        if let Err(e) = std::fs::write(&cfg, config) {
+            panic!("write config: {e}");
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .env_remove("DISPATCHD_LISTEN")
+            .env_remove("DISPATCHD_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => panic!("cannot start dispatchd: {e}"),
+        };
+        let Some(stderr) = child.stderr.take() else {
+            panic!("no stderr pipe");
+        };
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            // Keeps draining stderr for the life of the process so it never blocks on a full pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = parse_listen_line(&line) {
+                    let _ = tx.send(addr);
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let logs = logs.lock().map(|l| l.join("\n")).unwrap_or_default();
+                panic!("dispatchd did not start listening:\n{logs}");
+            }
+        };
+        Daemon {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            logs,
+            http: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        signal(self.child.id(), "TERM");
+        match self.child.wait() {
+            Ok(s) => s,
+            Err(e) => panic!("wait: {e}"),
+        }
+    }
+
+    /// Takes the temp dir away so a restart can reuse it after this daemon is gone.
+    pub fn keep_dir(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(
+            self.http
+                .post(self.url(path))
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        )
+        .await
+    }
+
+    /// Sends a request and returns the status and the JSON body (Null when empty or not JSON).
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => panic!("request failed: {e}\n{}", self.logs()),
+        };
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Publishes one event and asserts it was accepted; returns the response body.
+    pub async fn publish(&self, event_type: &str, data: Value) -> Value {
+        let (status, body) = self
+            .post(
+                "/v1/events",
+                &serde_json::json!({"type": event_type, "data": data}),
+            )
+            .await;
+        assert_eq!(status, 202, "publish failed: {body}");
+        body
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+    assert!(matches!(status, Ok(s) if s.success()), "kill -{sig} failed");
+}
+
+/// Finds the address in the daemon's "listening on ADDR" log line.
+fn parse_listen_line(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("listening on ").nth(1)?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    addr.parse().ok()
+}
