@@ -10,10 +10,14 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState, auth::Auth};
 use crate::config::Config;
+use crate::delivery::worker::WorkerEnv;
+use crate::delivery::{EngineConfig, Supervisor};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::scheduler::driver::{Msg, Scheduler, SchedulerConfig};
 use crate::storage::Store;
 use crate::storage::writer::{self, WriterConfig};
+use tokio::sync::mpsc;
 
 /// Binds the configured address and runs until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -29,6 +33,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // The outbound client's TLS stack uses ring, like the rest of the crypto here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let db_path = config.db_path();
     let store = {
         let path = db_path.clone();
@@ -39,6 +45,8 @@ pub async fn run(
             .with_context(|| format!("cannot open database {}", db_path.display()))?
     };
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    let (sched_tx, sched_rx) = mpsc::unbounded_channel();
+    let (due_tx, mut due_rx) = mpsc::unbounded_channel();
     let (writer, writer_thread) = writer::spawn(
         store.clone(),
         WriterConfig {
@@ -46,16 +54,70 @@ pub async fn run(
             queue: 65_536,
         },
         metrics.clone(),
-        None,
+        Some(due_tx),
     )
     .context("cannot start the writer")?;
+    // Commits' due times reach the scheduler through its own channel.
+    let forward = sched_tx.clone();
+    tokio::spawn(async move {
+        while let Some(d) = due_rx.recv().await {
+            if forward.send(Msg::Due(d)).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Run-time switches (410 Gone, auto-disable) survive restarts.
+    let mut subscriptions = config.subscriptions.clone();
+    let states = store
+        .subscription_states()
+        .context("cannot read subscription states")?;
+    for s in &mut subscriptions {
+        if let Some(st) = states.get(&s.id) {
+            if st.enabled != s.enabled {
+                let mut changed = (**s).clone();
+                changed.enabled = st.enabled;
+                *s = Arc::new(changed);
+            }
+        }
+    }
+    let registry = Arc::new(Registry::new(subscriptions.clone()));
+    let supervisor = Supervisor::new(
+        EngineConfig {
+            allow_private_networks: config.allow_private_networks,
+            max_response_body: config.max_response_body,
+        },
+        WorkerEnv {
+            store: store.clone(),
+            registry: registry.clone(),
+            scheduler: sched_tx,
+            auto_disable_after: config.auto_disable_after,
+        },
+        writer.clone(),
+        metrics.clone(),
+    )
+    .context("cannot build the HTTP client")?;
+    supervisor.start(&subscriptions);
+    let scheduler = Scheduler::new(
+        store.clone(),
+        supervisor.router(),
+        SchedulerConfig {
+            horizon: config.scheduler_horizon,
+            max_wheel: 200_000,
+            load_chunk: 10_000,
+        },
+        metrics.clone(),
+    );
+    let (sched_stop_tx, sched_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let scheduler_task = tokio::spawn(scheduler.run(sched_rx, async move {
+        let _ = sched_stop_rx.await;
+    }));
 
     let auth = Auth::new(&config.tokens).map_err(|_| anyhow::anyhow!("no system randomness"))?;
     let addr = listener.local_addr().context("listener has no address")?;
     if auth.is_open() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "no API tokens configured and listening beyond loopback: anyone who can reach this address can publish and administer");
     }
-    let registry = Arc::new(Registry::new(config.subscriptions.clone()));
     let state = Arc::new(ApiState {
         store: store.clone(),
         writer: writer.clone(),
@@ -70,7 +132,7 @@ pub async fn run(
     tracing::info!(
         data = %db_path.display(),
         events = store.event_count().unwrap_or(0),
-        subscriptions = config.subscriptions.len(),
+        subscriptions = subscriptions.len(),
         "listening on {addr}"
     );
     let drain_state = state.clone();
@@ -80,6 +142,12 @@ pub async fn run(
         tracing::info!("shutting down: no new connections, finishing open requests");
     };
     api::serve(listener, state, shutdown, config.shutdown_timeout).await;
+
+    // Deliveries: no new ones start; those in flight finish and are recorded, up to the
+    // deadline. What is left stays scheduled on disk.
+    let _ = sched_stop_tx.send(());
+    let _ = scheduler_task.await;
+    supervisor.shutdown(config.shutdown_timeout).await;
 
     writer.stop();
     drop(writer);

@@ -701,7 +701,7 @@ pub fn subscription_from_raw(
     }
     let rate_limit = match s.rate_limit.as_deref() {
         None => None,
-        Some(r) => match parse_rate(r) {
+        Some(r) => match crate::ratelimit::parse_rate(r) {
             Ok(v) => Some(v),
             Err(m) => {
                 e("rate_limit", m);
@@ -771,23 +771,6 @@ pub fn subscription_from_raw(
         enabled: s.enabled,
         source,
     })
-}
-
-/// Parses "50/s", "100/m", "3000/h" into requests per second.
-pub fn parse_rate(s: &str) -> Result<f64, String> {
-    let bad = || format!("invalid rate {s:?}: expected N/s, N/m or N/h");
-    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
-    let n: f64 = n.trim().parse().map_err(|_| bad())?;
-    let per = match unit.trim() {
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad()),
-    };
-    if !(n.is_finite() && n > 0.0) {
-        return Err(bad());
-    }
-    Ok(n / per)
 }
 
 #[cfg(test)]
@@ -903,13 +886,5 @@ retry = { max_attempts = 8, initial = "5s", max = "1h" }
         };
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
-    }
-
-    #[test]
-    fn rates() {
-        assert_eq!(parse_rate("50/s"), Ok(50.0));
-        assert_eq!(parse_rate("120/m"), Ok(2.0));
-        assert!(parse_rate("0/s").is_err());
-        assert!(parse_rate("5/d").is_err());
     }
 }

@@ -5,9 +5,16 @@
 
 pub mod api;
 pub mod app;
+pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod delivery;
+pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod ratelimit;
 pub mod registry;
+pub mod retry;
+pub mod scheduler;
+pub mod signing;
 pub mod storage;

@@ -34,6 +34,28 @@ impl Registry {
         }
     }
 
+    /// Switches a subscription on or off (410 Gone, auto-disable, pause).
+    pub fn set_enabled(&self, id: &str, enabled: bool) {
+        let mut g = match self.subscriptions.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let subs = g
+            .iter()
+            .map(|s| {
+                if s.id == id && s.enabled != enabled {
+                    Arc::new(Subscription {
+                        enabled,
+                        ..(**s).clone()
+                    })
+                } else {
+                    s.clone()
+                }
+            })
+            .collect();
+        *g = Arc::new(subs);
+    }
+
     /// One subscription by id.
     pub fn get(&self, id: &str) -> Option<Arc<Subscription>> {
         self.snapshot().iter().find(|s| s.id == id).cloned()

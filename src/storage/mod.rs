@@ -310,6 +310,23 @@ impl Store {
         Ok(r.open_table(SCHEDULE)?.len()?)
     }
 
+    /// The enabled switches set at run time, by subscription id.
+    pub fn subscription_states(
+        &self,
+    ) -> Result<std::collections::HashMap<String, writer::SubscriptionState>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(SUBSCRIPTION_STATE)?;
+        let mut out = std::collections::HashMap::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.insert(
+                k.value().to_string(),
+                decode(v.value(), "subscription state")?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Deliveries with a given status, by id after the cursor.
     pub fn deliveries_with_status(
         &self,

@@ -48,6 +48,11 @@ pub const RECEIPT_IDS: TableDefinition<(&str, &str), u64> = TableDefinition::new
 /// subscription id → Subscription record (created over the API).
 pub const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 
+/// subscription id → SubscriptionState record: enabled switches set at run time (410 Gone,
+/// auto-disable, pause), kept apart from the definitions so config subscriptions have them too.
+pub const SUBSCRIPTION_STATE: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("subscription_state");
+
 const SCHEMA_KEY: &str = "schema_version";
 
 /// Encodes a record as one version byte followed by its postcard bytes.
@@ -107,6 +112,7 @@ pub fn init(db: &redb::Database) -> Result<(), StoreError> {
         w.open_table(RECEIPTS)?;
         w.open_table(RECEIPT_IDS)?;
         w.open_table(SUBSCRIPTIONS)?;
+        w.open_table(SUBSCRIPTION_STATE)?;
     }
     w.commit()?;
     Ok(())

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::schema::*;
 use super::{Store, StoreError, Tips};
 use crate::metrics::Metrics;
-use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
+use crate::model::{Attempt, Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
 
 /// Why a write was not done. Every waiting sender of a failed batch gets one.
 #[derive(Debug, Error, Clone)]
@@ -65,6 +65,37 @@ pub struct Due {
     pub at: Micros,
     pub delivery: DeliveryId,
     pub subscription: Arc<str>,
+    /// The event, when the writer had it at hand (fresh deliveries): saves a read.
+    pub event: Option<Arc<Event>>,
+    /// Attempts already made.
+    pub attempts: u32,
+}
+
+/// What a finished attempt leads to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Next {
+    Succeeded,
+    Retry { at: Micros },
+    Dead,
+}
+
+/// A finished attempt to record, and the delivery's next state.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub delivery: DeliveryId,
+    pub subscription: Arc<str>,
+    pub attempt: Attempt,
+    /// A one-line summary kept as the delivery's `last_error` (None on success).
+    pub error: Option<String>,
+    pub next: Next,
+}
+
+/// A persisted switch on a subscription (410 Gone, auto-disable, pause).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionState {
+    pub enabled: bool,
+    pub reason: Option<String>,
+    pub changed_at: Micros,
 }
 
 /// Receives what each commit scheduled; the scheduler listens here.
@@ -79,6 +110,24 @@ enum Command {
     },
     /// A no-op transaction: proves the database is writable.
     Probe {
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    /// Records finished attempts and moves their deliveries on.
+    RecordAttempts {
+        records: Vec<AttemptRecord>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    /// Moves a delivery's due time without spending an attempt.
+    Reschedule {
+        delivery: DeliveryId,
+        subscription: Arc<str>,
+        at: Micros,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+    /// Persists a subscription's enabled switch.
+    SetSubscriptionState {
+        id: String,
+        state: SubscriptionState,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
     /// Commit what came before, then stop the thread.
@@ -117,6 +166,41 @@ impl WriterHandle {
     pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<Published>, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Command::Publish { events, reply })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Records finished attempts; resolves after the commit.
+    pub async fn record_attempts(&self, records: Vec<AttemptRecord>) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::RecordAttempts { records, reply })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Moves a delivery to a new due time; resolves after the commit.
+    pub async fn reschedule(
+        &self,
+        delivery: DeliveryId,
+        subscription: Arc<str>,
+        at: Micros,
+    ) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::Reschedule {
+            delivery,
+            subscription,
+            at,
+            reply,
+        })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Persists a subscription's enabled switch; resolves after the commit.
+    pub async fn set_subscription_state(
+        &self,
+        id: String,
+        state: SubscriptionState,
+    ) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::SetSubscriptionState { id, state, reply })?;
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 
@@ -315,6 +399,41 @@ impl Writer {
             Command::Probe { reply } => {
                 fx.replies.push(Box::new(move |r| drop(reply.send(r))));
             }
+            Command::RecordAttempts { records, reply } => {
+                let now = crate::model::now_micros();
+                for r in records {
+                    if let Err(e) = record_attempt(t, r, now, fx) {
+                        drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                        return Err(e);
+                    }
+                }
+                fx.replies.push(Box::new(move |r| drop(reply.send(r))));
+            }
+            Command::Reschedule {
+                delivery,
+                subscription,
+                at,
+                reply,
+            } => {
+                if let Err(e) = reschedule(t, delivery, subscription, at, fx) {
+                    drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                    return Err(e);
+                }
+                fx.replies.push(Box::new(move |r| drop(reply.send(r))));
+            }
+            Command::SetSubscriptionState { id, state, reply } => {
+                let r = encode(&state).and_then(|v| {
+                    t.subscription_state
+                        .insert(id.as_str(), v.as_slice())
+                        .map(drop)
+                        .map_err(StoreError::from)
+                });
+                if let Err(e) = r {
+                    drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                    return Err(e);
+                }
+                fx.replies.push(Box::new(move |r| drop(reply.send(r))));
+            }
             Command::Stop => self.stopping = true,
         }
         Ok(())
@@ -367,6 +486,7 @@ impl Writer {
             receipt: None,
         };
         t.events.insert(seq, encode(&event)?.as_slice())?;
+        let event = Arc::new(event);
         t.event_ids.insert(event.id.as_str(), seq)?;
         if let Some(k) = &event.idempotency_key {
             t.idempotency_keys.insert(k.as_str(), seq)?;
@@ -379,11 +499,11 @@ impl Writer {
 
         let n = ev.subscriptions.len() as u32;
         for sub in ev.subscriptions {
-            self.create_delivery(t, seq, &event.id, sub, now, Origin::Publish, fx)?;
+            self.create_delivery(t, seq, &event, sub, now, Origin::Publish, fx)?;
         }
         Ok(Published::Created {
             seq,
-            id: event.id,
+            id: event.id.clone(),
             deliveries: n,
         })
     }
@@ -393,7 +513,7 @@ impl Writer {
         &mut self,
         t: &mut Tables<'_>,
         seq: Seq,
-        event_id: &str,
+        event: &Arc<Event>,
         subscription: Arc<str>,
         now: Micros,
         origin: Origin,
@@ -402,7 +522,7 @@ impl Writer {
         let id = self.tips.last_delivery + 1;
         let d = Delivery {
             event_seq: seq,
-            event_id: event_id.to_string(),
+            event_id: event.id.clone(),
             subscription: subscription.to_string(),
             status: DeliveryStatus::Pending,
             attempts: 0,
@@ -423,15 +543,119 @@ impl Writer {
             at: now,
             delivery: id,
             subscription,
+            event: Some(event.clone()),
+            attempts: 0,
         });
         Ok(id)
     }
 }
 
+fn load_delivery(t: &Tables<'_>, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
+    match t.deliveries.get(id)? {
+        Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
+        None => Ok(None),
+    }
+}
+
+fn store_delivery(
+    t: &mut Tables<'_>,
+    id: DeliveryId,
+    d: &Delivery,
+    old_status: DeliveryStatus,
+) -> Result<(), StoreError> {
+    t.deliveries.insert(id, encode(d)?.as_slice())?;
+    if old_status != d.status {
+        t.deliveries_by_status.remove((old_status.code(), id))?;
+        t.deliveries_by_status.insert((d.status.code(), id), ())?;
+    }
+    Ok(())
+}
+
+/// Appends the attempt and moves the delivery to its next state. A delivery made terminal
+/// meanwhile (cancelled while in flight) keeps its status; the attempt is still recorded.
+fn record_attempt(
+    t: &mut Tables<'_>,
+    r: AttemptRecord,
+    now: Micros,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    let id = r.delivery;
+    let Some(mut d) = load_delivery(t, id)? else {
+        tracing::warn!(delivery = id, "attempt for an unknown delivery ignored");
+        return Ok(());
+    };
+    let n = d.attempts + 1;
+    t.attempts.insert((id, n), encode(&r.attempt)?.as_slice())?;
+    if let Some(old) = d.next_attempt_at.take() {
+        t.schedule.remove((old, id))?;
+    }
+    let old_status = d.status;
+    d.attempts = n;
+    d.updated_at = now;
+    if !old_status.is_terminal() {
+        d.last_error = r.error;
+        match r.next {
+            Next::Succeeded => d.status = DeliveryStatus::Succeeded,
+            Next::Retry { at } => {
+                d.status = DeliveryStatus::Retrying;
+                d.next_attempt_at = Some(at);
+                t.schedule.insert((at, id), ())?;
+                fx.due.push(Due {
+                    at,
+                    delivery: id,
+                    subscription: r.subscription,
+                    event: None,
+                    attempts: n,
+                });
+            }
+            Next::Dead => {
+                d.status = DeliveryStatus::Dead;
+                t.dead.insert(id, now)?;
+            }
+        }
+    }
+    store_delivery(t, id, &d, old_status)
+}
+
+/// Moves a live delivery's due time; terminal ones are left alone.
+fn reschedule(
+    t: &mut Tables<'_>,
+    id: DeliveryId,
+    subscription: Arc<str>,
+    at: Micros,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    let Some(mut d) = load_delivery(t, id)? else {
+        return Ok(());
+    };
+    if d.status.is_terminal() {
+        return Ok(());
+    }
+    if let Some(old) = d.next_attempt_at {
+        t.schedule.remove((old, id))?;
+    }
+    d.next_attempt_at = Some(at);
+    d.updated_at = crate::model::now_micros();
+    t.schedule.insert((at, id), ())?;
+    let status = d.status;
+    store_delivery(t, id, &d, status)?;
+    fx.due.push(Due {
+        at,
+        delivery: id,
+        subscription,
+        event: None,
+        attempts: d.attempts,
+    });
+    Ok(())
+}
+
 fn fail(cmd: Command, err: WriteError) {
     match cmd {
         Command::Publish { reply, .. } => drop(reply.send(Err(err))),
-        Command::Probe { reply } => drop(reply.send(Err(err))),
+        Command::Probe { reply }
+        | Command::RecordAttempts { reply, .. }
+        | Command::Reschedule { reply, .. }
+        | Command::SetSubscriptionState { reply, .. } => drop(reply.send(Err(err))),
         Command::Stop => {}
     }
 }
@@ -447,6 +671,9 @@ struct Tables<'t> {
     deliveries_by_sub: redb::Table<'t, (&'static str, u64), ()>,
     deliveries_by_status: redb::Table<'t, (u8, u64), ()>,
     schedule: redb::Table<'t, (i64, u64), ()>,
+    attempts: redb::Table<'t, (u64, u32), &'static [u8]>,
+    dead: redb::Table<'t, u64, i64>,
+    subscription_state: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -461,6 +688,9 @@ impl<'t> Tables<'t> {
             deliveries_by_sub: txn.open_table(DELIVERIES_BY_SUB)?,
             deliveries_by_status: txn.open_table(DELIVERIES_BY_STATUS)?,
             schedule: txn.open_table(SCHEDULE)?,
+            attempts: txn.open_table(ATTEMPTS)?,
+            dead: txn.open_table(DEAD)?,
+            subscription_state: txn.open_table(SUBSCRIPTION_STATE)?,
         })
     }
 }

@@ -186,6 +186,14 @@ impl Daemon {
         )
     }
 
+    /// The Prometheus text of /metrics.
+    pub async fn metrics(&self) -> String {
+        match self.http.get(self.url("/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => panic!("GET /metrics: {e}"),
+        }
+    }
+
     /// Publishes one event and asserts it was accepted; returns the response body.
     pub async fn publish(&self, event_type: &str, data: Value) -> Value {
         let (status, body) = self

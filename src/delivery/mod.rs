@@ -1,0 +1,165 @@
+//! The delivery engine: a supervisor that runs one destination task per subscription and
+//! routes due deliveries from the scheduler to them.
+
+pub mod attempt;
+pub mod client;
+pub mod ssrf;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::metrics::Metrics;
+use crate::model::Subscription;
+use crate::retry::RetryPolicy;
+use crate::scheduler::driver::{Dispatch, Job, Msg};
+use crate::signing::parse_secret;
+use crate::storage::writer::WriterHandle;
+use attempt::Destination;
+use worker::{Worker, WorkerEnv, WorkerMsg};
+
+/// Settings shared by every destination.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub allow_private_networks: bool,
+    pub max_response_body: usize,
+}
+
+/// Owns the destination tasks.
+pub struct Supervisor {
+    routes: Arc<Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<WorkerMsg>>>>,
+    tasks: Mutex<JoinSet<()>>,
+    stop: watch::Sender<bool>,
+    client: reqwest::Client,
+    env: Arc<WorkerEnv>,
+    writer: WriterHandle,
+    metrics: Arc<Metrics>,
+    cfg: EngineConfig,
+}
+
+/// The scheduler's view of the supervisor: routes jobs by subscription id.
+#[derive(Clone)]
+pub struct Router {
+    routes: Arc<Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<WorkerMsg>>>>,
+}
+
+impl Dispatch for Router {
+    fn dispatch(&mut self, job: Job) {
+        let tx = match self.routes.lock() {
+            Ok(r) => r.get(&job.subscription).cloned(),
+            Err(p) => p.into_inner().get(&job.subscription).cloned(),
+        };
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(WorkerMsg::Job(job));
+            }
+            // No destination task (unknown or deleted subscription): the row stays on disk.
+            None => {
+                tracing::debug!(delivery = job.delivery, subscription = %job.subscription, "no destination for due delivery")
+            }
+        }
+    }
+}
+
+impl Supervisor {
+    pub fn new(
+        cfg: EngineConfig,
+        env: WorkerEnv,
+        writer: WriterHandle,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let client = client::build(cfg.allow_private_networks)?;
+        let (stop, _) = watch::channel(false);
+        Ok(Self {
+            routes: Default::default(),
+            tasks: Mutex::new(JoinSet::new()),
+            stop,
+            client,
+            env: Arc::new(env),
+            writer,
+            metrics,
+            cfg,
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        Router {
+            routes: self.routes.clone(),
+        }
+    }
+
+    pub fn scheduler(&self) -> mpsc::UnboundedSender<Msg> {
+        self.env.scheduler.clone()
+    }
+
+    /// Starts a destination task for each subscription.
+    pub fn start(&self, subs: &[Arc<Subscription>]) {
+        for s in subs {
+            if let Err(e) = self.spawn(s.clone()) {
+                tracing::error!(subscription = %s.id, error = %e, "destination not started");
+            }
+        }
+    }
+
+    fn spawn(&self, sub: Arc<Subscription>) -> Result<(), String> {
+        let url = reqwest::Url::parse(&sub.url).map_err(|e| format!("invalid url: {e}"))?;
+        let refused = ssrf::check_url_host(&url, self.cfg.allow_private_networks)
+            .err()
+            .map(|e| e.to_string());
+        let keys = sub
+            .secrets
+            .iter()
+            .map(|s| parse_secret(s).map_err(|e| format!("invalid secret: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = sub.retry;
+        let policy = RetryPolicy {
+            max_attempts: r.max_attempts,
+            initial: r.initial,
+            max: r.max,
+            multiplier: r.multiplier,
+        };
+        let sub_id: Arc<str> = Arc::from(sub.id.as_str());
+        let dest = Arc::new(Destination {
+            sub,
+            sub_id: sub_id.clone(),
+            url,
+            refused,
+            keys,
+            policy,
+            client: self.client.clone(),
+            writer: self.writer.clone(),
+            metrics: self.metrics.clone(),
+            max_response_body: self.cfg.max_response_body,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let w = Worker::new(dest, self.env.clone(), rx, self.stop.subscribe());
+        match self.routes.lock() {
+            Ok(mut r) => r.insert(sub_id, tx),
+            Err(p) => p.into_inner().insert(sub_id, tx),
+        };
+        match self.tasks.lock() {
+            Ok(mut t) => t.spawn(w.run()),
+            Err(p) => p.into_inner().spawn(w.run()),
+        };
+        Ok(())
+    }
+
+    /// Stops starting attempts and waits up to `deadline` for those in flight to be recorded.
+    pub async fn shutdown(&self, deadline: Duration) {
+        let _ = self.stop.send(true);
+        let mut tasks = match self.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        let all = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!(
+                "attempts still in flight after the drain deadline; they stay scheduled on disk"
+            );
+        }
+    }
+}

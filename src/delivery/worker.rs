@@ -1,0 +1,365 @@
+//! One tokio task per destination: its queue, token bucket, in-flight limit and circuit
+//! breaker. An open breaker defers queued deliveries without spending their attempts; FIFO
+//! subscriptions keep one delivery in flight, in event order, and a retrying delivery holds
+//! back the ones behind it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::attempt::{self, Destination, Finished, Health};
+use crate::breaker::{Breaker, BreakerConfig, BreakerState};
+use crate::model::{DeliveryId, Micros, Ordering, now_micros};
+use crate::ratelimit::TokenBucket;
+use crate::registry::Registry;
+use crate::scheduler::driver::{Job, Msg};
+use crate::storage::Store;
+use crate::storage::writer::{Next, SubscriptionState};
+
+/// Jobs a destination holds in memory at most; beyond that they are pushed back on disk.
+const QUEUE_CAP: usize = 10_000;
+
+/// Messages a destination task takes.
+#[derive(Debug)]
+pub enum WorkerMsg {
+    Job(Job),
+}
+
+/// Everything a destination task needs besides its destination.
+pub struct WorkerEnv {
+    pub store: Store,
+    pub registry: Arc<Registry>,
+    pub scheduler: mpsc::UnboundedSender<Msg>,
+    pub auto_disable_after: Duration,
+}
+
+pub struct Worker {
+    dest: Arc<Destination>,
+    env: Arc<WorkerEnv>,
+    rx: mpsc::UnboundedReceiver<WorkerMsg>,
+    stop: watch::Receiver<bool>,
+    queue: BTreeMap<DeliveryId, Job>,
+    in_flight: HashSet<DeliveryId>,
+    /// Jobs that arrived while their delivery was in flight (its retry, usually): they join
+    /// the queue when the attempt is done, so one delivery never has two attempts at once.
+    parked: HashMap<DeliveryId, Job>,
+    tasks: JoinSet<Finished>,
+    breaker: Breaker,
+    bucket: Option<TokenBucket>,
+    /// FIFO: the delivery that is retrying and holds back the rest.
+    blocked_by: Option<DeliveryId>,
+    failing_since: Option<Micros>,
+    enabled: bool,
+    wake_at: Option<Instant>,
+}
+
+impl Worker {
+    pub fn new(
+        dest: Arc<Destination>,
+        env: Arc<WorkerEnv>,
+        rx: mpsc::UnboundedReceiver<WorkerMsg>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let b = dest.sub.breaker;
+        let breaker = Breaker::new(BreakerConfig {
+            failure_threshold: b.failure_threshold,
+            failure_rate: b.failure_rate,
+            min_requests: b.min_requests,
+            window: b.window,
+            cooldown: b.cooldown,
+        });
+        let now = std::time::Instant::now();
+        let bucket = dest
+            .sub
+            .rate_limit
+            .map(|r| TokenBucket::new(r, r.max(1.0), now));
+        let enabled = dest.sub.enabled;
+        Self {
+            dest,
+            env,
+            rx,
+            stop,
+            queue: BTreeMap::new(),
+            in_flight: HashSet::new(),
+            parked: HashMap::new(),
+            tasks: JoinSet::new(),
+            breaker,
+            bucket,
+            blocked_by: None,
+            failing_since: None,
+            enabled,
+            wake_at: None,
+        }
+    }
+
+    fn limit(&self) -> usize {
+        match self.dest.sub.ordering {
+            Ordering::Fifo => 1,
+            Ordering::Unordered => self.dest.sub.max_in_flight as usize,
+        }
+    }
+
+    fn gauges(&self) {
+        let m = &self.dest.metrics;
+        let id = &*self.dest.sub_id;
+        m.queue_depth
+            .with_label_values(&[id])
+            .set(self.queue.len() as i64);
+        m.in_flight
+            .with_label_values(&[id])
+            .set(self.in_flight.len() as i64);
+        let state = match self.breaker.state(std::time::Instant::now()) {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        m.breaker_state.with_label_values(&[id]).set(state);
+    }
+
+    /// Runs until stopped; then lets in-flight attempts finish.
+    pub async fn run(mut self) {
+        loop {
+            self.pump();
+            self.gauges();
+            let wake = self.wake_at;
+            tokio::select! {
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => match done {
+                    Ok(f) => self.finished(f).await,
+                    Err(e) => tracing::error!(subscription = %self.dest.sub_id, error = %e, "attempt task failed"),
+                },
+                msg = self.rx.recv() => match msg {
+                    Some(WorkerMsg::Job(job)) => self.enqueue(job),
+                    None => break,
+                },
+                () = sleep_until_opt(wake) => {}
+                _ = self.stop.changed() => break,
+            }
+        }
+        // Drain: no new attempts; the ones in flight finish and are recorded.
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(f) = done {
+                self.finished(f).await;
+            }
+        }
+        self.queue.clear();
+        self.gauges();
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        if !self.enabled {
+            // Disabled: the row stays on disk until the subscription is enabled again.
+            return;
+        }
+        if self.in_flight.contains(&job.delivery) {
+            self.parked.insert(job.delivery, job);
+            return;
+        }
+        if self.queue.len() >= QUEUE_CAP && !self.queue.contains_key(&job.delivery) {
+            self.push_back_to_disk(job, Duration::from_secs(30));
+            return;
+        }
+        // A newer due time for a queued delivery replaces the stale one.
+        match self.queue.get(&job.delivery) {
+            Some(q) if q.due >= job.due => {}
+            _ => {
+                self.queue.insert(job.delivery, job);
+            }
+        }
+    }
+
+    fn push_back_to_disk(&self, job: Job, after: Duration) {
+        let writer = self.dest.writer.clone();
+        let at = now_micros().saturating_add(i64::try_from(after.as_micros()).unwrap_or(0));
+        tokio::spawn(async move {
+            if let Err(e) = writer.reschedule(job.delivery, job.subscription, at).await {
+                tracing::warn!(delivery = job.delivery, error = %e, "cannot push a delivery back on disk");
+            }
+        });
+    }
+
+    /// The next job allowed to start, honouring FIFO order.
+    fn pick(&mut self) -> Option<Job> {
+        match (self.dest.sub.ordering, self.blocked_by) {
+            (Ordering::Fifo, Some(head)) => self.queue.remove(&head),
+            _ => self.queue.pop_first().map(|(_, j)| j),
+        }
+    }
+
+    /// Starts every attempt the limits allow.
+    fn pump(&mut self) {
+        self.wake_at = None;
+        if !self.enabled {
+            self.queue.clear();
+            return;
+        }
+        while !self.queue.is_empty() && self.tasks.len() < self.limit() {
+            if let Some(head) = self.blocked_by.filter(|h| !self.queue.contains_key(h)) {
+                // The retrying head is not due yet: everything behind it waits, unless an
+                // operator ended it meanwhile.
+                match self.env.store.delivery(head) {
+                    Ok(Some(d)) if !d.status.is_terminal() => return,
+                    Err(_) => return,
+                    _ => self.blocked_by = None,
+                }
+            }
+            let Some(job) = self.pick() else { return };
+            let Some((delivery, event)) = self.load(&job) else {
+                // Stale (moved on, cancelled, rescheduled): drop it.
+                if self.blocked_by == Some(job.delivery) {
+                    self.blocked_by = None;
+                }
+                continue;
+            };
+            let now = std::time::Instant::now();
+            if let Some(b) = &mut self.bucket {
+                if let Err(wait) = b.try_take(now) {
+                    self.queue.insert(job.delivery, job);
+                    self.wake_at = Some(Instant::now() + wait);
+                    return;
+                }
+            }
+            if !self.breaker.try_acquire(now) {
+                // Open: queued deliveries wait, their attempts unspent.
+                self.queue.insert(job.delivery, job);
+                self.wake_at = self
+                    .breaker
+                    .retry_at(now)
+                    .map(|t| Instant::now() + t.saturating_duration_since(now));
+                return;
+            }
+            self.in_flight.insert(job.delivery);
+            let dest = self.dest.clone();
+            self.tasks.spawn(attempt::run(dest, job, delivery, event));
+        }
+    }
+
+    /// Reads the delivery and its event; None when the job is stale (the delivery moved on,
+    /// was cancelled, or its due time changed since the job was made).
+    fn load(&self, job: &Job) -> Option<(crate::model::Delivery, Arc<crate::model::Event>)> {
+        let d = match self.env.store.delivery(job.delivery) {
+            Ok(Some(d)) => d,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::error!(delivery = job.delivery, error = %e, "cannot read delivery");
+                let _ = self.env.scheduler.send(Msg::Requeue(
+                    job.clone(),
+                    now_micros().saturating_add(1_000_000),
+                ));
+                return None;
+            }
+        };
+        if d.status.is_terminal() || d.next_attempt_at != Some(job.due) {
+            return None;
+        }
+        let event = match &job.event {
+            Some(e) => e.clone(),
+            None => match self.env.store.event_by_seq(d.event_seq) {
+                Ok(Some(e)) => Arc::new(e),
+                Ok(None) => {
+                    tracing::error!(
+                        delivery = job.delivery,
+                        "delivery points at a missing event"
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(delivery = job.delivery, error = %e, "cannot read event");
+                    return None;
+                }
+            },
+        };
+        Some((d, event))
+    }
+
+    async fn finished(&mut self, f: Finished) {
+        let now = std::time::Instant::now();
+        self.in_flight.remove(&f.job.delivery);
+        if let Some(job) = self.parked.remove(&f.job.delivery) {
+            self.enqueue(job);
+        }
+        let before = self.breaker.trips();
+        match f.health {
+            Health::Up => self.breaker.on_success(now),
+            Health::Down => self.breaker.on_failure(now),
+        }
+        if self.breaker.trips() > before {
+            self.dest
+                .metrics
+                .breaker_trips
+                .with_label_values(&[&self.dest.sub_id])
+                .inc();
+            tracing::warn!(subscription = %self.dest.sub_id, "circuit breaker opened");
+        }
+        if !f.recorded {
+            // The outcome is not on disk: try the same delivery again shortly.
+            let _ = self
+                .env
+                .scheduler
+                .send(Msg::Requeue(f.job, now_micros().saturating_add(1_000_000)));
+            return;
+        }
+        if self.dest.sub.ordering == Ordering::Fifo {
+            self.blocked_by = match f.next {
+                Next::Retry { .. } => Some(f.job.delivery),
+                Next::Succeeded | Next::Dead => None,
+            };
+        }
+        match f.next {
+            Next::Succeeded => self.failing_since = None,
+            _ => {
+                let t = *self.failing_since.get_or_insert_with(now_micros);
+                let limit =
+                    i64::try_from(self.env.auto_disable_after.as_micros()).unwrap_or(i64::MAX);
+                if now_micros().saturating_sub(t) > limit {
+                    self.disable(
+                        "auto_disabled",
+                        "every delivery failed for the auto-disable period",
+                    )
+                    .await;
+                }
+            }
+        }
+        if f.gone {
+            self.disable("gone", "the endpoint answered 410 Gone").await;
+        }
+    }
+
+    async fn disable(&mut self, reason: &'static str, why: &str) {
+        if !self.enabled {
+            return;
+        }
+        self.enabled = false;
+        self.queue.clear();
+        tracing::warn!(subscription = %self.dest.sub_id, reason, "subscription disabled: {why}");
+        self.dest
+            .metrics
+            .subscriptions_disabled
+            .with_label_values(&[reason])
+            .inc();
+        self.env.registry.set_enabled(&self.dest.sub_id, false);
+        let state = SubscriptionState {
+            enabled: false,
+            reason: Some(reason.to_string()),
+            changed_at: now_micros(),
+        };
+        if let Err(e) = self
+            .dest
+            .writer
+            .set_subscription_state(self.dest.sub_id.to_string(), state)
+            .await
+        {
+            tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot persist the disabled state");
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

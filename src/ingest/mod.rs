@@ -1,0 +1,3 @@
+//! Inbound provider webhooks: signature verification schemes.
+
+pub mod schemes;

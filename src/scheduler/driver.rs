@@ -1,0 +1,243 @@
+//! The scheduler task: keeps the timer wheel filled from the durable `schedule` table (the
+//! source of truth) for a near horizon, hears of new due times from the writer, and hands
+//! due deliveries to the destination tasks.
+//!
+//! **Invariant:** every schedule row with key below `loaded_until` has been put in the wheel
+//! (or dispatched) in this process; rows at or above it are found by a later load. Memory
+//! stays bounded by the horizon and `max_wheel`, however large the backlog on disk.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::wheel::TimerWheel;
+use crate::metrics::Metrics;
+use crate::model::{DeliveryId, Event, Micros, now_micros};
+use crate::storage::Store;
+use crate::storage::writer::Due;
+
+/// A delivery handed to a destination task.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub delivery: DeliveryId,
+    pub subscription: Arc<str>,
+    /// The due time it was scheduled for: a job whose stored due time differs is stale.
+    pub due: Micros,
+    pub event: Option<Arc<Event>>,
+}
+
+/// Messages the scheduler takes.
+#[derive(Debug)]
+pub enum Msg {
+    /// Due times committed by the writer.
+    Due(Vec<Due>),
+    /// Put a job back in the wheel for `at` without touching the disk (deferred in memory).
+    Requeue(Job, Micros),
+}
+
+/// Where due jobs go.
+pub trait Dispatch: Send + 'static {
+    fn dispatch(&mut self, job: Job);
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    pub horizon: Duration,
+    /// Most entries the wheel holds from disk loads.
+    pub max_wheel: usize,
+    /// Rows read per load.
+    pub load_chunk: usize,
+}
+
+pub struct Scheduler<D: Dispatch> {
+    store: Store,
+    dispatch: D,
+    cfg: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    wheel: TimerWheel<Job>,
+    in_wheel: HashSet<(Micros, DeliveryId)>,
+    loaded_until: (Micros, DeliveryId),
+    origin_wall: Micros,
+    origin: Instant,
+}
+
+impl<D: Dispatch> Scheduler<D> {
+    pub fn new(store: Store, dispatch: D, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store,
+            dispatch,
+            cfg,
+            metrics,
+            wheel: TimerWheel::new(0),
+            in_wheel: HashSet::new(),
+            loaded_until: (i64::MIN, 0),
+            origin_wall: now_micros(),
+            origin: Instant::now(),
+        }
+    }
+
+    /// Wall-clock micros to the wheel's millisecond clock (0 = process start).
+    fn wheel_ms(&self, at: Micros) -> u64 {
+        u64::try_from(at.saturating_sub(self.origin_wall) / 1000).unwrap_or(0)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn insert(&mut self, job: Job) {
+        if self.in_wheel.insert((job.due, job.delivery)) {
+            let ms = self.wheel_ms(job.due);
+            self.wheel.insert(ms, job);
+        }
+    }
+
+    /// Reads the next chunk of the schedule table into the wheel when there is room.
+    fn load(&mut self) {
+        let until = now_micros().saturating_add(micros(self.cfg.horizon));
+        if self.loaded_until.0 >= until || self.wheel.len() >= self.cfg.max_wheel {
+            return;
+        }
+        let room = (self.cfg.max_wheel - self.wheel.len()).min(self.cfg.load_chunk);
+        let rows = match self
+            .store
+            .due(Bound::Included(self.loaded_until), until, room)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the schedule; retrying");
+                return;
+            }
+        };
+        let full = rows.len() >= room;
+        let last = rows.last().copied();
+        if !rows.is_empty() {
+            let ids: Vec<DeliveryId> = rows.iter().map(|r| r.1).collect();
+            let subs = match self.store.deliveries(&ids) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read scheduled deliveries; retrying");
+                    return;
+                }
+            };
+            let mut by_id: std::collections::HashMap<DeliveryId, Arc<str>> =
+                std::collections::HashMap::with_capacity(subs.len());
+            let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
+            for (id, d) in subs {
+                let name = names
+                    .entry(d.subscription.clone())
+                    .or_insert_with(|| Arc::from(d.subscription.as_str()))
+                    .clone();
+                by_id.insert(id, name);
+            }
+            for (due, id) in rows {
+                if let Some(sub) = by_id.get(&id) {
+                    self.insert(Job {
+                        delivery: id,
+                        subscription: sub.clone(),
+                        due,
+                        event: None,
+                    });
+                }
+            }
+        }
+        self.loaded_until = match (full, last) {
+            (true, Some((due, id))) => (due, id.saturating_add(1)),
+            _ => (until, 0),
+        };
+    }
+
+    fn on_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Due(items) => {
+                for d in items {
+                    // Rows beyond the loaded range are found by a later load.
+                    if (d.at, d.delivery) < self.loaded_until {
+                        self.insert(Job {
+                            delivery: d.delivery,
+                            subscription: d.subscription,
+                            due: d.at,
+                            event: d.event,
+                        });
+                    }
+                }
+            }
+            Msg::Requeue(job, at) => {
+                let ms = self.wheel_ms(at);
+                if self.in_wheel.insert((job.due, job.delivery)) {
+                    self.wheel.insert(ms, job);
+                }
+            }
+        }
+    }
+
+    fn fire(&mut self, out: &mut Vec<Job>) {
+        let now = self.now_ms();
+        self.wheel.advance(now, out);
+        for job in out.drain(..) {
+            self.in_wheel.remove(&(job.due, job.delivery));
+            self.dispatch.dispatch(job);
+        }
+    }
+
+    /// Runs until `shutdown` resolves or the message channel closes.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut out = Vec::new();
+        // Reloading often keeps the wheel fed; the horizon bounds how far ahead it reads.
+        let load_every =
+            (self.cfg.horizon / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut next_load = Instant::now();
+        let mut next_gauge = Instant::now();
+        loop {
+            // Messages first: a commit whose rows a load already saw is then de-duplicated.
+            while let Ok(m) = rx.try_recv() {
+                self.on_msg(m);
+            }
+            let now = Instant::now();
+            if now >= next_load {
+                self.load();
+                while let Ok(m) = rx.try_recv() {
+                    self.on_msg(m);
+                }
+                next_load = now + load_every;
+            }
+            self.fire(&mut out);
+            if now >= next_gauge {
+                self.metrics.wheel_size.set(self.wheel.len() as i64);
+                if let Ok(n) = self.store.scheduled_count() {
+                    self.metrics
+                        .scheduled
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+                next_gauge = now + Duration::from_secs(5);
+            }
+            let wake = match self.wheel.next_due() {
+                Some(ms) => (self.origin + Duration::from_millis(ms)).min(next_load),
+                None => next_load,
+            };
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => self.on_msg(m),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(wake) => {}
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::debug!("scheduler stopped");
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}

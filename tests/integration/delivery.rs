@@ -1,0 +1,383 @@
+//! The delivery engine end to end: a real receiver on 127.0.0.1.
+
+use std::time::Duration;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::support::Daemon;
+use crate::support::receiver::{Receiver, Reply};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SECRET2: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn sub(id: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[subscriptions]]\nid = \"{id}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\nretry = {{ max_attempts = 5, initial = \"20ms\", max = \"100ms\" }}\n{extra}\n"
+    )
+}
+
+fn config(subs: &str) -> String {
+    format!("[delivery]\nallow_private_networks = true\n\n{subs}")
+}
+
+/// Independent check of a Standard Webhooks signature with the hmac + sha2 crates.
+fn verify(secret: &str, id: &str, ts: &str, body: &[u8], sig: &str) -> bool {
+    let key = match base64::engine::general_purpose::STANDARD.decode(&secret["whsec_".len()..]) {
+        Ok(k) => k,
+        Err(_) => return false,
+    };
+    let mut mac = match Hmac::<Sha256>::new_from_slice(&key) {
+        Ok(m) => m,
+        Err(_) => return false,
+    };
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(body);
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    sig.split(' ').any(|s| s == expected)
+}
+
+/// Polls the API until the delivery reaches `status` (bounded by `WAIT`).
+async fn wait_status(d: &Daemon, event_id: &str, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = d.get(&format!("/v1/events/{event_id}/deliveries")).await;
+        if let Some(first) = body["items"].as_array().and_then(|a| a.first()) {
+            if first["status"] == status {
+                return first.clone();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivery of {event_id} never reached {status}: {body}\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn id_of(v: &Value) -> String {
+    v["id"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_a_signed_standard_webhook() {
+    let rx = Receiver::start().await;
+    let d = Daemon::start(&config(&sub(
+        "crm",
+        &rx.url("/hook"),
+        "headers = { \"X-Api-Key\" = \"k-123\" }",
+    )));
+    let ev = d.publish("order.created", json!({"total": 42})).await;
+    assert_eq!(ev["deliveries"], 1);
+    let got = rx.wait_for(1, WAIT).await;
+    let r = &got[0];
+    assert_eq!(r.path, "/hook");
+    assert_eq!(r.header("webhook-id"), Some(id_of(&ev).as_str()));
+    assert_eq!(r.header("x-api-key"), Some("k-123"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(
+        r.header("user-agent")
+            .is_some_and(|u| u.starts_with("dispatchd/"))
+    );
+    let ts = r.header("webhook-timestamp").unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    assert!(
+        (ts.parse::<i64>().unwrap_or(0) - now).abs() < 60,
+        "timestamp {ts}"
+    );
+    let sig = r.header("webhook-signature").unwrap_or_default();
+    assert!(
+        verify(SECRET, &id_of(&ev), ts, &r.body, sig),
+        "bad signature {sig}"
+    );
+    let body = r.json();
+    assert_eq!(body["id"], ev["id"]);
+    assert_eq!(body["type"], "order.created");
+    assert_eq!(body["data"], json!({"total": 42}));
+    assert!(body["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let dl = wait_status(&d, &id_of(&ev), "succeeded").await;
+    assert_eq!(dl["attempts"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_sends_one_signature_per_secret() {
+    let rx = Receiver::start().await;
+    let cfg = config(&format!(
+        "[[subscriptions]]\nid = \"r\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\", \"{SECRET2}\"]\n",
+        rx.url("/")
+    ));
+    let d = Daemon::start(&cfg);
+    let ev = d.publish("a", json!(1)).await;
+    let got = rx.wait_for(1, WAIT).await;
+    let sig = got[0].header("webhook-signature").unwrap_or_default();
+    let ts = got[0].header("webhook-timestamp").unwrap_or_default();
+    assert_eq!(sig.split(' ').count(), 2, "{sig}");
+    assert!(verify(SECRET, &id_of(&ev), ts, &got[0].body, sig));
+    assert!(verify(SECRET2, &id_of(&ev), ts, &got[0].body, sig));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_until_the_receiver_recovers() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Status(500), Reply::Status(503)]);
+    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "")));
+    let ev = d.publish("a.b", json!({})).await;
+    let got = rx.wait_for(3, WAIT).await;
+    let ids: Vec<_> = got.iter().map(|r| r.header("webhook-id")).collect();
+    assert!(
+        ids.iter().all(|i| *i == Some(id_of(&ev).as_str())),
+        "{ids:?}"
+    );
+    let dl = wait_status(&d, &id_of(&ev), "succeeded").await;
+    assert_eq!(dl["attempts"], 3);
+    let (_, attempts) = d
+        .get(&format!(
+            "/v1/deliveries/{}/attempts",
+            dl["id"].as_str().unwrap_or("")
+        ))
+        .await;
+    let codes: Vec<_> = attempts["items"]
+        .as_array()
+        .map(|a| a.iter().map(|x| x["status_code"].clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(codes, vec![json!(500), json!(503), json!(200)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_after_max_attempts() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Status(500));
+    let d = Daemon::start(&config(&sub(
+        "s",
+        &rx.url("/"),
+        "breaker = { failure_threshold = 100 }",
+    )));
+    let ev = d.publish("a", json!({})).await;
+    let dl = wait_status(&d, &id_of(&ev), "dead").await;
+    assert_eq!(dl["attempts"], 5);
+    assert_eq!(dl["last_error"], "HTTP 500");
+    assert_eq!(rx.received().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_fan_out_to_matching_subscriptions_only() {
+    let rx = Receiver::start().await;
+    let subs = [
+        sub("orders", &rx.url("/orders"), "event_types = [\"order.*\"]"),
+        sub("paid", &rx.url("/paid"), "event_types = [\"invoice.paid\"]"),
+        sub("all", &rx.url("/all"), "event_types = [\"*\"]"),
+    ]
+    .join("\n");
+    let d = Daemon::start(&config(&subs));
+    let a = d.publish("order.created", json!({})).await;
+    assert_eq!(a["deliveries"], 2);
+    let b = d.publish("invoice.paid", json!({})).await;
+    assert_eq!(b["deliveries"], 2);
+    let c = d.publish("invoice.created", json!({})).await;
+    assert_eq!(c["deliveries"], 1);
+    let got = rx.wait_for(5, WAIT).await;
+    let mut pairs: Vec<(String, String)> = got
+        .iter()
+        .map(|r| {
+            (
+                r.path.clone(),
+                r.header("webhook-id").unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    let mut want = vec![
+        ("/orders".to_string(), id_of(&a)),
+        ("/all".to_string(), id_of(&a)),
+        ("/paid".to_string(), id_of(&b)),
+        ("/all".to_string(), id_of(&b)),
+        ("/all".to_string(), id_of(&c)),
+    ];
+    want.sort();
+    assert_eq!(pairs, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honours_retry_after_on_429() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::WithHeaders(429, vec![("retry-after", "1".into())])]);
+    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "")));
+    let ev = d.publish("a", json!({})).await;
+    let got = rx.wait_for(2, WAIT).await;
+    let gap = got[1].at.duration_since(got[0].at);
+    assert!(gap >= Duration::from_millis(900), "retried after {gap:?}");
+    wait_status(&d, &id_of(&ev), "succeeded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_the_subscription() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Status(410)]);
+    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "")));
+    let ev = d.publish("a", json!({})).await;
+    let dl = wait_status(&d, &id_of(&ev), "dead").await;
+    assert_eq!(dl["attempts"], 1);
+    // The subscription is off: new events no longer fan out to it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let next = d.publish("a", json!({})).await;
+        if next["deliveries"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscription still enabled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = d.metrics().await;
+    assert!(
+        body.contains("dispatchd_subscriptions_disabled_total{reason=\"gone\"} 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_retried() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Hang]);
+    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "timeout = \"300ms\"")));
+    let ev = d.publish("a", json!({})).await;
+    let dl = wait_status(&d, &id_of(&ev), "succeeded").await;
+    assert_eq!(dl["attempts"], 2);
+    let (_, attempts) = d
+        .get(&format!(
+            "/v1/deliveries/{}/attempts",
+            dl["id"].as_str().unwrap_or("")
+        ))
+        .await;
+    assert_eq!(attempts["items"][0]["error"], "timeout");
+    assert_eq!(attempts["items"][1]["status_code"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_keeps_event_order_under_retries() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Status(500), Reply::Status(500)]);
+    let d = Daemon::start(&config(&sub("f", &rx.url("/"), "ordering = \"fifo\"")));
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(id_of(&d.publish("a", json!({"i": i})).await));
+    }
+    let got = rx
+        .wait_until(WAIT, "5 successes", |r| {
+            r.iter().filter(|x| x.answered == 200).count() >= 5
+        })
+        .await;
+    let order: Vec<String> = got
+        .iter()
+        .filter(|x| x.answered == 200)
+        .map(|x| x.header("webhook-id").unwrap_or("").to_string())
+        .collect();
+    assert_eq!(order, ids);
+    // Nothing behind the head was sent while it was failing.
+    assert_eq!(got[0].header("webhook-id"), Some(ids[0].as_str()));
+    assert_eq!(got[1].header("webhook-id"), Some(ids[0].as_str()));
+    assert_eq!(got[2].header("webhook-id"), Some(ids[0].as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_destinations_are_refused_unless_allowed() {
+    let rx = Receiver::start().await;
+    let d = Daemon::start(&sub("s", &rx.url("/"), ""));
+    let ev = d.publish("a", json!({})).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dl = loop {
+        let (_, body) = d
+            .get(&format!("/v1/events/{}/deliveries", id_of(&ev)))
+            .await;
+        let first = body["items"][0].clone();
+        if first["attempts"].as_u64().unwrap_or(0) >= 1 {
+            break first;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no attempt: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        dl["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("refused_address"),
+        "{dl}"
+    );
+    assert!(rx.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_defers_probes_and_closes() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Status(503));
+    let extra = "max_in_flight = 1\nretry = { max_attempts = 50, initial = \"10ms\", max = \"20ms\" }\nbreaker = { failure_threshold = 3, cooldown = \"700ms\" }";
+    let cfg = config(&format!(
+        "[[subscriptions]]\nid = \"b\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n{extra}\n",
+        rx.url("/")
+    ));
+    let d = Daemon::start(&cfg);
+    let ev = d.publish("a", json!({})).await;
+    // Three failures trip the breaker; the fourth request is the half-open probe.
+    let got = rx.wait_for(4, WAIT).await;
+    let gap = got[3].at.duration_since(got[2].at);
+    assert!(
+        gap >= Duration::from_millis(600),
+        "probe came after {gap:?}"
+    );
+    rx.set_default(Reply::Status(200));
+    wait_status(&d, &id_of(&ev), "succeeded").await;
+    // Closed again: the next event goes straight through.
+    let n = rx.received().len();
+    let ev2 = d.publish("a", json!({})).await;
+    wait_status(&d, &id_of(&ev2), "succeeded").await;
+    assert_eq!(rx.received().len(), n + 1);
+    let text = d.metrics().await;
+    assert!(
+        text.contains("dispatchd_breaker_trips_total{subscription=\"b\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_delivery_loses_nothing() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Delay(Duration::from_millis(20), 200));
+    let cfg = config(&sub("s", &rx.url("/"), "max_in_flight = 4"));
+    let mut d = Daemon::start(&cfg);
+    let tmp = d.keep_dir();
+    let dir = d.dir.clone();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(id_of(&d.publish("burst", json!({"i": i})).await));
+    }
+    rx.wait_for(10, WAIT).await;
+    d.kill();
+    let before = rx.received().len();
+    assert!(
+        before < 200,
+        "everything was delivered before the crash; the test proves nothing"
+    );
+    let d2 = Daemon::start_in(&dir, &cfg);
+    let got = rx
+        .wait_until(Duration::from_secs(60), "every event id", |r| {
+            let seen: std::collections::HashSet<_> =
+                r.iter().filter_map(|x| x.header("webhook-id")).collect();
+            ids.iter().all(|i| seen.contains(i.as_str()))
+        })
+        .await;
+    assert!(got.len() >= 200);
+    drop(d2);
+    drop(tmp);
+}
