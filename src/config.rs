@@ -420,7 +420,12 @@ pub fn parse_str(text: &str, file: Option<&Path>) -> Result<RawConfig, ConfigErr
         }])
     })?;
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
+        // Spanned tables add a private path segment that means nothing to a reader.
+        let key = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "")
+            .replace("$__serde_spanned_private_value.", "");
         let inner = e.into_inner();
         ConfigErrors(vec![ConfigError {
             file: file.map(Path::to_path_buf),
@@ -451,14 +456,59 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// Records a problem; `at` is the offset of the table it is in (None for the fixed
+    /// top-level tables, found by name). The line is the key's own when it is written.
     fn err(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let key = key.into();
+        let field = key.rsplit('.').next().unwrap_or("");
+        let table_at = at.or_else(|| {
+            let table = key.split('.').next()?;
+            find_table(self.text, table)
+        });
+        let line = table_at.map(|o| {
+            find_key_line(self.text, o, field.split('[').next().unwrap_or(field))
+                .unwrap_or_else(|| line_of(self.text, o))
+        });
         self.errors.push(ConfigError {
             file: self.file.map(Path::to_path_buf),
-            line: at.map(|o| line_of(self.text, o)),
-            key: key.into(),
+            line,
+            key,
             message: message.into(),
         });
     }
+}
+
+/// The offset of a `[table]` header.
+fn find_table(text: &str, table: &str) -> Option<usize> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .is_some_and(|name| name.trim() == table)
+        {
+            return Some(offset);
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// The line of `key = …` in the table starting at `start`, before the next table header.
+fn find_key_line(text: &str, start: usize, key: &str) -> Option<usize> {
+    let first = line_of(text, start);
+    for (i, line) in text.lines().enumerate().skip(first - 1) {
+        let t = line.trim_start();
+        if i + 1 > first && t.starts_with('[') {
+            return None;
+        }
+        // `key = …`, or `key` inside an inline table on the header line of an array item.
+        let rest = t.strip_prefix(key).map(str::trim_start);
+        if rest.is_some_and(|r| r.starts_with('=')) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Turns the raw file into a checked `Config`, collecting every problem rather than the first.
@@ -838,7 +888,8 @@ mod tests {
     fn subscription_validation_points_at_its_table() {
         let text = "[[subscriptions]]\nid = \"a\"\nurl = \"https://x.test/h\"\nsecrets = [\"whsec_AAAAAAAAAAAAAAAAAAAAAAAA\"]\n\n[[subscriptions]]\nid = \"b\"\nurl = \"ftp://nope\"\nsecrets = [\"whsec_AAAAAAAAAAAAAAAAAAAAAAAA\"]\nrate_limit = \"fast\"\n";
         let e = errors(text);
-        assert!(e.contains("t.toml:6: subscriptions[1].url"), "{e}");
+        assert!(e.contains("t.toml:8: subscriptions[1].url"), "{e}");
+        assert!(e.contains("t.toml:10: subscriptions[1].rate_limit"), "{e}");
         assert!(e.contains("subscriptions[1].rate_limit"), "{e}");
         assert!(!e.contains("subscriptions[0]"), "{e}");
     }

@@ -34,9 +34,27 @@ pub fn parse_time(s: &str) -> Option<Micros> {
     if let Ok(secs) = s.parse::<i64>() {
         return secs.checked_mul(1_000_000);
     }
-    let t = humantime::parse_rfc3339_weak(s).ok()?;
+    // humantime knows only `Z`; a numeric offset (`+02:00`) is applied here.
+    let (base, offset_secs) = match s
+        .len()
+        .checked_sub(6)
+        .and_then(|i| s.get(i..).map(|t| (i, t)))
+    {
+        Some((i, tail))
+            if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes()[3] == b':' =>
+        {
+            let h: i64 = tail.get(1..3)?.parse().ok()?;
+            let m: i64 = tail.get(4..6)?.parse().ok()?;
+            let sign = if tail.starts_with('-') { -1 } else { 1 };
+            (format!("{}Z", s.get(..i)?), sign * (h * 3600 + m * 60))
+        }
+        _ => (s.to_string(), 0),
+    };
+    let t = humantime::parse_rfc3339_weak(&base).ok()?;
     let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
-    i64::try_from(d.as_micros()).ok()
+    i64::try_from(d.as_micros())
+        .ok()?
+        .checked_sub(offset_secs.checked_mul(1_000_000)?)
 }
 
 /// An event as stored in the log. Immutable once written.
@@ -290,5 +308,8 @@ mod tests {
         let m = parse_time("2026-01-02T03:04:05Z").unwrap_or_default();
         assert_eq!(rfc3339(m), "2026-01-02T03:04:05.000000Z");
         assert_eq!(parse_time("yesterday"), None);
+        assert_eq!(parse_time("2026-01-02T05:04:05+02:00"), Some(m));
+        assert_eq!(parse_time("2026-01-02T02:04:05-01:00"), Some(m));
+        assert_eq!(parse_time("2026-01-02T02:04:05-01:xx"), None);
     }
 }

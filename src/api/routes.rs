@@ -180,6 +180,25 @@ fn check_token_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Event ids appear in URL paths, so they are limited to characters that need no escaping
+/// there; `batch` is the name of a route.
+fn check_event_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "batch"
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_event",
+            "id must be 1-128 characters of A-Z a-z 0-9 - . _ ~ : (and not \"batch\")",
+        ))
+    }
+}
+
 fn new_event(
     st: &ApiState,
     p: PublishRequest<'_>,
@@ -187,7 +206,7 @@ fn new_event(
 ) -> Result<NewEvent, ApiError> {
     check_token_text("type", &p.event_type, 128)?;
     if let Some(id) = &p.id {
-        check_token_text("id", id, 128)?;
+        check_event_id(id)?;
     }
     if let Some(s) = &p.source {
         check_token_text("source", s, 256)?;
@@ -275,7 +294,22 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
     st.auth.check(auth_header(&req), Scope::Publish)?;
     require_json(&req)?;
     let body = read_body(req, st.max_body).await?;
-    let b: BatchRequest = parse_json(&body)?;
+    // The path names the item at fault: `events[3]: missing field `type``.
+    let b: BatchRequest =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let msg = if path == "." {
+                    inner.to_string()
+                } else {
+                    format!("{path}: {inner}")
+                };
+                match inner.classify() {
+                    serde_json::error::Category::Data => ApiError::bad_request("invalid_body", msg),
+                    _ => ApiError::bad_request("malformed_json", msg),
+                }
+            })?;
     if b.events.is_empty() || b.events.len() > st.max_batch {
         return Err(ApiError::bad_request(
             "invalid_batch",
