@@ -381,3 +381,55 @@ async fn crash_mid_delivery_loses_nothing() {
     drop(d2);
     drop(tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_resolving_to_private_addresses_are_refused() {
+    let rx = Receiver::start().await;
+    let url = format!("http://localhost:{}/", rx.addr.port());
+    let d = Daemon::start(&sub("s", &url, ""));
+    let ev = d.publish("a", json!({})).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dl = loop {
+        let (_, body) = d
+            .get(&format!("/v1/events/{}/deliveries", id_of(&ev)))
+            .await;
+        let first = body["items"][0].clone();
+        if first["attempts"].as_u64().unwrap_or(0) >= 1 {
+            break first;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no attempt: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        dl["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("refused_address"),
+        "{dl}"
+    );
+    assert!(rx.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Delay(Duration::from_millis(700), 200));
+    let cfg = config(&sub("s", &rx.url("/"), ""));
+    let mut d = Daemon::start(&cfg);
+    let tmp = d.keep_dir();
+    let dir = d.dir.clone();
+    let ev = d.publish("a", json!({})).await;
+    rx.wait_for(1, WAIT).await;
+    // The receiver is still holding the request when the daemon is asked to stop.
+    let status = d.terminate();
+    assert!(status.success(), "exit: {status:?}\n{}", d.logs());
+    let d2 = Daemon::start_in(&dir, &cfg);
+    let dl = wait_status(&d2, &id_of(&ev), "succeeded").await;
+    assert_eq!(
+        dl["attempts"], 1,
+        "the attempt was not recorded before exit: {dl}"
+    );
+    assert_eq!(rx.received().len(), 1, "the drained attempt was repeated");
+    drop(d2);
+    drop(tmp);
+}
