@@ -433,3 +433,40 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
     drop(d2);
     drop(tmp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_failing_for_the_auto_disable_period_is_disabled() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Status(500));
+    let cfg = format!(
+        "[delivery]\nallow_private_networks = true\nauto_disable_after = \"300ms\"\n\n\
+         [[subscriptions]]\nid = \"flaky\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
+         retry = {{ max_attempts = 1000, initial = \"20ms\", max = \"50ms\" }}\n\
+         breaker = {{ failure_threshold = 1000 }}\n",
+        rx.url("/")
+    );
+    let d = Daemon::start(&cfg);
+    d.publish("a", json!({})).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = d.metrics().await;
+        if text.contains("dispatchd_subscriptions_disabled_total{reason=\"auto_disabled\"} 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never auto-disabled:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Disabled: new events no longer fan out to it.
+    let next = d.publish("a", json!({})).await;
+    assert_eq!(next["deliveries"], 0, "{next}");
+    // The failures span at least the auto-disable period.
+    let got = rx.received();
+    let span = got[got.len() - 1].at.duration_since(got[0].at);
+    assert!(
+        span >= Duration::from_millis(250),
+        "disabled after {span:?}"
+    );
+}
