@@ -46,6 +46,8 @@ pub async fn run(
     };
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
     let (sched_tx, sched_rx) = mpsc::unbounded_channel();
+    // Lets the watchdog see whether the scheduler task still runs, without keeping it alive.
+    let sched_watch = sched_tx.downgrade();
     let (due_tx, mut due_rx) = mpsc::unbounded_channel();
     let (writer, writer_thread) = writer::spawn(
         store.clone(),
@@ -97,7 +99,22 @@ pub async fn run(
         metrics.clone(),
     )
     .context("cannot build the HTTP client")?;
+    let supervisor = Arc::new(supervisor);
     supervisor.start(&subscriptions);
+    // Subscriptions created over the API and pause switches join the set (before the
+    // scheduler runs, whose first load then finds their scheduled deliveries).
+    let control = crate::control::Control::new(
+        store.clone(),
+        writer.clone(),
+        registry.clone(),
+        supervisor.clone(),
+        config.clone(),
+    );
+    control
+        .refresh()
+        .await
+        .context("cannot load the subscriptions created over the API")?;
+    let hangups = crate::control::hangups();
     let scheduler = Scheduler::new(
         store.clone(),
         supervisor.router(),
@@ -124,6 +141,11 @@ pub async fn run(
         metrics: metrics.clone(),
         auth,
         registry,
+        sources: Arc::new(crate::ingest::source::Sources::new(
+            &config.sources,
+            std::time::Instant::now(),
+        )),
+        control: control.clone(),
         max_body: config.max_body,
         max_batch: config.max_batch,
         draining: Default::default(),
@@ -135,13 +157,69 @@ pub async fn run(
         subscriptions = subscriptions.len(),
         "listening on {addr}"
     );
+    // Upkeep beside the API: retention sweeps, healing after I/O failures, systemd's notify
+    // protocol. Dropping `upkeep_stop` stops them.
+    let (upkeep_stop, upkeep_rx) = tokio::sync::watch::channel(());
+    let mut upkeep = vec![
+        tokio::spawn(
+            crate::retention::Sweeper::new(
+                store.clone(),
+                writer.clone(),
+                metrics.clone(),
+                crate::retention::RetentionConfig {
+                    retention: config.retention,
+                    interval: config.sweep_interval,
+                },
+            )
+            .run(stopped(upkeep_rx.clone())),
+        ),
+        tokio::spawn(crate::storage::recovery::heal(
+            writer.clone(),
+            std::time::Duration::from_secs(1),
+            stopped(upkeep_rx.clone()),
+        )),
+    ];
+    let notifier = crate::notify::Notifier::from_env(&config.systemd).map(Arc::new);
+    if let Some(n) = &notifier {
+        n.ready(&format!("listening on {addr}"));
+        if let Some(wd) = config.systemd.watchdog {
+            let scheduler_alive = move || sched_watch.upgrade().is_some_and(|s| !s.is_closed());
+            upkeep.push(tokio::spawn(crate::notify::watchdog(
+                n.clone(),
+                crate::notify::ping_interval(wd),
+                writer.clone(),
+                scheduler_alive,
+                stopped(upkeep_rx.clone()),
+            )));
+        }
+    }
+    // Secret expiry after rotations, and SIGHUP reloads.
+    upkeep.push(tokio::spawn(
+        control.clone().run_expiry(stopped(upkeep_rx.clone())),
+    ));
+    upkeep.push(tokio::spawn(crate::control::reload_on_sighup(
+        control.clone(),
+        state.sources.clone(),
+        hangups,
+        stopped(upkeep_rx.clone()),
+    )));
+    drop(control);
+    drop(upkeep_rx);
     let drain_state = state.clone();
+    let drain_notifier = notifier.clone();
     let shutdown = async move {
         shutdown.await;
+        if let Some(n) = &drain_notifier {
+            n.stopping();
+        }
         drain_state.draining.store(true, Ordering::Relaxed);
         tracing::info!("shutting down: no new connections, finishing open requests");
     };
     api::serve(listener, state, shutdown, config.shutdown_timeout).await;
+    drop(upkeep_stop);
+    for task in upkeep {
+        let _ = task.await;
+    }
 
     // Deliveries: no new ones start; those in flight finish and are recorded, up to the
     // deadline. What is left stays scheduled on disk.
@@ -158,6 +236,11 @@ pub async fn run(
     drop(store);
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Resolves once the `watch::Sender` of `rx` is dropped: the upkeep tasks' stop signal.
+async fn stopped(mut rx: tokio::sync::watch::Receiver<()>) {
+    while rx.changed().await.is_ok() {}
 }
 
 /// Resolves on SIGTERM or SIGINT.

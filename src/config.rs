@@ -159,6 +159,8 @@ pub struct RawStorage {
     pub retention: HumanDuration,
     pub commit_batch: usize,
     pub cache_size: ByteSize,
+    /// How often the retention sweeper looks for expired events.
+    pub sweep_interval: HumanDuration,
 }
 
 impl Default for RawStorage {
@@ -168,6 +170,7 @@ impl Default for RawStorage {
             retention: HumanDuration(Duration::from_secs(30 * 86_400)),
             commit_batch: 4096,
             cache_size: ByteSize(256 << 20),
+            sweep_interval: HumanDuration(Duration::from_secs(60)),
         }
     }
 }
@@ -194,6 +197,8 @@ pub struct RawDelivery {
     pub max_response_body: ByteSize,
     pub scheduler_horizon: HumanDuration,
     pub auto_disable_after: HumanDuration,
+    /// Most events one `POST /v1/replay` range may cover.
+    pub replay_max_events: u64,
 }
 
 impl Default for RawDelivery {
@@ -205,6 +210,7 @@ impl Default for RawDelivery {
             max_response_body: ByteSize(4096),
             scheduler_horizon: HumanDuration(Duration::from_secs(60)),
             auto_disable_after: HumanDuration(Duration::from_secs(5 * 86_400)),
+            replay_max_events: 10_000,
         }
     }
 }
@@ -259,6 +265,9 @@ pub struct RawSubscription {
     pub final_status_codes: Vec<u16>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Payload filter on the event's data (see `filter`): a TOML table or JSON object.
+    #[serde(default)]
+    pub filter: Option<serde_json::Value>,
 }
 
 fn default_event_types() -> Vec<String> {
@@ -348,10 +357,15 @@ pub struct Config {
     pub max_response_body: usize,
     pub scheduler_horizon: Duration,
     pub auto_disable_after: Duration,
+    pub replay_max_events: u64,
     pub log_format: LogFormat,
     pub log_level: String,
     pub subscriptions: Vec<Arc<Subscription>>,
-    pub sources: Vec<RawSource>,
+    /// Inbound sources, verifiers built: a source that could not be built refused the config.
+    pub sources: Vec<Arc<crate::ingest::source::Source>>,
+    pub sweep_interval: Duration,
+    /// systemd's notify socket and watchdog, read from the environment by `SystemdEnv::from_env`.
+    pub systemd: SystemdEnv,
 }
 
 impl Config {
@@ -366,6 +380,33 @@ impl Config {
 pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
+}
+
+/// What systemd tells a `Type=notify` service through its environment.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SystemdEnv {
+    /// `NOTIFY_SOCKET`: a datagram socket path, or an abstract name starting with `@`.
+    pub notify_socket: Option<std::ffi::OsString>,
+    /// `WATCHDOG_USEC`, when it is meant for this process (`WATCHDOG_PID` unset or ours).
+    pub watchdog: Option<Duration>,
+}
+
+impl SystemdEnv {
+    /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`, once, at start.
+    pub fn from_env() -> Self {
+        let for_us = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_none_or(|p| p == std::process::id());
+        Self {
+            notify_socket: std::env::var_os("NOTIFY_SOCKET").filter(|s| !s.is_empty()),
+            watchdog: std::env::var("WATCHDOG_USEC")
+                .ok()
+                .and_then(|u| u.trim().parse::<u64>().ok())
+                .filter(|&u| u > 0 && for_us)
+                .map(Duration::from_micros),
+        }
+    }
 }
 
 impl Overrides {
@@ -547,6 +588,9 @@ pub fn validate(
     if raw.storage.commit_batch == 0 {
         c.err(None, "storage.commit_batch", "must be at least 1");
     }
+    if raw.storage.sweep_interval.0.is_zero() {
+        c.err(None, "storage.sweep_interval", "must be more than zero");
+    }
     let data_dir = overrides
         .data_dir
         .clone()
@@ -588,6 +632,9 @@ pub fn validate(
     if d.timeout.0.is_zero() {
         c.err(None, "delivery.timeout", "must be more than zero");
     }
+    if d.replay_max_events == 0 {
+        c.err(None, "delivery.replay_max_events", "must be at least 1");
+    }
 
     let defaults = SubscriptionDefaults {
         timeout: d.timeout.0,
@@ -618,6 +665,7 @@ pub fn validate(
     }
 
     let mut source_ids = HashSet::new();
+    let mut sources = Vec::new();
     for (i, s) in raw.sources.iter().enumerate() {
         let at = Some(s.span().start);
         let src = s.get_ref();
@@ -636,21 +684,14 @@ pub fn validate(
                 format!("duplicate id {:?}", src.id),
             );
         }
-        if !matches!(
-            src.scheme.as_str(),
-            "standard-webhooks" | "github" | "stripe" | "hmac-sha256"
-        ) {
-            c.err(
-                at,
-                format!("{key}.scheme"),
-                format!(
-                    "unknown scheme {:?} (expected standard-webhooks, github, stripe or hmac-sha256)",
-                    src.scheme
-                ),
-            );
-        }
-        if src.secrets.is_empty() {
-            c.err(at, format!("{key}.secrets"), "needs at least one secret");
+        // Scheme, secrets and fields are checked by building the verifier itself.
+        match crate::ingest::source::Source::from_raw(src, raw.server.max_body.0) {
+            Ok(source) => sources.push(Arc::new(source)),
+            Err(errs) => {
+                for (field, msg) in errs {
+                    c.err(at, format!("{key}.{field}"), msg);
+                }
+            }
         }
     }
 
@@ -674,10 +715,13 @@ pub fn validate(
         max_response_body: usize::try_from(d.max_response_body.0).unwrap_or(4096),
         scheduler_horizon: d.scheduler_horizon.0,
         auto_disable_after: d.auto_disable_after.0,
+        replay_max_events: d.replay_max_events,
         log_format: raw.log.format,
         log_level: raw.log.level,
         subscriptions,
-        sources: raw.sources.into_iter().map(Spanned::into_inner).collect(),
+        sources,
+        sweep_interval: raw.storage.sweep_interval.0,
+        systemd: SystemdEnv::default(),
     })
 }
 
@@ -802,6 +846,16 @@ pub fn subscription_from_raw(
     if timeout.is_zero() {
         e("timeout", "must be more than zero".into());
     }
+    let filter = match &s.filter {
+        None => None,
+        Some(v) => match crate::filter::Filter::parse(v, "filter") {
+            Ok(f) => Some(f),
+            Err(fe) => {
+                e(&fe.path, fe.message);
+                None
+            }
+        },
+    };
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -820,6 +874,8 @@ pub fn subscription_from_raw(
         final_status_codes: s.final_status_codes.clone(),
         enabled: s.enabled,
         source,
+        filter,
+        paused: false,
     })
 }
 

@@ -5,15 +5,21 @@
 
 pub mod api;
 pub mod app;
+pub mod backup;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod delivery;
+pub mod filter;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod notify;
+pub mod ops;
 pub mod ratelimit;
 pub mod registry;
+pub mod retention;
 pub mod retry;
 pub mod scheduler;
 pub mod signing;

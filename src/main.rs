@@ -25,6 +25,14 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Backup(args) => backup(&args),
+        Command::VerifyDb { file } => verify_db(&file),
+        Command::Events(a) => dispatchd::ops::events(&a),
+        Command::Deliveries(a) => dispatchd::ops::deliveries(&a),
+        Command::Replay(a) => dispatchd::ops::replay(&a),
+        Command::DeadLetters(a) => dispatchd::ops::dead_letters(&a),
+        Command::Subscriptions(a) => dispatchd::ops::subscriptions(&a),
+        Command::Reload(a) => dispatchd::ops::reload(&a),
         Command::Serve(args) => {
             let config = match args.config() {
                 Ok(c) => c,
@@ -53,6 +61,55 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn backup(args: &dispatchd::cli::BackupArgs) -> ExitCode {
+    match dispatchd::backup::backup(&args.url, args.token.as_deref(), &args.output) {
+        Ok(s) => {
+            println!("{}: {} bytes, checked", s.path.display(), s.bytes);
+            print_rows(&s.report);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dispatchd backup: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn verify_db(file: &std::path::Path) -> ExitCode {
+    match dispatchd::backup::verify_db(file) {
+        Ok(r) => {
+            println!(
+                "{}: schema version {}, {}",
+                file.display(),
+                r.schema_version,
+                if r.ok() { "ok" } else { "PROBLEMS" }
+            );
+            print_rows(&r);
+            for p in &r.problems {
+                println!("problem: {p}");
+            }
+            if r.ok() {
+                ExitCode::SUCCESS
+            } else {
+                if r.problem_count > r.problems.len() as u64 {
+                    println!("... {} problems in all", r.problem_count);
+                }
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("dispatchd verify-db: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_rows(r: &dispatchd::storage::backup::VerifyReport) {
+    for (table, n) in &r.tables {
+        println!("  {table:<36} {n:>12}");
     }
 }
 

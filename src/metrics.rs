@@ -25,6 +25,10 @@ pub struct Metrics {
     pub dead: IntCounterVec,
     pub subscriptions_disabled: IntCounterVec,
     pub receipts: IntCounterVec,
+    pub db_file_bytes: IntGauge,
+    pub table_rows: IntGaugeVec,
+    pub retention_last_sweep: IntGauge,
+    pub retention_removed: IntCounterVec,
 }
 
 macro_rules! register {
@@ -182,6 +186,34 @@ impl Metrics {
                         "Inbound webhooks by source and result"
                     ),
                     &["source", "result"]
+                )
+            ),
+            db_file_bytes: register!(
+                r,
+                IntGauge::new("database_file_bytes", "Size of the database file")
+            ),
+            table_rows: register!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("table_rows", "Rows per database table, as of the last sweep"),
+                    &["table"]
+                )
+            ),
+            retention_last_sweep: register!(
+                r,
+                IntGauge::new(
+                    "retention_last_sweep_timestamp_seconds",
+                    "When the retention sweeper last finished a sweep (unix seconds)"
+                )
+            ),
+            retention_removed: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "retention_removed_total",
+                        "Rows removed by retention, by table"
+                    ),
+                    &["table"]
                 )
             ),
             registry: r,

@@ -71,6 +71,30 @@ pub struct Event {
     pub receipt: Option<u64>,
 }
 
+/// A provider's webhook request as received and verified, kept for audits. Immutable once
+/// written; stored in the same transaction as the event it became.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The configured source id the request was posted to.
+    pub source: String,
+    pub method: String,
+    /// Request headers in arrival order, less credentials (authorization, cookies) and
+    /// hop-by-hop headers; non-UTF-8 bytes in values are replaced.
+    pub headers: Vec<(String, String)>,
+    /// The body bytes exactly as they were verified.
+    pub body: Vec<u8>,
+    pub received_at: Micros,
+    /// The scheme that verified the signature (`github`, `stripe`, ...). Only verified
+    /// requests are stored, so a receipt's verification result is always "verified".
+    pub scheme: String,
+    /// The signed timestamp, for schemes that sign one (unix seconds).
+    pub signed_timestamp: Option<i64>,
+    /// The provider's delivery id, the de-duplication key within the source.
+    pub delivery_id: Option<String>,
+    pub event_id: String,
+    pub event_seq: Seq,
+}
+
 /// Where a delivery is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[repr(u8)]
@@ -256,12 +280,23 @@ pub struct Subscription {
     pub final_status_codes: Vec<u16>,
     pub enabled: bool,
     pub source: SubscriptionSource,
+    /// Optional condition on the event's data, checked at fan-out after the type patterns.
+    #[serde(default)]
+    pub filter: Option<crate::filter::Filter>,
+    /// Paused by an operator: its deliveries are still made and kept, none is attempted.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl Subscription {
     /// Whether an event of this type goes to this subscription.
     pub fn wants(&self, event_type: &str) -> bool {
         self.enabled && self.event_types.iter().any(|p| p.matches(event_type))
+    }
+
+    /// Whether an event's data passes the payload filter (always, without one).
+    pub fn wants_data(&self, data: &serde_json::Value) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.matches(data))
     }
 }
 

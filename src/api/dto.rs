@@ -85,6 +85,8 @@ pub struct DeliveryView<'a> {
     pub last_error: Option<&'a str>,
     pub created_at: String,
     pub updated_at: String,
+    /// Why it exists: `publish`, `replay` or `redrive`.
+    pub origin: &'static str,
 }
 
 impl<'a> DeliveryView<'a> {
@@ -100,6 +102,11 @@ impl<'a> DeliveryView<'a> {
             last_error: d.last_error.as_deref(),
             created_at: rfc3339(d.created_at),
             updated_at: rfc3339(d.updated_at),
+            origin: match d.origin {
+                crate::model::Origin::Publish => "publish",
+                crate::model::Origin::Replay => "replay",
+                crate::model::Origin::Redrive => "redrive",
+            },
         }
     }
 }

@@ -1,10 +1,14 @@
 //! The HTTP API: a hyper 1.x server, its shared state, and request/response plumbing.
 //! Routes and handlers are in `routes`; wire types in `dto`.
 
+pub mod admin;
 pub mod auth;
+pub mod backup;
 pub mod dto;
 pub mod error;
+pub mod inbound;
 pub mod routes;
+pub mod stream;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,6 +44,10 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
     pub registry: Arc<Registry>,
+    /// Inbound provider sources by id (swapped whole on reload).
+    pub sources: Arc<crate::ingest::source::Sources>,
+    /// Operator control of subscriptions, reload and the configuration in force.
+    pub control: Arc<crate::control::Control>,
     pub max_body: u64,
     pub max_batch: usize,
     pub draining: AtomicBool,
@@ -98,7 +106,10 @@ pub async fn serve(
     }
 }
 
-async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+async fn handle(
+    state: Arc<ApiState>,
+    req: Request<Incoming>,
+) -> Result<Response<stream::Body>, Infallible> {
     let (route, result) = routes::dispatch(&state, req).await;
     let resp = result.unwrap_or_else(|e| error_response(&e));
     state
@@ -106,7 +117,7 @@ async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp, In
         .http_requests
         .with_label_values(&[route, resp.status().as_str()])
         .inc();
-    Ok(resp)
+    Ok(stream::attach(resp))
 }
 
 /// A JSON response.

@@ -27,6 +27,11 @@ pub enum Route<'a> {
     EventDeliveries(&'a str),
     Delivery(&'a str),
     DeliveryAttempts(&'a str),
+    /// `POST /v1/ingest/{source}`: an inbound provider webhook.
+    Ingest(&'a str),
+    Receipt(&'a str),
+    /// `GET /v1/admin/backup`: a consistent copy of the database.
+    AdminBackup,
 }
 
 impl<'a> Route<'a> {
@@ -58,6 +63,13 @@ impl<'a> Route<'a> {
             {
                 Route::DeliveryAttempts(id)
             }
+            (Some("v1"), Some("ingest"), Some(source), None, _) if !source.is_empty() => {
+                Route::Ingest(source)
+            }
+            (Some("v1"), Some("receipts"), Some(id), None, _) if !id.is_empty() => {
+                Route::Receipt(id)
+            }
+            (Some("v1"), Some("admin"), Some("backup"), None, _) => Route::AdminBackup,
             _ => return None,
         };
         Some(r)
@@ -75,6 +87,9 @@ impl<'a> Route<'a> {
             Route::EventDeliveries(_) => "event_deliveries",
             Route::Delivery(_) => "delivery",
             Route::DeliveryAttempts(_) => "delivery_attempts",
+            Route::Ingest(_) => "ingest",
+            Route::Receipt(_) => "receipt",
+            Route::AdminBackup => "admin_backup",
         }
     }
 
@@ -83,9 +98,61 @@ impl<'a> Route<'a> {
         match self {
             Route::Events => &[Method::GET, Method::POST],
             Route::EventsBatch => &[Method::POST],
+            Route::Ingest(_) => &[Method::POST],
             _ => &[Method::GET],
         }
     }
+}
+
+impl Route<'static> {
+    /// One instance of every route, for `table` (the OpenAPI test compares it with the
+    /// document). `template` matches every variant without a wildcard, so a new route does
+    /// not compile until it has a template; list it here too.
+    pub const ALL: &'static [Route<'static>] = &[
+        Route::Healthz,
+        Route::Readyz,
+        Route::Metrics,
+        Route::Events,
+        Route::EventsBatch,
+        Route::Event("e"),
+        Route::EventDeliveries("e"),
+        Route::Delivery("1"),
+        Route::DeliveryAttempts("1"),
+        Route::Ingest("s"),
+        Route::Receipt("1"),
+        Route::AdminBackup,
+    ];
+}
+
+impl Route<'_> {
+    /// The path template as the OpenAPI document writes it.
+    pub fn template(self) -> &'static str {
+        match self {
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::Events => "/v1/events",
+            Route::EventsBatch => "/v1/events/batch",
+            Route::Event(_) => "/v1/events/{id}",
+            Route::EventDeliveries(_) => "/v1/events/{id}/deliveries",
+            Route::Delivery(_) => "/v1/deliveries/{id}",
+            Route::DeliveryAttempts(_) => "/v1/deliveries/{id}/attempts",
+            Route::Ingest(_) => "/v1/ingest/{source}",
+            Route::Receipt(_) => "/v1/receipts/{id}",
+            Route::AdminBackup => "/v1/admin/backup",
+        }
+    }
+}
+
+/// Every (method, path template) the API answers: this table and the operator routes.
+pub fn table() -> Vec<(Method, &'static str)> {
+    let core = Route::ALL
+        .iter()
+        .flat_map(|r| r.methods().iter().map(move |m| (m.clone(), r.template())));
+    let admin = super::admin::AdminRoute::ALL
+        .iter()
+        .flat_map(|r| r.methods().iter().map(move |m| (m.clone(), r.template())));
+    core.chain(admin).collect()
 }
 
 /// Routes a request; returns the route label for metrics with the outcome.
@@ -94,6 +161,9 @@ pub async fn dispatch(
     req: Request<Incoming>,
 ) -> (&'static str, Result<Resp, ApiError>) {
     let path = req.uri().path().to_owned();
+    if let Some(r) = super::admin::AdminRoute::parse(&path) {
+        return super::admin::dispatch(st, r, req).await;
+    }
     let Some(route) = Route::parse(&path) else {
         return (
             "unknown",
@@ -129,11 +199,14 @@ pub async fn dispatch(
         (Route::EventDeliveries(id), _) => event_deliveries(st, &req, id),
         (Route::Delivery(id), _) => get_delivery(st, &req, id),
         (Route::DeliveryAttempts(id), _) => delivery_attempts(st, &req, id),
+        (Route::Ingest(source), _) => super::inbound::ingest(st, req, source).await,
+        (Route::Receipt(id), _) => super::inbound::get_receipt(st, &req, id),
+        (Route::AdminBackup, _) => super::backup::backup(st, &req).await,
     };
     (route.name(), result)
 }
 
-fn auth_header(req: &Request<Incoming>) -> Option<&[u8]> {
+pub(super) fn auth_header(req: &Request<Incoming>) -> Option<&[u8]> {
     req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)
 }
 
@@ -215,7 +288,7 @@ fn new_event(
     if let Some(k) = &idempotency_key {
         check_token_text("idempotency key", k, 255)?;
     }
-    let subscriptions = st.registry.matching(&p.event_type);
+    let subscriptions = st.registry.matching_event(&p.event_type, p.data.get());
     Ok(NewEvent {
         id: p
             .id
@@ -354,19 +427,19 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
 }
 
 /// Query parameters of a request.
-fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+pub(super) fn query(req: &Request<Incoming>) -> HashMap<String, String> {
     req.uri()
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
 
-fn invalid_query(msg: impl Into<String>) -> ApiError {
+pub(super) fn invalid_query(msg: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_query", msg)
 }
 
 /// `limit` (1..=1000, default 100) and `cursor` of a list request.
-fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError> {
+pub(super) fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError> {
     let limit = match q.get("limit") {
         None => 100,
         Some(l) => match l.parse::<usize>() {
@@ -385,7 +458,10 @@ fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError>
     Ok((limit, cursor))
 }
 
-fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+pub(super) fn time_param(
+    q: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<i64>, ApiError> {
     match q.get(name) {
         None => Ok(None),
         Some(v) => parse_time(v).map(Some).ok_or_else(|| {
@@ -495,6 +571,16 @@ fn delivery_attempts(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_routes() {
+        assert_eq!(Route::parse("/v1/ingest/github"), Some(Route::Ingest("github")));
+        assert_eq!(Route::parse("/v1/ingest/"), None);
+        assert_eq!(Route::parse("/v1/ingest/a/b"), None);
+        assert_eq!(Route::parse("/v1/receipts/7"), Some(Route::Receipt("7")));
+        assert_eq!(Route::Ingest("x").methods(), &[Method::POST]);
+        assert_eq!(Route::Receipt("7").methods(), &[Method::GET]);
+    }
 
     #[test]
     fn route_table() {

@@ -39,6 +39,8 @@ pub struct Supervisor {
     writer: WriterHandle,
     metrics: Arc<Metrics>,
     cfg: EngineConfig,
+    /// Per subscription, turns true when its latest destination task has ended.
+    done: Mutex<HashMap<Arc<str>, watch::Receiver<bool>>>,
 }
 
 /// The scheduler's view of the supervisor: routes jobs by subscription id.
@@ -83,6 +85,7 @@ impl Supervisor {
             writer,
             metrics,
             cfg,
+            done: Mutex::default(),
         })
     }
 
@@ -138,14 +141,47 @@ impl Supervisor {
         let (tx, rx) = mpsc::unbounded_channel();
         let w = Worker::new(dest, self.env.clone(), rx, self.stop.subscribe());
         match self.routes.lock() {
-            Ok(mut r) => r.insert(sub_id, tx),
-            Err(p) => p.into_inner().insert(sub_id, tx),
+            Ok(mut r) => r.insert(sub_id.clone(), tx),
+            Err(p) => p.into_inner().insert(sub_id.clone(), tx),
+        };
+        // A replaced destination's attempts in flight finish on its old task (which ends once
+        // its sender above is gone); the new task starts only after that, so one delivery
+        // never has two attempts at once.
+        let (done_tx, done_rx) = watch::channel(false);
+        let previous = match self.done.lock() {
+            Ok(mut d) => d.insert(sub_id, done_rx),
+            Err(p) => p.into_inner().insert(sub_id, done_rx),
+        };
+        let run = async move {
+            if let Some(mut p) = previous {
+                let _ = p.wait_for(|ended| *ended).await;
+            }
+            w.run().await;
+            let _ = done_tx.send(true);
         };
         match self.tasks.lock() {
-            Ok(mut t) => t.spawn(w.run()),
-            Err(p) => p.into_inner().spawn(w.run()),
+            Ok(mut t) => t.spawn(run),
+            Err(p) => p.into_inner().spawn(run),
         };
         Ok(())
+    }
+
+    /// Starts the destination task of a subscription, or replaces the running one with a
+    /// task built from this definition (new URL, secrets, limits, pause switch). Jobs queued
+    /// in the old task are dropped (their rows stay on disk: rescan them); its attempts in
+    /// flight finish and are recorded before the new task starts.
+    pub fn replace(&self, sub: Arc<Subscription>) -> Result<(), String> {
+        self.spawn(sub)
+    }
+
+    /// Stops a subscription's destination task: no new attempts; those in flight finish and
+    /// are recorded. Its scheduled deliveries stay on disk. Answers whether one was running.
+    pub fn stop_destination(&self, id: &str) -> bool {
+        let removed = match self.routes.lock() {
+            Ok(mut r) => r.remove(id),
+            Err(p) => p.into_inner().remove(id),
+        };
+        removed.is_some()
     }
 
     /// Stops starting attempts and waits up to `deadline` for those in flight to be recorded.

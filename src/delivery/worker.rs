@@ -77,7 +77,8 @@ impl Worker {
             .sub
             .rate_limit
             .map(|r| TokenBucket::new(r, r.max(1.0), now));
-        let enabled = dest.sub.enabled;
+        // Paused: jobs are dropped and their rows stay on disk until a resume rescans them.
+        let enabled = dest.sub.enabled && !dest.sub.paused;
         Self {
             dest,
             env,

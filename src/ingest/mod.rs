@@ -1,3 +1,4 @@
 //! Inbound provider webhooks: signature verification schemes.
 
 pub mod schemes;
+pub mod source;

@@ -1,6 +1,10 @@
 //! The embedded database: the only module that imports redb. Reads happen here from any
 //! thread; every write goes through the single writer thread in `writer`.
 
+pub mod backup;
+mod expiry;
+pub mod inspect;
+pub mod recovery;
 pub mod schema;
 pub mod writer;
 
@@ -8,7 +12,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableTable, ReadableTableMetadata};
 use thiserror::Error;
 
 use crate::model::{Attempt, Delivery, DeliveryId, DeliveryStatus, Event, Micros, Seq};
@@ -30,6 +34,12 @@ pub enum StoreError {
     SchemaTooNew(u32, u32),
     #[error("cannot create data directory {0}: {1}")]
     DataDir(String, std::io::Error),
+    #[error("cannot reopen the database: {0}")]
+    Reopen(String),
+    #[error(
+        "{0} is in use by a running process; copy it with `dispatchd backup` and check the copy"
+    )]
+    InUse(String),
 }
 
 macro_rules! from_redb {
@@ -81,7 +91,7 @@ pub struct Tips {
 /// A handle on the database for reads; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<redb::Database>,
+    db: Arc<recovery::DbHandle>,
 }
 
 impl Store {
@@ -97,10 +107,12 @@ impl Store {
             .set_cache_size(cache_size)
             .create(path)?;
         schema::init(&db)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(recovery::DbHandle::new(db, path, cache_size)),
+        })
     }
 
-    pub(crate) fn db(&self) -> &redb::Database {
+    pub(crate) fn db(&self) -> &recovery::DbHandle {
         &self.db
     }
 
@@ -156,6 +168,16 @@ impl Store {
         let events = r.open_table(EVENTS)?;
         match events.get(seq)? {
             Some(v) => Ok(Some(decode(v.value(), "event")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// An inbound receipt by id.
+    pub fn receipt(&self, id: u64) -> Result<Option<crate::model::Receipt>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(RECEIPTS)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(decode(v.value(), "receipt")?)),
             None => Ok(None),
         }
     }

@@ -53,6 +53,14 @@ pub const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("su
 pub const SUBSCRIPTION_STATE: TableDefinition<&str, &[u8]> =
     TableDefinition::new("subscription_state");
 
+/// (subscription id, status code, delivery id) → (): a subscription's deliveries by status
+/// (the operator's most common question: "what is dead / pending for this endpoint?").
+pub const DELIVERIES_BY_SUB_STATUS: TableDefinition<(&str, u8, u64), ()> =
+    TableDefinition::new("deliveries_by_subscription_status");
+/// (event type, delivery id) → (): deliveries by the type of their event.
+pub const DELIVERIES_BY_TYPE: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("deliveries_by_type");
+
 const SCHEMA_KEY: &str = "schema_version";
 
 /// Encodes a record as one version byte followed by its postcard bytes.
@@ -113,6 +121,8 @@ pub fn init(db: &redb::Database) -> Result<(), StoreError> {
         w.open_table(RECEIPT_IDS)?;
         w.open_table(SUBSCRIPTIONS)?;
         w.open_table(SUBSCRIPTION_STATE)?;
+        w.open_table(DELIVERIES_BY_SUB_STATUS)?;
+        w.open_table(DELIVERIES_BY_TYPE)?;
     }
     w.commit()?;
     Ok(())

@@ -18,6 +18,12 @@ use tokio::sync::oneshot;
 
 use super::schema::*;
 use super::{Store, StoreError, Tips};
+
+mod operator;
+pub use operator::{CancelOutcome, RetryOutcome};
+mod purge;
+pub use purge::Purged;
+mod reopen;
 use crate::metrics::Metrics;
 use crate::model::{Attempt, Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
 
@@ -57,6 +63,34 @@ pub enum Published {
         event: Event,
         deliveries: u32,
     },
+}
+
+/// An inbound provider request to keep as a receipt beside the event made from it.
+#[derive(Debug, Clone)]
+pub struct NewReceipt {
+    pub source: String,
+    pub method: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub received_at: Micros,
+    pub scheme: String,
+    pub signed_timestamp: Option<i64>,
+    /// The provider's delivery id: a later request with the same id in the same source is a
+    /// duplicate. `None` turns de-duplication off for this request.
+    pub delivery_id: Option<String>,
+}
+
+/// What became of one inbound request.
+#[derive(Debug, Clone)]
+pub enum Ingested {
+    Created {
+        receipt_id: u64,
+        seq: Seq,
+        event_id: String,
+        deliveries: u32,
+    },
+    /// The provider delivery id was already known in this source: nothing was stored.
+    Duplicate { receipt_id: u64, event_id: String },
 }
 
 /// A delivery that became due (or changed due time) in a committed transaction.
@@ -108,6 +142,14 @@ enum Command {
         events: Vec<NewEvent>,
         reply: oneshot::Sender<Result<Vec<Published>, WriteError>>,
     },
+    /// Stores an inbound receipt and its event (with deliveries) unless the provider
+    /// delivery id is already known.
+    Ingest {
+        // Boxed: this is by far the largest command and every queue slot is sized for it.
+        receipt: Box<NewReceipt>,
+        event: Box<NewEvent>,
+        reply: oneshot::Sender<Result<Ingested, WriteError>>,
+    },
     /// A no-op transaction: proves the database is writable.
     Probe {
         reply: oneshot::Sender<Result<(), WriteError>>,
@@ -130,6 +172,10 @@ enum Command {
         state: SubscriptionState,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
+    /// Operator actions: retry, cancel, replay, redrive, API subscriptions (see `operator`).
+    Operator(operator::Op),
+    /// Retention: removes old events whose deliveries are all terminal (see `purge`).
+    Purge(purge::Purge),
     /// Commit what came before, then stop the thread.
     Stop,
 }
@@ -166,6 +212,18 @@ impl WriterHandle {
     pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<Published>, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Command::Publish { events, reply })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Stores an inbound receipt with its event and deliveries in one transaction; resolves
+    /// after the commit.
+    pub async fn ingest(&self, receipt: NewReceipt, event: NewEvent) -> Result<Ingested, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::Ingest {
+            receipt: Box::new(receipt),
+            event: Box::new(event),
+            reply,
+        })?;
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 
@@ -341,10 +399,9 @@ impl Writer {
         batch: &mut Vec<Command>,
         fx: &mut Effects,
     ) -> Result<redb::WriteTransaction, StoreError> {
-        let txn = match self.store.db().begin_write() {
+        let txn = match self.begin_write() {
             Ok(t) => t,
             Err(e) => {
-                let e = StoreError::from(e);
                 for cmd in batch.drain(..) {
                     fail(cmd, WriteError::Storage(e.to_string()));
                 }
@@ -385,7 +442,7 @@ impl Writer {
             Command::Publish { events, reply } => {
                 let mut out = Vec::with_capacity(events.len());
                 for ev in events {
-                    match self.publish_one(t, ev, fx) {
+                    match self.publish_one(t, ev, None, fx) {
                         Ok(p) => out.push(p),
                         Err(e) => {
                             drop(reply.send(Err(WriteError::Storage(e.to_string()))));
@@ -396,6 +453,17 @@ impl Writer {
                 fx.replies
                     .push(Box::new(move |r| drop(reply.send(r.map(|()| out)))));
             }
+            Command::Ingest {
+                receipt,
+                event,
+                reply,
+            } => match self.ingest_one(t, *receipt, *event, fx) {
+                Ok(i) => fx.replies.push(Box::new(move |r| drop(reply.send(r.map(|()| i))))),
+                Err(e) => {
+                    drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                    return Err(e);
+                }
+            },
             Command::Probe { reply } => {
                 fx.replies.push(Box::new(move |r| drop(reply.send(r))));
             }
@@ -434,15 +502,19 @@ impl Writer {
                 }
                 fx.replies.push(Box::new(move |r| drop(reply.send(r))));
             }
+            Command::Operator(op) => self.apply_operator(t, op, fx)?,
+            Command::Purge(p) => self.apply_purge(t, p, fx)?,
             Command::Stop => self.stopping = true,
         }
         Ok(())
     }
 
+    /// Appends one event (from a producer, or from an inbound `receipt`) with its deliveries.
     fn publish_one(
         &mut self,
         t: &mut Tables<'_>,
         ev: NewEvent,
+        receipt: Option<u64>,
         fx: &mut Effects,
     ) -> Result<Published, StoreError> {
         let known = match &ev.idempotency_key {
@@ -483,7 +555,7 @@ impl Writer {
             data: ev.data,
             received_at: now,
             idempotency_key: ev.idempotency_key,
-            receipt: None,
+            receipt,
         };
         t.events.insert(seq, encode(&event)?.as_slice())?;
         let event = Arc::new(event);
@@ -505,6 +577,74 @@ impl Writer {
             seq,
             id: event.id.clone(),
             deliveries: n,
+        })
+    }
+
+    /// Stores a receipt and the event made from it, or finds the receipt that already holds
+    /// this provider delivery id.
+    fn ingest_one(
+        &mut self,
+        t: &mut Tables<'_>,
+        receipt: NewReceipt,
+        event: NewEvent,
+        fx: &mut Effects,
+    ) -> Result<Ingested, StoreError> {
+        if let Some(did) = &receipt.delivery_id {
+            let known = t
+                .receipt_ids
+                .get((receipt.source.as_str(), did.as_str()))?
+                .map(|g| g.value());
+            if let Some(receipt_id) = known {
+                let Some(v) = t.receipts.get(receipt_id)? else {
+                    return Err(StoreError::Decode(
+                        "receipt",
+                        format!("index points at missing receipt {receipt_id}"),
+                    ));
+                };
+                let r: crate::model::Receipt = decode(v.value(), "receipt")?;
+                return Ok(Ingested::Duplicate {
+                    receipt_id,
+                    event_id: r.event_id,
+                });
+            }
+        }
+        let receipt_id = self.tips.last_receipt + 1;
+        let (seq, event_id, deliveries) = match self.publish_one(t, event, Some(receipt_id), fx)? {
+            Published::Created {
+                seq,
+                id,
+                deliveries,
+            } => (seq, id, deliveries),
+            // Callers mint a fresh event id and no idempotency key, so this is a collision.
+            Published::Duplicate { seq, .. } => {
+                return Err(StoreError::Encode(format!(
+                    "inbound event id collides with the event at seq {seq}"
+                )));
+            }
+        };
+        let record = crate::model::Receipt {
+            source: receipt.source,
+            method: receipt.method,
+            headers: receipt.headers,
+            body: receipt.body,
+            received_at: receipt.received_at,
+            scheme: receipt.scheme,
+            signed_timestamp: receipt.signed_timestamp,
+            delivery_id: receipt.delivery_id,
+            event_id: event_id.clone(),
+            event_seq: seq,
+        };
+        t.receipts.insert(receipt_id, encode(&record)?.as_slice())?;
+        if let Some(did) = &record.delivery_id {
+            t.receipt_ids
+                .insert((record.source.as_str(), did.as_str()), receipt_id)?;
+        }
+        self.tips.last_receipt = receipt_id;
+        Ok(Ingested::Created {
+            receipt_id,
+            seq,
+            event_id,
+            deliveries,
         })
     }
 
@@ -537,6 +677,10 @@ impl Writer {
         t.deliveries_by_sub.insert((&*subscription, id), ())?;
         t.deliveries_by_status
             .insert((DeliveryStatus::Pending.code(), id), ())?;
+        t.deliveries_by_sub_status
+            .insert((&*subscription, DeliveryStatus::Pending.code(), id), ())?;
+        t.deliveries_by_type
+            .insert((event.event_type.as_str(), id), ())?;
         t.schedule.insert((now, id), ())?;
         self.tips.last_delivery = id;
         fx.due.push(Due {
@@ -567,6 +711,14 @@ fn store_delivery(
     if old_status != d.status {
         t.deliveries_by_status.remove((old_status.code(), id))?;
         t.deliveries_by_status.insert((d.status.code(), id), ())?;
+        let sub = d.subscription.as_str();
+        t.deliveries_by_sub_status
+            .remove((sub, old_status.code(), id))?;
+        t.deliveries_by_sub_status
+            .insert((sub, d.status.code(), id), ())?;
+        if old_status == DeliveryStatus::Dead {
+            t.dead.remove(id)?;
+        }
     }
     Ok(())
 }
@@ -652,10 +804,13 @@ fn reschedule(
 fn fail(cmd: Command, err: WriteError) {
     match cmd {
         Command::Publish { reply, .. } => drop(reply.send(Err(err))),
+        Command::Ingest { reply, .. } => drop(reply.send(Err(err))),
         Command::Probe { reply }
         | Command::RecordAttempts { reply, .. }
         | Command::Reschedule { reply, .. }
         | Command::SetSubscriptionState { reply, .. } => drop(reply.send(Err(err))),
+        Command::Operator(op) => op.fail(err),
+        Command::Purge(p) => p.fail(err),
         Command::Stop => {}
     }
 }
@@ -674,6 +829,11 @@ struct Tables<'t> {
     attempts: redb::Table<'t, (u64, u32), &'static [u8]>,
     dead: redb::Table<'t, u64, i64>,
     subscription_state: redb::Table<'t, &'static str, &'static [u8]>,
+    receipts: redb::Table<'t, u64, &'static [u8]>,
+    receipt_ids: redb::Table<'t, (&'static str, &'static str), u64>,
+    deliveries_by_sub_status: redb::Table<'t, (&'static str, u8, u64), ()>,
+    deliveries_by_type: redb::Table<'t, (&'static str, u64), ()>,
+    subscriptions: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -691,6 +851,11 @@ impl<'t> Tables<'t> {
             attempts: txn.open_table(ATTEMPTS)?,
             dead: txn.open_table(DEAD)?,
             subscription_state: txn.open_table(SUBSCRIPTION_STATE)?,
+            receipts: txn.open_table(RECEIPTS)?,
+            receipt_ids: txn.open_table(RECEIPT_IDS)?,
+            deliveries_by_sub_status: txn.open_table(DELIVERIES_BY_SUB_STATUS)?,
+            deliveries_by_type: txn.open_table(DELIVERIES_BY_TYPE)?,
+            subscriptions: txn.open_table(SUBSCRIPTIONS)?,
         })
     }
 }

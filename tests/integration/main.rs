@@ -4,4 +4,10 @@ mod support;
 
 mod config;
 mod delivery;
+mod inbound;
 mod ingest;
+mod backup;
+mod disk_full;
+mod packaging;
+mod operator;
+mod retention;

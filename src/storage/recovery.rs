@@ -1,0 +1,202 @@
+//! Surviving I/O failures (a full disk, a failed fsync): a database handle that can be closed
+//! and reopened in place, and the loop that keeps proving the database writable until it is.
+//!
+//! redb latches the first I/O error of a write: from then on every transaction of that
+//! `Database` fails with `PreviousIo` until it is dropped and the file opened again (which
+//! repairs it back to the last durable commit). `DbHandle` is what `Store` and the writer hold
+//! instead of the `Database`, so the writer can swap in a fresh one while readers keep their
+//! handle.
+//!
+//! **Invariant:** nobody but `DbHandle` holds the `Arc<redb::Database>`: transactions are begun
+//! under the slot's read lock, and redb transactions do not borrow their database, so when the
+//! writer takes the slot for a reopen, dropping the old `Database` closes its file.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use redb::{ReadableDatabase, StorageError, TransactionError};
+
+use super::StoreError;
+use super::writer::{WriteError, WriterHandle};
+
+/// The first wait between two reopen attempts; doubles up to `MAX_BACKOFF` while they fail,
+/// so a large file is not repaired over and over while the disk is still full.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Room the data directory must have before a database that failed on I/O is reopened: a
+/// freshly reopened file takes small commits even on a full disk (they reuse free pages), so
+/// without this check readiness would flap back to ready while real writes still fail.
+pub const HEADROOM: usize = 1 << 20;
+
+/// The scratch file that proves `HEADROOM`, removed right after.
+const HEADROOM_FILE: &str = ".dispatchd-space-check";
+
+/// A reopenable redb database: the only owner of the `redb::Database`.
+pub struct DbHandle {
+    path: PathBuf,
+    cache_size: usize,
+    slot: RwLock<Option<Arc<redb::Database>>>,
+    retry: Mutex<Retry>,
+}
+
+#[derive(Debug)]
+struct Retry {
+    not_before: Option<Instant>,
+    backoff: Duration,
+}
+
+impl DbHandle {
+    /// Wraps a freshly opened database that lives at `path`.
+    pub fn new(db: redb::Database, path: &Path, cache_size: usize) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            cache_size,
+            slot: RwLock::new(Some(Arc::new(db))),
+            retry: Mutex::new(Retry {
+                not_before: None,
+                backoff: FIRST_BACKOFF,
+            }),
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The size of the database file in bytes (0 when it cannot be read).
+    pub fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Begins a read transaction on the current database.
+    pub fn begin_read(&self) -> Result<redb::ReadTransaction, TransactionError> {
+        let slot = self.slot.read().map_err(|_| closed())?;
+        match slot.as_ref() {
+            Some(db) => db.begin_read(),
+            None => Err(closed()),
+        }
+    }
+
+    /// Begins a write transaction on the current database. Only the writer thread writes.
+    pub fn begin_write(&self) -> Result<redb::WriteTransaction, TransactionError> {
+        let slot = self.slot.read().map_err(|_| closed())?;
+        match slot.as_ref() {
+            Some(db) => db.begin_write(),
+            None => Err(closed()),
+        }
+    }
+
+    /// Proves the data directory takes `HEADROOM` bytes (written, synced and removed): space
+    /// has returned and the file system is writable.
+    pub fn check_headroom(&self) -> Result<(), StoreError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let scratch = dir.join(HEADROOM_FILE);
+        let result = (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&scratch)?;
+            f.write_all(&vec![0u8; HEADROOM])?;
+            f.sync_data()
+        })();
+        let _ = std::fs::remove_file(&scratch);
+        result.map_err(|e| {
+            StoreError::Reopen(format!(
+                "the data directory {} has no room for {} KiB: {e}",
+                dir.display(),
+                HEADROOM >> 10
+            ))
+        })
+    }
+
+    /// Closes the current database and opens the file again, which rolls it back to its last
+    /// durable commit. Attempts are spaced out by a growing backoff while they fail; one made
+    /// too early fails at once with `ReopenBackoff`.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut retry = self
+            .retry
+            .lock()
+            .map_err(|_| StoreError::Reopen("lock poisoned".into()))?;
+        if let Some(t) = retry.not_before {
+            let now = Instant::now();
+            if now < t {
+                return Err(StoreError::Reopen(format!(
+                    "next attempt in {} ms",
+                    (t - now).as_millis()
+                )));
+            }
+        }
+        let mut slot = self
+            .slot
+            .write()
+            .map_err(|_| StoreError::Reopen("lock poisoned".into()))?;
+        // Dropping the last reference closes the file and releases its lock.
+        drop(slot.take());
+        let opened = redb::Database::builder()
+            .set_cache_size(self.cache_size)
+            .create(&self.path);
+        match opened {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                retry.not_before = None;
+                retry.backoff = FIRST_BACKOFF;
+                tracing::info!(path = %self.path.display(), "database reopened after an I/O failure");
+                Ok(())
+            }
+            Err(e) => {
+                retry.not_before = Some(Instant::now() + retry.backoff);
+                retry.backoff = (retry.backoff * 2).min(MAX_BACKOFF);
+                Err(StoreError::from(e))
+            }
+        }
+    }
+}
+
+fn closed() -> TransactionError {
+    TransactionError::Storage(StorageError::DatabaseClosed)
+}
+
+/// Whether a failure to begin a write transaction means the `Database` must be reopened.
+pub fn needs_reopen(e: &TransactionError) -> bool {
+    matches!(
+        e,
+        TransactionError::Storage(
+            StorageError::PreviousIo | StorageError::DatabaseClosed | StorageError::Io(_)
+        )
+    )
+}
+
+/// While the writer is unhealthy (its last commit failed), proves the database writable with
+/// an empty commit, first after `every` and then backing off to `16 * every` while it keeps
+/// failing; the writer reopens the file when it needs to. Without this a daemon with no
+/// traffic and no readiness probes would stay unready after space returns. Runs until `stop`.
+pub async fn heal(
+    writer: WriterHandle,
+    every: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut wait = every;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = &mut stop => return,
+        }
+        if writer.health.ok() {
+            wait = every;
+            continue;
+        }
+        match writer.probe().await {
+            Ok(()) => {
+                tracing::info!("the database is writable again");
+                wait = every;
+            }
+            Err(WriteError::Stopped) => return,
+            Err(_) => wait = (wait * 2).min(every * 16),
+        }
+    }
+}

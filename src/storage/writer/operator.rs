@@ -1,0 +1,308 @@
+//! Operator writes: retry, cancel, replay (new deliveries of stored events), redrive and the
+//! subscriptions created over the API. They run on the writer thread like every other write,
+//! so they commit in the same group as ingest and attempt outcomes.
+//!
+//! **Invariant:** a delivery's index rows (`deliveries_by_status`,
+//! `deliveries_by_subscription_status`, `dead`) change only through `store_delivery`, so an
+//! operator action can never leave an index pointing at a status the record does not have.
+
+use std::sync::Arc;
+
+use redb::ReadableTable;
+use tokio::sync::oneshot;
+
+use super::{
+    Due, Effects, Reply, Tables, WriteError, Writer, WriterHandle, load_delivery, store_delivery,
+};
+use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq, now_micros};
+use crate::storage::StoreError;
+use crate::storage::schema::{decode, encode};
+
+/// What became of one delivery an operator asked to retry.
+#[derive(Debug, Clone)]
+pub enum RetryOutcome {
+    /// Due now; the delivery as stored after the change.
+    Scheduled(Delivery),
+    NotFound,
+    /// Its status does not allow a retry (succeeded, or not the status a redrive asked for).
+    NotAllowed(Delivery),
+}
+
+/// What became of one delivery an operator asked to cancel.
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    Cancelled(Delivery),
+    NotFound,
+    /// Already terminal.
+    NotAllowed(Delivery),
+}
+
+type ReplyTo<T> = oneshot::Sender<Result<T, WriteError>>;
+
+/// The operator commands, carried by `Command::Operator`.
+pub enum Op {
+    Retry {
+        ids: Vec<DeliveryId>,
+        /// Only deliveries in this status move (a redrive takes dead ones only).
+        only: Option<DeliveryStatus>,
+        reply: ReplyTo<Vec<RetryOutcome>>,
+    },
+    Cancel {
+        ids: Vec<DeliveryId>,
+        reason: Option<String>,
+        reply: ReplyTo<Vec<CancelOutcome>>,
+    },
+    /// New deliveries of stored events (replay): (event seq, subscription id) pairs.
+    CreateDeliveries {
+        items: Vec<(Seq, Arc<str>)>,
+        origin: Origin,
+        reply: ReplyTo<u32>,
+    },
+    PutSubscription {
+        id: String,
+        record: Vec<u8>,
+        reply: ReplyTo<()>,
+    },
+    /// Removes an API subscription and its run-time state; answers whether it existed.
+    DeleteSubscription { id: String, reply: ReplyTo<bool> },
+}
+
+impl Op {
+    /// Answers the sender of a command that was never applied.
+    pub(super) fn fail(self, err: WriteError) {
+        match self {
+            Op::Retry { reply, .. } => drop(reply.send(Err(err))),
+            Op::Cancel { reply, .. } => drop(reply.send(Err(err))),
+            Op::CreateDeliveries { reply, .. } => drop(reply.send(Err(err))),
+            Op::PutSubscription { reply, .. } => drop(reply.send(Err(err))),
+            Op::DeleteSubscription { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
+}
+
+/// Queues the reply for after the commit, or answers the error now and fails the batch.
+fn finish<T: Send + 'static>(
+    fx: &mut Effects,
+    reply: ReplyTo<T>,
+    result: Result<T, StoreError>,
+) -> Result<(), StoreError> {
+    match result {
+        Ok(v) => {
+            let r: Reply = Box::new(move |r| drop(reply.send(r.map(|()| v))));
+            fx.replies.push(r);
+            Ok(())
+        }
+        Err(e) => {
+            drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+            Err(e)
+        }
+    }
+}
+
+impl Writer {
+    pub(super) fn apply_operator(
+        &mut self,
+        t: &mut Tables<'_>,
+        op: Op,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let now = now_micros();
+        match op {
+            Op::Retry { ids, only, reply } => {
+                let r = ids
+                    .iter()
+                    .map(|&id| retry_one(t, id, only, now, fx))
+                    .collect();
+                finish(fx, reply, r)
+            }
+            Op::Cancel { ids, reason, reply } => {
+                let r = ids
+                    .iter()
+                    .map(|&id| cancel_one(t, id, reason.as_deref(), now))
+                    .collect();
+                finish(fx, reply, r)
+            }
+            Op::CreateDeliveries {
+                items,
+                origin,
+                reply,
+            } => {
+                let r = self.create_deliveries(t, items, origin, fx);
+                finish(fx, reply, r)
+            }
+            Op::PutSubscription { id, record, reply } => {
+                let r = t
+                    .subscriptions
+                    .insert(id.as_str(), record.as_slice())
+                    .map(drop)
+                    .map_err(StoreError::from);
+                finish(fx, reply, r)
+            }
+            Op::DeleteSubscription { id, reply } => {
+                let r = (|| {
+                    let existed = t.subscriptions.remove(id.as_str())?.is_some();
+                    t.subscription_state.remove(id.as_str())?;
+                    Ok(existed)
+                })();
+                finish(fx, reply, r)
+            }
+        }
+    }
+
+    /// Creates one new delivery per (event, subscription), all due now.
+    fn create_deliveries(
+        &mut self,
+        t: &mut Tables<'_>,
+        items: Vec<(Seq, Arc<str>)>,
+        origin: Origin,
+        fx: &mut Effects,
+    ) -> Result<u32, StoreError> {
+        // Never before the last event's time, so created_at stays ordered with delivery ids
+        // (the time filters of the delivery list rely on it).
+        let now = now_micros().max(self.tips.last_received_at);
+        let mut made = 0u32;
+        let mut current: Option<(Seq, Arc<Event>)> = None;
+        for (seq, sub) in items {
+            let event = match &current {
+                Some((s, e)) if *s == seq => e.clone(),
+                _ => {
+                    let Some(v) = t.events.get(seq)? else {
+                        // Removed by retention since the caller read it: nothing to replay.
+                        continue;
+                    };
+                    let e: Arc<Event> = Arc::new(decode(v.value(), "event")?);
+                    current = Some((seq, e.clone()));
+                    e
+                }
+            };
+            self.create_delivery(t, seq, &event, sub, now, origin, fx)?;
+            made += 1;
+        }
+        Ok(made)
+    }
+}
+
+/// Makes a dead, retrying, pending or cancelled delivery due now, keeping its attempt count.
+fn retry_one(
+    t: &mut Tables<'_>,
+    id: DeliveryId,
+    only: Option<DeliveryStatus>,
+    now: Micros,
+    fx: &mut Effects,
+) -> Result<RetryOutcome, StoreError> {
+    let Some(mut d) = load_delivery(t, id)? else {
+        return Ok(RetryOutcome::NotFound);
+    };
+    let allowed = match only {
+        Some(st) => d.status == st,
+        None => d.status != DeliveryStatus::Succeeded,
+    };
+    if !allowed {
+        return Ok(RetryOutcome::NotAllowed(d));
+    }
+    if let Some(old) = d.next_attempt_at.take() {
+        t.schedule.remove((old, id))?;
+    }
+    let old_status = d.status;
+    d.status = if d.attempts == 0 {
+        DeliveryStatus::Pending
+    } else {
+        DeliveryStatus::Retrying
+    };
+    d.next_attempt_at = Some(now);
+    d.updated_at = now;
+    t.schedule.insert((now, id), ())?;
+    store_delivery(t, id, &d, old_status)?;
+    fx.due.push(Due {
+        at: now,
+        delivery: id,
+        subscription: Arc::from(d.subscription.as_str()),
+        event: None,
+        attempts: d.attempts,
+    });
+    Ok(RetryOutcome::Scheduled(d))
+}
+
+/// Ends a live delivery; an attempt in flight still records its outcome, but the status stays.
+fn cancel_one(
+    t: &mut Tables<'_>,
+    id: DeliveryId,
+    reason: Option<&str>,
+    now: Micros,
+) -> Result<CancelOutcome, StoreError> {
+    let Some(mut d) = load_delivery(t, id)? else {
+        return Ok(CancelOutcome::NotFound);
+    };
+    if d.status.is_terminal() {
+        return Ok(CancelOutcome::NotAllowed(d));
+    }
+    if let Some(old) = d.next_attempt_at.take() {
+        t.schedule.remove((old, id))?;
+    }
+    let old_status = d.status;
+    d.status = DeliveryStatus::Cancelled;
+    d.updated_at = now;
+    if let Some(r) = reason {
+        d.last_error = Some(r.to_string());
+    }
+    store_delivery(t, id, &d, old_status)?;
+    Ok(CancelOutcome::Cancelled(d))
+}
+
+impl WriterHandle {
+    async fn operator<T>(&self, make: impl FnOnce(ReplyTo<T>) -> Op) -> Result<T, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(super::Command::Operator(make(reply)))?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Makes deliveries due now (see `RetryOutcome`); `only` restricts it to one status.
+    pub async fn retry_deliveries(
+        &self,
+        ids: Vec<DeliveryId>,
+        only: Option<DeliveryStatus>,
+    ) -> Result<Vec<RetryOutcome>, WriteError> {
+        self.operator(|reply| Op::Retry { ids, only, reply }).await
+    }
+
+    /// Cancels live deliveries, optionally noting why in their `last_error`.
+    pub async fn cancel_deliveries(
+        &self,
+        ids: Vec<DeliveryId>,
+        reason: Option<String>,
+    ) -> Result<Vec<CancelOutcome>, WriteError> {
+        self.operator(|reply| Op::Cancel { ids, reason, reply })
+            .await
+    }
+
+    /// Creates new deliveries of stored events; answers how many were made.
+    pub async fn create_deliveries(
+        &self,
+        items: Vec<(Seq, Arc<str>)>,
+        origin: Origin,
+    ) -> Result<u32, WriteError> {
+        self.operator(|reply| Op::CreateDeliveries {
+            items,
+            origin,
+            reply,
+        })
+        .await
+    }
+
+    /// Stores an API subscription's record (encoded by the caller with `schema::encode`).
+    pub async fn put_subscription<T: serde::Serialize>(
+        &self,
+        id: String,
+        record: &T,
+    ) -> Result<(), WriteError> {
+        let record = encode(record).map_err(|e| WriteError::Storage(e.to_string()))?;
+        self.operator(|reply| Op::PutSubscription { id, record, reply })
+            .await
+    }
+
+    /// Removes an API subscription and its state; answers whether it existed.
+    pub async fn delete_subscription(&self, id: String) -> Result<bool, WriteError> {
+        self.operator(|reply| Op::DeleteSubscription { id, reply })
+            .await
+    }
+}

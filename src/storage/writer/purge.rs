@@ -1,0 +1,212 @@
+//! Retention inside the writer: removes an old event with everything hanging off it (its
+//! receipt, deliveries, attempts and every index row) once all its deliveries are terminal.
+//!
+//! The sweeper (`crate::retention`) only proposes sequence numbers; this code decides again
+//! inside the write transaction, so an operator's retry or a replay that lands between the
+//! sweeper's read and this write keeps the event. The newest event, the newest delivery and the
+//! newest receipt are always kept: `Store::tips` resumes numbering from them after a restart.
+
+use redb::ReadableTable;
+use tokio::sync::oneshot;
+
+use super::{Command, Effects, Tables, WriteError, Writer, WriterHandle};
+use crate::model::{Delivery, DeliveryId, Event, Micros, Receipt, Seq};
+use crate::storage::StoreError;
+use crate::storage::schema::decode;
+
+/// A request to remove old events, answered with what went.
+pub(super) struct Purge {
+    seqs: Vec<Seq>,
+    cutoff: Micros,
+    reply: oneshot::Sender<Result<Purged, WriteError>>,
+}
+
+impl Purge {
+    pub(super) fn fail(self, err: WriteError) {
+        drop(self.reply.send(Err(err)));
+    }
+}
+
+/// What one purge removed, in rows of the record tables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub events: u64,
+    pub deliveries: u64,
+    pub attempts: u64,
+    pub receipts: u64,
+    /// Proposed events that stay (a live or recent delivery, the newest rows, already gone).
+    pub kept: u64,
+}
+
+impl WriterHandle {
+    /// Removes those of `seqs` whose event and deliveries all changed before `cutoff` and whose
+    /// deliveries are all terminal; resolves after the commit.
+    pub async fn purge(&self, seqs: Vec<Seq>, cutoff: Micros) -> Result<Purged, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::Purge(Purge {
+            seqs,
+            cutoff,
+            reply,
+        }))?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+}
+
+/// An event found removable, with what hangs off it.
+struct Doomed {
+    seq: Seq,
+    event: Event,
+    receipt: Option<(u64, Receipt)>,
+    deliveries: Vec<(DeliveryId, Delivery)>,
+}
+
+impl Writer {
+    pub(super) fn apply_purge(
+        &mut self,
+        t: &mut Tables<'_>,
+        p: Purge,
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let mut out = Purged::default();
+        for &seq in &p.seqs {
+            // Reading and deciding changes nothing, so a record that does not decode only
+            // keeps its event; a failed removal fails the batch like any write.
+            let doomed = match self.removable(t, seq, p.cutoff) {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    out.kept += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(seq, error = %e, "retention keeps an event it cannot read");
+                    out.kept += 1;
+                    continue;
+                }
+            };
+            if let Err(e) = remove(t, &doomed, &mut out) {
+                drop(p.reply.send(Err(WriteError::Storage(e.to_string()))));
+                return Err(e);
+            }
+        }
+        let reply = p.reply;
+        fx.replies
+            .push(Box::new(move |r| drop(reply.send(r.map(|()| out)))));
+        Ok(())
+    }
+
+    /// The event at `seq` and what hangs off it, when all of it may go.
+    fn removable(
+        &self,
+        t: &Tables<'_>,
+        seq: Seq,
+        cutoff: Micros,
+    ) -> Result<Option<Doomed>, StoreError> {
+        if seq >= self.tips.last_seq {
+            return Ok(None);
+        }
+        let Some(v) = t.events.get(seq)? else {
+            return Ok(None);
+        };
+        let event: Event = decode(v.value(), "event")?;
+        drop(v);
+        if event.received_at >= cutoff {
+            return Ok(None);
+        }
+        let receipt = match event.receipt {
+            Some(rid) if rid == self.tips.last_receipt => return Ok(None),
+            Some(rid) => match t.receipts.get(rid)? {
+                Some(v) => Some((rid, decode::<Receipt>(v.value(), "receipt")?)),
+                None => None,
+            },
+            None => None,
+        };
+        let mut ids = Vec::new();
+        for row in t.event_deliveries.range((seq, 0)..=(seq, u64::MAX))? {
+            ids.push(row?.0.value().1);
+        }
+        let mut deliveries = Vec::with_capacity(ids.len());
+        for id in ids {
+            if id == self.tips.last_delivery {
+                return Ok(None);
+            }
+            let Some(v) = t.deliveries.get(id)? else {
+                continue;
+            };
+            let d: Delivery = decode(v.value(), "delivery")?;
+            if !d.status.is_terminal() || d.updated_at >= cutoff {
+                return Ok(None);
+            }
+            deliveries.push((id, d));
+        }
+        Ok(Some(Doomed {
+            seq,
+            event,
+            receipt,
+            deliveries,
+        }))
+    }
+}
+
+/// Removes an event, its receipt, deliveries, attempts and their index rows.
+fn remove(t: &mut Tables<'_>, d: &Doomed, out: &mut Purged) -> Result<(), StoreError> {
+    let seq = d.seq;
+    let ev = &d.event;
+    for (id, dl) in &d.deliveries {
+        let id = *id;
+        let sub = dl.subscription.as_str();
+        let code = dl.status.code();
+        t.deliveries.remove(id)?;
+        t.event_deliveries.remove((seq, id))?;
+        t.deliveries_by_sub.remove((sub, id))?;
+        t.deliveries_by_status.remove((code, id))?;
+        t.deliveries_by_sub_status.remove((sub, code, id))?;
+        t.deliveries_by_type.remove((ev.event_type.as_str(), id))?;
+        t.dead.remove(id)?;
+        if let Some(at) = dl.next_attempt_at {
+            t.schedule.remove((at, id))?;
+        }
+        let mut attempts = Vec::new();
+        for row in t.attempts.range((id, 0)..=(id, u32::MAX))? {
+            attempts.push(row?.0.value());
+        }
+        for k in &attempts {
+            t.attempts.remove(*k)?;
+        }
+        out.attempts += attempts.len() as u64;
+        out.deliveries += 1;
+    }
+    // Index rows of deliveries already gone (none are expected) would dangle: sweep them too.
+    let mut stray = Vec::new();
+    for row in t.event_deliveries.range((seq, 0)..=(seq, u64::MAX))? {
+        stray.push(row?.0.value());
+    }
+    for k in stray {
+        t.event_deliveries.remove(k)?;
+    }
+    t.events.remove(seq)?;
+    if points_at(t.event_ids.get(ev.id.as_str())?.map(|g| g.value()), seq) {
+        t.event_ids.remove(ev.id.as_str())?;
+    }
+    if let Some(k) = &ev.idempotency_key {
+        if points_at(t.idempotency_keys.get(k.as_str())?.map(|g| g.value()), seq) {
+            t.idempotency_keys.remove(k.as_str())?;
+        }
+    }
+    t.events_by_type.remove((ev.event_type.as_str(), seq))?;
+    if let Some((rid, r)) = &d.receipt {
+        if let Some(did) = &r.delivery_id {
+            let key = (r.source.as_str(), did.as_str());
+            if points_at(t.receipt_ids.get(key)?.map(|g| g.value()), *rid) {
+                t.receipt_ids.remove(key)?;
+            }
+        }
+        t.receipts.remove(*rid)?;
+        out.receipts += 1;
+    }
+    out.events += 1;
+    Ok(())
+}
+
+fn points_at(found: Option<u64>, want: u64) -> bool {
+    found == Some(want)
+}
