@@ -24,7 +24,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    run(config, listener, shutdown_signal()).await
+    // Poll the signal future once so its handlers exist before READY=1 and the "listening"
+    // line: a SIGTERM right after start then drains instead of killing the process.
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    tokio::select! {
+        biased;
+        () = &mut shutdown => return Ok(()),
+        () = std::future::ready(()) => {}
+    }
+    run(config, listener, shutdown).await
 }
 
 /// Runs the daemon on an already bound listener until `shutdown` resolves.

@@ -331,7 +331,9 @@ impl Control {
         tokio::task::spawn_blocking(move || {
             let mut cursor = None;
             loop {
-                let (items, next) = match store.live_deliveries(&id, cursor, CHUNK) {
+                let crate::storage::inspect::LiveChunk { items, next } = match store
+                    .live_deliveries(&id, cursor, CHUNK)
+                {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(subscription = %id, error = %e, "cannot rescan scheduled deliveries");
@@ -529,7 +531,7 @@ impl Control {
         drop(_g);
         let mut cancelled = 0u64;
         loop {
-            let (items, _) = self.store.live_deliveries(id, None, CHUNK)?;
+            let items = self.store.live_deliveries(id, None, CHUNK)?.items;
             if items.is_empty() {
                 break;
             }

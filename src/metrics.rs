@@ -195,7 +195,10 @@ impl Metrics {
             table_rows: register!(
                 r,
                 IntGaugeVec::new(
-                    Opts::new("table_rows", "Rows per database table, as of the last sweep"),
+                    Opts::new(
+                        "table_rows",
+                        "Rows per database table, as of the last sweep"
+                    ),
                     &["table"]
                 )
             ),

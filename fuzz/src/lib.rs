@@ -25,8 +25,15 @@ pub fn stripe_header(data: &[u8]) {
         assert!(h.v1.iter().all(|sig| !sig.is_empty()), "empty v1: {s:?}");
         assert!(h.timestamp >= 0, "negative timestamp: {s:?}");
         // The signed text is a piece of the input, and it means the number reported.
-        assert!(s.contains(h.timestamp_text), "t= text not from input: {s:?}");
-        assert_eq!(h.timestamp_text.parse::<i64>().ok(), Some(h.timestamp), "{s:?}");
+        assert!(
+            s.contains(h.timestamp_text),
+            "t= text not from input: {s:?}"
+        );
+        assert_eq!(
+            h.timestamp_text.parse::<i64>().ok(),
+            Some(h.timestamp),
+            "{s:?}"
+        );
     }
 }
 
@@ -36,7 +43,10 @@ pub fn standard_signatures(data: &[u8]) {
     if let Ok(sigs) = parse_standard_signatures(s) {
         assert!(!sigs.is_empty(), "accepted with no signature: {s:?}");
         assert!(sigs.len() <= MAX_SIGNATURES, "unbounded signatures: {s:?}");
-        assert!(sigs.iter().all(|sig| !sig.is_empty()), "empty signature: {s:?}");
+        assert!(
+            sigs.iter().all(|sig| !sig.is_empty()),
+            "empty signature: {s:?}"
+        );
     }
 }
 
@@ -100,10 +110,7 @@ pub fn verify_request(data: &[u8]) {
     let mut parts = data.splitn(6, |&b| b == b'\n');
     let mut next = || parts.next().and_then(text).unwrap_or("");
     let (a, b, c, d, e) = (next(), next(), next(), next(), next());
-    let body = data
-        .splitn(6, |&b| b == b'\n')
-        .nth(5)
-        .unwrap_or_default();
+    let body = data.splitn(6, |&b| b == b'\n').nth(5).unwrap_or_default();
     let headers = [
         ("webhook-id", a),
         ("webhook-timestamp", b),

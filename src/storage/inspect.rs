@@ -44,6 +44,14 @@ pub struct DeadLetter {
 /// Where a walk over a subscription's live deliveries resumes: (status code, delivery id).
 pub type LiveCursor = (u8, DeliveryId);
 
+/// One chunk of a subscription's live deliveries.
+#[derive(Debug, Default)]
+pub struct LiveChunk {
+    pub items: Vec<(DeliveryId, Delivery)>,
+    /// Where the next chunk starts, when there may be more.
+    pub next: Option<LiveCursor>,
+}
+
 /// The statuses a delivery can be attempted from, in index order.
 const LIVE: [DeliveryStatus; 3] = [
     DeliveryStatus::Pending,
@@ -91,8 +99,23 @@ impl Store {
         let sub_status = r.open_table(DELIVERIES_BY_SUB_STATUS)?;
         let by_sub = r.open_table(DELIVERIES_BY_SUB)?;
         let by_status = r.open_table(DELIVERIES_BY_STATUS)?;
-        // The index walked answers every filter but (possibly) the event type, which is then
-        // checked with a point lookup.
+        if let Some(t) = f.event_type.as_deref() {
+            if f.subscription.is_some() || f.status.is_some() {
+                return leapfrog(
+                    f,
+                    t,
+                    lo,
+                    hi,
+                    limit,
+                    &deliveries,
+                    &by_type,
+                    &sub_status,
+                    &by_sub,
+                    &by_status,
+                );
+            }
+        }
+        // One index answers every filter.
         let (walk, type_checked): (IdIter<'_>, bool) =
             match (f.subscription.as_deref(), f.status, f.event_type.as_deref()) {
                 (Some(s), Some(st), _) => (
@@ -205,7 +228,7 @@ impl Store {
         subscription: &str,
         after: Option<LiveCursor>,
         limit: usize,
-    ) -> Result<(Vec<(DeliveryId, Delivery)>, Option<LiveCursor>), StoreError> {
+    ) -> Result<LiveChunk, StoreError> {
         let r = self.db().begin_read()?;
         let deliveries = r.open_table(DELIVERIES)?;
         let sub_status = r.open_table(DELIVERIES_BY_SUB_STATUS)?;
@@ -225,11 +248,17 @@ impl Store {
                     out.push((id, decode(v.value(), "delivery")?));
                 }
                 if out.len() >= limit {
-                    return Ok((out, Some((code, id))));
+                    return Ok(LiveChunk {
+                        items: out,
+                        next: Some((code, id)),
+                    });
                 }
             }
         }
-        Ok((out, None))
+        Ok(LiveChunk {
+            items: out,
+            next: None,
+        })
     }
 
     /// The sequence range `[from, to)` of events received in `[since, until)`.
@@ -281,6 +310,86 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+fn first_key<K: redb::Key + 'static>(
+    range: redb::Range<'_, K, ()>,
+    id: impl Fn(K::SelfType<'_>) -> DeliveryId,
+) -> Result<Option<DeliveryId>, StoreError> {
+    match range.into_iter().next() {
+        Some(row) => Ok(Some(id(row?.0.value()))),
+        None => Ok(None),
+    }
+}
+
+/// An event type filter together with a subscription and/or status filter: the two indexes
+/// are intersected by leapfrogging. Each step seeks the subscription/status index to the
+/// candidate id and the type index to what that found; the one behind jumps to the other.
+/// The cost follows the smaller set (a rare type among millions of succeeded deliveries is
+/// as cheap as a common one), and `SCAN_BUDGET` bounds the seeks of one page.
+#[allow(clippy::too_many_arguments)]
+fn leapfrog(
+    f: &DeliveryFilter,
+    event_type: &str,
+    lo: DeliveryId,
+    hi: DeliveryId,
+    limit: usize,
+    deliveries: &redb::ReadOnlyTable<u64, &[u8]>,
+    by_type: &redb::ReadOnlyTable<(&str, u64), ()>,
+    sub_status: &redb::ReadOnlyTable<(&str, u8, u64), ()>,
+    by_sub: &redb::ReadOnlyTable<(&str, u64), ()>,
+    by_status: &redb::ReadOnlyTable<(u8, u64), ()>,
+) -> Result<Page<(DeliveryId, Delivery)>, StoreError> {
+    let seek_primary = |from: DeliveryId| match (f.subscription.as_deref(), f.status) {
+        (Some(s), Some(st)) => first_key(
+            sub_status.range((s, st.code(), from)..(s, st.code(), hi))?,
+            |k| k.2,
+        ),
+        (Some(s), None) => first_key(by_sub.range((s, from)..(s, hi))?, |k| k.1),
+        (None, Some(st)) => first_key(by_status.range((st.code(), from)..(st.code(), hi))?, |k| {
+            k.1
+        }),
+        (None, None) => Ok(None),
+    };
+    let seek_type = |from: DeliveryId| {
+        first_key(by_type.range((event_type, from)..(event_type, hi))?, |k| {
+            k.1
+        })
+    };
+    let mut items = Vec::new();
+    let mut candidate = lo;
+    let mut seeks = 0usize;
+    while candidate < hi {
+        seeks += 2;
+        let Some(a) = seek_primary(candidate)? else {
+            break;
+        };
+        let Some(b) = seek_type(a)? else {
+            break;
+        };
+        if a == b {
+            if let Some(v) = deliveries.get(a)? {
+                items.push((a, decode(v.value(), "delivery")?));
+            }
+            if items.len() >= limit {
+                return Ok(Page {
+                    items,
+                    next: Some(a),
+                });
+            }
+            candidate = a + 1;
+        } else {
+            candidate = b;
+        }
+        if seeks >= SCAN_BUDGET {
+            // Every id below the candidate was looked at.
+            return Ok(Page {
+                items,
+                next: Some(candidate.saturating_sub(1)).filter(|_| candidate < hi),
+            });
+        }
+    }
+    Ok(Page { items, next: None })
 }
 
 /// The smallest delivery id created at or after `t` (one past the last if none). Ids are

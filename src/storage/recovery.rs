@@ -130,18 +130,18 @@ impl DbHandle {
                 )));
             }
         }
-        let mut slot = self
-            .slot
-            .write()
-            .map_err(|_| StoreError::Reopen("lock poisoned".into()))?;
+        let poisoned = |_| StoreError::Reopen("lock poisoned".into());
+        // Taken out under the lock, dropped and reopened outside it: readers meanwhile fail
+        // at once with `DatabaseClosed` instead of blocking their threads through a repair.
         // Dropping the last reference closes the file and releases its lock.
-        drop(slot.take());
+        let old = self.slot.write().map_err(poisoned)?.take();
+        drop(old);
         let opened = redb::Database::builder()
             .set_cache_size(self.cache_size)
             .create(&self.path);
         match opened {
             Ok(db) => {
-                *slot = Some(Arc::new(db));
+                *self.slot.write().map_err(poisoned)? = Some(Arc::new(db));
                 retry.not_before = None;
                 retry.backoff = FIRST_BACKOFF;
                 tracing::info!(path = %self.path.display(), "database reopened after an I/O failure");

@@ -43,7 +43,7 @@ async fn cli(args: Vec<String>) -> Output {
         run(cmd, WAIT)
     })
     .await
-    .unwrap()
+    .unwrap_or_else(|e| panic!("the command's task failed: {e}"))
 }
 
 fn text(b: &[u8]) -> String {

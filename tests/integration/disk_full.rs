@@ -47,7 +47,8 @@ impl Drop for Mount {
 
 /// Writes zeros into `path` until the file system refuses; returns how much it took.
 fn fill(path: &Path) -> u64 {
-    let mut f = std::fs::File::create(path).unwrap();
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     let chunk = vec![0u8; 64 << 10];
     let mut written = 0u64;
     loop {

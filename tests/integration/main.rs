@@ -2,12 +2,12 @@
 
 mod support;
 
+mod backup;
 mod config;
 mod delivery;
+mod disk_full;
 mod inbound;
 mod ingest;
-mod backup;
-mod disk_full;
-mod packaging;
 mod operator;
+mod packaging;
 mod retention;

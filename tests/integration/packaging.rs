@@ -230,7 +230,7 @@ fn example_subscriptions_and_sources_are_valid_and_state_the_defaults() {
     let all = uncommented(EXAMPLE);
     let c = validated(&all);
     assert_eq!(c.subscriptions.len(), 1);
-    assert_eq!(c.sources.len(), 3);
+    assert!(c.sources.len() >= 3, "{:?}", c.sources);
     assert_eq!(c.tokens.len(), 2);
 
     // The example subscription spells out the defaults of what it does not customise.
@@ -250,8 +250,10 @@ fn example_subscriptions_and_sources_are_valid_and_state_the_defaults() {
     let minimal = validated(
         "[[sources]]\nid = \"github\"\nscheme = \"github\"\nsecrets = [\"s\"]\n\n[[sources]]\nid = \"stripe\"\nscheme = \"stripe\"\nsecrets = [\"whsec_x\"]\n",
     );
-    for (ex, min) in c.sources.iter().zip(minimal.sources.iter()) {
-        assert_eq!(ex.id, min.id);
+    for min in &minimal.sources {
+        let Some(ex) = c.sources.iter().find(|s| s.id == min.id) else {
+            panic!("the example has no {} source", min.id);
+        };
         assert_eq!(ex.tolerance, min.tolerance, "{}", ex.id);
         assert_eq!(ex.event_type, min.event_type, "{}", ex.id);
         assert_eq!(ex.type_prefix, min.type_prefix, "{}", ex.id);

@@ -64,7 +64,9 @@ async fn wait_delivery(d: &Daemon, event_id: &str, status: &str) -> Value {
 /// Posts a signed GitHub webhook; returns the receipt id and event id.
 async fn inbound(d: &Daemon, delivery: &str) -> (String, String) {
     let body = json!({"action": "opened", "n": delivery}).to_string();
-    let mut mac = Hmac::<Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()).unwrap();
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(GITHUB_SECRET.as_bytes()) else {
+        panic!("HMAC takes keys of any length");
+    };
     mac.update(body.as_bytes());
     let sig: String = mac
         .finalize()
@@ -84,10 +86,11 @@ async fn inbound(d: &Daemon, delivery: &str) -> (String, String) {
         )
         .await;
     assert_eq!(status, 202, "{r}\n{}", d.logs());
-    (
-        r["receipt_id"].as_str().unwrap().to_string(),
-        r["event_id"].as_str().unwrap().to_string(),
-    )
+    let field = |k: &str| match r[k].as_str() {
+        Some(v) => v.to_string(),
+        None => panic!("no {k} in {r}"),
+    };
+    (field("receipt_id"), field("event_id"))
 }
 
 /// A sample's value in the Prometheus text, e.g. `dispatchd_table_rows{table="events"}`.
