@@ -6,9 +6,11 @@
 //!
 //! The real daemon binary (release build) runs on 127.0.0.1 with a fresh temporary data
 //! directory and a config file with one subscription, `bench`, for every event type, signed
-//! with one `whsec_` secret, `max_in_flight = 64` (`--max-in-flight`) and a retry policy of
-//! `initial = "1h", max = "2h"` (so a failed attempt is not retried during a run and shows up
-//! as missing). Three modes:
+//! with one `whsec_` secret, `max_in_flight = 256` (64 in `backlog`; `--max-in-flight`) and a
+//! retry policy of `initial = "1h", max = "2h"` (so a failed attempt is not retried during a
+//! run and shows up as missing). 256 in flight did best here: at 64, under a closed-loop
+//! publisher, the destination task's in-memory queue (10,000 jobs) overflows, the daemon puts
+//! the excess back on disk for 30 s, and those deliveries arrive 30 s late. Three modes:
 //!
 //! - `throughput` (default; `--seconds`, default 30): the subscription points at a receiver in
 //!   this process (hyper 1.x on 127.0.0.1:0, answers 200 with an empty body, records the first
@@ -21,7 +23,7 @@
 //!   60 s), duplicates (a second arrival of a `webhook-id`), and any acknowledged event that
 //!   never arrived.
 //! - `latency` (`--rate`, default 10,000/s; `--seconds`, default 30; `--connections`, default
-//!   64): each connection publishes on its own tokio interval (period = connections / rate,
+//!   256): each connection publishes on its own tokio interval (period = connections / rate,
 //!   staggered, missed ticks caught up in a burst), so the offered rate is fixed whatever the
 //!   response times. Ack-to-delivery latency is the receiver's first arrival of `webhook-id` X
 //!   minus the instant the publisher read the 202 for X (one process, one monotonic clock).
@@ -95,12 +97,12 @@ use tokio::time::MissedTickBehavior;
 const USAGE: &str = "\
 usage: cargo bench --bench delivery -- [throughput|latency|backlog] [options]
   --seconds N          measured window after a 1 s warm-up (throughput, latency; default 30)
-  --connections N      publisher connections (default: throughput 128, latency 64, backlog 4)
+  --connections N      publisher connections (default: throughput 128, latency 256, backlog 4)
   --rate N             latency: events published per second (default 10000)
   --events N           backlog: events to publish, one delivery each (default 1000000)
   --batch N            backlog: events per POST /v1/events/batch (default 500)
   --body-bytes N       size of each event's JSON (default 1024)
-  --max-in-flight N    the subscription's max_in_flight (default 64)
+  --max-in-flight N    the subscription's max_in_flight (default: 256, backlog 64)
   --cache-size SIZE    storage.cache_size for the daemon (default: the daemon's default)
   --wait-secs N        backlog: bound on publishing + waiting for the attempts (default 1200)";
 
@@ -167,7 +169,7 @@ struct Options {
     events: u64,
     batch: usize,
     body_bytes: usize,
-    max_in_flight: u32,
+    max_in_flight: Option<u32>,
     cache_size: Option<String>,
     wait_secs: u64,
 }
@@ -177,10 +179,19 @@ impl Options {
         self.seconds.unwrap_or(30)
     }
 
+    /// The subscription's `max_in_flight`: 256 measured best for throughput and latency here
+    /// (64 lets the destination queue overflow, see the module docs); 64 for the backlog.
+    fn max_in_flight(&self) -> u32 {
+        self.max_in_flight.unwrap_or(match self.mode {
+            Mode::Throughput | Mode::Latency => 256,
+            Mode::Backlog => 64,
+        })
+    }
+
     fn connections(&self) -> usize {
         self.connections.unwrap_or(match self.mode {
             Mode::Throughput => 128,
-            Mode::Latency => 64,
+            Mode::Latency => 256,
             Mode::Backlog => 4,
         })
     }
@@ -202,7 +213,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         events: 1_000_000,
         batch: 500,
         body_bytes: 1024,
-        max_in_flight: 64,
+        max_in_flight: None,
         cache_size: None,
         wait_secs: 1200,
     };
@@ -247,7 +258,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 if n > 1024 {
                     bail!("--max-in-flight: the daemon accepts 1 to 1024");
                 }
-                o.max_in_flight = u32::try_from(n)?;
+                o.max_in_flight = Some(u32::try_from(n)?);
             }
             "--cache-size" => {
                 let v = value()?;
@@ -600,17 +611,17 @@ async fn backlog(opts: &Options) -> Result<()> {
     }
 
     // Wait for every first attempt to be made (a few attempts counted may be early retries).
+    let sub_label = format!("subscription=\"{SUBSCRIPTION}\"");
+    let before_attempts = scrape(daemon.addr).await?;
+    let attempts_from = Instant::now();
     let mut next_progress = Instant::now() + Duration::from_secs(15);
     let mut polls = 0u64;
     let reached = loop {
         polls += 1;
-        let attempts = match scrape(daemon.addr).await {
-            Ok(m) => m.sum(
-                "dispatchd_delivery_attempts_total",
-                &format!("subscription=\"{SUBSCRIPTION}\""),
-            ),
-            Err(_) => 0.0,
-        };
+        let m = scrape(daemon.addr).await.ok();
+        let attempts = m.as_ref().map_or(0.0, |m| {
+            m.sum("dispatchd_delivery_attempts_total", &sub_label)
+        });
         if attempts >= n as f64 {
             break Some(started.elapsed());
         }
@@ -618,9 +629,13 @@ async fn backlog(opts: &Options) -> Result<()> {
             break None;
         }
         if Instant::now() >= next_progress {
+            let gauge = |name: &str| m.as_ref().map_or(f64::NAN, |m| m.sum(name, &sub_label));
             println!(
-                "  ... {:.0} s: {attempts:.0} of {n} attempts",
-                started.elapsed().as_secs_f64()
+                "  ... {:.0} s: {attempts:.0} of {n} attempts; destination queue {:.0}, in \
+                 flight {:.0}",
+                started.elapsed().as_secs_f64(),
+                gauge("dispatchd_destination_queue_depth"),
+                gauge("dispatchd_destination_in_flight"),
             );
             next_progress += Duration::from_secs(15);
         }
@@ -636,6 +651,13 @@ async fn backlog(opts: &Options) -> Result<()> {
     println!(
         "attempts reached {n}           {:.1} s after publishing began",
         reached.as_secs_f64()
+    );
+    let after_attempts = scrape(daemon.addr).await?;
+    print_phase(
+        &before_attempts,
+        &after_attempts,
+        attempts_from.elapsed(),
+        "while attempting",
     );
     // The scheduled gauge refreshes every 5 s: let it catch up.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -667,7 +689,6 @@ async fn backlog(opts: &Options) -> Result<()> {
     let restarted = Daemon::start(&work).await?;
     let ready_at = wait_ready(restarted.addr, restarted.spawned + START_TIMEOUT).await?;
     let to_ready = ready_at.saturating_duration_since(restarted.spawned);
-    let first = scrape(restarted.addr).await?;
     println!(
         "restart                      `listening on` {:.3} s after spawn, GET /readyz 200 \
          {:.3} s after spawn (pid {} -> {})",
@@ -676,12 +697,33 @@ async fn backlog(opts: &Options) -> Result<()> {
         pid,
         restarted.pid()
     );
-    println!(
-        "  just after the restart: dispatchd_scheduled_deliveries {:.0}, \
-         dispatchd_timer_wheel_entries {:.0}",
-        first.sum("dispatchd_scheduled_deliveries", ""),
-        first.sum("dispatchd_timer_wheel_entries", "")
-    );
+    // The reload: when the scheduled gauge shows the backlog again (bounded).
+    let mut reloaded = None;
+    let mut seen = 0.0;
+    for _ in 0..1000 {
+        if let Ok(m) = scrape(restarted.addr).await {
+            seen = m.sum("dispatchd_scheduled_deliveries", "");
+            if seen >= scheduled {
+                reloaded = Some(restarted.spawned.elapsed());
+                break;
+            }
+        }
+        if restarted.spawned.elapsed() > START_TIMEOUT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match reloaded {
+        Some(t) => println!(
+            "  dispatchd_scheduled_deliveries back at {seen:.0} {:.3} s after spawn",
+            t.as_secs_f64()
+        ),
+        None => println!(
+            "  dispatchd_scheduled_deliveries still {seen:.0} (not {scheduled:.0}) {:.0} s after \
+             spawn",
+            restarted.spawned.elapsed().as_secs_f64()
+        ),
+    }
     tokio::time::sleep_until((restarted.spawned + SETTLE_AFTER_RESTART).into()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let m2 = scrape(restarted.addr).await?;
@@ -868,7 +910,7 @@ fn print_setup(opts: &Options, work: &Workdir, url: &str) {
     );
     println!(
         "  subscription {SUBSCRIPTION:?} -> {url}, max_in_flight {}, retry initial 1h max 2h",
-        opts.max_in_flight
+        opts.max_in_flight()
     );
 }
 
@@ -895,6 +937,22 @@ fn print_attempts(m: &Scrape) {
     }
 }
 
+/// The writer and the attempts between two scrapes.
+fn print_phase(a: &Scrape, b: &Scrape, took: Duration, what: &str) {
+    let d = |name: &str| b.sum(name, "") - a.sum(name, "");
+    let commits = d("dispatchd_writer_batch_size_count");
+    let attempts = d("dispatchd_delivery_attempt_seconds_count");
+    println!(
+        "daemon {what:<22}{:.0} attempts/s, mean attempt {:.3} ms; writer {:.0} commits/s, \
+         mean batch {:.1} commands, mean commit {:.3} ms",
+        attempts / took.as_secs_f64(),
+        d("dispatchd_delivery_attempt_seconds_sum") / attempts * 1000.0,
+        commits / took.as_secs_f64(),
+        d("dispatchd_writer_batch_size_sum") / commits,
+        d("dispatchd_writer_commit_seconds_sum") / commits * 1000.0
+    );
+}
+
 fn print_machine_note() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -915,10 +973,15 @@ fn print_machine_note() {
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".to_owned());
     println!(
         "note: one machine, {cpus} CPUs ({model}), {mem_gib:.1} GiB RAM, shared by the daemon \
          (tokio runtime + writer thread), the load generator and the receiver (both in this \
-         process, one tokio runtime with {WORKERS} workers); the receiver is on 127.0.0.1"
+         process, one tokio runtime with {WORKERS} workers); the receiver is on 127.0.0.1; \
+         load average now {load} (other work on the machine skews the figures)"
     );
 }
 
@@ -940,6 +1003,7 @@ impl Window {
 struct WindowSample {
     daemon_cpu: Option<f64>,
     bench_cpu: Option<f64>,
+    machine_cpu: Option<f64>,
     commits: f64,
     batch_sum: f64,
     commit_sum: f64,
@@ -960,18 +1024,20 @@ impl WindowSampler {
                 (
                     cpu_seconds(&pid.to_string(), tick),
                     cpu_seconds("self", tick),
+                    machine_busy_seconds(tick),
                 )
             };
             tokio::time::sleep_until(window.start.into()).await;
-            let (d0, b0) = take();
+            let (d0, b0, c0) = take();
             let m0 = scrape(addr).await?;
             tokio::time::sleep_until(window.end.into()).await;
-            let (d1, b1) = take();
+            let (d1, b1, c1) = take();
             let m1 = scrape(addr).await?;
             let delta = |name: &str, label: &str| m1.sum(name, label) - m0.sum(name, label);
             Ok(WindowSample {
                 daemon_cpu: d0.zip(d1).map(|(a, b)| b - a),
                 bench_cpu: b0.zip(b1).map(|(a, b)| b - a),
+                machine_cpu: c0.zip(c1).map(|(a, b)| b - a),
                 commits: delta("dispatchd_writer_batch_size_count", ""),
                 batch_sum: delta("dispatchd_writer_batch_size_sum", ""),
                 commit_sum: delta("dispatchd_writer_commit_seconds_sum", ""),
@@ -996,9 +1062,14 @@ impl WindowSample {
         };
         println!(
             "CPU in the window            daemon {} of one core, bench process (publisher + \
-             receiver) {}",
+             receiver) {}, whole machine {} (so other processes {})",
             pct(self.daemon_cpu),
-            pct(self.bench_cpu)
+            pct(self.bench_cpu),
+            pct(self.machine_cpu),
+            pct(self
+                .machine_cpu
+                .zip(self.daemon_cpu.zip(self.bench_cpu))
+                .map(|(m, (d, b))| (m - d - b).max(0.0)))
         );
     }
 }
@@ -1012,6 +1083,24 @@ fn clock_ticks() -> f64 {
         .and_then(|s| s.trim().parse::<f64>().ok())
         .filter(|t| *t > 0.0)
         .unwrap_or(100.0)
+}
+
+/// CPU seconds the whole machine has spent busy (not idle, not waiting for I/O) since boot.
+fn machine_busy_seconds(ticks: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4);
+    Some(busy.map(|(_, x)| x).sum::<f64>() / ticks)
 }
 
 /// User + system CPU seconds of a process (`self` or a pid).
@@ -1086,7 +1175,7 @@ fn config_text(opts: &Options, url: &str, backlog: bool) -> String {
     t.push_str(&format!(
         "[[subscriptions]]\nid = \"{SUBSCRIPTION}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
          max_in_flight = {}\nretry = {{ max_attempts = 10, initial = \"1h\", max = \"2h\" }}\n",
-        opts.max_in_flight
+        opts.max_in_flight()
     ));
     if backlog {
         // Every attempt fails: a breaker that opens would defer them without attempting.

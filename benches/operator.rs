@@ -273,7 +273,11 @@ async fn run(o: Options) -> Result<()> {
             f(Some(Dead), Some("sub-1"), None, Some(mid_lo), Some(mid_hi)),
         ),
         (
-            "event_type=audit.rare&status=succeeded (0.1%: scan budget)",
+            "event_type=audit.rare&status=pending (0.1% of rows)",
+            f(Some(Pending), None, Some("audit.rare"), None, None),
+        ),
+        (
+            "event_type=audit.rare&status=succeeded (empty intersection)",
             f(Some(Succeeded), None, Some("audit.rare"), None, None),
         ),
     ];

@@ -6,7 +6,7 @@
 //! `cancel_deliveries`, `create_deliveries`, ...) or `Control`; they never touch the database
 //! or the destination tasks directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -321,6 +321,15 @@ fn list_deliveries(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiEr
 
 async fn retry(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
     let did = delivery_id(id)?;
+    let Some(current) = st.store.delivery(did)? else {
+        return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
+    };
+    if st.registry.get(&current.subscription).is_none() {
+        return Err(ApiError::conflict(format!(
+            "subscription {:?} of delivery {did} no longer exists; nothing would attempt it",
+            current.subscription
+        )));
+    }
     let outcome = st.writer.retry_deliveries(vec![did], None).await?;
     match outcome.into_iter().next() {
         Some(RetryOutcome::Scheduled(d)) => {
@@ -594,11 +603,23 @@ async fn redrive(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError
     };
     // Bounded batches: each is one writer command; the cursor only moves forward, so a
     // delivery that dies again during the redrive is not picked up twice.
+    // Dead letters of subscriptions no longer in force stay dead: nothing would attempt them.
+    let in_force: HashSet<String> = st
+        .registry
+        .snapshot()
+        .iter()
+        .map(|s| s.id.clone())
+        .collect();
     let mut cursor = None;
     let mut moved = 0u64;
     loop {
         let page = st.store.list_dead_letters(&filter, cursor, WRITE_CHUNK)?;
-        let ids: Vec<DeliveryId> = page.items.iter().map(|d| d.id).collect();
+        let ids: Vec<DeliveryId> = page
+            .items
+            .iter()
+            .filter(|d| in_force.contains(&d.delivery.subscription))
+            .map(|d| d.id)
+            .collect();
         if !ids.is_empty() {
             let out = st
                 .writer

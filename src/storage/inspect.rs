@@ -418,3 +418,239 @@ fn first_delivery_at_or_after(
     }
     Ok(lo)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::model::Attempt;
+    use crate::storage::writer::{self, AttemptRecord, NewEvent, Next, WriterConfig};
+
+    const TYPES: [&str; 3] = ["order.created", "order.paid", "rare"];
+    const SUBS: [&str; 3] = ["a", "b", "c"];
+
+    /// A store with 300 events fanned out to 1-3 subscriptions each, and a mix of outcomes.
+    async fn filled() -> (tempfile::TempDir, Store) {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        let metrics = match Metrics::new() {
+            Ok(m) => Arc::new(m),
+            Err(e) => panic!("{e}"),
+        };
+        let cfg = WriterConfig {
+            max_batch: 16,
+            queue: 64,
+        };
+        let (w, join) = match writer::spawn(store.clone(), cfg, metrics, None) {
+            Ok(x) => x,
+            Err(e) => panic!("{e}"),
+        };
+        for chunk in 0..6u64 {
+            let events = (0..50u64)
+                .map(|j| {
+                    let i = chunk * 50 + j;
+                    let t = if i % 37 == 0 { 2 } else { (i % 2) as usize };
+                    let subs = SUBS[..1 + (i % 3) as usize]
+                        .iter()
+                        .map(|s| Arc::from(*s))
+                        .collect();
+                    NewEvent {
+                        id: format!("e{i}"),
+                        event_type: TYPES[t].into(),
+                        source: None,
+                        data: "{}".into(),
+                        idempotency_key: None,
+                        subscriptions: subs,
+                    }
+                })
+                .collect();
+            if let Err(e) = w.publish(events).await {
+                panic!("{e}");
+            }
+        }
+        let all = match store.list_deliveries(&DeliveryFilter::default(), None, 10_000) {
+            Ok(p) => p.items,
+            Err(e) => panic!("{e}"),
+        };
+        let records = all
+            .iter()
+            .filter(|(id, _)| id % 4 != 0)
+            .map(|(id, d)| AttemptRecord {
+                delivery: *id,
+                subscription: Arc::from(d.subscription.as_str()),
+                attempt: Attempt {
+                    started_at: 0,
+                    duration_us: 0,
+                    status_code: Some(200),
+                    error: None,
+                    response_body: String::new(),
+                },
+                error: None,
+                next: match id % 4 {
+                    1 => Next::Succeeded,
+                    2 => Next::Dead,
+                    _ => Next::Retry { at: i64::MAX / 2 },
+                },
+            })
+            .collect();
+        if let Err(e) = w.record_attempts(records).await {
+            panic!("{e}");
+        }
+        w.stop();
+        drop(w);
+        let _ = join.join();
+        (dir, store)
+    }
+
+    fn walk(store: &Store, f: &DeliveryFilter, limit: usize) -> Vec<DeliveryId> {
+        let mut out = Vec::new();
+        let mut after = None;
+        for _ in 0..10_000 {
+            let page = match store.list_deliveries(f, after, limit) {
+                Ok(p) => p,
+                Err(e) => panic!("{e}"),
+            };
+            assert!(page.items.len() <= limit);
+            out.extend(page.items.iter().map(|(id, _)| *id));
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return out,
+            }
+        }
+        panic!("the walk did not end for {f:?}");
+    }
+
+    #[tokio::test]
+    async fn every_filter_combination_matches_a_full_scan() {
+        let (_dir, store) = filled().await;
+        let all = match store.list_deliveries(&DeliveryFilter::default(), None, 10_000) {
+            Ok(p) => p.items,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(all.len() > 500, "{}", all.len());
+        let events: std::collections::HashMap<String, String> = (0..300u64)
+            .filter_map(|i| {
+                let (_, e) = store.event_by_id(&format!("e{i}")).ok()??;
+                Some((e.id, e.event_type))
+            })
+            .collect();
+        let times: Vec<Micros> = all.iter().map(|(_, d)| d.created_at).collect();
+        let (t1, t2) = (times[all.len() / 3], times[2 * all.len() / 3]);
+        let statuses = [
+            None,
+            Some(DeliveryStatus::Pending),
+            Some(DeliveryStatus::Succeeded),
+            Some(DeliveryStatus::Retrying),
+            Some(DeliveryStatus::Dead),
+        ];
+        let mut checked = 0;
+        for status in statuses {
+            for sub in [None, Some("a"), Some("c"), Some("zzz")] {
+                for ty in [None, Some("order.paid"), Some("rare")] {
+                    for (since, until) in [(None, None), (Some(t1), None), (Some(t1), Some(t2))] {
+                        let f = DeliveryFilter {
+                            status,
+                            subscription: sub.map(str::to_string),
+                            event_type: ty.map(str::to_string),
+                            since,
+                            until,
+                        };
+                        let want: Vec<DeliveryId> = all
+                            .iter()
+                            .filter(|(_, d)| status.is_none_or(|s| d.status == s))
+                            .filter(|(_, d)| sub.is_none_or(|s| d.subscription == s))
+                            .filter(|(_, d)| {
+                                ty.is_none_or(|t| {
+                                    events.get(&d.event_id).map(String::as_str) == Some(t)
+                                })
+                            })
+                            .filter(|(_, d)| since.is_none_or(|s| d.created_at >= s))
+                            .filter(|(_, d)| until.is_none_or(|u| d.created_at < u))
+                            .map(|(id, _)| *id)
+                            .collect();
+                        for limit in [1, 7, 1000] {
+                            assert_eq!(walk(&store, &f, limit), want, "{f:?} limit {limit}");
+                        }
+                        checked += usize::from(!want.is_empty());
+                    }
+                }
+            }
+        }
+        assert!(checked > 50, "too few non-empty combinations: {checked}");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_and_live_deliveries() {
+        let (_dir, store) = filled().await;
+        let dead = match store.list_dead_letters(&DeadFilter::default(), None, 10_000) {
+            Ok(p) => p.items,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!dead.is_empty());
+        assert!(
+            dead.iter()
+                .all(|d| d.delivery.status == DeliveryStatus::Dead)
+        );
+        let of_c = match store.list_dead_letters(
+            &DeadFilter {
+                subscription: Some("c".into()),
+                since: None,
+            },
+            None,
+            3,
+        ) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(of_c.items.len(), 3);
+        assert!(of_c.next.is_some());
+        assert!(of_c.items.iter().all(|d| d.delivery.subscription == "c"));
+        let future = DeadFilter {
+            subscription: None,
+            since: Some(i64::MAX),
+        };
+        assert!(matches!(store.list_dead_letters(&future, None, 10), Ok(p) if p.items.is_empty()));
+
+        // Live: pending and retrying of one subscription, in chunks that resume correctly.
+        let mut got = Vec::new();
+        let mut cursor = None;
+        loop {
+            let chunk = match store.live_deliveries("a", cursor, 13) {
+                Ok(c) => c,
+                Err(e) => panic!("{e}"),
+            };
+            got.extend(chunk.items.iter().map(|(id, d)| (*id, d.status)));
+            match chunk.next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let want: Vec<(DeliveryId, DeliveryStatus)> = {
+            let f = |st| DeliveryFilter {
+                status: Some(st),
+                subscription: Some("a".into()),
+                ..Default::default()
+            };
+            let mut w: Vec<_> = walk(&store, &f(DeliveryStatus::Pending), 1000)
+                .into_iter()
+                .map(|id| (id, DeliveryStatus::Pending))
+                .collect();
+            w.extend(
+                walk(&store, &f(DeliveryStatus::Retrying), 1000)
+                    .into_iter()
+                    .map(|id| (id, DeliveryStatus::Retrying)),
+            );
+            w
+        };
+        assert!(want.len() > 20);
+        assert_eq!(got, want);
+    }
+}

@@ -130,12 +130,15 @@ fn key(secret: &str) -> &[u8] {
     secret.as_bytes()
 }
 
+/// Request headers as (name, value) pairs.
+type Headers = Vec<(String, String)>;
+
 /// How one scheme is exercised by the shared checks.
 struct Scheme {
     source: &'static str,
     /// The request headers for `body` signed with `secret` at unix time `ts`, carrying the
     /// provider delivery id `id` where the scheme puts it in a header.
-    sign: fn(secret: &str, ts: i64, id: &str, body: &[u8]) -> Vec<(String, String)>,
+    sign: fn(secret: &str, ts: i64, id: &str, body: &[u8]) -> Headers,
     /// A body of this provider carrying the delivery id `id` where the scheme puts it in JSON.
     body: fn(id: &str, n: u32) -> Vec<u8>,
     /// The header whose absence must be refused.
@@ -337,8 +340,8 @@ async fn exercise(d: &Daemon, s: &Scheme) {
     let event_id = str_of(&accepted, "event_id").to_string();
     assert!(accepted["seq"].as_u64().is_some(), "{accepted}");
 
-    // The same provider delivery id again: acknowledged, not stored twice. The body may even
-    // differ (a provider retry re-signs with a new timestamp).
+    // The same provider delivery id again (a provider retry, re-signed a second later):
+    // acknowledged, not stored twice.
     let (status, dup) = post(
         NEW,
         t + 1,
@@ -640,7 +643,7 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
 }
 
 /// The headers of GitHub's example delivery.
-fn github_doc_headers() -> Vec<(String, String)> {
+fn github_doc_headers() -> Headers {
     vec![
         h("X-Hub-Signature-256", GITHUB_DOC_SIGNATURE),
         h("X-GitHub-Event", "ping"),

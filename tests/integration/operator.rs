@@ -1329,11 +1329,27 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
         }
     };
 
-    // Valid: a changes its URL, b appears.
+    // An inbound webhook with a signature nobody could have made: 404 while the source is
+    // unknown, 401 once a reload brought it in.
+    let ingest = || async {
+        d.send(
+            d.http
+                .post(d.url("/v1/ingest/gh"))
+                .header("X-Hub-Signature-256", format!("sha256={}", "0".repeat(64)))
+                .header("X-GitHub-Event", "ping")
+                .header("X-GitHub-Delivery", "d-1")
+                .body("{}"),
+        )
+        .await
+        .0
+    };
+    assert_eq!(ingest().await, 404);
+
+    // Valid: a changes its URL, b appears, and a source.
     write(config(
         "",
         &format!(
-            "{}{}",
+            "{}{}[[sources]]\nid = \"gh\"\nscheme = \"github\"\nsecrets = [\"gh-secret-000001\"]\n",
             sub("a", &ra2.url("/"), ""),
             sub("b", &rb.url("/"), "")
         ),
@@ -1342,6 +1358,8 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     assert_eq!(r["added"], json!(["b"]));
     assert_eq!(r["changed"], json!(["a"]));
     assert_eq!(r["subscriptions"], 2);
+    assert_eq!(r["sources"], 1);
+    assert_eq!(ingest().await, 401);
     let ev = publish(&d, "x", json!({})).await;
     assert_eq!(ev["deliveries"], 2);
     ra2.wait_for(1, WAIT).await;
@@ -1406,6 +1424,8 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     let next = publish(&d, "x", json!({})).await;
     ra3.wait_for(1, WAIT).await;
     assert_eq!(ids_received(&ra3), vec![str_of(&next, "id")]);
+
+    assert_eq!(ingest().await, 404, "the source left with the reload");
 
     // SIGHUP: the same, without HTTP.
     write(config("", &sub("a", &ra3.url("/"), "")));

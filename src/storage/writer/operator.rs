@@ -306,3 +306,240 @@ impl WriterHandle {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::model::Attempt;
+    use crate::storage::Store;
+    use crate::storage::schema::*;
+    use crate::storage::writer::{self, AttemptRecord, NewEvent, Next, WriterConfig};
+
+    fn open() -> (tempfile::TempDir, Store, WriterHandle) {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        let metrics = match Metrics::new() {
+            Ok(m) => Arc::new(m),
+            Err(e) => panic!("{e}"),
+        };
+        let cfg = WriterConfig {
+            max_batch: 8,
+            queue: 64,
+        };
+        match writer::spawn(store.clone(), cfg, metrics, None) {
+            Ok((w, _join)) => (dir, store, w),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Every index row agrees with the delivery records, and no row is left over.
+    fn assert_indexes_consistent(store: &Store) {
+        let check = || -> Result<(), StoreError> {
+            let r = store.db().begin_read()?;
+            let deliveries = r.open_table(DELIVERIES)?;
+            let by_status = r.open_table(DELIVERIES_BY_STATUS)?;
+            let sub_status = r.open_table(DELIVERIES_BY_SUB_STATUS)?;
+            let by_sub = r.open_table(DELIVERIES_BY_SUB)?;
+            let dead = r.open_table(DEAD)?;
+            let schedule = r.open_table(SCHEDULE)?;
+            let (mut n, mut n_dead, mut n_sched) = (0u64, 0u64, 0u64);
+            for row in deliveries.iter()? {
+                let (k, v) = row?;
+                let id = k.value();
+                let d: Delivery = decode(v.value(), "delivery")?;
+                let sub = d.subscription.as_str();
+                let code = d.status.code();
+                assert!(by_status.get((code, id))?.is_some(), "{id}: status index");
+                assert!(
+                    sub_status.get((sub, code, id))?.is_some(),
+                    "{id}: sub+status index"
+                );
+                assert!(by_sub.get((sub, id))?.is_some(), "{id}: sub index");
+                assert_eq!(
+                    dead.get(id)?.is_some(),
+                    d.status == DeliveryStatus::Dead,
+                    "{id}: dead"
+                );
+                n_dead += u64::from(d.status == DeliveryStatus::Dead);
+                if let Some(at) = d.next_attempt_at {
+                    assert!(schedule.get((at, id))?.is_some(), "{id}: schedule");
+                    assert!(!d.status.is_terminal(), "{id}: terminal but scheduled");
+                    n_sched += 1;
+                }
+                n += 1;
+            }
+            assert_eq!(by_status.len()?, n, "stale status index rows");
+            assert_eq!(sub_status.len()?, n, "stale sub+status index rows");
+            assert_eq!(dead.len()?, n_dead, "stale dead-letter rows");
+            assert_eq!(schedule.len()?, n_sched, "stale schedule rows");
+            Ok(())
+        };
+        if let Err(e) = check() {
+            panic!("{e}");
+        }
+    }
+
+    fn attempt(id: DeliveryId, sub: &str, next: Next) -> AttemptRecord {
+        AttemptRecord {
+            delivery: id,
+            subscription: Arc::from(sub),
+            attempt: Attempt {
+                started_at: 0,
+                duration_us: 0,
+                status_code: Some(500),
+                error: None,
+                response_body: String::new(),
+            },
+            error: Some("HTTP 500".into()),
+            next,
+        }
+    }
+
+    #[tokio::test]
+    async fn operator_writes_keep_every_index_in_step() {
+        let (_dir, store, w) = open();
+        let events = (0..4)
+            .map(|i| NewEvent {
+                id: format!("e{i}"),
+                event_type: "t".into(),
+                source: None,
+                data: "{}".into(),
+                idempotency_key: None,
+                subscriptions: vec![Arc::from("a"), Arc::from("b")],
+            })
+            .collect();
+        if let Err(e) = w.publish(events).await {
+            panic!("{e}");
+        }
+        // 1..=8: make 1, 2 dead, 3 retrying, 4 succeeded; 5..8 stay pending.
+        let records = vec![
+            attempt(1, "a", Next::Dead),
+            attempt(2, "b", Next::Dead),
+            attempt(3, "a", Next::Retry { at: i64::MAX / 2 }),
+            attempt(4, "b", Next::Succeeded),
+        ];
+        if let Err(e) = w.record_attempts(records).await {
+            panic!("{e}");
+        }
+        assert_indexes_consistent(&store);
+
+        let out = match w.retry_deliveries(vec![1, 3, 4, 5, 99], None).await {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(
+            matches!(&out[0], RetryOutcome::Scheduled(d) if d.status == DeliveryStatus::Retrying && d.attempts == 1)
+        );
+        assert!(
+            matches!(&out[1], RetryOutcome::Scheduled(d) if d.status == DeliveryStatus::Retrying)
+        );
+        assert!(
+            matches!(&out[2], RetryOutcome::NotAllowed(d) if d.status == DeliveryStatus::Succeeded)
+        );
+        assert!(
+            matches!(&out[3], RetryOutcome::Scheduled(d) if d.status == DeliveryStatus::Pending)
+        );
+        assert!(matches!(out[4], RetryOutcome::NotFound));
+        assert_indexes_consistent(&store);
+
+        // A redrive only takes dead ones.
+        let out = match w
+            .retry_deliveries(vec![2, 6], Some(DeliveryStatus::Dead))
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(matches!(&out[0], RetryOutcome::Scheduled(_)));
+        assert!(matches!(&out[1], RetryOutcome::NotAllowed(_)));
+        assert_indexes_consistent(&store);
+
+        let out = match w
+            .cancel_deliveries(vec![6, 7, 4, 99], Some("why".into()))
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(
+            matches!(&out[0], CancelOutcome::Cancelled(d) if d.next_attempt_at.is_none() && d.last_error.as_deref() == Some("why"))
+        );
+        assert!(matches!(&out[1], CancelOutcome::Cancelled(_)));
+        assert!(matches!(&out[2], CancelOutcome::NotAllowed(_)));
+        assert!(matches!(out[3], CancelOutcome::NotFound));
+        assert_indexes_consistent(&store);
+
+        // An attempt finishing on a cancelled delivery is recorded; the status stays.
+        if let Err(e) = w.record_attempts(vec![attempt(6, "b", Next::Dead)]).await {
+            panic!("{e}");
+        }
+        assert!(
+            matches!(store.delivery(6), Ok(Some(d)) if d.status == DeliveryStatus::Cancelled && d.attempts == 1)
+        );
+        assert_indexes_consistent(&store);
+
+        // Replay: new deliveries of stored events; a missing event is skipped.
+        let made = match w
+            .create_deliveries(
+                vec![
+                    (1, Arc::from("a")),
+                    (2, Arc::from("b")),
+                    (99, Arc::from("a")),
+                ],
+                Origin::Replay,
+            )
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(made, 2);
+        let replayed: BTreeSet<(String, String)> = [9, 10]
+            .iter()
+            .filter_map(|id| store.delivery(*id).ok().flatten())
+            .filter(|d| d.origin == Origin::Replay && d.status == DeliveryStatus::Pending)
+            .map(|d| (d.event_id, d.subscription))
+            .collect();
+        assert_eq!(
+            replayed,
+            [
+                ("e0".to_string(), "a".to_string()),
+                ("e1".into(), "b".into())
+            ]
+            .into_iter()
+            .collect()
+        );
+        assert_indexes_consistent(&store);
+        // Created times never go backwards with ids (the time filters rely on it).
+        let times: Vec<Micros> = (1..=10)
+            .filter_map(|id| store.delivery(id).ok().flatten().map(|d| d.created_at))
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+
+        // API subscription records.
+        if let Err(e) = w.put_subscription("s1".into(), &("spec", 1u32)).await {
+            panic!("{e}");
+        }
+        let recs: Vec<(String, (String, u32))> = match store.subscription_records() {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(recs, vec![("s1".to_string(), ("spec".to_string(), 1))]);
+        assert!(matches!(w.delete_subscription("s1".into()).await, Ok(true)));
+        assert!(matches!(
+            w.delete_subscription("s1".into()).await,
+            Ok(false)
+        ));
+    }
+}

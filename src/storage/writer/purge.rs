@@ -210,3 +210,107 @@ fn remove(t: &mut Tables<'_>, d: &Doomed, out: &mut Purged) -> Result<(), StoreE
 fn points_at(found: Option<u64>, want: u64) -> bool {
     found == Some(want)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::{AttemptRecord, NewEvent, Next, WriterConfig, spawn};
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::model::{Attempt, now_micros};
+    use crate::storage::Store;
+
+    fn event(n: u32) -> NewEvent {
+        NewEvent {
+            id: format!("evt_{n}"),
+            event_type: "t".into(),
+            source: None,
+            data: "{}".into(),
+            idempotency_key: Some(format!("key-{n}")),
+            subscriptions: vec![Arc::from("s")],
+        }
+    }
+
+    fn succeeded(delivery: DeliveryId) -> AttemptRecord {
+        AttemptRecord {
+            delivery,
+            subscription: Arc::from("s"),
+            attempt: Attempt {
+                started_at: now_micros(),
+                duration_us: 1,
+                status_code: Some(200),
+                error: None,
+                response_body: String::new(),
+            },
+            error: None,
+            next: Next::Succeeded,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_decides_again_and_removes_everything_hanging_off_an_event() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("dispatchd.redb"), 1 << 20).unwrap();
+        let (w, thread) = spawn(
+            store.clone(),
+            WriterConfig {
+                max_batch: 16,
+                queue: 16,
+            },
+            Arc::new(Metrics::new().unwrap()),
+            None,
+        )
+        .unwrap();
+        w.publish(vec![event(1), event(2), event(3)]).await.unwrap();
+        let later = now_micros() + 3_600_000_000;
+
+        // Pending deliveries keep their events, whatever the sweeper proposed.
+        let p = w.purge(vec![1, 2, 3], later).await.unwrap();
+        assert_eq!((p.events, p.kept), (0, 3));
+
+        w.record_attempts(vec![succeeded(1), succeeded(2), succeeded(3)])
+            .await
+            .unwrap();
+        // Changed after the cutoff: kept.
+        let p = w
+            .purge(vec![1], now_micros() - 3_600_000_000)
+            .await
+            .unwrap();
+        assert_eq!((p.events, p.kept), (0, 1));
+        // Old enough and terminal: events 1 and 2 go; 3 is the newest and stays.
+        let p = w.purge(vec![1, 2, 3, 99], later).await.unwrap();
+        assert_eq!(
+            p,
+            Purged {
+                events: 2,
+                deliveries: 2,
+                attempts: 2,
+                receipts: 0,
+                kept: 2
+            }
+        );
+        assert!(store.event_by_seq(1).unwrap().is_none());
+        assert!(store.event_by_id("evt_2").unwrap().is_none());
+        assert!(store.delivery(1).unwrap().is_none());
+        assert!(store.attempts(2).unwrap().is_empty());
+        assert!(store.event_delivery_ids(1).unwrap().is_empty());
+        assert!(store.event_by_id("evt_3").unwrap().is_some());
+        // Idempotency keys go with their events: the key may be used again.
+        let again = w.publish(vec![event(1)]).await.unwrap();
+        assert!(matches!(
+            again[0],
+            super::super::Published::Created { seq: 4, .. }
+        ));
+        w.stop();
+        drop(w);
+        thread.join().unwrap();
+        // And what is left checks clean.
+        drop(store);
+        let rep = crate::storage::backup::verify::<serde::de::IgnoredAny>(
+            &tmp.path().join("dispatchd.redb"),
+        )
+        .unwrap();
+        assert!(rep.ok(), "{:?}", rep.problems);
+    }
+}
