@@ -331,11 +331,20 @@ pub enum Scope {
     Admin,
 }
 
-/// A configured API token.
-#[derive(Debug, Clone)]
+/// A configured API token. `Debug` hides the token itself.
+#[derive(Clone)]
 pub struct Token {
     pub token: String,
     pub scopes: Vec<Scope>,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("token", &"<hidden>")
+            .field("scopes", &self.scopes)
+            .finish()
+    }
 }
 
 /// Validated configuration: what the daemon runs with.
@@ -971,6 +980,23 @@ retry = { max_attempts = 8, initial = "5s", max = "1h" }
         assert_eq!(s.rate_limit, Some(50.0));
         assert!(s.wants("order.created"));
         assert!(!s.wants("invoice.created"));
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = parse_ok(
+            "[auth]\ntokens = [ { token = \"tok-0123456789abcdef\", scopes = [\"admin\"] } ]\n\
+             [[subscriptions]]\nid = \"a\"\nurl = \"https://x.test/h\"\n\
+             secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\nheaders = { \"X-Api-Key\" = \"hunter2\" }\n",
+        );
+        let dbg = format!("{c:?}");
+        for secret in [
+            "tok-0123456789abcdef",
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "hunter2",
+        ] {
+            assert!(!dbg.contains(secret), "{secret} leaks in {dbg}");
+        }
     }
 
     #[test]

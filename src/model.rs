@@ -260,8 +260,9 @@ pub enum SubscriptionSource {
     Api,
 }
 
-/// A validated subscription: where events of which types go and how.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A validated subscription: where events of which types go and how. Its `Debug` output
+/// hides the secrets and header values (they may carry credentials).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Subscription {
     pub id: String,
     pub url: String,
@@ -286,6 +287,29 @@ pub struct Subscription {
     /// Paused by an operator: its deliveries are still made and kept, none is attempted.
     #[serde(default)]
     pub paused: bool,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("event_types", &self.event_types)
+            .field("secrets", &format_args!("<{} hidden>", self.secrets.len()))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("rate_limit", &self.rate_limit)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("ordering", &self.ordering)
+            .field("retry", &self.retry)
+            .field("breaker", &self.breaker)
+            .field("final_status_codes", &self.final_status_codes)
+            .field("enabled", &self.enabled)
+            .field("source", &self.source)
+            .field("filter", &self.filter)
+            .field("paused", &self.paused)
+            .finish()
+    }
 }
 
 impl Subscription {
