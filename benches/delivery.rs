@@ -124,7 +124,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Throughput: how long the backlog left at the end of the window may take to arrive.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 /// Latency: how long to wait for the last deliveries after publishing stops.
-const LATENCY_WAIT: Duration = Duration::from_secs(30);
+const LATENCY_WAIT: Duration = Duration::from_secs(60);
 /// Backlog: how long after the restart RSS is read again.
 const SETTLE_AFTER_RESTART: Duration = Duration::from_secs(5);
 /// Tokio workers of this process (load generator and receiver).
@@ -602,6 +602,10 @@ async fn backlog(opts: &Options) -> Result<()> {
         published.deliveries,
         publish_time.as_secs_f64(),
         published.events as f64 / publish_time.as_secs_f64()
+    );
+    println!(
+        "  RSS right after publishing: {}",
+        memory(daemon.pid()).rss_text()
     );
     if published.deliveries != n {
         bail!(

@@ -84,9 +84,7 @@ impl Registry {
         };
         wanted
             .into_iter()
-            .filter(|s| {
-                s.filter.is_none() || parsed.as_ref().is_some_and(|d| s.wants_data(d))
-            })
+            .filter(|s| s.filter.is_none() || parsed.as_ref().is_some_and(|d| s.wants_data(d)))
             .map(|s| Arc::from(s.id.as_str()))
             .collect()
     }

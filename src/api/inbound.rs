@@ -108,7 +108,9 @@ pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Resu
 
     let event = NewEvent {
         id: format!("evt_{}", uuid::Uuid::now_v7().simple()),
-        subscriptions: st.registry.matching(&inbound.event_type),
+        subscriptions: st
+            .registry
+            .matching_event(&inbound.event_type, &inbound.data),
         event_type: inbound.event_type,
         source: Some(src.id.clone()),
         data: inbound.data,

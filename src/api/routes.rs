@@ -458,10 +458,7 @@ pub(super) fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>)
     Ok((limit, cursor))
 }
 
-pub(super) fn time_param(
-    q: &HashMap<String, String>,
-    name: &str,
-) -> Result<Option<i64>, ApiError> {
+pub(super) fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
     match q.get(name) {
         None => Ok(None),
         Some(v) => parse_time(v).map(Some).ok_or_else(|| {
@@ -574,7 +571,10 @@ mod tests {
 
     #[test]
     fn inbound_routes() {
-        assert_eq!(Route::parse("/v1/ingest/github"), Some(Route::Ingest("github")));
+        assert_eq!(
+            Route::parse("/v1/ingest/github"),
+            Some(Route::Ingest("github"))
+        );
         assert_eq!(Route::parse("/v1/ingest/"), None);
         assert_eq!(Route::parse("/v1/ingest/a/b"), None);
         assert_eq!(Route::parse("/v1/receipts/7"), Some(Route::Receipt("7")));

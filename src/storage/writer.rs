@@ -217,7 +217,11 @@ impl WriterHandle {
 
     /// Stores an inbound receipt with its event and deliveries in one transaction; resolves
     /// after the commit.
-    pub async fn ingest(&self, receipt: NewReceipt, event: NewEvent) -> Result<Ingested, WriteError> {
+    pub async fn ingest(
+        &self,
+        receipt: NewReceipt,
+        event: NewEvent,
+    ) -> Result<Ingested, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Command::Ingest {
             receipt: Box::new(receipt),
@@ -458,7 +462,9 @@ impl Writer {
                 event,
                 reply,
             } => match self.ingest_one(t, *receipt, *event, fx) {
-                Ok(i) => fx.replies.push(Box::new(move |r| drop(reply.send(r.map(|()| i))))),
+                Ok(i) => fx
+                    .replies
+                    .push(Box::new(move |r| drop(reply.send(r.map(|()| i))))),
                 Err(e) => {
                     drop(reply.send(Err(WriteError::Storage(e.to_string()))));
                     return Err(e);

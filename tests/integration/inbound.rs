@@ -636,7 +636,15 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
     assert_eq!(status, 200, "{dup}");
     assert_eq!(dup["duplicate"], true);
     assert_eq!(dup["receipt_id"], receipt_id.as_str());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing new was stored, so there is nothing to deliver a second time.
+    let (_, events) = d.get("/v1/events?source=gh-doc").await;
+    assert_eq!(
+        events["items"].as_array().map(Vec::len),
+        Some(1),
+        "{events}"
+    );
+    let (_, dl) = d.get(&format!("/v1/events/{event_id}/deliveries")).await;
+    assert_eq!(dl["items"].as_array().map(Vec::len), Some(1), "{dl}");
     assert_eq!(rx.received().len(), 1);
     assert_eq!(receipts_metric(&d, "gh-doc", "accepted").await, 1);
     assert_eq!(receipts_metric(&d, "gh-doc", "duplicate").await, 1);

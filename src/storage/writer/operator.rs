@@ -311,7 +311,7 @@ impl WriterHandle {
 mod tests {
     use std::collections::BTreeSet;
 
-    use redb::{ReadableDatabase, ReadableTableMetadata};
+    use redb::ReadableTableMetadata;
 
     use super::*;
     use crate::metrics::Metrics;
