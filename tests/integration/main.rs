@@ -3,6 +3,7 @@
 mod support;
 
 mod backup;
+mod compat;
 mod config;
 mod delivery;
 mod disk_full;
