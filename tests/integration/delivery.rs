@@ -62,6 +62,29 @@ async fn wait_status(d: &Daemon, event_id: &str, status: &str) -> Value {
     }
 }
 
+/// Waits for the first attempt of the event's delivery and checks the guard refused it
+/// before any request left.
+async fn assert_refused_without_a_request(d: &Daemon, rx: &Receiver, event_id: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dl = loop {
+        let (_, body) = d.get(&format!("/v1/events/{event_id}/deliveries")).await;
+        let first = body["items"][0].clone();
+        if first["attempts"].as_u64().unwrap_or(0) >= 1 {
+            break first;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no attempt: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        dl["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("refused_address"),
+        "{dl}"
+    );
+    assert!(rx.received().is_empty());
+}
+
 fn id_of(v: &Value) -> String {
     v["id"].as_str().unwrap_or_default().to_string()
 }
@@ -296,26 +319,7 @@ async fn private_destinations_are_refused_unless_allowed() {
     let rx = Receiver::start().await;
     let d = Daemon::start(&sub("s", &rx.url("/"), ""));
     let ev = d.publish("a", json!({})).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let dl = loop {
-        let (_, body) = d
-            .get(&format!("/v1/events/{}/deliveries", id_of(&ev)))
-            .await;
-        let first = body["items"][0].clone();
-        if first["attempts"].as_u64().unwrap_or(0) >= 1 {
-            break first;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no attempt: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(
-        dl["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("refused_address"),
-        "{dl}"
-    );
-    assert!(rx.received().is_empty());
+    assert_refused_without_a_request(&d, &rx, &id_of(&ev)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,26 +428,7 @@ async fn names_resolving_to_private_addresses_are_refused() {
     let url = format!("http://localhost:{}/", rx.addr.port());
     let d = Daemon::start(&sub("s", &url, ""));
     let ev = d.publish("a", json!({})).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let dl = loop {
-        let (_, body) = d
-            .get(&format!("/v1/events/{}/deliveries", id_of(&ev)))
-            .await;
-        let first = body["items"][0].clone();
-        if first["attempts"].as_u64().unwrap_or(0) >= 1 {
-            break first;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no attempt: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(
-        dl["last_error"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("refused_address"),
-        "{dl}"
-    );
-    assert!(rx.received().is_empty());
+    assert_refused_without_a_request(&d, &rx, &id_of(&ev)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
