@@ -40,8 +40,11 @@
 //!   `/metrics` until `dispatchd_delivery_attempts_total{subscription="bench"}` reaches N
 //!   (bounded by `--wait-secs`), then reports the daemon's RSS (VmRSS, VmHWM) and
 //!   `dispatchd_scheduled_deliveries`, stops it with SIGTERM, restarts it on the same data
-//!   directory and times spawn → `listening on` and spawn → first 200 from `GET /readyz`,
-//!   then reports RSS again 5 s later.
+//!   directory and times spawn → `listening on`, spawn → first 200 from `GET /readyz` and
+//!   spawn → `dispatchd_scheduled_deliveries` back at its value, then reports RSS again
+//!   about 5 s later. Before and after the restart it samples 5,000 `retrying` deliveries
+//!   (`GET /v1/deliveries`, lowest ids first) and counts those whose `next_attempt_at` is
+//!   more than 5 s in the past: retries the scheduler has not started on time.
 //!
 //! Every 64th delivery the receiver also checks the Standard Webhooks signature with the
 //! `hmac` and `sha2` crates (not the daemon's `ring`), the timestamp, and that the body's
@@ -677,6 +680,7 @@ async fn backlog(opts: &Options) -> Result<()> {
         m.sum("dispatchd_timer_wheel_entries", "")
     );
     print_attempts(&m);
+    print_overdue(daemon.addr).await;
     println!(
         "database file                {:.1} MiB",
         file_mib(&work.db_file())
@@ -746,6 +750,7 @@ async fn backlog(opts: &Options) -> Result<()> {
             &format!("subscription=\"{SUBSCRIPTION}\"")
         )
     );
+    print_overdue(restarted.addr).await;
     let rss_mb = mem.rss_kb.map_or(f64::NAN, |kb| kb as f64 / 1024.0);
     println!(
         "target: RSS < 250 MB holding 1000000 scheduled retries: {rss_mb:.1} MiB holding \
@@ -939,6 +944,76 @@ fn print_attempts(m: &Scrape) {
             "  dead deliveries {dead:.0}, writer commit failures {failures:.0}, breaker trips {trips:.0}"
         );
     }
+}
+
+/// Deliveries sampled from `GET /v1/deliveries?status=retrying` (lowest ids first, so the
+/// earliest attempted): how many have a due time already well past, which the scheduler
+/// should have attempted.
+async fn print_overdue(addr: SocketAddr) {
+    const PAGES: usize = 5;
+    const LATE: Duration = Duration::from_secs(5);
+    #[derive(Deserialize)]
+    struct Page {
+        items: Vec<Item>,
+        next_cursor: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Item {
+        attempts: u32,
+        next_attempt_at: Option<String>,
+    }
+    let (mut sampled, mut overdue, mut retried) = (0u64, 0u64, 0u64);
+    let mut latest = Duration::ZERO;
+    let mut cursor = String::new();
+    for _ in 0..PAGES {
+        let path = format!(
+            "/v1/deliveries?status=retrying&subscription={SUBSCRIPTION}&limit=1000&cursor={cursor}"
+        );
+        let page = match http_get(addr, &path, REQUEST_TIMEOUT).await {
+            Ok(r) if r.status == 200 => match serde_json::from_slice::<Page>(&r.body) {
+                Ok(p) => p,
+                Err(e) => {
+                    println!("  overdue probe: unexpected answer: {e}");
+                    return;
+                }
+            },
+            Ok(r) => {
+                println!("  overdue probe: GET {path} answered {}", r.status);
+                return;
+            }
+            Err(e) => {
+                println!("  overdue probe: {e:#}");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        for item in &page.items {
+            sampled += 1;
+            if item.attempts > 1 {
+                retried += 1;
+            }
+            let due = item
+                .next_attempt_at
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339(t).ok());
+            if let Some(late) = due.and_then(|d| now.duration_since(d).ok()) {
+                if late > LATE {
+                    overdue += 1;
+                    latest = latest.max(late);
+                }
+            }
+        }
+        match page.next_cursor {
+            Some(c) if !page.items.is_empty() => cursor = c,
+            _ => break,
+        }
+    }
+    println!(
+        "  overdue probe: of {sampled} retrying deliveries (lowest ids), {overdue} are due more \
+         than {} s ago (latest by {:.1} s); {retried} have had 2+ attempts",
+        LATE.as_secs(),
+        latest.as_secs_f64()
+    );
 }
 
 /// The writer and the attempts between two scrapes.

@@ -20,7 +20,7 @@ use crate::scheduler::driver::{Dispatch, Job, Msg};
 use crate::signing::parse_secret;
 use crate::storage::writer::WriterHandle;
 use attempt::Destination;
-use worker::{Worker, WorkerEnv, WorkerMsg};
+use worker::{Depth, Worker, WorkerEnv, WorkerMsg};
 
 /// Settings shared by every destination.
 #[derive(Debug, Clone, Copy)]
@@ -31,7 +31,7 @@ pub struct EngineConfig {
 
 /// Owns the destination tasks.
 pub struct Supervisor {
-    routes: Arc<Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<WorkerMsg>>>>,
+    routes: Arc<Mutex<HashMap<Arc<str>, Route>>>,
     tasks: Mutex<JoinSet<()>>,
     stop: watch::Sender<bool>,
     client: reqwest::Client,
@@ -43,25 +43,38 @@ pub struct Supervisor {
     done: Mutex<HashMap<Arc<str>, watch::Receiver<bool>>>,
 }
 
+/// The way to one destination task, with how much it holds.
+#[derive(Clone)]
+struct Route {
+    tx: mpsc::UnboundedSender<WorkerMsg>,
+    depth: Arc<Depth>,
+}
+
 /// The scheduler's view of the supervisor: routes jobs by subscription id.
 #[derive(Clone)]
 pub struct Router {
-    routes: Arc<Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<WorkerMsg>>>>,
+    routes: Arc<Mutex<HashMap<Arc<str>, Route>>>,
 }
 
 impl Dispatch for Router {
-    fn dispatch(&mut self, job: Job) {
-        let tx = match self.routes.lock() {
+    fn dispatch(&mut self, job: Job) -> Result<(), Job> {
+        let route = match self.routes.lock() {
             Ok(r) => r.get(&job.subscription).cloned(),
             Err(p) => p.into_inner().get(&job.subscription).cloned(),
         };
-        match tx {
-            Some(tx) => {
-                let _ = tx.send(WorkerMsg::Job(job));
+        match route {
+            // A destination holding a full queue takes no more: the job waits in the wheel
+            // (memory only), which in turn stops loading from disk when full.
+            Some(r) if r.depth.is_full() => Err(job),
+            Some(r) => {
+                r.depth.sent();
+                let _ = r.tx.send(WorkerMsg::Job(job));
+                Ok(())
             }
             // No destination task (unknown or deleted subscription): the row stays on disk.
             None => {
-                tracing::debug!(delivery = job.delivery, subscription = %job.subscription, "no destination for due delivery")
+                tracing::debug!(delivery = job.delivery, subscription = %job.subscription, "no destination for due delivery");
+                Ok(())
             }
         }
     }
@@ -139,10 +152,18 @@ impl Supervisor {
             max_response_body: self.cfg.max_response_body,
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let w = Worker::new(dest, self.env.clone(), rx, self.stop.subscribe());
+        let depth = Arc::new(Depth::default());
+        let w = Worker::new(
+            dest,
+            self.env.clone(),
+            rx,
+            self.stop.subscribe(),
+            depth.clone(),
+        );
+        let route = Route { tx, depth };
         match self.routes.lock() {
-            Ok(mut r) => r.insert(sub_id.clone(), tx),
-            Err(p) => p.into_inner().insert(sub_id.clone(), tx),
+            Ok(mut r) => r.insert(sub_id.clone(), route),
+            Err(p) => p.into_inner().insert(sub_id.clone(), route),
         };
         // A replaced destination's attempts in flight finish on its old task (which ends once
         // its sender above is gone); the new task starts only after that, so one delivery

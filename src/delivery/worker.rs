@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -20,8 +21,32 @@ use crate::scheduler::driver::{Job, Msg};
 use crate::storage::Store;
 use crate::storage::writer::{Next, SubscriptionState};
 
-/// Jobs a destination holds in memory at most; beyond that they are pushed back on disk.
-const QUEUE_CAP: usize = 10_000;
+/// Jobs a destination holds in memory before the router stops handing it more.
+pub const QUEUE_CAP: usize = 10_000;
+
+/// How many jobs a destination holds, shared with the router that feeds it.
+#[derive(Debug, Default)]
+pub struct Depth {
+    /// Sent by the router, not yet taken from the channel.
+    in_channel: AtomicUsize,
+    /// Queued or parked in the task.
+    queued: AtomicUsize,
+}
+
+impl Depth {
+    pub fn sent(&self) {
+        self.in_channel.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+
+    fn received(&self) {
+        self.in_channel.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.in_channel.load(AtomicOrdering::Relaxed) + self.queued.load(AtomicOrdering::Relaxed)
+            >= QUEUE_CAP
+    }
+}
 
 /// Messages a destination task takes.
 #[derive(Debug)]
@@ -55,6 +80,7 @@ pub struct Worker {
     failing_since: Option<Micros>,
     enabled: bool,
     wake_at: Option<Instant>,
+    depth: Arc<Depth>,
 }
 
 impl Worker {
@@ -63,6 +89,7 @@ impl Worker {
         env: Arc<WorkerEnv>,
         rx: mpsc::UnboundedReceiver<WorkerMsg>,
         stop: watch::Receiver<bool>,
+        depth: Arc<Depth>,
     ) -> Self {
         let b = dest.sub.breaker;
         let breaker = Breaker::new(BreakerConfig {
@@ -94,6 +121,7 @@ impl Worker {
             failing_since: None,
             enabled,
             wake_at: None,
+            depth,
         }
     }
 
@@ -107,6 +135,10 @@ impl Worker {
     fn gauges(&self) {
         let m = &self.dest.metrics;
         let id = &*self.dest.sub_id;
+        self.depth.queued.store(
+            self.queue.len() + self.parked.len(),
+            AtomicOrdering::Relaxed,
+        );
         m.queue_depth
             .with_label_values(&[id])
             .set(self.queue.len() as i64);
@@ -133,7 +165,10 @@ impl Worker {
                     Err(e) => tracing::error!(subscription = %self.dest.sub_id, error = %e, "attempt task failed"),
                 },
                 msg = self.rx.recv() => match msg {
-                    Some(WorkerMsg::Job(job)) => self.enqueue(job),
+                    Some(WorkerMsg::Job(job)) => {
+                        self.depth.received();
+                        self.enqueue(job);
+                    }
                     None => break,
                 },
                 () = sleep_until_opt(wake) => {}
@@ -160,7 +195,14 @@ impl Worker {
             return;
         }
         if self.queue.len() >= QUEUE_CAP && !self.queue.contains_key(&job.delivery) {
-            self.push_back_to_disk(job, Duration::from_secs(30));
+            // The router keeps this rare (it stops at QUEUE_CAP); what still overflows waits
+            // in the scheduler's wheel, in memory, without its payload.
+            let mut job = job;
+            job.event = None;
+            let _ = self
+                .env
+                .scheduler
+                .send(Msg::Requeue(job, now_micros().saturating_add(200_000)));
             return;
         }
         // A newer due time for a queued delivery replaces the stale one.
@@ -170,16 +212,6 @@ impl Worker {
                 self.queue.insert(job.delivery, job);
             }
         }
-    }
-
-    fn push_back_to_disk(&self, job: Job, after: Duration) {
-        let writer = self.dest.writer.clone();
-        let at = now_micros().saturating_add(i64::try_from(after.as_micros()).unwrap_or(0));
-        tokio::spawn(async move {
-            if let Err(e) = writer.reschedule(job.delivery, job.subscription, at).await {
-                tracing::warn!(delivery = job.delivery, error = %e, "cannot push a delivery back on disk");
-            }
-        });
     }
 
     /// The next job allowed to start, honouring FIFO order.

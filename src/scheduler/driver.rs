@@ -39,10 +39,14 @@ pub enum Msg {
     Requeue(Job, Micros),
 }
 
-/// Where due jobs go.
+/// Where due jobs go. A destination that is full hands the job back (`Err`); it waits in
+/// the wheel a little and is offered again.
 pub trait Dispatch: Send + 'static {
-    fn dispatch(&mut self, job: Job);
+    fn dispatch(&mut self, job: Job) -> Result<(), Job>;
 }
+
+/// How long a job handed back by a full destination waits before it is offered again.
+const BUSY_RETRY: Duration = Duration::from_millis(200);
 
 /// Scheduler settings.
 #[derive(Debug, Clone, Copy)]
@@ -97,11 +101,12 @@ impl<D: Dispatch> Scheduler<D> {
         }
     }
 
-    /// Reads the next chunk of the schedule table into the wheel when there is room.
-    fn load(&mut self) {
+    /// Reads the next chunk of the schedule table into the wheel when there is room; answers
+    /// whether a full chunk came back (more rows are probably waiting).
+    fn load(&mut self) -> bool {
         let until = now_micros().saturating_add(micros(self.cfg.horizon));
         if self.loaded_until.0 >= until || self.wheel.len() >= self.cfg.max_wheel {
-            return;
+            return false;
         }
         let room = (self.cfg.max_wheel - self.wheel.len()).min(self.cfg.load_chunk);
         let rows = match self
@@ -111,7 +116,7 @@ impl<D: Dispatch> Scheduler<D> {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the schedule; retrying");
-                return;
+                return false;
             }
         };
         let full = rows.len() >= room;
@@ -122,7 +127,7 @@ impl<D: Dispatch> Scheduler<D> {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read scheduled deliveries; retrying");
-                    return;
+                    return false;
                 }
             };
             let mut by_id: std::collections::HashMap<DeliveryId, Arc<str>> =
@@ -150,6 +155,7 @@ impl<D: Dispatch> Scheduler<D> {
             (true, Some((due, id))) => (due, id.saturating_add(1)),
             _ => (until, 0),
         };
+        full
     }
 
     fn on_msg(&mut self, msg: Msg) {
@@ -179,9 +185,20 @@ impl<D: Dispatch> Scheduler<D> {
     fn fire(&mut self, out: &mut Vec<Job>) {
         let now = self.now_ms();
         self.wheel.advance(now, out);
+        let mut busy = Vec::new();
         for job in out.drain(..) {
             self.in_wheel.remove(&(job.due, job.delivery));
-            self.dispatch.dispatch(job);
+            if let Err(mut job) = self.dispatch.dispatch(job) {
+                // Waiting jobs keep only ids: the payload is read again when attempted.
+                job.event = None;
+                busy.push(job);
+            }
+        }
+        let later = now + u64::try_from(BUSY_RETRY.as_millis()).unwrap_or(200);
+        for job in busy {
+            if self.in_wheel.insert((job.due, job.delivery)) {
+                self.wheel.insert(later, job);
+            }
         }
     }
 
@@ -205,11 +222,13 @@ impl<D: Dispatch> Scheduler<D> {
             }
             let now = Instant::now();
             if now >= next_load {
-                self.load();
+                let more = self.load();
                 while let Ok(m) = rx.try_recv() {
                     self.on_msg(m);
                 }
-                next_load = now + load_every;
+                // A backlog (after a restart or an outage) is read chunk after chunk, as fast
+                // as the wheel has room; otherwise the table is looked at periodically.
+                next_load = if more { now } else { now + load_every };
             }
             self.fire(&mut out);
             if now >= next_gauge {
