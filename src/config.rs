@@ -169,7 +169,7 @@ impl Default for RawStorage {
             data_dir: PathBuf::from("./dispatchd-data"),
             retention: HumanDuration(Duration::from_secs(30 * 86_400)),
             commit_batch: 4096,
-            cache_size: ByteSize(32 << 20),
+            cache_size: ByteSize(64 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(60)),
         }
     }
