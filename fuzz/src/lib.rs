@@ -1,6 +1,7 @@
-//! The fuzz targets' bodies as plain functions: each feeds arbitrary bytes to one inbound
-//! signature header parser of `dispatchd::ingest::schemes` and checks what it promises on
-//! success. A panic is a finding. The libFuzzer binaries in `fuzz_targets/` only call these,
+//! The fuzz targets' bodies as plain functions: each feeds arbitrary bytes to one parser of
+//! untrusted input (the inbound signature headers of `dispatchd::ingest::schemes`, the
+//! config parser, the publish body decoder, the stored record decoder) and checks what it
+//! promises on success. A panic is a finding. The libFuzzer binaries in `fuzz_targets/` only call these,
 //! so the same checks build and run on stable Rust (`cargo test` here) without libFuzzer.
 
 use std::time::Duration;
@@ -142,6 +143,53 @@ pub fn verify_request(data: &[u8]) {
     }
 }
 
+/// The configuration parser and validator on arbitrary text: an error or a config, never a
+/// panic; every error names its key or is a parse error with a line.
+pub fn config_parser(data: &[u8]) {
+    let Some(text) = text(data) else { return };
+    let path = std::path::Path::new("fuzz.toml");
+    let result = dispatchd::config::parse_str(text, Some(path)).and_then(|raw| {
+        dispatchd::config::validate(raw, text, Some(path), &Default::default())
+    });
+    if let Err(errors) = result {
+        assert!(!errors.0.is_empty(), "an error without a problem: {text:?}");
+    }
+}
+
+/// The publish body decoder (single and batch), as the API runs it on request bodies.
+pub fn event_json(data: &[u8]) {
+    use dispatchd::api::dto::{BatchRequest, PublishRequest};
+    if let Ok(p) = serde_json::from_slice::<PublishRequest>(data) {
+        // `data` is kept as the producer's text: it must be valid JSON on its own.
+        assert!(
+            serde_json::from_str::<serde_json::Value>(p.data.get()).is_ok(),
+            "data is not JSON: {:?}",
+            p.data.get()
+        );
+    }
+    let _ = serde_json::from_slice::<BatchRequest>(data);
+}
+
+/// The stored record decoder on arbitrary bytes (a damaged file): an error, never a panic;
+/// a record that decodes encodes back to the same record.
+pub fn stored_record(data: &[u8]) {
+    use dispatchd::model::{Attempt, Delivery, Event, Receipt};
+    use dispatchd::storage::schema::{decode, encode};
+    fn round_trip<T>(data: &[u8])
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        if let Ok(v) = decode::<T>(data, "fuzz") {
+            let again = encode(&v).and_then(|bytes| decode::<T>(&bytes, "fuzz"));
+            assert!(matches!(&again, Ok(w) if *w == v), "{v:?} does not round-trip");
+        }
+    }
+    round_trip::<Event>(data);
+    round_trip::<Delivery>(data);
+    round_trip::<Attempt>(data);
+    round_trip::<Receipt>(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +217,9 @@ mod tests {
         github_header(data);
         hmac_header(data);
         verify_request(data);
+        config_parser(data);
+        event_json(data);
+        stored_record(data);
     }
 
     #[test]

@@ -45,8 +45,9 @@ pub trait Dispatch: Send + 'static {
     fn dispatch(&mut self, job: Job) -> Result<(), Job>;
 }
 
-/// How long a job handed back by a full destination waits before it is offered again.
-const BUSY_RETRY: Duration = Duration::from_millis(200);
+/// How long the scheduler waits before reading the table again after a destination handed
+/// jobs back because it was full.
+const BUSY_RETRY: Duration = Duration::from_millis(500);
 
 /// Scheduler settings.
 #[derive(Debug, Clone, Copy)]
@@ -162,15 +163,21 @@ impl<D: Dispatch> Scheduler<D> {
         match msg {
             Msg::Due(items) => {
                 for d in items {
-                    // Rows beyond the loaded range are found by a later load.
-                    if (d.at, d.delivery) < self.loaded_until {
-                        self.insert(Job {
-                            delivery: d.delivery,
-                            subscription: d.subscription,
-                            due: d.at,
-                            event: d.event,
-                        });
+                    // Rows beyond the loaded range are found by a later load; so are rows
+                    // that do not fit in a full wheel.
+                    if (d.at, d.delivery) >= self.loaded_until {
+                        continue;
                     }
+                    if self.wheel.len() >= self.cfg.max_wheel {
+                        self.rewind(d.at, d.delivery);
+                        continue;
+                    }
+                    self.insert(Job {
+                        delivery: d.delivery,
+                        subscription: d.subscription,
+                        due: d.at,
+                        event: d.event,
+                    });
                 }
             }
             Msg::Requeue(job, at) => {
@@ -182,24 +189,28 @@ impl<D: Dispatch> Scheduler<D> {
         }
     }
 
-    fn fire(&mut self, out: &mut Vec<Job>) {
+    /// Forgets what was loaded from this row on: the next load reads it again from disk.
+    fn rewind(&mut self, due: Micros, delivery: DeliveryId) {
+        if (due, delivery) < self.loaded_until {
+            self.loaded_until = (due, delivery);
+        }
+    }
+
+    /// Hands due jobs to their destinations; answers whether one was full. A job a full
+    /// destination hands back is dropped from memory and its row read again later: memory
+    /// stays bounded and no write is spent, however long the destination stays behind.
+    fn fire(&mut self, out: &mut Vec<Job>) -> bool {
         let now = self.now_ms();
         self.wheel.advance(now, out);
-        let mut busy = Vec::new();
+        let mut busy = false;
         for job in out.drain(..) {
             self.in_wheel.remove(&(job.due, job.delivery));
-            if let Err(mut job) = self.dispatch.dispatch(job) {
-                // Waiting jobs keep only ids: the payload is read again when attempted.
-                job.event = None;
-                busy.push(job);
+            if let Err(job) = self.dispatch.dispatch(job) {
+                self.rewind(job.due, job.delivery);
+                busy = true;
             }
         }
-        let later = now + u64::try_from(BUSY_RETRY.as_millis()).unwrap_or(200);
-        for job in busy {
-            if self.in_wheel.insert((job.due, job.delivery)) {
-                self.wheel.insert(later, job);
-            }
-        }
+        busy
     }
 
     /// Runs until `shutdown` resolves or the message channel closes.
@@ -230,7 +241,9 @@ impl<D: Dispatch> Scheduler<D> {
                 // as the wheel has room; otherwise the table is looked at periodically.
                 next_load = if more { now } else { now + load_every };
             }
-            self.fire(&mut out);
+            if self.fire(&mut out) {
+                next_load = next_load.max(now + BUSY_RETRY);
+            }
             if now >= next_gauge {
                 self.metrics.wheel_size.set(self.wheel.len() as i64);
                 if let Ok(n) = self.store.scheduled_count() {
