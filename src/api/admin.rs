@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -171,23 +170,7 @@ pub async fn dispatch(
 ) -> (&'static str, Result<Resp, ApiError>) {
     let method = req.method().clone();
     if !route.methods().contains(&method) {
-        let allow = route
-            .methods()
-            .iter()
-            .map(Method::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut resp = super::error_response(&ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!(
-                "{method} is not allowed on {}; allowed: {allow}",
-                req.uri().path()
-            ),
-        ));
-        if let Ok(v) = HeaderValue::from_str(&allow) {
-            resp.headers_mut().insert(ALLOW, v);
-        }
+        let resp = super::method_not_allowed(&method, req.uri().path(), route.methods());
         return (route.name(), Ok(resp));
     }
     if route != AdminRoute::OpenApi {

@@ -136,6 +136,24 @@ pub fn json_of<T: serde::Serialize>(status: StatusCode, v: &T) -> Result<Resp, A
         .map_err(ApiError::internal)
 }
 
+/// 405 naming the allowed methods, with an `Allow` header.
+pub fn method_not_allowed(method: &hyper::Method, path: &str, allowed: &[hyper::Method]) -> Resp {
+    let allow = allowed
+        .iter()
+        .map(hyper::Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut resp = error_response(&ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}; allowed: {allow}"),
+    ));
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        resp.headers_mut().insert(hyper::header::ALLOW, v);
+    }
+    resp
+}
+
 pub fn error_response(e: &ApiError) -> Resp {
     json(e.status, e.body())
 }

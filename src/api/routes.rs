@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 
 use super::dto::*;
@@ -172,20 +172,7 @@ pub async fn dispatch(
     };
     let method = req.method().clone();
     if !route.methods().contains(&method) {
-        let allow = route
-            .methods()
-            .iter()
-            .map(Method::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut resp = super::error_response(&ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed on {path}; allowed: {allow}"),
-        ));
-        if let Ok(v) = HeaderValue::from_str(&allow) {
-            resp.headers_mut().insert(ALLOW, v);
-        }
+        let resp = super::method_not_allowed(&method, &path, route.methods());
         return (route.name(), Ok(resp));
     }
     let result = match (route, method) {
