@@ -996,11 +996,11 @@ async fn print_overdue(addr: SocketAddr) {
                 .next_attempt_at
                 .as_deref()
                 .and_then(|t| humantime::parse_rfc3339(t).ok());
-            if let Some(late) = due.and_then(|d| now.duration_since(d).ok()) {
-                if late > LATE {
-                    overdue += 1;
-                    latest = latest.max(late);
-                }
+            if let Some(late) = due.and_then(|d| now.duration_since(d).ok())
+                && late > LATE
+            {
+                overdue += 1;
+                latest = latest.max(late);
             }
         }
         match page.next_cursor {
@@ -1485,12 +1485,11 @@ fn watch_log(
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(output).lines().map_while(Result::ok) {
-            if tx.is_some() {
-                if let Some(addr) = parse_listen_line(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send((addr, Instant::now()));
-                    }
-                }
+            if tx.is_some()
+                && let Some(addr) = parse_listen_line(&line)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send((addr, Instant::now()));
             }
             log.add(line);
         }
@@ -1710,8 +1709,9 @@ async fn receive(
             .map(str::to_owned)
     };
     let id = header("webhook-id");
-    let signed =
-        (n % SAMPLE_EVERY == 0).then(|| (header("webhook-timestamp"), header("webhook-signature")));
+    let signed = n
+        .is_multiple_of(SAMPLE_EVERY)
+        .then(|| (header("webhook-timestamp"), header("webhook-signature")));
     let body = req.into_body().collect().await?.to_bytes();
     match id {
         None => st.problem("a request without a webhook-id".to_owned()),
@@ -1773,12 +1773,11 @@ fn verify(
 
 /// A compact key for an event id: the 128 bits of `evt_<uuid>` ids, a hash of anything else.
 fn id_key(id: &str) -> u128 {
-    if let Some(hex) = id.strip_prefix("evt_") {
-        if hex.len() == 32 {
-            if let Ok(v) = u128::from_str_radix(hex, 16) {
-                return v;
-            }
-        }
+    if let Some(hex) = id.strip_prefix("evt_")
+        && hex.len() == 32
+        && let Ok(v) = u128::from_str_radix(hex, 16)
+    {
+        return v;
     }
     let half = |seed: u8| {
         let mut h = DefaultHasher::new();
@@ -1868,13 +1867,12 @@ async fn publish_loop(
         i
     });
     while Instant::now() < window.end && sent.fetch_add(1, Ordering::Relaxed) < MAX_REQUESTS {
-        if let Some(i) = interval.as_mut() {
-            if tokio::time::timeout_at(window.end.into(), i.tick())
+        if let Some(i) = interval.as_mut()
+            && tokio::time::timeout_at(window.end.into(), i.tick())
                 .await
                 .is_err()
-            {
-                break;
-            }
+        {
+            break;
         }
         if conn.is_none() {
             match tokio::time::timeout(REQUEST_TIMEOUT, HttpConn::connect(addr)).await {

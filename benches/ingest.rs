@@ -374,11 +374,9 @@ fn watch_output(
     std::thread::spawn(move || {
         let mut found = false;
         for line in BufReader::new(output).lines().map_while(Result::ok) {
-            if !found {
-                if let Some(addr) = find(&line) {
-                    found = true;
-                    let _ = tx.send(addr);
-                }
+            if !found && let Some(addr) = find(&line) {
+                found = true;
+                let _ = tx.send(addr);
             }
             if let Ok(mut l) = sink.lock() {
                 if l.len() == 200 {

@@ -111,7 +111,7 @@ fn event_type(i: usize) -> &'static str {
 async fn run(o: Options) -> Result<()> {
     let dir = tempfile::tempdir().context("tempdir")?;
     let path = dir.path().join("dispatchd.redb");
-    let store = Store::open(&path, 256 << 20).context("open store")?;
+    let store = Store::open(&path, 256 << 20, 32 << 20).context("open store")?;
     let metrics = Arc::new(Metrics::new().context("metrics")?);
     let (writer, thread) = writer::spawn(
         store.clone(),

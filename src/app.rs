@@ -46,8 +46,8 @@ pub async fn run(
     let db_path = config.db_path();
     let store = {
         let path = db_path.clone();
-        let cache = config.cache_size;
-        tokio::task::spawn_blocking(move || Store::open(&path, cache))
+        let (cache, journal) = (config.cache_size, config.journal_size);
+        tokio::task::spawn_blocking(move || Store::open(&path, cache, journal))
             .await
             .context("store opening task failed")?
             .with_context(|| format!("cannot open database {}", db_path.display()))?
@@ -83,12 +83,12 @@ pub async fn run(
         .subscription_states()
         .context("cannot read subscription states")?;
     for s in &mut subscriptions {
-        if let Some(st) = states.get(&s.id) {
-            if st.enabled != s.enabled {
-                let mut changed = (**s).clone();
-                changed.enabled = st.enabled;
-                *s = Arc::new(changed);
-            }
+        if let Some(st) = states.get(&s.id)
+            && st.enabled != s.enabled
+        {
+            let mut changed = (**s).clone();
+            changed.enabled = st.enabled;
+            *s = Arc::new(changed);
         }
     }
     let registry = Arc::new(Registry::new(subscriptions.clone()));

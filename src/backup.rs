@@ -132,10 +132,10 @@ async fn download(
             .with_context(|| format!("cannot write {}", dest.display()))?;
         bytes += chunk.len() as u64;
     }
-    if let Some(n) = expected {
-        if n != bytes {
-            bail!("received {bytes} bytes of {n}");
-        }
+    if let Some(n) = expected
+        && n != bytes
+    {
+        bail!("received {bytes} bytes of {n}");
     }
     file.sync_all()
         .with_context(|| format!("cannot fsync {}", dest.display()))?;

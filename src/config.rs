@@ -159,6 +159,8 @@ pub struct RawStorage {
     pub retention: HumanDuration,
     pub commit_batch: usize,
     pub cache_size: ByteSize,
+    /// Size of each of the two commit journal files; 0 turns the journal off.
+    pub journal_size: ByteSize,
     /// How often the retention sweeper looks for expired events.
     pub sweep_interval: HumanDuration,
 }
@@ -170,6 +172,7 @@ impl Default for RawStorage {
             retention: HumanDuration(Duration::from_secs(30 * 86_400)),
             commit_batch: 4096,
             cache_size: ByteSize(64 << 20),
+            journal_size: ByteSize(32 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(60)),
         }
     }
@@ -359,6 +362,7 @@ pub struct Config {
     pub retention: Duration,
     pub commit_batch: usize,
     pub cache_size: usize,
+    pub journal_size: u64,
     pub tokens: Vec<Token>,
     pub delivery_timeout: Duration,
     pub max_attempts: u32,
@@ -594,6 +598,14 @@ pub fn validate(
     if raw.server.max_batch == 0 || raw.server.max_batch > 10_000 {
         c.err(None, "server.max_batch", "must be between 1 and 10000");
     }
+    let journal = raw.storage.journal_size.0;
+    if journal != 0 && journal < crate::storage::journal::MIN_SIZE {
+        c.err(
+            None,
+            "storage.journal_size",
+            "must be 0 (no journal) or at least 1MiB",
+        );
+    }
     if raw.storage.commit_batch == 0 {
         c.err(None, "storage.commit_batch", "must be at least 1");
     }
@@ -717,6 +729,7 @@ pub fn validate(
         retention: raw.storage.retention.0,
         commit_batch: raw.storage.commit_batch,
         cache_size: usize::try_from(raw.storage.cache_size.0).unwrap_or(usize::MAX),
+        journal_size: raw.storage.journal_size.0,
         tokens,
         delivery_timeout: d.timeout.0,
         max_attempts: d.max_attempts,

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub events_stored: IntCounter,
     pub batch_size: Histogram,
     pub commit_seconds: Histogram,
+    pub sync_seconds: Histogram,
     pub commit_failures: IntCounter,
     pub http_requests: IntCounterVec,
     pub attempts: IntCounterVec,
@@ -77,6 +78,16 @@ impl Metrics {
                     HistogramOpts::new(
                         "writer_commit_seconds",
                         "Time to apply and commit one batch"
+                    )
+                    .buckets(latency.clone())
+                )
+            ),
+            sync_seconds: register!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "writer_sync_seconds",
+                        "Time in the commit call of one batch: page writes and fsync"
                     )
                     .buckets(latency.clone())
                 )

@@ -781,10 +781,10 @@ pub fn subscriptions(a: &SubscriptionsArgs) -> ExitCode {
                 let body = create_body(cmd)?;
                 let s = c.post("/v1/subscriptions", Some(&body)).await?;
                 show(&s);
-                if !c.json {
-                    if let Some(secret) = s["secret"].as_str() {
-                        println!("signing secret (shown once): {secret}");
-                    }
+                if !c.json
+                    && let Some(secret) = s["secret"].as_str()
+                {
+                    println!("signing secret (shown once): {secret}");
                 }
             }
             SubscriptionsCommand::Delete { id } => {

@@ -173,10 +173,10 @@ pub async fn dispatch(
         let resp = super::method_not_allowed(&method, req.uri().path(), route.methods());
         return (route.name(), Ok(resp));
     }
-    if route != AdminRoute::OpenApi {
-        if let Err(e) = st.auth.check(auth_header(&req), Scope::Admin) {
-            return (route.name(), Err(e));
-        }
+    if route != AdminRoute::OpenApi
+        && let Err(e) = st.auth.check(auth_header(&req), Scope::Admin)
+    {
+        return (route.name(), Err(e));
     }
     let result = match (route, method) {
         (AdminRoute::Deliveries, _) => list_deliveries(st, &req),

@@ -248,12 +248,12 @@ impl Worker {
                 continue;
             };
             let now = std::time::Instant::now();
-            if let Some(b) = &mut self.bucket {
-                if let Err(wait) = b.try_take(now) {
-                    self.queue.insert(job.delivery, job);
-                    self.wake_at = Some(Instant::now() + wait);
-                    return;
-                }
+            if let Some(b) = &mut self.bucket
+                && let Err(wait) = b.try_take(now)
+            {
+                self.queue.insert(job.delivery, job);
+                self.wake_at = Some(Instant::now() + wait);
+                return;
             }
             if !self.breaker.try_acquire(now) {
                 // Open: queued deliveries wait, their attempts unspent.

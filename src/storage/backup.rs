@@ -191,7 +191,7 @@ fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
                 let (k, v) = row?;
                 t.insert(k.value(), v.value())?;
                 n += 1;
-                if n % COPY_CHUNK == 0 {
+                if n.is_multiple_of(COPY_CHUNK) {
                     more = true;
                     break;
                 }
@@ -258,6 +258,15 @@ impl VerifyReport {
 /// index row points at a record. Fails outright when the file cannot be opened (in use by a
 /// running daemon, not a redb file) or has another schema version.
 pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreError> {
+    // What a crash left in the commit journal belongs to the file: replayed first, as the
+    // daemon would at start. A running daemon holds the journal's lock.
+    match super::journal::recover(path) {
+        Ok(()) => {}
+        Err(super::journal::JournalError::Locked(_)) => {
+            return Err(StoreError::InUse(path.display().to_string()));
+        }
+        Err(e) => return Err(e.into()),
+    }
     let db = match redb::ReadOnlyDatabase::open(path) {
         Ok(db) => db,
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
@@ -307,10 +316,10 @@ pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreErr
         let seq = k.value();
         match decode_as::<Event>(v.value(), "event") {
             Ok(e) => {
-                if let Some(rid) = e.receipt {
-                    if receipts.get(rid)?.is_none() {
-                        rep.problem(format!("event {seq} points at missing receipt {rid}"));
-                    }
+                if let Some(rid) = e.receipt
+                    && receipts.get(rid)?.is_none()
+                {
+                    rep.problem(format!("event {seq} points at missing receipt {rid}"));
                 }
             }
             Err(e) => rep.problem(format!("events[{seq}]: {e}")),
@@ -467,7 +476,7 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path) -> Store {
-        match Store::open(&dir.join("dispatchd.redb"), 1 << 20) {
+        match Store::open(&dir.join("dispatchd.redb"), 1 << 20, 1 << 20) {
             Ok(s) => s,
             Err(e) => panic!("open: {e}"),
         }

@@ -99,21 +99,21 @@ impl Store {
         let sub_status = r.open_table(DELIVERIES_BY_SUB_STATUS)?;
         let by_sub = r.open_table(DELIVERIES_BY_SUB)?;
         let by_status = r.open_table(DELIVERIES_BY_STATUS)?;
-        if let Some(t) = f.event_type.as_deref() {
-            if f.subscription.is_some() || f.status.is_some() {
-                return leapfrog(
-                    f,
-                    t,
-                    lo,
-                    hi,
-                    limit,
-                    &deliveries,
-                    &by_type,
-                    &sub_status,
-                    &by_sub,
-                    &by_status,
-                );
-            }
+        if let Some(t) = f.event_type.as_deref()
+            && (f.subscription.is_some() || f.status.is_some())
+        {
+            return leapfrog(
+                f,
+                t,
+                lo,
+                hi,
+                limit,
+                &deliveries,
+                &by_type,
+                &sub_status,
+                &by_sub,
+                &by_status,
+            );
         }
         // One index answers every filter.
         let (walk, type_checked): (IdIter<'_>, bool) =
@@ -150,10 +150,8 @@ impl Store {
                 Some(t) if !type_checked => by_type.get((t, id))?.is_some(),
                 _ => true,
             };
-            if wanted {
-                if let Some(v) = deliveries.get(id)? {
-                    items.push((id, decode(v.value(), "delivery")?));
-                }
+            if wanted && let Some(v) = deliveries.get(id)? {
+                items.push((id, decode(v.value(), "delivery")?));
             }
             if items.len() >= limit || scanned >= SCAN_BUDGET {
                 break;
@@ -200,14 +198,14 @@ impl Store {
             let Some(dead_at) = dead.get(id)?.map(|g| g.value()) else {
                 continue;
             };
-            if f.since.is_none_or(|s| dead_at >= s) {
-                if let Some(v) = deliveries.get(id)? {
-                    items.push(DeadLetter {
-                        id,
-                        dead_at,
-                        delivery: decode(v.value(), "delivery")?,
-                    });
-                }
+            if f.since.is_none_or(|s| dead_at >= s)
+                && let Some(v) = deliveries.get(id)?
+            {
+                items.push(DeadLetter {
+                    id,
+                    dead_at,
+                    delivery: decode(v.value(), "delivery")?,
+                });
             }
             if items.len() >= limit || scanned >= SCAN_BUDGET {
                 break;
@@ -437,7 +435,7 @@ mod tests {
             Ok(d) => d,
             Err(e) => panic!("{e}"),
         };
-        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20) {
+        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20, 1 << 20) {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
         };

@@ -4,6 +4,7 @@
 pub mod backup;
 mod expiry;
 pub mod inspect;
+pub mod journal;
 pub mod recovery;
 pub mod schema;
 pub mod writer;
@@ -40,6 +41,8 @@ pub enum StoreError {
         "{0} is in use by a running process; copy it with `dispatchd backup` and check the copy"
     )]
     InUse(String),
+    #[error("commit journal: {0}")]
+    Journal(#[from] journal::JournalError),
 }
 
 macro_rules! from_redb {
@@ -88,6 +91,30 @@ pub struct Tips {
     pub last_receipt: u64,
 }
 
+/// Opens (or creates) the redb file at `path`, through the commit journal when
+/// `journal_size` > 0. Every open of a daemon's database goes through here, so a journal left
+/// by a crash is always replayed before redb reads the file.
+pub(crate) fn open_database(
+    path: &Path,
+    cache_size: usize,
+    journal_size: u64,
+) -> Result<redb::Database, StoreError> {
+    let mut builder = redb::Database::builder();
+    builder.set_cache_size(cache_size);
+    if journal_size == 0 {
+        // A journal left by an earlier run with the journal on is replayed first.
+        journal::recover(path).or_else(|e| match e {
+            journal::JournalError::Io(_, ref io) if io.kind() == std::io::ErrorKind::NotFound => {
+                Ok(())
+            }
+            e => Err(e),
+        })?;
+        return Ok(builder.create(path)?);
+    }
+    let backend = journal::open(path, journal_size)?;
+    Ok(builder.create_with_backend(backend)?)
+}
+
 /// A handle on the database for reads; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -96,19 +123,19 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the database file, creating its directory, and checks the schema.
-    pub fn open(path: &Path, cache_size: usize) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::DataDir(dir.display().to_string(), e))?;
-            }
+    /// With `journal_size` > 0 commits go through the commit journal (see `journal`), each
+    /// of its two files that size; 0 syncs the database file itself on every commit.
+    pub fn open(path: &Path, cache_size: usize, journal_size: u64) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::DataDir(dir.display().to_string(), e))?;
         }
-        let db = redb::Database::builder()
-            .set_cache_size(cache_size)
-            .create(path)?;
+        let db = open_database(path, cache_size, journal_size)?;
         schema::init(&db)?;
         Ok(Self {
-            db: Arc::new(recovery::DbHandle::new(db, path, cache_size)),
+            db: Arc::new(recovery::DbHandle::new(db, path, cache_size, journal_size)),
         })
     }
 

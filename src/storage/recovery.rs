@@ -37,6 +37,7 @@ const HEADROOM_FILE: &str = ".dispatchd-space-check";
 pub struct DbHandle {
     path: PathBuf,
     cache_size: usize,
+    journal_size: u64,
     slot: RwLock<Option<Arc<redb::Database>>>,
     retry: Mutex<Retry>,
 }
@@ -49,10 +50,11 @@ struct Retry {
 
 impl DbHandle {
     /// Wraps a freshly opened database that lives at `path`.
-    pub fn new(db: redb::Database, path: &Path, cache_size: usize) -> Self {
+    pub fn new(db: redb::Database, path: &Path, cache_size: usize, journal_size: u64) -> Self {
         Self {
             path: path.to_path_buf(),
             cache_size,
+            journal_size,
             slot: RwLock::new(Some(Arc::new(db))),
             retry: Mutex::new(Retry {
                 not_before: None,
@@ -136,9 +138,7 @@ impl DbHandle {
         // Dropping the last reference closes the file and releases its lock.
         let old = self.slot.write().map_err(poisoned)?.take();
         drop(old);
-        let opened = redb::Database::builder()
-            .set_cache_size(self.cache_size)
-            .create(&self.path);
+        let opened = super::open_database(&self.path, self.cache_size, self.journal_size);
         match opened {
             Ok(db) => {
                 *self.slot.write().map_err(poisoned)? = Some(Arc::new(db));
@@ -150,7 +150,7 @@ impl DbHandle {
             Err(e) => {
                 retry.not_before = Some(Instant::now() + retry.backoff);
                 retry.backoff = (retry.backoff * 2).min(MAX_BACKOFF);
-                Err(StoreError::from(e))
+                Err(e)
             }
         }
     }
@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn reopen_keeps_committed_data_and_readers_carry_on() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&tmp.path().join("dispatchd.redb"), 1 << 20).unwrap();
+        let store = Store::open(&tmp.path().join("dispatchd.redb"), 1 << 20, 1 << 20).unwrap();
         let w = store.db().begin_write().unwrap();
         {
             let mut t = w.open_table(crate::storage::schema::EVENT_IDS).unwrap();
@@ -233,7 +233,7 @@ mod tests {
     fn failed_reopens_back_off() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("dispatchd.redb");
-        let store = Store::open(&path, 1 << 20).unwrap();
+        let store = Store::open(&path, 1 << 20, 1 << 20).unwrap();
         // A directory where the file was makes reopening fail.
         std::fs::remove_file(&path).unwrap();
         std::fs::create_dir(&path).unwrap();

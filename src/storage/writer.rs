@@ -362,7 +362,14 @@ impl Writer {
         let mut effects = Effects::default();
         let result = self.apply_all(batch, &mut effects);
         let result = match result {
-            Ok(txn) => txn.commit().map_err(StoreError::from),
+            Ok(txn) => {
+                let syncing = Instant::now();
+                let r = txn.commit().map_err(StoreError::from);
+                self.metrics
+                    .sync_seconds
+                    .observe(syncing.elapsed().as_secs_f64());
+                r
+            }
             Err(e) => Err(e),
         };
         self.metrics
@@ -373,10 +380,10 @@ impl Writer {
             Ok(()) => {
                 self.health.failed.store(false, Ordering::Relaxed);
                 self.metrics.events_stored.inc_by(effects.events);
-                if let Some(sink) = &self.due_sink {
-                    if !effects.due.is_empty() {
-                        let _ = sink.send(std::mem::take(&mut effects.due));
-                    }
+                if let Some(sink) = &self.due_sink
+                    && !effects.due.is_empty()
+                {
+                    let _ = sink.send(std::mem::take(&mut effects.due));
                 }
                 for r in effects.replies {
                     r(Ok(()));

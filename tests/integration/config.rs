@@ -355,11 +355,9 @@ impl Proc {
             let mut all = Vec::new();
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(addr) = listen_addr(&line) {
-                        let _ = tx.send(Ok(addr));
-                        sent = true;
-                    }
+                if !sent && let Some(addr) = listen_addr(&line) {
+                    let _ = tx.send(Ok(addr));
+                    sent = true;
                 }
                 all.push(line);
             }

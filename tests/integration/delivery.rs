@@ -48,10 +48,10 @@ async fn wait_status(d: &Daemon, event_id: &str, status: &str) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (_, body) = d.get(&format!("/v1/events/{event_id}/deliveries")).await;
-        if let Some(first) = body["items"].as_array().and_then(|a| a.first()) {
-            if first["status"] == status {
-                return first.clone();
-            }
+        if let Some(first) = body["items"].as_array().and_then(|a| a.first())
+            && first["status"] == status
+        {
+            return first.clone();
         }
         assert!(
             tokio::time::Instant::now() < deadline,

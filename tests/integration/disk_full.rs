@@ -88,7 +88,8 @@ async fn full_disk_answers_503_then_recovers_and_loses_nothing() {
             return;
         }
     };
-    let mut d = Daemon::start_in(tmp.path(), "");
+    // A small journal, as on a small disk: its two files must fit beside the database.
+    let mut d = Daemon::start_in(tmp.path(), "[storage]\njournal_size = \"1MiB\"\n");
     let mut acked: Vec<(String, usize, usize)> = Vec::new();
     for n in 0..5 {
         let (status, body) = publish(&d, n, 100).await;

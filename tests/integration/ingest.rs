@@ -1592,7 +1592,7 @@ async fn newer_schema_version_refuses_to_start() {
     assert!(!stderr.contains("listening on"), "stderr: {stderr}");
 
     // The refused start left the version alone.
-    match dispatchd::storage::Store::open(&db_path, 1 << 20) {
+    match dispatchd::storage::Store::open(&db_path, 1 << 20, 1 << 20) {
         Err(dispatchd::storage::StoreError::SchemaTooNew(99, _)) => {}
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("the schema 99 file opened"),

@@ -325,7 +325,7 @@ mod tests {
             Ok(d) => d,
             Err(e) => panic!("{e}"),
         };
-        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20) {
+        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20, 1 << 20) {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
         };

@@ -187,10 +187,10 @@ fn remove(t: &mut Tables<'_>, d: &Doomed, out: &mut Purged) -> Result<(), StoreE
     if points_at(t.event_ids.get(ev.id.as_str())?.map(|g| g.value()), seq) {
         t.event_ids.remove(ev.id.as_str())?;
     }
-    if let Some(k) = &ev.idempotency_key {
-        if points_at(t.idempotency_keys.get(k.as_str())?.map(|g| g.value()), seq) {
-            t.idempotency_keys.remove(k.as_str())?;
-        }
+    if let Some(k) = &ev.idempotency_key
+        && points_at(t.idempotency_keys.get(k.as_str())?.map(|g| g.value()), seq)
+    {
+        t.idempotency_keys.remove(k.as_str())?;
     }
     t.events_by_type.remove((ev.event_type.as_str(), seq))?;
     if let Some((rid, r)) = &d.receipt {
@@ -251,7 +251,7 @@ mod tests {
     #[tokio::test]
     async fn the_writer_decides_again_and_removes_everything_hanging_off_an_event() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&tmp.path().join("dispatchd.redb"), 1 << 20).unwrap();
+        let store = Store::open(&tmp.path().join("dispatchd.redb"), 1 << 20, 1 << 20).unwrap();
         let (w, thread) = spawn(
             store.clone(),
             WriterConfig {
