@@ -172,7 +172,7 @@ impl Default for RawStorage {
             retention: HumanDuration(Duration::from_secs(30 * 86_400)),
             commit_batch: 4096,
             cache_size: ByteSize(64 << 20),
-            journal_size: ByteSize(32 << 20),
+            journal_size: ByteSize(4 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(60)),
         }
     }
@@ -923,6 +923,18 @@ mod tests {
             Ok(_) => panic!("expected an error for {text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn journal_size_is_off_or_at_least_a_mebibyte() {
+        let e = errors("[storage]\njournal_size = \"64KiB\"\n");
+        assert!(e.contains("storage.journal_size"), "{e}");
+        assert!(e.contains("at least 1MiB"), "{e}");
+        assert_eq!(parse_ok("[storage]\njournal_size = 0\n").journal_size, 0);
+        assert_eq!(
+            parse_ok("[storage]\njournal_size = \"1MiB\"\n").journal_size,
+            1 << 20
+        );
     }
 
     #[test]

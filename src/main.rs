@@ -6,6 +6,11 @@ use clap::Parser;
 use dispatchd::cli::{Cli, Command};
 use dispatchd::config::{self, LogFormat, Overrides};
 
+/// mimalloc instead of the system allocator: the request path allocates small buffers on
+/// every worker thread, and glibc's malloc spent ~10% of the daemon's CPU on them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

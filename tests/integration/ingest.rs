@@ -1384,7 +1384,26 @@ async fn join_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_sigkill() {
-    let mut d = Daemon::start("");
+    survive_sigkill("", "").await;
+}
+
+const NO_JOURNAL: &str = "[storage]\njournal_size = 0\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_sigkill_without_the_journal() {
+    survive_sigkill(NO_JOURNAL, NO_JOURNAL).await;
+}
+
+/// A crash with the journal on, then a start with it off: the journal is still replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_left_by_a_crash_is_replayed_when_the_journal_is_turned_off() {
+    survive_sigkill("", NO_JOURNAL).await;
+}
+
+/// Publishes, kills the daemon (started with config `first`) with SIGKILL mid-stream, starts
+/// it again with config `restart` and finds every acknowledged event.
+async fn survive_sigkill(first: &str, restart: &str) {
+    let mut d = Daemon::start(first);
     let Some(tmp) = d.keep_dir() else {
         panic!("the daemon has no temp dir");
     };
@@ -1419,7 +1438,7 @@ async fn acknowledged_events_survive_sigkill() {
     acked.extend(streamed);
     drop(d);
 
-    let d = Daemon::start_in(&dir, "");
+    let d = Daemon::start_in(&dir, restart);
     let missing = missing_ids(&d, &acked).await;
     assert!(
         missing.is_empty(),
