@@ -1086,6 +1086,7 @@ struct WindowSample {
     commits: f64,
     batch_sum: f64,
     commit_sum: f64,
+    sync_sum: f64,
     success: f64,
 }
 
@@ -1120,6 +1121,7 @@ impl WindowSampler {
                 commits: delta("dispatchd_writer_batch_size_count", ""),
                 batch_sum: delta("dispatchd_writer_batch_size_sum", ""),
                 commit_sum: delta("dispatchd_writer_commit_seconds_sum", ""),
+                sync_sum: delta("dispatchd_writer_sync_seconds_sum", ""),
                 success: delta("dispatchd_delivery_attempts_total", "outcome=\"success\""),
             })
         })
@@ -1130,11 +1132,15 @@ impl WindowSample {
     fn print(&self, secs: f64) {
         println!(
             "daemon in the window         {:.1} successful attempts/s counted; writer {:.0} \
-             commits/s, mean batch {:.1} commands, mean commit {:.3} ms",
+             commits/s, mean batch {:.1} commands, mean commit {:.3} ms (apply {:.3} ms + \
+             commit call {:.3} ms), writer busy {:.0}% of the window",
             self.success / secs,
             self.commits / secs,
             self.batch_sum / self.commits,
-            self.commit_sum / self.commits * 1000.0
+            self.commit_sum / self.commits * 1000.0,
+            (self.commit_sum - self.sync_sum) / self.commits * 1000.0,
+            self.sync_sum / self.commits * 1000.0,
+            self.commit_sum / secs * 100.0
         );
         let pct = |c: Option<f64>| {
             c.map_or_else(|| "?".to_owned(), |c| format!("{:.0}%", c / secs * 100.0))
