@@ -913,7 +913,7 @@ fn ms(h: &Histogram, q: f64) -> String {
 
 fn print_setup(opts: &Options, work: &Workdir, url: &str) {
     println!(
-        "  dispatchd: release build, data dir {} (fsync per group commit), storage.cache_size {}",
+        "  dispatchd: release build, data dir {} (one journal fsync per group commit), storage.cache_size {}",
         work.data_dir().display(),
         opts.cache_size.as_deref().unwrap_or("default")
     );
