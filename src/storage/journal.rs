@@ -6,20 +6,22 @@
 //! took 1.4 ms to sync where the same 26 pages written contiguously took 0.4 ms.
 //!
 //! [`JournaledFile`] is the redb storage backend that turns the scattered sync into a
-//! sequential one. Every write still goes to the database file at once, so redb and readers
-//! find it there, and is also copied into a pending record. redb calls `sync_data` at the end
-//! of each commit: the record is appended to the active journal file, one contiguous write, and
-//! only the journal is fsynced. The database file is fsynced in the background, at a
-//! checkpoint, when the active journal file is full; the other file takes the appends
-//! meanwhile, and a file is reused only after its checkpoint retired it.
+//! sequential one. A page redb writes goes into an in-memory overlay (reads see it there at
+//! once) and into a pending record. redb calls `sync_data` at the end of each commit: the
+//! record is appended to the active journal file, one contiguous write, and only the journal
+//! is fsynced; then the commit is durable and `commit()` returns. The applier thread copies
+//! durable records into the database file afterwards, off the writer's path, and drops them
+//! from the overlay. When the active journal file is full the other takes the appends, and
+//! once the applier has copied every record of the full file it checkpoints it in the
+//! background: fsync the database file, then retire the journal file. A file is reused only
+//! after its checkpoint.
 //!
-//! **Crash model.** After a crash the database file holds every write up to the last
-//! checkpoint, plus some subset of the writes made since. The journal holds, in order, every
-//! record since that checkpoint whose fsync returned. [`open`] replays them, older file first,
-//! before redb opens the file: every write up to the last completed `sync_data` is then in
-//! place, plus some subset of the writes made after it. That is exactly the state redb's own
-//! protocol (write pages, fsync, write header, checksums) recovers from after a crash with
-//! plain fsync, so a commit whose `commit()` returned is never lost.
+//! **Crash model.** The database file only ever receives writes of records that are durable
+//! in the journal, in order, so after a crash it holds every write up to the last
+//! checkpoint plus some of the writes of durable records since. The journal holds, in order,
+//! every record since that checkpoint whose fsync returned. [`open`] replays them, older file
+//! first, before redb opens the file: every write up to the last completed `sync_data` is
+//! then in place, which is the state of the last commit whose `commit()` returned.
 //!
 //! **Format.** Two files beside the database, `<db>.journal-0` and `<db>.journal-1`. Each
 //! grows to the configured size on its first use and is then overwritten in place, so later
@@ -38,12 +40,17 @@
 //! the generation readable, so a new generation is always larger than any record in either
 //! file.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
 
 use redb::StorageBackend;
 use redb::backends::FileBackend;
@@ -73,30 +80,85 @@ pub enum JournalError {
     Io(String, io::Error),
     #[error("{0} is in use by another process")]
     Locked(String),
+    #[error("the commit is not durable: {0}")]
+    NotDurable(String),
 }
 
 fn io_at(path: &Path) -> impl Fn(io::Error) -> JournalError + '_ {
     move |e| JournalError::Io(path.display().to_string(), e)
 }
 
+/// The unit of the in-memory overlay: redb's page size.
+const CHUNK: u64 = 4096;
+/// Durable records the applier may have queued before `sync_data` waits for it: the bound on
+/// the overlay's memory.
+const QUEUE: usize = 16;
+
 /// The redb storage backend of a journaled database file. See the module documentation.
 pub struct JournaledFile {
-    main: Arc<FileBackend>,
-    state: Mutex<State>,
-    checkpoint: Arc<Checkpoint>,
+    shared: Arc<Shared>,
+    /// redb's own backend on the database file, for its file locks only.
+    locks: FileBackend,
 }
 
-struct State {
-    /// `None` once closed.
-    files: Option<[Arc<File>; 2]>,
+struct Shared {
+    /// The database file, for positional reads and for the applier's writes.
+    main: File,
+    files: [File; 2],
+    state: Mutex<State>,
+    /// Where the next record goes; held by `sync_data` through the append and the fsync.
+    position: Mutex<Position>,
+    tx: Sender<Msg>,
+    applier: Mutex<Option<JoinHandle<()>>>,
+    checkpoint: Checkpoint,
+    /// Tests stop the applier to take the files as a crash leaves them.
+    halted: AtomicBool,
+}
+
+struct Position {
     active: usize,
-    /// Where the next record of the active file goes.
     pos: u64,
     generation: u64,
     size: u64,
+}
+
+struct State {
     /// The record being built: `HEADER` bytes reserved, then the operations since the last
     /// sync.
     pending: Vec<u8>,
+    /// The overlay chunks written since the last sync.
+    touched: Vec<u64>,
+    /// The epoch of the writes being collected; every sealed record has a smaller one.
+    epoch: u64,
+    /// Chunks written but not yet in the database file: reads see them first.
+    overlay: HashMap<u64, Chunk>,
+    /// The length redb set, whatever the database file's length is yet.
+    len: u64,
+    /// Shrinks not yet applied to the database file, by epoch: its bytes from the smallest
+    /// of these lengths up read as zeros.
+    shrinks: Vec<(u64, u64)>,
+    /// Set once the journal or the database file failed: every later write and sync fails
+    /// with it, until the database is reopened (which replays the journal).
+    failed: Option<String>,
+}
+
+struct Chunk {
+    epoch: u64,
+    data: Arc<[u8]>,
+}
+
+enum Msg {
+    /// A durable record, for the database file.
+    Record {
+        epoch: u64,
+        record: Vec<u8>,
+        touched: Vec<u64>,
+    },
+    /// Every record of journal file `n` is before this: sync the database file, retire `n`.
+    Checkpoint(usize),
+    #[cfg(test)]
+    Flush(std::sync::mpsc::Sender<()>),
+    Stop,
 }
 
 #[derive(Default)]
@@ -107,10 +169,22 @@ struct Checkpoint {
 
 #[derive(Default)]
 struct CheckpointState {
+    /// Requested or running.
     running: bool,
-    /// A failed checkpoint: the journal may not be reused, so no further file switch is made
-    /// and the writer's next commit that needs one fails; reopening replays both files.
+    /// A failed checkpoint: the journal may not be reused, so no further file switch is made;
+    /// reopening replays both files.
     failed: Option<String>,
+}
+
+impl Drop for JournaledFile {
+    /// redb calls `close` before dropping; this only ends the applier of a backend dropped
+    /// without it, so its files (and the journal lock) are released.
+    fn drop(&mut self) {
+        let _ = self.shared.tx.send(Msg::Stop);
+        if let Some(h) = lock(&self.shared.applier).take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl fmt::Debug for JournaledFile {
@@ -120,17 +194,21 @@ impl fmt::Debug for JournaledFile {
 }
 
 /// Opens the database file at `path` with its journal: takes the journal lock (one process
-/// at a time), creates the journal files (each used up to `size` bytes), and replays what a
-/// crash left in them into the database file. The result is what redb opens.
+/// at a time), creates the journal files (each used up to `size` bytes), replays what a
+/// crash left in them into the database file and starts the applier thread. The result is
+/// what redb opens.
 pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
     let size = size.max(MIN_SIZE);
-    let main = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_at(path))?;
+    let open_main = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_at(path))
+    };
+    let main = open_main()?;
     let (files, generation) = lock_and_replay(path, &main)?;
     let files = match files {
         Some(f) => f,
@@ -139,23 +217,49 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
     if let Some(dir) = path.parent() {
         sync_dir(dir).map_err(io_at(dir))?;
     }
-    let main = FileBackend::new(main).map_err(|e| {
+    let len = main.metadata().map_err(io_at(path))?.len();
+    let locks = FileBackend::new(open_main()?).map_err(|e| {
         JournalError::Io(path.display().to_string(), io::Error::other(e.to_string()))
     })?;
-    let mut pending = Vec::with_capacity(1 << 20);
-    pending.resize(HEADER, 0);
-    Ok(JournaledFile {
-        main: Arc::new(main),
+    let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+    let shared = Arc::new(Shared {
+        main,
+        files,
         state: Mutex::new(State {
-            files: Some(files.map(Arc::new)),
+            pending: new_record(),
+            touched: Vec::new(),
+            epoch: 1,
+            overlay: HashMap::new(),
+            len,
+            shrinks: Vec::new(),
+            failed: None,
+        }),
+        position: Mutex::new(Position {
             active: 0,
             pos: 0,
             generation: generation + 1,
             size,
-            pending,
         }),
-        checkpoint: Arc::default(),
-    })
+        tx,
+        applier: Mutex::new(None),
+        checkpoint: Checkpoint::default(),
+        halted: AtomicBool::new(false),
+    });
+    let applier = Applier {
+        shared: shared.clone(),
+    };
+    let handle = std::thread::Builder::new()
+        .name("dispatchd-journal".into())
+        .spawn(move || applier.run(rx))
+        .map_err(io_at(path))?;
+    *lock(&shared.applier) = Some(handle);
+    Ok(JournaledFile { shared, locks })
+}
+
+fn new_record() -> Vec<u8> {
+    let mut v = Vec::with_capacity(256 << 10);
+    v.resize(HEADER, 0);
+    v
 }
 
 /// Replays the journal of the database at `path` into it, if there is one, and retires it;
@@ -346,54 +450,49 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded state stays consistent whatever panicked while holding it: every update is
-    // a plain assignment or an append that is truncated before reuse.
+    // a plain assignment, an insert or an append.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl JournaledFile {
-    /// Makes the other journal file the active one and checkpoints the full one in the
-    /// background: sync the database file, then retire the full journal file.
-    fn switch(&self, st: &mut State) -> io::Result<()> {
-        let files = st.files.as_ref().ok_or_else(closed)?;
-        {
-            let mut ck = lock(&self.checkpoint.state);
-            while ck.running {
-                ck = self
-                    .checkpoint
-                    .done
-                    .wait(ck)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+fn closed() -> io::Error {
+    io::Error::other("the journal is closed")
+}
+
+/// Reads `out.len()` bytes of `f` at `offset`; what lies past the end of the file reads as
+/// zeros.
+fn read_zero_filled(f: &File, offset: u64, out: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < out.len() {
+        match f.read_at(&mut out[done..], offset + done as u64) {
+            Ok(0) => {
+                out[done..].fill(0);
+                return Ok(());
             }
-            if let Some(e) = &ck.failed {
-                return Err(io::Error::other(format!(
-                    "a journal checkpoint failed earlier: {e}"
-                )));
-            }
-            ck.running = true;
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        let full = files[st.active].clone();
-        let main = self.main.clone();
-        let checkpoint = self.checkpoint.clone();
-        let spawned = std::thread::Builder::new()
-            .name("dispatchd-checkpoint".into())
-            .spawn(move || {
-                let result = main.sync_data().and_then(|()| retire(&full));
-                let mut ck = lock(&checkpoint.state);
-                ck.running = false;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "journal checkpoint failed; the journal is kept for replay");
-                    ck.failed = Some(e.to_string());
-                }
-                checkpoint.done.notify_all();
-            });
-        if let Err(e) = spawned {
-            lock(&self.checkpoint.state).running = false;
-            return Err(e);
+    }
+    Ok(())
+}
+
+impl Shared {
+    fn failed(st: &State) -> io::Result<()> {
+        match &st.failed {
+            Some(e) => Err(io::Error::other(format!("the commit journal failed: {e}"))),
+            None => Ok(()),
         }
-        st.active = 1 - st.active;
-        st.generation += 1;
-        st.pos = 0;
-        Ok(())
+    }
+
+    /// The content of chunk `c` as redb last wrote it.
+    fn chunk(&self, st: &State, c: u64) -> io::Result<Vec<u8>> {
+        if let Some(ch) = st.overlay.get(&c) {
+            return Ok(ch.data.to_vec());
+        }
+        let mut buf = vec![0u8; CHUNK as usize];
+        read_zero_filled(&self.main, c * CHUNK, &mut buf)?;
+        mask(&mut buf, c * CHUNK, zero_above(st));
+        Ok(buf)
     }
 
     fn wait_checkpoint(&self) -> io::Result<()> {
@@ -412,93 +511,305 @@ impl JournaledFile {
     }
 }
 
-fn closed() -> io::Error {
-    io::Error::other("the journal is closed")
+/// The smallest length of a shrink not yet applied to the database file.
+fn zero_above(st: &State) -> u64 {
+    st.shrinks.iter().map(|s| s.1).min().unwrap_or(u64::MAX)
+}
+
+/// Zeros the bytes of `buf` (which holds the file from `offset`) at `zero_above` and beyond.
+fn mask(buf: &mut [u8], offset: u64, zero_above: u64) {
+    if zero_above < offset + buf.len() as u64 {
+        let from = zero_above.saturating_sub(offset) as usize;
+        buf[from..].fill(0);
+    }
+}
+
+/// The applier thread: copies durable records' writes into the database file, drops them
+/// from the overlay, and checkpoints full journal files once everything in them is applied.
+struct Applier {
+    shared: Arc<Shared>,
+}
+
+impl Applier {
+    fn run(self, rx: Receiver<Msg>) {
+        for msg in rx.iter() {
+            let result = match msg {
+                Msg::Record {
+                    epoch,
+                    record,
+                    touched,
+                } => self.apply(epoch, &record, &touched),
+                Msg::Checkpoint(n) => self.checkpoint(n),
+                #[cfg(test)]
+                Msg::Flush(done) => {
+                    let _ = done.send(());
+                    Ok(())
+                }
+                Msg::Stop => return,
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the commit journal failed; the daemon must reopen the database");
+                let mut st = lock(&self.shared.state);
+                if st.failed.is_none() {
+                    st.failed = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Copies one durable record's writes into the database file and drops them from the
+    /// overlay.
+    fn apply(&self, epoch: u64, record: &[u8], touched: &[u64]) -> io::Result<()> {
+        if self.shared.halted.load(Ordering::Relaxed) || lock(&self.shared.state).failed.is_some() {
+            return Ok(());
+        }
+        apply(&record[HEADER..], &self.shared.main)?;
+        let mut st = lock(&self.shared.state);
+        for c in touched {
+            if st.overlay.get(c).is_some_and(|ch| ch.epoch <= epoch) {
+                st.overlay.remove(c);
+            }
+        }
+        st.shrinks.retain(|s| s.0 > epoch);
+        Ok(())
+    }
+
+    /// Syncs the database file, which holds every write of journal file `n` by now, and
+    /// retires `n`, in a thread of its own so applying goes on meanwhile.
+    fn checkpoint(&self, n: usize) -> io::Result<()> {
+        if self.shared.halted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("dispatchd-checkpoint".into())
+            .spawn(move || {
+                let result = if lock(&shared.state).failed.is_some() {
+                    Err(io::Error::other("the journal failed before the checkpoint"))
+                } else {
+                    shared.main.sync_data().and_then(|()| retire(&shared.files[n]))
+                };
+                let mut ck = lock(&shared.checkpoint.state);
+                ck.running = false;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "journal checkpoint failed; the journal is kept for replay");
+                    ck.failed = Some(e.to_string());
+                }
+                shared.checkpoint.done.notify_all();
+            });
+        if let Err(e) = spawned {
+            let mut ck = lock(&self.shared.checkpoint.state);
+            ck.running = false;
+            ck.failed = Some(e.to_string());
+            self.shared.checkpoint.done.notify_all();
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Shared {
+    /// Stops copying records into the database file, as a crash would stop it; commits go
+    /// on into the journal.
+    fn halt(&self) {
+        self.halted.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until the applier has handled everything sent so far.
+    fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+}
+
+impl Shared {
+    /// Makes the other journal file the active one and asks the applier to checkpoint the
+    /// full one after its last record.
+    fn switch(&self, p: &mut Position) -> io::Result<()> {
+        self.wait_checkpoint()?;
+        lock(&self.checkpoint.state).running = true;
+        if self.tx.send(Msg::Checkpoint(p.active)).is_err() {
+            lock(&self.checkpoint.state).running = false;
+            return Err(closed());
+        }
+        p.active = 1 - p.active;
+        p.generation += 1;
+        p.pos = 0;
+        Ok(())
+    }
 }
 
 impl StorageBackend for JournaledFile {
     fn len(&self) -> io::Result<u64> {
-        self.main.len()
+        Ok(lock(&self.shared.state).len)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.main.read(offset, out)
+        let end = offset + out.len() as u64;
+        let (copies, zero_above) = {
+            let st = lock(&self.shared.state);
+            if end > st.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past the end of the database",
+                ));
+            }
+            let mut copies = Vec::new();
+            if !st.overlay.is_empty() {
+                for c in offset / CHUNK..end.div_ceil(CHUNK) {
+                    if let Some(ch) = st.overlay.get(&c) {
+                        copies.push((c, ch.data.clone()));
+                    }
+                }
+            }
+            (copies, zero_above(&st))
+        };
+        let chunks = end.div_ceil(CHUNK) - offset / CHUNK;
+        if copies.len() as u64 != chunks {
+            read_zero_filled(&self.shared.main, offset, out)?;
+            mask(out, offset, zero_above);
+        }
+        for (c, data) in copies {
+            let cs = c * CHUNK;
+            let from = cs.max(offset);
+            let to = (cs + CHUNK).min(end);
+            out[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - cs) as usize..(to - cs) as usize]);
+        }
+        Ok(())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut st = lock(&self.state);
-        self.main.set_len(len)?;
+        let mut guard = lock(&self.shared.state);
+        let st = &mut *guard;
+        Shared::failed(st)?;
         st.pending.push(OP_SET_LEN);
         st.pending.extend_from_slice(&len.to_le_bytes());
+        if len < st.len {
+            st.overlay.retain(|&c, _| c * CHUNK < len);
+            let c = len / CHUNK;
+            if !len.is_multiple_of(CHUNK)
+                && let Some(ch) = st.overlay.get_mut(&c)
+            {
+                let mut data = ch.data.to_vec();
+                data[(len % CHUNK) as usize..].fill(0);
+                ch.data = Arc::from(data);
+            }
+            let epoch = st.epoch;
+            st.shrinks.push((epoch, len));
+        }
+        st.len = len;
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let mut st = lock(&self.state);
-        self.main.write(offset, data)?;
+        let mut guard = lock(&self.shared.state);
+        let st = &mut *guard;
+        Shared::failed(st)?;
         let n =
             u32::try_from(data.len()).map_err(|_| io::Error::other("a single write over 4 GiB"))?;
         st.pending.push(OP_WRITE);
         st.pending.extend_from_slice(&offset.to_le_bytes());
         st.pending.extend_from_slice(&n.to_le_bytes());
         st.pending.extend_from_slice(data);
+        let end = offset + data.len() as u64;
+        let mut c = offset / CHUNK;
+        while c * CHUNK < end {
+            let cs = c * CHUNK;
+            let from = cs.max(offset);
+            let to = (cs + CHUNK).min(end);
+            let src = &data[(from - offset) as usize..(to - offset) as usize];
+            let chunk: Arc<[u8]> = if to - from == CHUNK {
+                Arc::from(src)
+            } else {
+                let mut buf = self.shared.chunk(st, c)?;
+                buf[(from - cs) as usize..(to - cs) as usize].copy_from_slice(src);
+                Arc::from(buf)
+            };
+            let epoch = st.epoch;
+            st.overlay.insert(c, Chunk { epoch, data: chunk });
+            st.touched.push(c);
+            c += 1;
+        }
+        st.len = st.len.max(end);
         Ok(())
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        if st.pending.len() == HEADER {
-            return Ok(());
+        let sh = &*self.shared;
+        let mut p = lock(&sh.position);
+        let (mut record, touched, epoch) = {
+            let mut st = lock(&sh.state);
+            Shared::failed(&st)?;
+            if st.pending.len() == HEADER {
+                return Ok(());
+            }
+            let record = std::mem::replace(&mut st.pending, new_record());
+            let touched = std::mem::take(&mut st.touched);
+            let epoch = st.epoch;
+            st.epoch += 1;
+            (record, touched, epoch)
+        };
+        let result: io::Result<()> = (|| {
+            let len = record.len() as u64;
+            if p.pos > 0 && p.pos + len > p.size {
+                sh.switch(&mut p)?;
+            }
+            let payload = u32::try_from(record.len() - HEADER)
+                .map_err(|_| io::Error::other("a commit over 4 GiB"))?;
+            record[0..4].copy_from_slice(&LIVE.to_le_bytes());
+            record[4..12].copy_from_slice(&p.generation.to_le_bytes());
+            record[12..16].copy_from_slice(&payload.to_le_bytes());
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&record[4..16]);
+            hasher.update(&record[HEADER..]);
+            let crc = hasher.finalize();
+            record[16..20].copy_from_slice(&crc.to_le_bytes());
+            let f = &sh.files[p.active];
+            f.write_all_at(&record, p.pos)?;
+            f.sync_data()?;
+            p.pos += len;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // The commit is not durable and its pages stay in the overlay, unreferenced:
+            // redb fails the commit and the database is reopened, which replays the journal.
+            let mut st = lock(&sh.state);
+            if st.failed.is_none() {
+                st.failed = Some(e.to_string());
+            }
+            return Err(e);
         }
-        let record = st.pending.len() as u64;
-        if st.pos > 0 && st.pos + record > st.size {
-            self.switch(st)?;
-        }
-        let payload = u32::try_from(st.pending.len() - HEADER)
-            .map_err(|_| io::Error::other("a commit over 4 GiB"))?;
-        st.pending[0..4].copy_from_slice(&LIVE.to_le_bytes());
-        st.pending[4..12].copy_from_slice(&st.generation.to_le_bytes());
-        st.pending[12..16].copy_from_slice(&payload.to_le_bytes());
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&st.pending[4..16]);
-        hasher.update(&st.pending[HEADER..]);
-        let crc = hasher.finalize();
-        st.pending[16..20].copy_from_slice(&crc.to_le_bytes());
-        let files = st.files.as_ref().ok_or_else(closed)?;
-        let f = &files[st.active];
-        f.write_all_at(&st.pending, st.pos)?;
-        f.sync_data()?;
-        st.pos += record;
-        st.pending.truncate(HEADER);
-        // A huge commit grew the buffer: give the memory back.
-        if st.pending.capacity() > 64 << 20 {
-            st.pending.shrink_to(1 << 20);
-        }
-        Ok(())
+        sh.tx
+            .send(Msg::Record {
+                epoch,
+                record,
+                touched,
+            })
+            .map_err(|_| closed())
     }
 
     fn close(&self) -> io::Result<()> {
-        let mut st = lock(&self.state);
-        let result = (|| {
-            self.wait_checkpoint()?;
-            if st.pending.len() > HEADER {
-                // Writes after the last sync belong to no commit: they are dropped, as a
-                // crash would drop them, and the file is synced as it stands.
-                st.pending.truncate(HEADER);
-            }
-            self.main.sync_data()?;
-            if let Some(files) = &st.files {
-                for f in files {
-                    retire(f)?;
-                }
-            }
-            Ok(())
-        })();
-        if let Some(files) = st.files.take() {
-            let _ = files[0].unlock();
+        // Every durable record reaches the database file first; writes after the last sync
+        // belong to no commit and are dropped, as a crash would drop them.
+        let _ = self.shared.tx.send(Msg::Stop);
+        if let Some(h) = lock(&self.shared.applier).take() {
+            let _ = h.join();
         }
-        let closed = self.main.close();
+        let failed = lock(&self.shared.state).failed.clone();
+        let result = match failed {
+            Some(e) => Err(io::Error::other(e)),
+            None => self
+                .shared
+                .wait_checkpoint()
+                .and_then(|()| self.shared.main.sync_data())
+                .and_then(|()| self.shared.files.iter().try_for_each(retire)),
+        };
+        let _ = self.shared.files[0].unlock();
+        let closed = self.locks.close();
         result.and(closed)
     }
 
@@ -507,7 +818,7 @@ impl StorageBackend for JournaledFile {
         start: std::ops::Bound<u64>,
         end: std::ops::Bound<u64>,
     ) -> Result<bool, redb::BackendError> {
-        self.main.try_lock_range(start, end)
+        self.locks.try_lock_range(start, end)
     }
 
     fn try_lock_shared_range(
@@ -515,7 +826,7 @@ impl StorageBackend for JournaledFile {
         start: std::ops::Bound<u64>,
         end: std::ops::Bound<u64>,
     ) -> Result<bool, redb::BackendError> {
-        self.main.try_lock_shared_range(start, end)
+        self.locks.try_lock_shared_range(start, end)
     }
 
     fn lock_range(
@@ -523,7 +834,7 @@ impl StorageBackend for JournaledFile {
         start: std::ops::Bound<u64>,
         end: std::ops::Bound<u64>,
     ) -> Result<(), redb::BackendError> {
-        self.main.lock_range(start, end)
+        self.locks.lock_range(start, end)
     }
 
     fn lock_shared_range(
@@ -531,7 +842,7 @@ impl StorageBackend for JournaledFile {
         start: std::ops::Bound<u64>,
         end: std::ops::Bound<u64>,
     ) -> Result<(), redb::BackendError> {
-        self.main.lock_shared_range(start, end)
+        self.locks.lock_shared_range(start, end)
     }
 
     fn unlock_range(
@@ -539,7 +850,7 @@ impl StorageBackend for JournaledFile {
         start: std::ops::Bound<u64>,
         end: std::ops::Bound<u64>,
     ) -> Result<(), redb::BackendError> {
-        self.main.unlock_range(start, end)
+        self.locks.unlock_range(start, end)
     }
 
     fn query_lock_range(
@@ -547,7 +858,7 @@ impl StorageBackend for JournaledFile {
         start: std::ops::Bound<u64>,
         end: std::ops::Bound<u64>,
     ) -> Result<bool, redb::BackendError> {
-        self.main.query_lock_range(start, end)
+        self.locks.query_lock_range(start, end)
     }
 }
 
@@ -582,6 +893,15 @@ mod tests {
         (t.len().unwrap(), t.last().unwrap().map(|(k, _)| k.value()))
     }
 
+    /// The files as they are now, copied to `to`: what a crash of the machine right now
+    /// leaves, as far as the journal and the database file were written.
+    fn crash_image(from: &Path, to: &Path) {
+        std::fs::copy(from, to).unwrap();
+        for n in 0..2 {
+            std::fs::copy(journal_path(from, n), journal_path(to, n)).unwrap();
+        }
+    }
+
     /// The worst crash for the database file: it kept nothing written after the last
     /// checkpoint (here, a clean close). Only the journal has those commits.
     #[test]
@@ -589,21 +909,19 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         let path = a.path().join("d.redb");
-        {
+        drop({
             let d = db(&path);
             put(&d, 0..10, b"first");
-        }
+            d
+        });
         let checkpointed = std::fs::read(&path).unwrap();
         let d = db(&path);
         for i in 0..20 {
             put(&d, 10 + i * 5..15 + i * 5, &[i as u8; 300]);
         }
-        // The crash image: the database file as of the checkpoint, the journal as synced.
         let copy = b.path().join("d.redb");
+        crash_image(&path, &copy);
         std::fs::write(&copy, &checkpointed).unwrap();
-        for n in 0..2 {
-            std::fs::copy(journal_path(&path, n), journal_path(&copy, n)).unwrap();
-        }
         drop(d);
         let again = db(&copy);
         assert_eq!(count(&again), (110, Some(109)));
@@ -612,8 +930,42 @@ mod tests {
         assert_eq!(count(&db(&copy)), (110, Some(109)));
     }
 
+    /// The applier stops (as in a crash) while commits go on: the database file lacks
+    /// everything since, and every commit that returned is there after the replay.
+    #[test]
+    fn a_crash_keeps_every_commit_that_returned() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let path = a.path().join("d.redb");
+        let (backend_shared, d) = {
+            let backend = open(&path, MIN_SIZE).unwrap();
+            let shared = backend.shared.clone();
+            (
+                shared,
+                redb::Database::builder()
+                    .create_with_backend(backend)
+                    .unwrap(),
+            )
+        };
+        let value = vec![5u8; 100];
+        for i in 0..40u64 {
+            put(&d, i * 10..(i + 1) * 10, &value);
+        }
+        backend_shared.flush();
+        backend_shared.halt();
+        for i in 40..80u64 {
+            put(&d, i * 10..(i + 1) * 10, &value);
+        }
+        assert!(!lock(&backend_shared.state).overlay.is_empty());
+        let copy = b.path().join("d.redb");
+        crash_image(&path, &copy);
+        std::mem::forget(d);
+        assert_eq!(count(&db(&copy)), (800, Some(799)));
+    }
+
     /// Many commits larger than a journal file: files switch, checkpoints run in the
-    /// background, and a crash image taken at the end still has every commit.
+    /// background, reads are served from the overlay while the applier catches up, and a
+    /// crash image still has every commit.
     #[test]
     fn commits_survive_file_switches_and_checkpoints() {
         let a = tempfile::tempdir().unwrap();
@@ -623,13 +975,10 @@ mod tests {
         let value = vec![7u8; 3000];
         for i in 0..200u64 {
             put(&d, i * 100..(i + 1) * 100, &value);
+            assert_eq!(count(&d), ((i + 1) * 100, Some((i + 1) * 100 - 1)));
         }
-        assert_eq!(count(&d), (20_000, Some(19_999)));
         let copy = b.path().join("d.redb");
-        std::fs::copy(&path, &copy).unwrap();
-        for n in 0..2 {
-            std::fs::copy(journal_path(&path, n), journal_path(&copy, n)).unwrap();
-        }
+        crash_image(&path, &copy);
         assert_eq!(count(&db(&copy)), (20_000, Some(19_999)));
         drop(d);
         assert_eq!(count(&db(&path)), (20_000, Some(19_999)));
@@ -642,29 +991,82 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let path = a.path().join("d");
         std::fs::write(&path, []).unwrap();
-        let j = open(&path, MIN_SIZE).unwrap();
-        j.set_len(8192).unwrap();
-        j.write(0, &[1u8; 4096]).unwrap();
-        j.sync_data().unwrap();
-        j.write(4096, &[2u8; 4096]).unwrap();
-        j.sync_data().unwrap();
+        let f = open(&path, MIN_SIZE).unwrap();
+        f.shared.halt();
+        f.set_len(8192).unwrap();
+        f.write(0, &[1u8; 4096]).unwrap();
+        f.sync_data().unwrap();
+        f.write(4096, &[2u8; 4096]).unwrap();
+        f.sync_data().unwrap();
         let second = HEADER as u64 + 1 + 8 + (1 + 8 + 4 + 4096);
         // Tear the second record: flip a byte of its payload.
-        let f = OpenOptions::new()
+        let tear = OpenOptions::new()
             .write(true)
             .open(journal_path(&path, 0))
             .unwrap();
-        f.write_all_at(&[9], second + HEADER as u64 + 100).unwrap();
-        drop(j);
-        // The database file as a crash could leave it: nothing of either write.
-        std::fs::write(&path, []).unwrap();
-        let j = open(&path, MIN_SIZE).unwrap();
+        tear.write_all_at(&[9], second + HEADER as u64 + 100)
+            .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        drop(f);
+        let f = open(&path, MIN_SIZE).unwrap();
         let mut page = vec![0u8; 4096];
-        j.read(0, &mut page).unwrap();
+        f.read(0, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 1));
-        assert_eq!(j.len().unwrap(), 8192);
-        j.read(4096, &mut page).unwrap();
+        assert_eq!(f.len().unwrap(), 8192);
+        f.read(4096, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0), "the torn commit was applied");
+    }
+
+    /// Reads see every write at once, whatever the applier has copied: partial chunks,
+    /// shrinks and regrowth included; and the database file ends up the same.
+    #[test]
+    fn reads_see_writes_before_they_reach_the_file() {
+        let a = tempfile::tempdir().unwrap();
+        let path = a.path().join("d");
+        let f = open(&path, MIN_SIZE).unwrap();
+        let mut model = vec![0u8; 0];
+        let mut seed = 7u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in 0..2000 {
+            match next() % 10 {
+                0 => {
+                    let len = next() % (64 << 10);
+                    f.set_len(len).unwrap();
+                    model.resize(len as usize, 0);
+                }
+                1..=6 if !model.is_empty() => {
+                    let off = next() % model.len() as u64;
+                    let n = (next() % 9000).min(model.len() as u64 - off) as usize;
+                    let b = (step % 251) as u8;
+                    f.write(off, &vec![b; n]).unwrap();
+                    model[off as usize..off as usize + n].fill(b);
+                }
+                7 => f.sync_data().unwrap(),
+                _ => {}
+            }
+            assert_eq!(f.len().unwrap(), model.len() as u64);
+            if !model.is_empty() {
+                let off = next() % model.len() as u64;
+                let n = (next() % 10_000).min(model.len() as u64 - off) as usize;
+                let mut out = vec![0u8; n];
+                f.read(off, &mut out).unwrap();
+                assert!(out == model[off as usize..off as usize + n], "step {step}");
+            }
+        }
+        f.sync_data().unwrap();
+        f.shared.flush();
+        assert!(lock(&f.shared.state).overlay.is_empty());
+        let mut whole = vec![0u8; model.len()];
+        read_zero_filled(&f.shared.main, 0, &mut whole).unwrap();
+        assert!(
+            whole == model,
+            "the database file differs from what was written"
+        );
     }
 
     #[test]
