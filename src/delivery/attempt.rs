@@ -27,7 +27,30 @@ pub struct Destination {
     pub client: reqwest::Client,
     pub writer: WriterHandle,
     pub metrics: Arc<Metrics>,
+    /// This destination's series of the hottest metrics, looked up once.
+    pub series: Series,
     pub max_response_body: usize,
+}
+
+/// A destination's own metric series: looked up by label once, not on every attempt.
+pub struct Series {
+    pub successes: prometheus::IntCounter,
+    pub attempt_seconds: prometheus::Histogram,
+    pub queue_depth: prometheus::IntGauge,
+    pub in_flight: prometheus::IntGauge,
+    pub breaker_state: prometheus::IntGauge,
+}
+
+impl Series {
+    pub fn new(m: &Metrics, sub_id: &str) -> Self {
+        Self {
+            successes: m.attempts.with_label_values(&[sub_id, "success"]),
+            attempt_seconds: m.attempt_seconds.with_label_values(&[sub_id]),
+            queue_depth: m.queue_depth.with_label_values(&[sub_id]),
+            in_flight: m.in_flight.with_label_values(&[sub_id]),
+            breaker_state: m.breaker_state.with_label_values(&[sub_id]),
+        }
+    }
 }
 
 /// How the endpoint behaved, for the circuit breaker.
@@ -184,10 +207,12 @@ pub async fn run(
     };
 
     let m = &dest.metrics;
-    m.attempts.with_label_values(&[&dest.sub_id, outcome]).inc();
-    m.attempt_seconds
-        .with_label_values(&[&dest.sub_id])
-        .observe(elapsed.as_secs_f64());
+    if outcome == "success" {
+        dest.series.successes.inc();
+    } else {
+        m.attempts.with_label_values(&[&dest.sub_id, outcome]).inc();
+    }
+    dest.series.attempt_seconds.observe(elapsed.as_secs_f64());
     if next == Next::Dead {
         m.dead.with_label_values(&[&dest.sub_id]).inc();
         tracing::warn!(delivery = job.delivery, subscription = %dest.sub_id, attempts = n, error = error.as_deref().unwrap_or(""), "delivery dead-lettered");

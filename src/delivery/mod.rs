@@ -148,6 +148,7 @@ impl Supervisor {
             policy,
             client: self.client.clone(),
             writer: self.writer.clone(),
+            series: attempt::Series::new(&self.metrics, &sub_id),
             metrics: self.metrics.clone(),
             max_response_body: self.cfg.max_response_body,
         });

@@ -133,24 +133,19 @@ impl Worker {
     }
 
     fn gauges(&self) {
-        let m = &self.dest.metrics;
-        let id = &*self.dest.sub_id;
+        let series = &self.dest.series;
         self.depth.queued.store(
             self.queue.len() + self.parked.len(),
             AtomicOrdering::Relaxed,
         );
-        m.queue_depth
-            .with_label_values(&[id])
-            .set(self.queue.len() as i64);
-        m.in_flight
-            .with_label_values(&[id])
-            .set(self.in_flight.len() as i64);
+        series.queue_depth.set(self.queue.len() as i64);
+        series.in_flight.set(self.in_flight.len() as i64);
         let state = match self.breaker.state(std::time::Instant::now()) {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
         };
-        m.breaker_state.with_label_values(&[id]).set(state);
+        series.breaker_state.set(state);
     }
 
     /// Runs until stopped; then lets in-flight attempts finish.

@@ -92,7 +92,7 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> JournalError + '_ {
 const CHUNK: u64 = 4096;
 /// Durable records the applier may have queued before `sync_data` waits for it: the bound on
 /// the overlay's memory.
-const QUEUE: usize = 16;
+const QUEUE: usize = 4;
 
 /// The redb storage backend of a journaled database file. See the module documentation.
 pub struct JournaledFile {
