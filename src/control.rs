@@ -61,11 +61,20 @@ pub struct StoredSecret {
 #[derive(Debug, Clone)]
 pub struct Described {
     pub sub: Arc<Subscription>,
-    /// (last four characters, expiry) per signing secret, newest first.
-    pub secrets: Vec<(String, Option<Micros>)>,
+    /// The signing secrets in force, newest first.
+    pub secrets: Vec<SecretInfo>,
     pub state: Option<SubscriptionState>,
     pub created_at: Option<Micros>,
     pub updated_at: Option<Micros>,
+}
+
+/// What the API shows of one signing secret: never the secret itself.
+#[derive(Debug, Clone)]
+pub struct SecretInfo {
+    pub last4: String,
+    pub expires_at: Option<Micros>,
+    /// `whpk_…` for a `whsk_` (Ed25519) key: receivers verify `v1a` signatures with it.
+    pub public_key: Option<String>,
 }
 
 /// Why an operator change was refused or failed.
@@ -839,7 +848,13 @@ fn describe(
             let expires = record
                 .and_then(|r| r.secrets.iter().find(|x| x.secret == *s))
                 .and_then(|x| x.expires_at);
-            (last4(s), expires)
+            SecretInfo {
+                last4: last4(s),
+                expires_at: expires,
+                public_key: crate::signing::parse_secret(s)
+                    .ok()
+                    .and_then(|k| k.public_key()),
+            }
         })
         .collect();
     Described {

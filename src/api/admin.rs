@@ -641,6 +641,9 @@ pub struct SecretView {
     pub last4: String,
     /// Set on a rotated-out secret: when it stops signing.
     pub expires_at: Option<String>,
+    /// `whpk_<base64>` for an Ed25519 (`whsk_`) key, which signs `v1a,`: what receivers
+    /// verify with. `null` for an HMAC (`whsec_`) secret.
+    pub public_key: Option<String>,
 }
 
 /// Retry settings as shown.
@@ -703,9 +706,10 @@ impl<'a> SubscriptionView<'a> {
             secrets: d
                 .secrets
                 .iter()
-                .map(|(last4, exp)| SecretView {
-                    last4: last4.clone(),
-                    expires_at: exp.map(rfc3339),
+                .map(|x| SecretView {
+                    last4: x.last4.clone(),
+                    expires_at: x.expires_at.map(rfc3339),
+                    public_key: x.public_key.clone(),
                 })
                 .collect(),
             timeout: human(s.timeout),

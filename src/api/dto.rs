@@ -27,7 +27,30 @@ pub struct PublishRequest<'a> {
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest<'a> {
     #[serde(borrow)]
-    pub events: Vec<PublishRequest<'a>>,
+    pub events: Vec<ObjectOnly<PublishRequest<'a>>>,
+}
+
+/// A `T` read only from a JSON object: serde's derive also reads a struct from an array of
+/// its fields in order, which the API refuses (`invalid type: sequence, expected a JSON
+/// object`).
+#[derive(Debug)]
+pub struct ObjectOnly<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Objects<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Objects<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Objects(std::marker::PhantomData))
+            .map(ObjectOnly)
+    }
 }
 
 /// The answer to one published event.

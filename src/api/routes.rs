@@ -354,6 +354,7 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
     st.auth.check(auth_header(&req), Scope::Publish)?;
     require_json(&req)?;
     let body = read_body(req, st.max_body).await?;
+    super::require_object(&body)?;
     // The path names the item at fault: `events[3]: missing field `type``.
     let b: BatchRequest =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
@@ -381,7 +382,7 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
         ));
     }
     let mut events = Vec::with_capacity(b.events.len());
-    for (i, p) in b.events.into_iter().enumerate() {
+    for (i, super::dto::ObjectOnly(p)) in b.events.into_iter().enumerate() {
         events.push(new_event(st, p, None).map_err(|mut e| {
             e.message = format!("events[{i}]: {}", e.message);
             e

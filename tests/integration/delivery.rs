@@ -491,3 +491,64 @@ async fn a_subscription_failing_for_the_auto_disable_period_is_disabled() {
         "disabled after {span:?}"
     );
 }
+
+/// A `whsk_` key signs `v1a,` with Ed25519: the subscriptions API shows its public key, and
+/// the signature verifies with that key in an independent Ed25519 implementation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ed25519_signatures_verify_with_the_public_key_the_api_shows() {
+    use base64::engine::general_purpose::STANDARD;
+    let rx = Receiver::start().await;
+    let seed = [7u8; 32];
+    let secret = format!("whsk_{}", STANDARD.encode(seed));
+    let cfg = config(&format!(
+        "[[subscriptions]]\nid = \"ed\"\nurl = \"{}\"\nsecrets = [\"{secret}\"]\n",
+        rx.url("/")
+    ));
+    let d = Daemon::start(&cfg);
+    let (status, subs) = d.get("/v1/subscriptions").await;
+    assert_eq!(status, 200, "{subs}");
+    assert!(!subs.to_string().contains(&secret), "the secret was listed");
+    let Some(pk) = subs["items"][0]["secrets"][0]["public_key"].as_str() else {
+        panic!("no public key shown: {subs}");
+    };
+    let Some(b64) = pk.strip_prefix("whpk_") else {
+        panic!("public key without whpk_: {pk}");
+    };
+    let bytes: [u8; 32] = match STANDARD.decode(b64).map(<[u8; 32]>::try_from) {
+        Ok(Ok(b)) => b,
+        other => panic!("public key is not 32 base64 bytes: {other:?}"),
+    };
+    let vk = match ed25519_dalek::VerifyingKey::from_bytes(&bytes) {
+        Ok(k) => k,
+        Err(e) => panic!("not an Ed25519 public key: {e}"),
+    };
+    assert_eq!(
+        vk,
+        ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key(),
+        "the public key shown is not the one of the secret"
+    );
+
+    let ev = d.publish("a", json!({"n": 1})).await;
+    let got = rx.wait_for(1, WAIT).await;
+    let sig = got[0].header("webhook-signature").unwrap_or_default();
+    let ts = got[0].header("webhook-timestamp").unwrap_or_default();
+    let Some(sig_b64) = sig.strip_prefix("v1a,") else {
+        panic!("not a v1a signature: {sig}");
+    };
+    let sig_bytes: [u8; 64] = match STANDARD.decode(sig_b64).map(<[u8; 64]>::try_from) {
+        Ok(Ok(b)) => b,
+        other => panic!("signature is not 64 base64 bytes: {other:?}"),
+    };
+    let signature = ed25519_dalek::Signature::from_bytes(&sig_bytes);
+    let mut content = format!("{}.{ts}.", id_of(&ev)).into_bytes();
+    content.extend_from_slice(&got[0].body);
+    assert!(
+        vk.verify_strict(&content, &signature).is_ok(),
+        "the v1a signature does not verify"
+    );
+    content.push(b' ');
+    assert!(
+        vk.verify_strict(&content, &signature).is_err(),
+        "a changed body still verifies"
+    );
+}

@@ -602,6 +602,18 @@ async fn empty_and_oversized_batches_are_refused() {
         .post("/v1/events/batch", &json!([{"type": "t", "data": 1}]))
         .await;
     assert_error("a bare array", &got, 400, "invalid_body");
+    // Arrays with the fields in order, for the batch or for an item, are not objects.
+    let got = d
+        .post("/v1/events/batch", &json!([[{"type": "t", "data": 1}]]))
+        .await;
+    assert_error("the batch as an array", &got, 400, "invalid_body");
+    let got = d
+        .post(
+            "/v1/events/batch",
+            &json!({"events": [[null, "t", null, 1, null]]}),
+        )
+        .await;
+    assert_error("an item as an array", &got, 400, "invalid_body");
     assert_eq!(list_all(&d, "").await.len(), 1, "nothing stored");
 
     // Exactly max_batch is fine.
@@ -643,6 +655,9 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
     assert_error("trailing garbage", &got, 400, "malformed_json");
     let got = raw(json_ct, "[1, 2]".into()).await;
     assert_error("an array", &got, 400, "invalid_body");
+    // An array with the fields in order is not an event either.
+    let got = raw(json_ct, r#"[null, "a", null, 1]"#.into()).await;
+    assert_error("an array in field order", &got, 400, "invalid_body");
     let got = raw(json_ct, r#"{"data": {"x": 1}}"#.into()).await;
     assert_error("missing type", &got, 400, "invalid_body");
     let got = raw(json_ct, r#"{"type": "a"}"#.into()).await;

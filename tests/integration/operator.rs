@@ -937,7 +937,7 @@ async fn subscriptions_over_the_api() {
     assert_eq!(list[0]["source"], "config");
     assert_eq!(
         list[0]["secrets"],
-        json!([{"last4": "LaSw", "expires_at": null}])
+        json!([{"last4": "LaSw", "expires_at": null, "public_key": null}])
     );
     assert!(!raw.to_string().contains(SECRET), "a secret was listed");
 
