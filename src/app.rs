@@ -53,6 +53,7 @@ pub async fn run(
             .with_context(|| format!("cannot open database {}", db_path.display()))?
     };
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    let attempting = Arc::new(crate::delivery::attempting::Attempting::default());
     let (sched_tx, sched_rx) = mpsc::unbounded_channel();
     // Lets the watchdog see whether the scheduler task still runs, without keeping it alive.
     let sched_watch = sched_tx.downgrade();
@@ -102,6 +103,7 @@ pub async fn run(
             registry: registry.clone(),
             scheduler: sched_tx,
             auto_disable_after: config.auto_disable_after,
+            attempting: attempting.clone(),
         },
         writer.clone(),
         metrics.clone(),
@@ -144,6 +146,7 @@ pub async fn run(
         tracing::warn!(%addr, "no API tokens configured and listening beyond loopback: anyone who can reach this address can publish and administer");
     }
     let state = Arc::new(ApiState {
+        attempting,
         store: store.clone(),
         writer: writer.clone(),
         metrics: metrics.clone(),

@@ -225,6 +225,46 @@ fn check_params(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), Api
     Ok(())
 }
 
+/// `status=in_flight`: not on disk, so the attempts under way right now, read and filtered
+/// here, in id order after `after`.
+fn attempts_under_way(
+    st: &ApiState,
+    f: &DeliveryFilter,
+    mut after: Option<DeliveryId>,
+    limit: usize,
+) -> Result<crate::storage::Page<(DeliveryId, crate::model::Delivery)>, ApiError> {
+    let mut items = Vec::new();
+    loop {
+        let ids = st.attempting.after(after, 256);
+        let Some(&last) = ids.last() else {
+            return Ok(crate::storage::Page { items, next: None });
+        };
+        after = Some(last);
+        for (id, d) in st.store.deliveries(&ids)? {
+            let wanted = !d.status.is_terminal()
+                && f.subscription.as_ref().is_none_or(|s| *s == d.subscription)
+                && f.since.is_none_or(|t| d.created_at >= t)
+                && f.until.is_none_or(|t| d.created_at < t)
+                && match &f.event_type {
+                    None => true,
+                    Some(t) => st
+                        .store
+                        .event_by_seq(d.event_seq)?
+                        .is_some_and(|e| e.event_type == *t),
+                };
+            if wanted && st.attempting.contains(id) {
+                items.push((id, d));
+                if items.len() == limit {
+                    return Ok(crate::storage::Page {
+                        items,
+                        next: Some(id),
+                    });
+                }
+            }
+        }
+    }
+}
+
 fn delivery_id(id: &str) -> Result<DeliveryId, ApiError> {
     id.parse()
         .map_err(|_| ApiError::not_found(format!("no delivery with id {id:?}")))
@@ -287,11 +327,15 @@ fn list_deliveries(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiEr
         since: time_param(&q, "since")?,
         until: time_param(&q, "until")?,
     };
-    let page = st.store.list_deliveries(&filter, cursor, limit)?;
+    let page = if filter.status == Some(DeliveryStatus::InFlight) {
+        attempts_under_way(st, &filter, cursor, limit)?
+    } else {
+        st.store.list_deliveries(&filter, cursor, limit)?
+    };
     let items: Vec<_> = page
         .items
         .iter()
-        .map(|(id, d)| DeliveryView::new(*id, d))
+        .map(|(id, d)| st.delivery_view(*id, d))
         .collect();
     json_of(
         StatusCode::OK,

@@ -40,6 +40,8 @@ pub type Resp = Response<Full<Bytes>>;
 /// Everything a request handler may touch.
 pub struct ApiState {
     pub store: Store,
+    /// Deliveries whose attempt is under way: shown as `in_flight`.
+    pub attempting: Arc<crate::delivery::attempting::Attempting>,
     pub writer: WriterHandle,
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
@@ -56,6 +58,19 @@ pub struct ApiState {
 impl ApiState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// A delivery as the API shows it: `in_flight` while its attempt is under way.
+    pub fn delivery_view<'a>(
+        &self,
+        id: crate::model::DeliveryId,
+        d: &'a crate::model::Delivery,
+    ) -> dto::DeliveryView<'a> {
+        let mut v = dto::DeliveryView::new(id, d);
+        if !d.status.is_terminal() && self.attempting.contains(id) {
+            v.status = crate::model::DeliveryStatus::InFlight.as_str();
+        }
+        v
     }
 }
 

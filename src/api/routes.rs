@@ -509,7 +509,7 @@ fn event_deliveries(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<
     };
     let ids = st.store.event_delivery_ids(seq)?;
     let ds = st.store.deliveries(&ids)?;
-    let items: Vec<_> = ds.iter().map(|(id, d)| DeliveryView::new(*id, d)).collect();
+    let items: Vec<_> = ds.iter().map(|(id, d)| st.delivery_view(*id, d)).collect();
     json_of(
         StatusCode::OK,
         &ListResponse {
@@ -530,7 +530,7 @@ fn get_delivery(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp
     let Some(d) = st.store.delivery(did)? else {
         return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
     };
-    json_of(StatusCode::OK, &DeliveryView::new(did, &d))
+    json_of(StatusCode::OK, &st.delivery_view(did, &d))
 }
 
 fn delivery_attempts(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {

@@ -2,6 +2,7 @@
 //! routes due deliveries from the scheduler to them.
 
 pub mod attempt;
+pub mod attempting;
 pub mod client;
 pub mod ssrf;
 pub mod worker;

@@ -60,6 +60,8 @@ pub struct WorkerEnv {
     pub registry: Arc<Registry>,
     pub scheduler: mpsc::UnboundedSender<Msg>,
     pub auto_disable_after: Duration,
+    /// Deliveries whose attempt is under way, for the API's `in_flight`.
+    pub attempting: Arc<super::attempting::Attempting>,
 }
 
 pub struct Worker {
@@ -260,6 +262,7 @@ impl Worker {
                 return;
             }
             self.in_flight.insert(job.delivery);
+            self.env.attempting.start(job.delivery);
             let dest = self.dest.clone();
             self.tasks.spawn(attempt::run(dest, job, delivery, event));
         }
@@ -306,6 +309,7 @@ impl Worker {
     async fn finished(&mut self, f: Finished) {
         let now = std::time::Instant::now();
         self.in_flight.remove(&f.job.delivery);
+        self.env.attempting.end(f.job.delivery);
         if let Some(job) = self.parked.remove(&f.job.delivery) {
             self.enqueue(job);
         }

@@ -552,3 +552,33 @@ async fn ed25519_signatures_verify_with_the_public_key_the_api_shows() {
         "a changed body still verifies"
     );
 }
+
+/// While its attempt is under way a delivery shows as `in_flight`, and `status=in_flight`
+/// lists it; once the outcome is recorded it is neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_under_way_shows_as_in_flight() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Hang]);
+    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "timeout = \"2s\"")));
+    let ev = d.publish("a", json!({})).await;
+    rx.wait_for(1, WAIT).await;
+    let (_, list) = d
+        .get(&format!("/v1/events/{}/deliveries", id_of(&ev)))
+        .await;
+    let id = list["items"][0]["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(list["items"][0]["status"], "in_flight", "{list}");
+    let (_, one) = d.get(&format!("/v1/deliveries/{id}")).await;
+    assert_eq!(one["status"], "in_flight", "{one}");
+    let (status, live) = d.get("/v1/deliveries?status=in_flight").await;
+    assert_eq!(status, 200, "{live}");
+    assert_eq!(live["items"].as_array().map(Vec::len), Some(1), "{live}");
+    assert_eq!(live["items"][0]["id"], id.as_str());
+    let (_, other) = d
+        .get("/v1/deliveries?status=in_flight&subscription=nope")
+        .await;
+    assert_eq!(other["items"], json!([]), "{other}");
+
+    wait_status(&d, &id_of(&ev), "succeeded").await;
+    let (_, live) = d.get("/v1/deliveries?status=in_flight").await;
+    assert_eq!(live["items"], json!([]), "{live}");
+}
