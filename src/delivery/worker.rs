@@ -108,6 +108,18 @@ impl Worker {
             .map(|r| TokenBucket::new(r, r.max(1.0), now));
         // Paused: jobs are dropped and their rows stay on disk until a resume rescans them.
         let enabled = dest.sub.enabled && !dest.sub.paused;
+        // FIFO across restarts: the oldest live delivery goes first, even when a newer one
+        // comes due (and reaches this task) before it, e.g. while the oldest waits for a retry.
+        let blocked_by = match dest.sub.ordering {
+            Ordering::Fifo => env
+                .store
+                .first_live_delivery(&dest.sub_id)
+                .unwrap_or_else(|e| {
+                    tracing::error!(subscription = %dest.sub_id, error = %e, "cannot read the head of a FIFO subscription");
+                    None
+                }),
+            Ordering::Unordered => None,
+        };
         Self {
             dest,
             env,
@@ -119,7 +131,7 @@ impl Worker {
             tasks: JoinSet::new(),
             breaker,
             bucket,
-            blocked_by: None,
+            blocked_by,
             failing_since: None,
             enabled,
             wake_at: None,

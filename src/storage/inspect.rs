@@ -221,6 +221,28 @@ impl Store {
 
     /// A subscription's deliveries that are still to be attempted (pending, in flight,
     /// retrying), after the cursor; the cursor of the next chunk when there may be more.
+    /// The oldest delivery of `subscription` still to be attempted (pending, in flight or
+    /// retrying): the head of a FIFO subscription.
+    pub fn first_live_delivery(
+        &self,
+        subscription: &str,
+    ) -> Result<Option<DeliveryId>, StoreError> {
+        let r = self.db().begin_read()?;
+        let sub_status = r.open_table(DELIVERIES_BY_SUB_STATUS)?;
+        let mut first: Option<DeliveryId> = None;
+        for st in LIVE {
+            let code = st.code();
+            if let Some(row) = sub_status
+                .range((subscription, code, 0)..=(subscription, code, u64::MAX))?
+                .next()
+            {
+                let id = row?.0.value().2;
+                first = Some(first.map_or(id, |f| f.min(id)));
+            }
+        }
+        Ok(first)
+    }
+
     pub fn live_deliveries(
         &self,
         subscription: &str,

@@ -582,3 +582,40 @@ async fn an_attempt_under_way_shows_as_in_flight() {
     let (_, live) = d.get("/v1/deliveries?status=in_flight").await;
     assert_eq!(live["items"], json!([]), "{live}");
 }
+
+/// FIFO order holds across a restart: a newer delivery that is due does not overtake an
+/// older one waiting for its retry, though it reaches the destination task first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_order_holds_across_a_restart() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Status(500)]);
+    let cfg = config(&format!(
+        "[[subscriptions]]\nid = \"f\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
+         ordering = \"fifo\"\nretry = {{ max_attempts = 5, initial = \"10s\", max = \"10s\" }}\n",
+        rx.url("/")
+    ));
+    let mut d = Daemon::start(&cfg);
+    let tmp = d.keep_dir();
+    let dir = d.dir.clone();
+    let first = id_of(&d.publish("a", json!({"n": 1})).await);
+    rx.wait_for(1, WAIT).await;
+    wait_status(&d, &first, "retrying").await;
+    let second = id_of(&d.publish("a", json!({"n": 2})).await);
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}\n{}", d.logs());
+    drop(d);
+
+    let d = Daemon::start_in(&dir, &cfg);
+    let got = rx
+        .wait_until(WAIT, "both events delivered", |r| {
+            r.iter().filter(|x| x.answered == 200).count() >= 2
+        })
+        .await;
+    let order: Vec<String> = got
+        .iter()
+        .filter(|x| x.answered == 200)
+        .map(|x| x.header("webhook-id").unwrap_or("").to_string())
+        .collect();
+    assert_eq!(order, vec![first, second], "{}", d.logs());
+    drop(tmp);
+}
