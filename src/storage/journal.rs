@@ -113,6 +113,9 @@ struct Shared {
     checkpoint: Checkpoint,
     /// Tests stop the applier to take the files as a crash leaves them.
     halted: AtomicBool,
+    /// Tests make the applier's writes to the database file fail.
+    #[cfg(test)]
+    fail_applies: AtomicBool,
 }
 
 struct Position {
@@ -244,6 +247,8 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
         applier: Mutex::new(None),
         checkpoint: Checkpoint::default(),
         halted: AtomicBool::new(false),
+        #[cfg(test)]
+        fail_applies: AtomicBool::new(false),
     });
     let applier = Applier {
         shared: shared.clone(),
@@ -562,6 +567,10 @@ impl Applier {
     fn apply(&self, epoch: u64, record: &[u8], touched: &[u64]) -> io::Result<()> {
         if self.shared.halted.load(Ordering::Relaxed) || lock(&self.shared.state).failed.is_some() {
             return Ok(());
+        }
+        #[cfg(test)]
+        if self.shared.fail_applies.load(Ordering::Relaxed) {
+            return Err(io::Error::other("injected write failure"));
         }
         apply(&record[HEADER..], &self.shared.main)?;
         let mut st = lock(&self.shared.state);
@@ -1067,6 +1076,39 @@ mod tests {
             whole == model,
             "the database file differs from what was written"
         );
+    }
+
+    /// The database file fails under the applier: commits from then on fail, the ones that
+    /// returned are in the journal, and reopening the database replays them.
+    #[test]
+    fn a_failed_database_file_write_fails_later_commits_and_reopening_replays() {
+        let a = tempfile::tempdir().unwrap();
+        let path = a.path().join("d.redb");
+        let backend = open(&path, MIN_SIZE).unwrap();
+        let shared = backend.shared.clone();
+        let d = redb::Database::builder()
+            .create_with_backend(backend)
+            .unwrap();
+        put(&d, 0..10, b"x");
+        shared.flush();
+        shared.fail_applies.store(true, Ordering::Relaxed);
+        put(&d, 10..20, b"y");
+        shared.flush();
+        let later = (|| -> Result<(), redb::Error> {
+            let w = d.begin_write()?;
+            {
+                let mut t = w.open_table(T)?;
+                for k in 20..30u64 {
+                    t.insert(k, b"z".as_slice())?;
+                }
+            }
+            w.commit()?;
+            Ok(())
+        })();
+        assert!(later.is_err(), "a commit after the failure succeeded");
+        drop(d);
+        drop(shared);
+        assert_eq!(count(&db(&path)), (20, Some(19)));
     }
 
     #[test]
