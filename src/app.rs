@@ -272,3 +272,14 @@ pub async fn shutdown_signal() {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }
+
+/// The address in the daemon's `listening on ADDR` log line (what tests, benchmarks and
+/// supervisors read to find a daemon started on port 0).
+pub fn listen_addr_in(line: &str) -> Option<std::net::SocketAddr> {
+    let rest = line.split("listening on ").nth(1)?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    addr.parse().ok()
+}

@@ -32,7 +32,7 @@ pub struct BatchRequest<'a> {
 
 /// A `T` read only from a JSON object: serde's derive also reads a struct from an array of
 /// its fields in order, which the API refuses (`invalid type: sequence, expected a JSON
-/// object`).
+/// object`). Every request body and every batch item is read through it.
 #[derive(Debug)]
 pub struct ObjectOnly<T>(pub T);
 

@@ -220,31 +220,17 @@ pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiErr
     }
 }
 
-/// Refuses a body that is valid JSON but not an object: every request body of the API is
-/// one, and serde would otherwise read an array as a struct's fields in order.
-pub fn require_object(body: &[u8]) -> Result<(), ApiError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first.is_some_and(|&b| b != b'{')
-        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
-    {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "the request body must be a JSON object",
-        ));
-    }
-    Ok(())
-}
-
 /// Parses a JSON object body, telling malformed JSON apart from JSON of the wrong shape.
 pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    require_object(body)?;
-    serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request("malformed_json", e.to_string())
+    serde_json::from_slice(body)
+        .map(|dto::ObjectOnly(t)| t)
+        .map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
+                Category::Syntax | Category::Eof | Category::Io => {
+                    ApiError::bad_request("malformed_json", e.to_string())
+                }
             }
-        }
-    })
+        })
 }

@@ -354,9 +354,8 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
     st.auth.check(auth_header(&req), Scope::Publish)?;
     require_json(&req)?;
     let body = read_body(req, st.max_body).await?;
-    super::require_object(&body)?;
     // The path names the item at fault: `events[3]: missing field `type``.
-    let b: BatchRequest =
+    let super::dto::ObjectOnly::<BatchRequest>(b) =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))
             .map_err(|e| {
                 let path = e.path().to_string();

@@ -3,7 +3,7 @@
 //! subscriptions keep one delivery in flight, in event order, and a retrying delivery holds
 //! back the ones behind it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
@@ -70,7 +70,6 @@ pub struct Worker {
     rx: mpsc::UnboundedReceiver<WorkerMsg>,
     stop: watch::Receiver<bool>,
     queue: BTreeMap<DeliveryId, Job>,
-    in_flight: HashSet<DeliveryId>,
     /// Jobs that arrived while their delivery was in flight (its retry, usually): they join
     /// the queue when the attempt is done, so one delivery never has two attempts at once.
     parked: HashMap<DeliveryId, Job>,
@@ -126,7 +125,6 @@ impl Worker {
             rx,
             stop,
             queue: BTreeMap::new(),
-            in_flight: HashSet::new(),
             parked: HashMap::new(),
             tasks: JoinSet::new(),
             breaker,
@@ -153,7 +151,7 @@ impl Worker {
             AtomicOrdering::Relaxed,
         );
         series.queue_depth.set(self.queue.len() as i64);
-        series.in_flight.set(self.in_flight.len() as i64);
+        series.in_flight.set(self.tasks.len() as i64);
         let state = match self.breaker.state(std::time::Instant::now()) {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
@@ -199,7 +197,7 @@ impl Worker {
             // Disabled: the row stays on disk until the subscription is enabled again.
             return;
         }
-        if self.in_flight.contains(&job.delivery) {
+        if self.env.attempting.contains(job.delivery) {
             self.parked.insert(job.delivery, job);
             return;
         }
@@ -273,7 +271,6 @@ impl Worker {
                     .map(|t| Instant::now() + t.saturating_duration_since(now));
                 return;
             }
-            self.in_flight.insert(job.delivery);
             self.env.attempting.start(job.delivery);
             let dest = self.dest.clone();
             self.tasks.spawn(attempt::run(dest, job, delivery, event));
@@ -320,7 +317,6 @@ impl Worker {
 
     async fn finished(&mut self, f: Finished) {
         let now = std::time::Instant::now();
-        self.in_flight.remove(&f.job.delivery);
         self.env.attempting.end(f.job.delivery);
         if let Some(job) = self.parked.remove(&f.job.delivery) {
             self.enqueue(job);

@@ -80,8 +80,6 @@ pub enum JournalError {
     Io(String, io::Error),
     #[error("{0} is in use by another process")]
     Locked(String),
-    #[error("the commit is not durable: {0}")]
-    NotDurable(String),
 }
 
 fn io_at(path: &Path) -> impl Fn(io::Error) -> JournalError + '_ {

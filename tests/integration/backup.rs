@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::packaging::{bin, run};
 use crate::support::Daemon;
 use crate::support::receiver::Receiver;
+use crate::support::{bin, run_bounded as run};
 
 const ADMIN: &str = "admin-token-0123456789abcdef";
 const PUBLISH: &str = "publish-token-0123456789abcd";

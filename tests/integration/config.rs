@@ -9,40 +9,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support;
+use crate::support::{self, bin, run_bounded};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
-    cmd.env_remove("DISPATCHD_LISTEN")
-        .env_remove("DISPATCHD_DATA_DIR");
-    cmd
-}
-
-/// Runs a command to completion, killing it if it is still running after `limit`.
-pub(crate) fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => panic!("cannot run {cmd:?}: {e}"),
-    };
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("waiting for {cmd:?}: {e}"),
-        Err(_) => {
-            support::signal(pid, "KILL");
-            panic!("{cmd:?} was still running after {limit:?}");
-        }
-    }
-}
 
 fn tempdir() -> tempfile::TempDir {
     match tempfile::tempdir() {
@@ -355,7 +324,7 @@ impl Proc {
             let mut all = Vec::new();
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && let Some(addr) = listen_addr(&line) {
+                if !sent && let Some(addr) = dispatchd::app::listen_addr_in(&line) {
                     let _ = tx.send(Ok(addr));
                     sent = true;
                 }
@@ -407,15 +376,6 @@ impl Drop for Proc {
             let _ = c.wait();
         }
     }
-}
-
-fn listen_addr(line: &str) -> Option<SocketAddr> {
-    let rest = line.split("listening on ").nth(1)?;
-    let addr: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
-        .collect();
-    addr.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::packaging::{bin, run};
 use crate::support::Daemon;
+use crate::support::{bin, run_bounded as run};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -801,7 +801,7 @@ fn inbound_bad_sources_are_refused_at_config_load() {
     }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
     cmd.arg("check-config").arg(&file);
-    let out = crate::config::run_bounded(cmd, Duration::from_secs(60));
+    let out = crate::support::run_bounded(cmd, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{stderr}");
     let name = file.display().to_string();

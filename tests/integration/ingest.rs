@@ -1615,7 +1615,7 @@ async fn newer_schema_version_refuses_to_start() {
         .arg(dir.join("data"))
         .env_remove("DISPATCHD_LISTEN")
         .env_remove("DISPATCHD_DATA_DIR");
-    let out = crate::config::run_bounded(cmd, WAIT);
+    let out = crate::support::run_bounded(cmd, WAIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && out.status.code().is_some(),

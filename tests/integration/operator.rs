@@ -202,7 +202,7 @@ async fn cli(args: &[&str]) -> Output {
             .env_remove("DISPATCHD_TOKEN")
             .env_remove("DISPATCHD_LISTEN")
             .env_remove("DISPATCHD_DATA_DIR");
-        crate::config::run_bounded(cmd, WAIT)
+        crate::support::run_bounded(cmd, WAIT)
     });
     match join.await {
         Ok(o) => o,

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dispatchd::config::{
@@ -13,45 +13,11 @@ use dispatchd::config::{
     RawServer, RawStorage,
 };
 
-use crate::support::{self, Daemon};
+use crate::support::{Daemon, bin, run_bounded as run};
 
 const EXAMPLE: &str = include_str!("../../dispatchd.toml.example");
 const UNIT: &str = include_str!("../../systemd/dispatchd.service");
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Runs a command to completion, killing it if it still runs after `limit`.
-pub(crate) fn run(mut cmd: Command, limit: Duration) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => panic!("cannot run {cmd:?}: {e}"),
-    };
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("waiting for {cmd:?}: {e}"),
-        Err(_) => {
-            support::signal(pid, "KILL");
-            panic!("{cmd:?} was still running after {limit:?}");
-        }
-    }
-}
-
-/// The `dispatchd` binary with no `DISPATCHD_*` environment leaking in.
-pub(crate) fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
-    cmd.env_remove("DISPATCHD_LISTEN")
-        .env_remove("DISPATCHD_DATA_DIR")
-        .env_remove("DISPATCHD_URL")
-        .env_remove("DISPATCHD_TOKEN");
-    cmd
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -7,9 +7,9 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::packaging::{bin, run};
 use crate::support::Daemon;
 use crate::support::receiver::{Receiver, Reply};
+use crate::support::{bin, run_bounded as run};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const WAIT: Duration = Duration::from_secs(60);

@@ -8,7 +8,7 @@ pub mod receiver;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
@@ -99,7 +99,7 @@ impl Daemon {
         std::thread::spawn(move || {
             // Keeps draining stderr for the life of the process so it never blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = parse_listen_line(&line) {
+                if let Some(addr) = dispatchd::app::listen_addr_in(&line) {
                     let _ = tx.send(addr);
                 }
                 if let Ok(mut l) = sink.lock() {
@@ -222,12 +222,36 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(matches!(status, Ok(s) if s.success()), "kill -{sig} failed");
 }
 
-/// Finds the address in the daemon's "listening on ADDR" log line.
-fn parse_listen_line(line: &str) -> Option<SocketAddr> {
-    let rest = line.split("listening on ").nth(1)?;
-    let addr: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
-        .collect();
-    addr.parse().ok()
+/// The `dispatchd` binary with no `DISPATCHD_*` environment leaking in.
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
+    cmd.env_remove("DISPATCHD_LISTEN")
+        .env_remove("DISPATCHD_DATA_DIR")
+        .env_remove("DISPATCHD_URL")
+        .env_remove("DISPATCHD_TOKEN");
+    cmd
+}
+
+/// Runs a command to completion, killing it if it still runs after `limit`.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("cannot run {cmd:?}: {e}"),
+    };
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("waiting for {cmd:?}: {e}"),
+        Err(_) => {
+            signal(pid, "KILL");
+            panic!("{cmd:?} was still running after {limit:?}");
+        }
+    }
 }
