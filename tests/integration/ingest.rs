@@ -1331,6 +1331,52 @@ fn spawn_stream(
         .collect()
 }
 
+/// A publishing stream ([`spawn_stream`]) that has had `threshold` events acknowledged.
+struct Stream {
+    tasks: Vec<tokio::task::JoinHandle<(StreamEnd, Vec<String>)>>,
+    acked: Arc<Mutex<Vec<String>>>,
+}
+
+impl Stream {
+    /// Starts `workers` publishing tasks and waits until `threshold` events are acknowledged.
+    async fn until_acked(
+        d: &Daemon,
+        prefix: &'static str,
+        workers: usize,
+        threshold: usize,
+    ) -> Stream {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let enough = Arc::new(tokio::sync::Notify::new());
+        let tasks = spawn_stream(
+            d,
+            prefix,
+            workers,
+            100_000,
+            threshold,
+            acked.clone(),
+            enough.clone(),
+        );
+        if tokio::time::timeout(WAIT, enough.notified()).await.is_err() {
+            panic!(
+                "the stream did not get {threshold} acknowledgements\n{}",
+                d.logs()
+            );
+        }
+        Stream { tasks, acked }
+    }
+
+    /// Waits for every task: how many ended on a failed request, the unexpected answers, and
+    /// the acknowledged ids.
+    async fn finish(self) -> (usize, Vec<String>, Vec<String>) {
+        let (failed, unexpected) = join_stream(self.tasks).await;
+        let acked = match self.acked.lock() {
+            Ok(a) => a.clone(),
+            Err(e) => panic!("lock: {e}"),
+        };
+        (failed, unexpected, acked)
+    }
+}
+
 /// Publishes a burst from 32 tasks; returns the acknowledged ids and asserts there was no other
 /// outcome.
 async fn burst(d: &Daemon, prefix: &str, per_task: usize) -> Vec<String> {
@@ -1427,28 +1473,11 @@ async fn survive_sigkill(first: &str, restart: &str) {
     let mut acked = burst(&d, "burst", 63).await;
 
     // A further stream, killed while it is still publishing.
-    let stream_acked = Arc::new(Mutex::new(Vec::new()));
-    let enough = Arc::new(tokio::sync::Notify::new());
-    let tasks = spawn_stream(
-        &d,
-        "stream",
-        8,
-        100_000,
-        200,
-        stream_acked.clone(),
-        enough.clone(),
-    );
-    if tokio::time::timeout(WAIT, enough.notified()).await.is_err() {
-        panic!("the stream did not get 200 acknowledgements\n{}", d.logs());
-    }
+    let stream = Stream::until_acked(&d, "stream", 8, 200).await;
     d.kill();
-    let (failed, unexpected) = join_stream(tasks).await;
+    let (failed, unexpected, streamed) = stream.finish().await;
     assert!(unexpected.is_empty(), "unexpected answers: {unexpected:?}");
     assert!(failed > 0, "the kill did not interrupt the stream");
-    let streamed = match stream_acked.lock() {
-        Ok(a) => a.clone(),
-        Err(e) => panic!("lock: {e}"),
-    };
     assert!(streamed.len() >= 200, "{}", streamed.len());
     acked.extend(streamed);
     drop(d);
@@ -1513,20 +1542,7 @@ async fn sigterm_drains_exits_zero_and_restart_keeps_everything() {
     acked.push(keyed_id.clone());
 
     // SIGTERM while publishes are in flight.
-    let stream_acked = Arc::new(Mutex::new(Vec::new()));
-    let enough = Arc::new(tokio::sync::Notify::new());
-    let tasks = spawn_stream(
-        &d,
-        "tstream",
-        4,
-        100_000,
-        50,
-        stream_acked.clone(),
-        enough.clone(),
-    );
-    if tokio::time::timeout(WAIT, enough.notified()).await.is_err() {
-        panic!("the stream did not get 50 acknowledgements\n{}", d.logs());
-    }
+    let stream = Stream::until_acked(&d, "tstream", 4, 50).await;
     let status = d.terminate();
     assert_eq!(
         status.code(),
@@ -1534,7 +1550,7 @@ async fn sigterm_drains_exits_zero_and_restart_keeps_everything() {
         "SIGTERM exit: {status:?}\n{}",
         d.logs()
     );
-    let (failed, unexpected) = join_stream(tasks).await;
+    let (failed, unexpected, streamed) = stream.finish().await;
     // Requests that raced the shutdown may be refused with 503; nothing else is acceptable.
     let bad: Vec<_> = unexpected
         .iter()
@@ -1542,10 +1558,6 @@ async fn sigterm_drains_exits_zero_and_restart_keeps_everything() {
         .collect();
     assert!(bad.is_empty(), "unexpected answers: {bad:?}");
     assert!(failed > 0, "the stream outlived the daemon");
-    let streamed = match stream_acked.lock() {
-        Ok(a) => a.clone(),
-        Err(e) => panic!("lock: {e}"),
-    };
     acked.extend(streamed);
     drop(d);
 
