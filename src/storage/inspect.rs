@@ -71,6 +71,31 @@ fn ids<'a, K: redb::Key + 'static>(
     }))
 }
 
+/// Walks ids in order, keeping what `keep` makes of each, until `limit` items or
+/// `SCAN_BUDGET` ids; the page's cursor is the last id walked when it stopped early.
+fn scan_page<T>(
+    walk: IdIter<'_>,
+    limit: usize,
+    mut keep: impl FnMut(DeliveryId) -> Result<Option<T>, StoreError>,
+) -> Result<Page<T>, StoreError> {
+    let mut items = Vec::new();
+    let mut scanned = 0usize;
+    for id in walk {
+        let id = id?;
+        scanned += 1;
+        if let Some(item) = keep(id)? {
+            items.push(item);
+        }
+        if items.len() >= limit || scanned >= SCAN_BUDGET {
+            return Ok(Page {
+                items,
+                next: Some(id),
+            });
+        }
+    }
+    Ok(Page { items, next: None })
+}
+
 impl Store {
     /// Deliveries in id order after the cursor, filtered through the narrowest index.
     pub fn list_deliveries(
@@ -139,30 +164,16 @@ impl Store {
                     true,
                 ),
             };
-        let mut items = Vec::new();
-        let mut scanned = 0usize;
-        let mut last = None;
-        for id in walk {
-            let id = id?;
-            scanned += 1;
-            last = Some(id);
+        scan_page(walk, limit, |id| {
             let wanted = match f.event_type.as_deref() {
                 Some(t) if !type_checked => by_type.get((t, id))?.is_some(),
                 _ => true,
             };
-            if wanted && let Some(v) = deliveries.get(id)? {
-                items.push((id, decode(v.value(), "delivery")?));
+            match deliveries.get(id)? {
+                Some(v) if wanted => Ok(Some((id, decode(v.value(), "delivery")?))),
+                _ => Ok(None),
             }
-            if items.len() >= limit || scanned >= SCAN_BUDGET {
-                break;
-            }
-        }
-        let next = if items.len() >= limit || scanned >= SCAN_BUDGET {
-            last
-        } else {
-            None
-        };
-        Ok(Page { items, next })
+        })
     }
 
     /// Dead letters in delivery id order after the cursor.
@@ -188,39 +199,23 @@ impl Store {
                     .map_err(|e| StoreError::Db(e.into()))
             })),
         };
-        let mut items = Vec::new();
-        let mut scanned = 0usize;
-        let mut last = None;
-        for id in walk {
-            let id = id?;
-            scanned += 1;
-            last = Some(id);
+        scan_page(walk, limit, |id| {
             let Some(dead_at) = dead.get(id)?.map(|g| g.value()) else {
-                continue;
+                return Ok(None);
             };
             if f.since.is_none_or(|s| dead_at >= s)
                 && let Some(v) = deliveries.get(id)?
             {
-                items.push(DeadLetter {
+                return Ok(Some(DeadLetter {
                     id,
                     dead_at,
                     delivery: decode(v.value(), "delivery")?,
-                });
+                }));
             }
-            if items.len() >= limit || scanned >= SCAN_BUDGET {
-                break;
-            }
-        }
-        let next = if items.len() >= limit || scanned >= SCAN_BUDGET {
-            last
-        } else {
-            None
-        };
-        Ok(Page { items, next })
+            Ok(None)
+        })
     }
 
-    /// A subscription's deliveries that are still to be attempted (pending, in flight,
-    /// retrying), after the cursor; the cursor of the next chunk when there may be more.
     /// The oldest delivery of `subscription` still to be attempted (pending, in flight or
     /// retrying): the head of a FIFO subscription.
     pub fn first_live_delivery(
@@ -243,6 +238,8 @@ impl Store {
         Ok(first)
     }
 
+    /// A subscription's deliveries that are still to be attempted (pending, in flight,
+    /// retrying), after the cursor; the cursor of the next chunk when there may be more.
     pub fn live_deliveries(
         &self,
         subscription: &str,
