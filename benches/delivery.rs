@@ -103,7 +103,8 @@ usage: cargo bench --bench delivery -- [throughput|latency|backlog] [options]
   --connections N      publisher connections (default: throughput 128, latency 256, backlog 4)
   --rate N             latency: events published per second (default 10000)
   --events N           backlog: events to publish, one delivery each (default 1000000)
-  --batch N            backlog: events per POST /v1/events/batch (default 500)
+  --batch N            events per publish request: throughput 1 (POST /v1/events; more
+                       uses POST /v1/events/batch), backlog 500
   --body-bytes N       size of each event's JSON (default 1024)
   --max-in-flight N    the subscription's max_in_flight (default: 256, backlog 64)
   --cache-size SIZE    storage.cache_size for the daemon (default: the daemon's default)
@@ -170,7 +171,7 @@ struct Options {
     connections: Option<usize>,
     rate: u64,
     events: u64,
-    batch: usize,
+    batch: Option<usize>,
     body_bytes: usize,
     max_in_flight: Option<u32>,
     cache_size: Option<String>,
@@ -188,6 +189,14 @@ impl Options {
         self.max_in_flight.unwrap_or(match self.mode {
             Mode::Throughput | Mode::Latency => 256,
             Mode::Backlog => 64,
+        })
+    }
+
+    /// Events per publish request.
+    fn batch(&self) -> usize {
+        self.batch.unwrap_or(match self.mode {
+            Mode::Throughput | Mode::Latency => 1,
+            Mode::Backlog => 500,
         })
     }
 
@@ -214,7 +223,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         connections: None,
         rate: 10_000,
         events: 1_000_000,
-        batch: 500,
+        batch: None,
         body_bytes: 1024,
         max_in_flight: None,
         cache_size: None,
@@ -253,7 +262,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 if n > 10_000 {
                     bail!("--batch: the daemon takes at most 10000 events per batch");
                 }
-                o.batch = usize::try_from(n)?;
+                o.batch = Some(usize::try_from(n)?);
             }
             "--body-bytes" => o.body_bytes = usize::try_from(positive(flag, &value()?)?)?,
             "--max-in-flight" => {
@@ -279,6 +288,9 @@ fn parse_options(args: &[String]) -> Result<Options> {
             f if f.starts_with("--bench") => {}
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if o.mode == Mode::Latency && o.batch() > 1 {
+        bail!("--batch: latency publishes one event per request");
     }
     Ok(o)
 }
@@ -312,8 +324,12 @@ async fn throughput(opts: &Options) -> Result<()> {
     println!("dispatchd delivery benchmark: throughput");
     print_setup(opts, &work, &receiver.url());
     println!(
-        "  load: {conns} keep-alive connections, closed loop, POST /v1/events with a {}-byte \
-         JSON event, {}s warm-up + {seconds}s measured",
+        "  load: {conns} keep-alive connections, closed loop, {} with {}-byte JSON events, {}s \
+         warm-up + {seconds}s measured",
+        match opts.batch() {
+            1 => "POST /v1/events".to_owned(),
+            n => format!("POST /v1/events/batch of {n} events"),
+        },
         EventRequest::body_len(opts.body_bytes),
         WARMUP.as_secs()
     );
@@ -325,7 +341,15 @@ async fn throughput(opts: &Options) -> Result<()> {
         end: t0 + WARMUP + Duration::from_secs(seconds),
     };
     let sampler = WindowSampler::spawn(daemon.addr, daemon.pid(), window);
-    let pubs = run_publishers(daemon.addr, conns, opts.body_bytes, window, None).await?;
+    let pubs = run_publishers(
+        daemon.addr,
+        conns,
+        opts.body_bytes,
+        opts.batch(),
+        window,
+        None,
+    )
+    .await?;
     let published_at_end = Instant::now();
     let sample = sampler.await.context("the sampling task panicked")??;
 
@@ -478,6 +502,7 @@ async fn latency(opts: &Options) -> Result<()> {
         daemon.addr,
         conns,
         opts.body_bytes,
+        1,
         window,
         Some((t0, period)),
     )
@@ -588,16 +613,23 @@ async fn backlog(opts: &Options) -> Result<()> {
         "  load: {n} events in batches of {} on {conns} keep-alive connections \
          (POST /v1/events/batch), {}-byte JSON events; the endpoint refuses connections, so \
          every first attempt fails and is rescheduled 0-1 h later (full jitter)",
-        opts.batch,
+        opts.batch(),
         BatchRequest::event_len(opts.body_bytes)
     );
     println!();
 
     let started = Instant::now();
     let deadline = started + Duration::from_secs(opts.wait_secs);
-    let published = publish_backlog(daemon.addr, conns, n, opts.batch, opts.body_bytes, deadline)
-        .await
-        .context("publishing the backlog failed")?;
+    let published = publish_backlog(
+        daemon.addr,
+        conns,
+        n,
+        opts.batch(),
+        opts.body_bytes,
+        deadline,
+    )
+    .await
+    .context("publishing the backlog failed")?;
     let publish_time = started.elapsed();
     println!(
         "published                    {} events ({} deliveries) in {:.1} s: {:.0} events/s",
@@ -1247,10 +1279,10 @@ fn file_mib(path: &std::path::Path) -> f64 {
 /// Config file for one run. Listen address and data directory come from the command line.
 fn config_text(opts: &Options, url: &str, backlog: bool) -> String {
     let mut t = String::new();
-    if backlog {
+    if backlog || opts.batch() > 1 {
         t.push_str(&format!(
             "[server]\nmax_batch = {}\nmax_body = \"64MiB\"\n\n",
-            opts.batch
+            opts.batch()
         ));
     }
     if let Some(c) = &opts.cache_size {
@@ -1777,6 +1809,7 @@ async fn run_publishers(
     addr: SocketAddr,
     conns: usize,
     body_bytes: usize,
+    batch: usize,
     window: Window,
     pace: Option<(Instant, Duration)>,
 ) -> Result<PubStats> {
@@ -1794,7 +1827,7 @@ async fn run_publishers(
             window,
             ticker,
             sent.clone(),
-            EventRequest::new(addr, id, body_bytes),
+            EventRequest::batch(addr, id, body_bytes, batch),
         ));
     }
     let mut total = PubStats::default();
@@ -1848,16 +1881,36 @@ async fn publish_loop(
         match outcome {
             Ok(Ok(resp)) => {
                 if (200..300).contains(&resp.status) {
-                    match serde_json::from_slice::<Ack>(&resp.body) {
-                        Ok(ack) if ack.deliveries == 1 => {
-                            stats.acks.push((id_key(&ack.id), done));
+                    let acks = if req.counters.len() == 1 {
+                        serde_json::from_slice::<Ack>(&resp.body).map(|a| vec![a])
+                    } else {
+                        serde_json::from_slice::<BatchAck>(&resp.body).map(|b| b.items)
+                    };
+                    match acks {
+                        Ok(acks) if acks.len() != req.counters.len() => stats.error(|| {
+                            format!(
+                                "sent {} events, got {} results",
+                                req.counters.len(),
+                                acks.len()
+                            )
+                        }),
+                        Ok(acks) => {
+                            for ack in acks {
+                                if ack.deliveries != 1 {
+                                    stats.error(|| {
+                                        format!(
+                                            "event {} made {} deliveries, not 1",
+                                            ack.id, ack.deliveries
+                                        )
+                                    });
+                                    continue;
+                                }
+                                stats.acks.push((id_key(&ack.id), done));
+                            }
                             if window.contains(done) {
                                 stats.hist.record(done.duration_since(sent_at));
                             }
                         }
-                        Ok(ack) => stats.error(|| {
-                            format!("event {} made {} deliveries, not 1", ack.id, ack.deliveries)
-                        }),
                         Err(e) => stats.error(|| format!("unexpected publish response: {e}")),
                     }
                 } else {

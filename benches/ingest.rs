@@ -573,7 +573,7 @@ async fn load(
             addr,
             window,
             sent.clone(),
-            EventRequest::new(addr, id, body_bytes),
+            EventRequest::batch(addr, id, body_bytes, 1),
         ));
     }
     let mut total = ConnStats::default();

@@ -1,9 +1,11 @@
 // Included by benches/ingest.rs and benches/delivery.rs: the request both load generators send.
 
-/// A prebuilt `POST /v1/events` whose body carries a counter rewritten in place for each send.
+/// A prebuilt `POST /v1/events` (or, for `count` > 1, a `POST /v1/events/batch` of `count`
+/// events) whose bodies carry a counter rewritten in place for each send.
 struct EventRequest {
     buf: Vec<u8>,
-    counter_at: usize,
+    /// Where each event's counter digits start.
+    counters: Vec<usize>,
     n: u64,
 }
 
@@ -22,39 +24,54 @@ impl EventRequest {
         wanted.max(fixed)
     }
 
-    fn new(addr: SocketAddr, conn: usize, body_bytes: usize) -> Self {
+    /// `count` events of `body_bytes` each per request: one `POST /v1/events` when `count` is
+    /// 1, else one `POST /v1/events/batch`.
+    fn batch(addr: SocketAddr, conn: usize, body_bytes: usize, count: usize) -> Self {
         let start = Self::body_start(conn);
         let fixed = start.len() + COUNTER_DIGITS + BODY_MIDDLE.len() + BODY_END.len();
         let pad = body_bytes.saturating_sub(fixed);
+        let count = count.max(1);
+        let (path, open, close) = if count == 1 {
+            ("/v1/events", "", "")
+        } else {
+            ("/v1/events/batch", r#"{"events":["#, "]}")
+        };
+        let len = open.len() + close.len() + count * (fixed + pad) + (count - 1);
         let mut buf = format!(
-            "POST /v1/events HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\n\r\n{start}",
-            fixed + pad
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+             content-length: {len}\r\n\r\n{open}"
         )
         .into_bytes();
-        let counter_at = buf.len();
-        buf.extend_from_slice(&[b'0'; COUNTER_DIGITS]);
-        buf.extend_from_slice(BODY_MIDDLE.as_bytes());
-        // Lowercase letters cycling, so the padding is not one long run of a single byte.
-        buf.extend((0..pad).map(|i| b'a' + (i % 26) as u8));
-        buf.extend_from_slice(BODY_END.as_bytes());
+        let mut counters = Vec::with_capacity(count);
+        for i in 0..count {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(start.as_bytes());
+            counters.push(buf.len());
+            buf.extend_from_slice(&[b'0'; COUNTER_DIGITS]);
+            buf.extend_from_slice(BODY_MIDDLE.as_bytes());
+            // Lowercase letters cycling, so the padding is not one long run of a single byte.
+            buf.extend((0..pad).map(|i| b'a' + (i % 26) as u8));
+            buf.extend_from_slice(BODY_END.as_bytes());
+        }
+        buf.extend_from_slice(close.as_bytes());
         Self {
             buf,
-            counter_at,
+            counters,
             n: 0,
         }
     }
 
-    /// The next request, with a fresh counter value.
+    /// The next request, with a fresh counter value in each event.
     fn next(&mut self) -> &[u8] {
-        self.n += 1;
-        let mut n = self.n;
-        for d in self.buf[self.counter_at..self.counter_at + COUNTER_DIGITS]
-            .iter_mut()
-            .rev()
-        {
-            *d = b'0' + (n % 10) as u8;
-            n /= 10;
+        for &at in &self.counters {
+            self.n += 1;
+            let mut n = self.n;
+            for d in self.buf[at..at + COUNTER_DIGITS].iter_mut().rev() {
+                *d = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
         }
         &self.buf
     }

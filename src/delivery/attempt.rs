@@ -4,12 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use serde_json::value::RawValue;
-
 use super::client::{self, Class, ErrorKind};
 use crate::metrics::Metrics;
-use crate::model::{Attempt, Delivery, Event, Micros, Subscription, now_micros, rfc3339};
+use crate::model::{Attempt, Event, Micros, Subscription, now_micros, rfc3339};
 use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
 use crate::signing::{SigningKey, signature_header};
@@ -62,52 +59,59 @@ pub enum Health {
     Down,
 }
 
-/// The end of one attempt, reported to the destination task.
+/// The end of one attempt's request, reported to the destination task, which records it.
+#[derive(Debug)]
+pub struct Outcome {
+    pub job: Job,
+    pub health: Health,
+    pub record: AttemptRecord,
+    pub gone: bool,
+}
+
+/// An attempt whose outcome went to the writer.
 #[derive(Debug)]
 pub struct Finished {
     pub job: Job,
-    pub health: Health,
     pub next: Next,
     pub gone: bool,
-    /// False when the writer could not record it: the job must be tried again.
-    pub recorded: bool,
 }
 
-/// The outbound body: `{"id","type","timestamp","data"}`.
-#[derive(Serialize)]
-struct Payload<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    event_type: &'a str,
-    timestamp: String,
-    data: &'a RawValue,
+/// What became of a run of outcomes handed to the writer in one command.
+#[derive(Debug)]
+pub struct Recorded {
+    pub finished: Vec<Finished>,
+    /// False when the writer could not record them: their jobs must be tried again.
+    pub ok: bool,
 }
 
-/// Renders the outbound body of an event.
+/// Renders the outbound body of an event: `{"id","type","timestamp","data"}`, with `data`
+/// copied verbatim (it is the producer's JSON text, validated when the event was taken in).
 pub fn payload(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
-    let data: &RawValue = serde_json::from_str(&event.data)?;
-    serde_json::to_vec(&Payload {
-        id: &event.id,
-        event_type: &event.event_type,
-        timestamp: rfc3339(event.received_at),
-        data,
-    })
+    let timestamp = rfc3339(event.received_at);
+    let mut out = Vec::with_capacity(
+        event.id.len() + event.event_type.len() + timestamp.len() + event.data.len() + 48,
+    );
+    out.extend_from_slice(br#"{"id":"#);
+    serde_json::to_writer(&mut out, &event.id)?;
+    out.extend_from_slice(br#","type":"#);
+    serde_json::to_writer(&mut out, &event.event_type)?;
+    out.extend_from_slice(br#","timestamp":"#);
+    serde_json::to_writer(&mut out, &timestamp)?;
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(event.data.as_bytes());
+    out.push(b'}');
+    Ok(out)
 }
 
 fn micros(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Runs one attempt of `delivery` to the destination and records its outcome.
-pub async fn run(
-    dest: Arc<Destination>,
-    job: Job,
-    delivery: Delivery,
-    event: Arc<Event>,
-) -> Finished {
+/// Sends attempt number `n` of a job to the destination and classifies the answer; the
+/// destination task records the outcome (see [`record`]).
+pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) -> Outcome {
     let started_at = now_micros();
     let t0 = Instant::now();
-    let n = delivery.attempts + 1;
     let sub = &dest.sub;
 
     let result = match (&dest.refused, payload(&event)) {
@@ -217,24 +221,76 @@ pub async fn run(
         m.dead.with_label_values(&[&dest.sub_id]).inc();
         tracing::warn!(delivery = job.delivery, subscription = %dest.sub_id, attempts = n, error = error.as_deref().unwrap_or(""), "delivery dead-lettered");
     }
-    let recorded = dest
-        .writer
-        .record_attempts(vec![AttemptRecord {
-            delivery: job.delivery,
-            subscription: dest.sub_id.clone(),
-            attempt,
-            error,
-            next,
-        }])
-        .await;
-    if let Err(e) = &recorded {
-        tracing::error!(delivery = job.delivery, error = %e, "cannot record attempt; it will be repeated");
-    }
-    Finished {
+    let record = AttemptRecord {
+        delivery: job.delivery,
+        subscription: dest.sub_id.clone(),
+        attempt,
+        error,
+        next,
+    };
+    Outcome {
         job,
         health,
-        next,
+        record,
         gone,
-        recorded: recorded.is_ok(),
+    }
+}
+
+/// Records a run of outcomes through the writer, in one command and one commit.
+pub async fn record(writer: WriterHandle, outcomes: Vec<Outcome>) -> Recorded {
+    let mut records = Vec::with_capacity(outcomes.len());
+    let mut finished = Vec::with_capacity(outcomes.len());
+    for o in outcomes {
+        finished.push(Finished {
+            job: o.job,
+            next: o.record.next,
+            gone: o.gone,
+        });
+        records.push(o.record);
+    }
+    let result = writer.record_attempts(records).await;
+    if let Err(e) = &result {
+        tracing::error!(attempts = finished.len(), error = %e, "cannot record attempts; they will be repeated");
+    }
+    Recorded {
+        finished,
+        ok: result.is_ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_the_event_as_json_with_data_verbatim() {
+        let event = Event {
+            id: "evt_1".into(),
+            event_type: "order.\"created\"".into(),
+            source: None,
+            data: r#"{ "b": [1, 2.50],  "a": "\u00e9" }"#.into(),
+            received_at: 1_700_000_000_123_456,
+            idempotency_key: None,
+            receipt: None,
+        };
+        let body = match payload(&event) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        let text = String::from_utf8_lossy(&body);
+        // The data member keeps the producer's spacing and escapes, byte for byte.
+        assert!(
+            text.ends_with(r#","data":{ "b": [1, 2.50],  "a": "\u00e9" }}"#),
+            "{text}"
+        );
+        let v: serde_json::Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => panic!("not JSON: {e}: {text}"),
+        };
+        assert_eq!(v["id"], "evt_1");
+        assert_eq!(v["type"], "order.\"created\"");
+        assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(v["data"]["a"], "é");
+        assert_eq!(v.as_object().map(|o| o.len()), Some(4));
     }
 }

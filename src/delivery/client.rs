@@ -16,6 +16,10 @@ pub const USER_AGENT: &str = concat!("dispatchd/", env!("CARGO_PKG_VERSION"));
 pub fn build(allow_private: bool) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // One attempt is one request: the scheduler retries, with backoff and a record of
+        // each attempt. (Left on, the client would also copy every request's headers in
+        // case it wanted to send it again.)
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .no_proxy()
         .dns_resolver(std::sync::Arc::new(GuardedResolver::new(allow_private)))
         .user_agent(USER_AGENT)

@@ -12,14 +12,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::attempt::{self, Destination, Finished, Health};
+use super::attempt::{self, Destination, Health, Outcome, Recorded};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::model::{DeliveryId, Micros, Ordering, now_micros};
 use crate::ratelimit::TokenBucket;
 use crate::registry::Registry;
 use crate::scheduler::driver::{Job, Msg};
-use crate::storage::Store;
 use crate::storage::writer::{Next, SubscriptionState};
+use crate::storage::{Snapshot, Store};
 
 /// Jobs a destination holds in memory before the router stops handing it more.
 pub const QUEUE_CAP: usize = 10_000;
@@ -73,7 +73,14 @@ pub struct Worker {
     /// Jobs that arrived while their delivery was in flight (its retry, usually): they join
     /// the queue when the attempt is done, so one delivery never has two attempts at once.
     parked: HashMap<DeliveryId, Job>,
-    tasks: JoinSet<Finished>,
+    /// Attempts whose request is under way: what `max_in_flight` bounds.
+    tasks: JoinSet<Outcome>,
+    /// Outcomes on their way to the writer. Their deliveries stay in the `attempting` set
+    /// until they are recorded, and a FIFO subscription starts nothing meanwhile; an
+    /// unordered one goes on sending, since these no longer occupy the endpoint.
+    recording: JoinSet<Recorded>,
+    /// Attempts in `recording`.
+    unrecorded: usize,
     breaker: Breaker,
     bucket: Option<TokenBucket>,
     /// FIFO: the delivery that is retrying and holds back the rest.
@@ -127,6 +134,8 @@ impl Worker {
             queue: BTreeMap::new(),
             parked: HashMap::new(),
             tasks: JoinSet::new(),
+            recording: JoinSet::new(),
+            unrecorded: 0,
             breaker,
             bucket,
             blocked_by,
@@ -137,10 +146,12 @@ impl Worker {
         }
     }
 
-    fn limit(&self) -> usize {
+    /// Whether another attempt may start: FIFO waits until the last one is recorded (its
+    /// outcome decides what goes next); unordered counts requests under way.
+    fn has_room(&self) -> bool {
         match self.dest.sub.ordering {
-            Ordering::Fifo => 1,
-            Ordering::Unordered => self.dest.sub.max_in_flight as usize,
+            Ordering::Fifo => self.tasks.is_empty() && self.unrecorded == 0,
+            Ordering::Unordered => self.tasks.len() < self.dest.sub.max_in_flight as usize,
         }
     }
 
@@ -167,9 +178,18 @@ impl Worker {
             self.gauges();
             let wake = self.wake_at;
             tokio::select! {
-                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => match done {
-                    Ok(f) => self.finished(f).await,
-                    Err(e) => tracing::error!(subscription = %self.dest.sub_id, error = %e, "attempt task failed"),
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    // Every attempt that has ended by now goes to the writer in one command.
+                    let mut outcomes = Vec::new();
+                    self.answered(done, &mut outcomes);
+                    while let Some(done) = self.tasks.try_join_next() {
+                        self.answered(done, &mut outcomes);
+                    }
+                    self.record(outcomes);
+                }
+                Some(done) = self.recording.join_next(), if !self.recording.is_empty() => match done {
+                    Ok(r) => self.recorded(r).await,
+                    Err(e) => tracing::error!(subscription = %self.dest.sub_id, error = %e, "recording task failed"),
                 },
                 msg = self.rx.recv() => match msg {
                     Some(WorkerMsg::Job(job)) => {
@@ -183,9 +203,14 @@ impl Worker {
             }
         }
         // Drain: no new attempts; the ones in flight finish and are recorded.
+        let mut outcomes = Vec::new();
         while let Some(done) = self.tasks.join_next().await {
-            if let Ok(f) = done {
-                self.finished(f).await;
+            self.answered(done, &mut outcomes);
+        }
+        self.record(outcomes);
+        while let Some(done) = self.recording.join_next().await {
+            if let Ok(r) = done {
+                self.recorded(r).await;
             }
         }
         self.queue.clear();
@@ -236,18 +261,31 @@ impl Worker {
             self.queue.clear();
             return;
         }
-        while !self.queue.is_empty() && self.tasks.len() < self.limit() {
+        // One read transaction for the whole run of attempts started here.
+        let mut snap: Option<Snapshot> = None;
+        while !self.queue.is_empty() && self.has_room() {
+            let snap = match &snap {
+                Some(s) => s,
+                None => match self.env.store.snapshot() {
+                    Ok(s) => snap.insert(s),
+                    Err(e) => {
+                        tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read deliveries");
+                        self.wake_at = Some(Instant::now() + Duration::from_secs(1));
+                        return;
+                    }
+                },
+            };
             if let Some(head) = self.blocked_by.filter(|h| !self.queue.contains_key(h)) {
                 // The retrying head is not due yet: everything behind it waits, unless an
                 // operator ended it meanwhile.
-                match self.env.store.delivery(head) {
+                match snap.delivery(head) {
                     Ok(Some(d)) if !d.status.is_terminal() => return,
                     Err(_) => return,
                     _ => self.blocked_by = None,
                 }
             }
             let Some(job) = self.pick() else { return };
-            let Some((delivery, event)) = self.load(&job) else {
+            let Some((n, event)) = self.load(snap, &job) else {
                 // Stale (moved on, cancelled, rescheduled): drop it.
                 if self.blocked_by == Some(job.delivery) {
                     self.blocked_by = None;
@@ -273,14 +311,14 @@ impl Worker {
             }
             self.env.attempting.start(job.delivery);
             let dest = self.dest.clone();
-            self.tasks.spawn(attempt::run(dest, job, delivery, event));
+            self.tasks.spawn(attempt::run(dest, job, n, event));
         }
     }
 
-    /// Reads the delivery and its event; None when the job is stale (the delivery moved on,
-    /// was cancelled, or its due time changed since the job was made).
-    fn load(&self, job: &Job) -> Option<(crate::model::Delivery, Arc<crate::model::Event>)> {
-        let d = match self.env.store.delivery(job.delivery) {
+    /// The number of the attempt to make and the event to send; None when the job is stale
+    /// (the delivery moved on, was cancelled, or its due time changed since the job was made).
+    fn load(&self, snap: &Snapshot, job: &Job) -> Option<(u32, Arc<crate::model::Event>)> {
+        let d = match snap.delivery(job.delivery) {
             Ok(Some(d)) => d,
             Ok(None) => return None,
             Err(e) => {
@@ -297,7 +335,7 @@ impl Worker {
         }
         let event = match &job.event {
             Some(e) => e.clone(),
-            None => match self.env.store.event_by_seq(d.event_seq) {
+            None => match snap.event_by_seq(d.event_seq) {
                 Ok(Some(e)) => Arc::new(e),
                 Ok(None) => {
                     tracing::error!(
@@ -312,17 +350,22 @@ impl Worker {
                 }
             },
         };
-        Some((d, event))
+        Some((d.attempts + 1, event))
     }
 
-    async fn finished(&mut self, f: Finished) {
+    /// An attempt's request is over: the breaker learns how the endpoint did at once, and
+    /// the outcome joins those going to the writer.
+    fn answered(&mut self, done: Result<Outcome, tokio::task::JoinError>, out: &mut Vec<Outcome>) {
+        let o = match done {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(subscription = %self.dest.sub_id, error = %e, "attempt task failed");
+                return;
+            }
+        };
         let now = std::time::Instant::now();
-        self.env.attempting.end(f.job.delivery);
-        if let Some(job) = self.parked.remove(&f.job.delivery) {
-            self.enqueue(job);
-        }
         let before = self.breaker.trips();
-        match f.health {
+        match o.health {
             Health::Up => self.breaker.on_success(now),
             Health::Down => self.breaker.on_failure(now),
         }
@@ -334,37 +377,59 @@ impl Worker {
                 .inc();
             tracing::warn!(subscription = %self.dest.sub_id, "circuit breaker opened");
         }
-        if !f.recorded {
-            // The outcome is not on disk: try the same delivery again shortly.
-            let _ = self
-                .env
-                .scheduler
-                .send(Msg::Requeue(f.job, now_micros().saturating_add(1_000_000)));
+        out.push(o);
+    }
+
+    /// Hands outcomes to the writer in one command.
+    fn record(&mut self, outcomes: Vec<Outcome>) {
+        if outcomes.is_empty() {
             return;
         }
-        if self.dest.sub.ordering == Ordering::Fifo {
-            self.blocked_by = match f.next {
-                Next::Retry { .. } => Some(f.job.delivery),
-                Next::Succeeded | Next::Dead => None,
-            };
-        }
-        match f.next {
-            Next::Succeeded => self.failing_since = None,
-            _ => {
-                let t = *self.failing_since.get_or_insert_with(now_micros);
-                let limit =
-                    i64::try_from(self.env.auto_disable_after.as_micros()).unwrap_or(i64::MAX);
-                if now_micros().saturating_sub(t) > limit {
-                    self.disable(
-                        "auto_disabled",
-                        "every delivery failed for the auto-disable period",
-                    )
-                    .await;
+        self.unrecorded += outcomes.len();
+        let writer = self.dest.writer.clone();
+        self.recording.spawn(attempt::record(writer, outcomes));
+    }
+
+    /// Outcomes are on disk (or could not be written): the deliveries are free to go again.
+    async fn recorded(&mut self, r: Recorded) {
+        self.unrecorded = self.unrecorded.saturating_sub(r.finished.len());
+        for f in r.finished {
+            self.env.attempting.end(f.job.delivery);
+            if let Some(job) = self.parked.remove(&f.job.delivery) {
+                self.enqueue(job);
+            }
+            if !r.ok {
+                // The outcome is not on disk: try the same delivery again shortly.
+                let _ = self
+                    .env
+                    .scheduler
+                    .send(Msg::Requeue(f.job, now_micros().saturating_add(1_000_000)));
+                continue;
+            }
+            if self.dest.sub.ordering == Ordering::Fifo {
+                self.blocked_by = match f.next {
+                    Next::Retry { .. } => Some(f.job.delivery),
+                    Next::Succeeded | Next::Dead => None,
+                };
+            }
+            match f.next {
+                Next::Succeeded => self.failing_since = None,
+                _ => {
+                    let t = *self.failing_since.get_or_insert_with(now_micros);
+                    let limit =
+                        i64::try_from(self.env.auto_disable_after.as_micros()).unwrap_or(i64::MAX);
+                    if now_micros().saturating_sub(t) > limit {
+                        self.disable(
+                            "auto_disabled",
+                            "every delivery failed for the auto-disable period",
+                        )
+                        .await;
+                    }
                 }
             }
-        }
-        if f.gone {
-            self.disable("gone", "the endpoint answered 410 Gone").await;
+            if f.gone {
+                self.disable("gone", "the endpoint answered 410 Gone").await;
+            }
         }
     }
 

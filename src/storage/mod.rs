@@ -304,6 +304,16 @@ impl Store {
         }
     }
 
+    /// One read transaction for a run of lookups: a destination starting several attempts
+    /// reads their deliveries (and events) without a transaction each.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let r = self.db.begin_read()?;
+        Ok(Snapshot {
+            deliveries: r.open_table(DELIVERIES)?,
+            events: r.open_table(EVENTS)?,
+        })
+    }
+
     /// Deliveries by id, skipping missing ones, in one read transaction.
     pub fn deliveries(
         &self,
@@ -394,6 +404,28 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// Deliveries and events as of one read transaction (see [`Store::snapshot`]).
+pub struct Snapshot {
+    deliveries: redb::ReadOnlyTable<u64, &'static [u8]>,
+    events: redb::ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl Snapshot {
+    pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
+        match self.deliveries.get(id)? {
+            Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn event_by_seq(&self, seq: Seq) -> Result<Option<Event>, StoreError> {
+        match self.events.get(seq)? {
+            Some(v) => Ok(Some(decode(v.value(), "event")?)),
+            None => Ok(None),
+        }
     }
 }
 
