@@ -227,7 +227,7 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
         main,
         files,
         state: Mutex::new(State {
-            pending: new_record(),
+            pending: new_record(0),
             touched: Vec::new(),
             epoch: 1,
             overlay: HashMap::new(),
@@ -259,8 +259,10 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
     Ok(JournaledFile { shared, locks })
 }
 
-fn new_record() -> Vec<u8> {
-    let mut v = Vec::with_capacity(256 << 10);
+/// An empty record with room for `hint` bytes (the size of the last one), so that a commit's
+/// pages are not copied again each time the buffer grows.
+fn new_record(hint: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(hint.max(256 << 10));
     v.resize(HEADER, 0);
     v
 }
@@ -754,7 +756,8 @@ impl StorageBackend for JournaledFile {
             if st.pending.len() == HEADER {
                 return Ok(());
             }
-            let record = std::mem::replace(&mut st.pending, new_record());
+            let hint = st.pending.len() + st.pending.len() / 4;
+            let record = std::mem::replace(&mut st.pending, new_record(hint));
             let touched = std::mem::take(&mut st.touched);
             let epoch = st.epoch;
             st.epoch += 1;
