@@ -8,15 +8,17 @@
 //! directory and a config file with one subscription, `bench`, for every event type, signed
 //! with one `whsec_` secret, `max_in_flight = 256` (64 in `backlog`; `--max-in-flight`) and a
 //! retry policy of `initial = "1h", max = "2h"` (so a failed attempt is not retried during a
-//! run and shows up as missing). 256 in flight did best here: at 64, under a closed-loop
-//! publisher, the destination task's in-memory queue (10,000 jobs) overflows, the daemon puts
-//! the excess back on disk for 30 s, and those deliveries arrive 30 s late. Three modes:
+//! run and shows up as missing). `max_in_flight` bounds requests under way (an attempt's
+//! slot is free once its response is read, before its outcome is committed); with a
+//! publisher that outruns the deliveries, the destination's in-memory queue (10,000 jobs)
+//! fills and the rest waits in the scheduler. Three modes:
 //!
 //! - `throughput` (default; `--seconds`, default 30): the subscription points at a receiver in
 //!   this process (hyper 1.x on 127.0.0.1:0, answers 200 with an empty body, records the first
 //!   arrival time of each `webhook-id`). `--connections` (default 128) keep-alive connections
 //!   each run a closed loop of `POST /v1/events` with a `--body-bytes` (default 1024) JSON
-//!   event. After a 1 s warm-up, the window lasts `--seconds`: events/s counts publishes
+//!   event, or with `--batch N` (N > 1) of `POST /v1/events/batch` with N such events, which
+//!   leaves more of the machine to the delivery side. After a 1 s warm-up, the window lasts `--seconds`: events/s counts publishes
 //!   acknowledged inside it, deliveries/s counts first arrivals at the receiver inside it.
 //!   Publishing stops at the end of the window; the bench then reports how many acknowledged
 //!   events had not reached the receiver yet and how long they took to arrive (bounded by
@@ -59,6 +61,7 @@
 //! ```text
 //! cargo bench --bench delivery                                   # throughput, 30 s
 //! cargo bench --bench delivery -- throughput --seconds 10 --connections 64
+//! cargo bench --bench delivery -- throughput --batch 10 --connections 32 --max-in-flight 1024
 //! cargo bench --bench delivery -- latency --rate 10000 --seconds 10
 //! cargo bench --bench delivery -- backlog --events 50000         # quick check
 //! cargo bench --bench delivery -- backlog --events 1000000 --cache-size 32MiB

@@ -240,7 +240,10 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
 pub async fn record(writer: WriterHandle, outcomes: Vec<Outcome>) -> Recorded {
     let mut records = Vec::with_capacity(outcomes.len());
     let mut finished = Vec::with_capacity(outcomes.len());
-    for o in outcomes {
+    for mut o in outcomes {
+        // A job that has to go again reads its event back from disk; meanwhile the outcome
+        // holds no copy of it.
+        o.job.event = None;
         finished.push(Finished {
             job: o.job,
             next: o.record.next,

@@ -24,6 +24,11 @@ use crate::storage::{Snapshot, Store};
 /// Jobs a destination holds in memory before the router stops handing it more.
 pub const QUEUE_CAP: usize = 10_000;
 
+/// Outcomes a destination may have waiting for the writer: past this, no attempt starts
+/// until some are recorded, so a writer that falls behind slows the attempts down instead of
+/// letting outcomes pile up in memory.
+pub const UNRECORDED_CAP: usize = 2_048;
+
 /// How many jobs a destination holds, shared with the router that feeds it.
 #[derive(Debug, Default)]
 pub struct Depth {
@@ -151,7 +156,10 @@ impl Worker {
     fn has_room(&self) -> bool {
         match self.dest.sub.ordering {
             Ordering::Fifo => self.tasks.is_empty() && self.unrecorded == 0,
-            Ordering::Unordered => self.tasks.len() < self.dest.sub.max_in_flight as usize,
+            Ordering::Unordered => {
+                self.tasks.len() < self.dest.sub.max_in_flight as usize
+                    && self.unrecorded < UNRECORDED_CAP
+            }
         }
     }
 
