@@ -355,6 +355,27 @@ async fn breaker_opens_defers_probes_and_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_bounds_the_requests_an_endpoint_sees_at_once() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Delay(Duration::from_millis(150), 200));
+    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "max_in_flight = 3")));
+    // Twelve deliveries due at once, from one batch.
+    let events: Vec<Value> = (0..12)
+        .map(|i| json!({"type": "t", "data": {"i": i}}))
+        .collect();
+    let (status, _) = d
+        .post("/v1/events/batch", &json!({ "events": events }))
+        .await;
+    assert_eq!(status, 202);
+    let got = rx.wait_for(12, WAIT).await;
+    let ids: std::collections::HashSet<&str> =
+        got.iter().filter_map(|r| r.header("webhook-id")).collect();
+    assert_eq!(ids.len(), 12, "one request per delivery");
+    // Never more than three at once, and three whenever twelve were waiting.
+    assert_eq!(rx.most_concurrent(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_delivery_loses_nothing() {
     let rx = Receiver::start().await;
     // Slow enough that the backlog outlives the crash: 4 in flight, 100 ms each.

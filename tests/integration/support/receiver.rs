@@ -57,6 +57,9 @@ struct State {
     script: VecDeque<Reply>,
     default: Reply,
     received: Vec<Received>,
+    /// Requests received and not answered yet, and the most there ever were at once.
+    open: usize,
+    most_open: usize,
 }
 
 /// A running receiver; stops when dropped.
@@ -86,6 +89,8 @@ impl Receiver {
             script: VecDeque::new(),
             default: Reply::Status(200),
             received: Vec::new(),
+            open: 0,
+            most_open: 0,
         }));
         let notify = Arc::new(Notify::new());
         let (st, nt) = (state.clone(), notify.clone());
@@ -130,6 +135,11 @@ impl Receiver {
             .lock()
             .map(|s| s.received.clone())
             .unwrap_or_default()
+    }
+
+    /// The most requests that were ever received and not yet answered at the same time.
+    pub fn most_concurrent(&self) -> usize {
+        self.state.lock().map(|s| s.most_open).unwrap_or(0)
     }
 
     /// Waits until `pred` holds over the received requests, or panics after `timeout`.
@@ -209,6 +219,8 @@ async fn answer(
     };
     if let Ok(mut s) = state.lock() {
         s.received.push(rec);
+        s.open += 1;
+        s.most_open = s.most_open.max(s.open);
     }
     notify.notify_waiters();
     let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
@@ -227,6 +239,9 @@ async fn answer(
             *resp.status_mut() = status(c);
         }
         Reply::Hang => std::future::pending::<()>().await,
+    }
+    if let Ok(mut s) = state.lock() {
+        s.open -= 1;
     }
     Ok(resp)
 }
