@@ -48,6 +48,12 @@
 //!   (`GET /v1/deliveries`, lowest ids first) and counts those whose `next_attempt_at` is
 //!   more than 5 s in the past: retries the scheduler has not started on time.
 //!
+//! After `throughput`, the bench measures a reference in the same process: reqwest with 64
+//! requests in flight against a bare hyper server that reads the body and answers 200, for
+//! 5 s. It prints that rate and the ratio of deliveries/s to it. This in-process reference
+//! runs faster than `../shared/bench-reference`'s client and server as two processes (60-68k
+//! against 47-49k requests/s here on the same day), so its ratios are lower than theirs.
+//!
 //! Every 64th delivery the receiver also checks the Standard Webhooks signature with the
 //! `hmac` and `sha2` crates (not the daemon's `ring`), the timestamp, and that the body's
 //! `id` is the `webhook-id`.
@@ -448,7 +454,82 @@ async fn throughput(opts: &Options) -> Result<()> {
         stopped.as_secs_f64()
     );
     receiver.stop();
+    let reference = reference_rate(opts.body_bytes).await?;
+    println!(
+        "reference (same run)         reqwest, {REFERENCE_CONCURRENCY} in flight, against a bare \
+         hyper server, both in this process: {reference:.0} requests/s over {} s; \
+         deliveries/s / reference = {:.3}",
+        REFERENCE_TIME.as_secs(),
+        rate / reference.max(1.0)
+    );
     Ok(())
+}
+
+/// Requests in flight of the reference client.
+const REFERENCE_CONCURRENCY: usize = 64;
+/// How long the reference client runs.
+const REFERENCE_TIME: Duration = Duration::from_secs(5);
+
+/// What this machine does with no product logic: reqwest POSTs of a `body_bytes` body to a
+/// hyper server that reads it and answers 200, both in this process, for `REFERENCE_TIME`.
+/// The delivery figure is quoted as a ratio of it, since absolute figures drift here.
+async fn reference_rate(body_bytes: usize) -> Result<f64> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        for _ in 0..MAX_ACCEPTS {
+            let Ok((stream, _)) = listener.accept().await else {
+                break;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let _ = req.into_body().collect().await?;
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    // The same TLS provider as the daemon's; only plain HTTP is used here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(REFERENCE_CONCURRENCY)
+        .build()?;
+    let url = format!("http://{addr}/");
+    let body = Bytes::from(vec![b'a'; body_bytes]);
+    let start = Instant::now();
+    let end = start + REFERENCE_TIME;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..REFERENCE_CONCURRENCY {
+        let (client, url, body, sent) = (client.clone(), url.clone(), body.clone(), sent.clone());
+        tasks.spawn(async move {
+            let mut ok = 0u64;
+            while Instant::now() < end && sent.fetch_add(1, Ordering::Relaxed) < MAX_REQUESTS {
+                let resp = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    client.post(url.as_str()).body(body.clone()).send(),
+                )
+                .await;
+                if let Ok(Ok(r)) = resp
+                    && r.status().is_success()
+                    && r.bytes().await.is_ok()
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        });
+    }
+    let mut ok = 0u64;
+    while let Some(n) = tasks.join_next().await {
+        ok += n.context("a reference task panicked")?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    server.abort();
+    Ok(ok as f64 / secs)
 }
 
 fn print_per_second(per_second: &[u64]) {
