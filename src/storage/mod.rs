@@ -192,11 +192,7 @@ impl Store {
     /// An event by its sequence number.
     pub fn event_by_seq(&self, seq: Seq) -> Result<Option<Event>, StoreError> {
         let r = self.db.begin_read()?;
-        let events = r.open_table(EVENTS)?;
-        match events.get(seq)? {
-            Some(v) => Ok(Some(decode(v.value(), "event")?)),
-            None => Ok(None),
-        }
+        get_record(&r.open_table(EVENTS)?, seq, "event")
     }
 
     /// An inbound receipt by id.
@@ -297,11 +293,7 @@ impl Store {
     /// A delivery by id.
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
         let r = self.db.begin_read()?;
-        let t = r.open_table(DELIVERIES)?;
-        match t.get(id)? {
-            Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
-            None => Ok(None),
-        }
+        get_record(&r.open_table(DELIVERIES)?, id, "delivery")
     }
 
     /// One read transaction for a run of lookups: a destination starting several attempts
@@ -415,17 +407,23 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
-        match self.deliveries.get(id)? {
-            Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
-            None => Ok(None),
-        }
+        get_record(&self.deliveries, id, "delivery")
     }
 
     pub fn event_by_seq(&self, seq: Seq) -> Result<Option<Event>, StoreError> {
-        match self.events.get(seq)? {
-            Some(v) => Ok(Some(decode(v.value(), "event")?)),
-            None => Ok(None),
-        }
+        get_record(&self.events, seq, "event")
+    }
+}
+
+/// The record stored under `key` in a table of encoded records (see `schema::encode`).
+pub(crate) fn get_record<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    key: u64,
+    what: &'static str,
+) -> Result<Option<T>, StoreError> {
+    match table.get(key)? {
+        Some(v) => Ok(Some(decode(v.value(), what)?)),
+        None => Ok(None),
     }
 }
 

@@ -708,10 +708,7 @@ impl Writer {
 }
 
 fn load_delivery(t: &Tables<'_>, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
-    match t.deliveries.get(id)? {
-        Some(v) => Ok(Some(decode(v.value(), "delivery")?)),
-        None => Ok(None),
-    }
+    super::get_record(&t.deliveries, id, "delivery")
 }
 
 fn store_delivery(

@@ -297,16 +297,8 @@ async fn fifo_keeps_event_order_under_retries() {
     for i in 0..5 {
         ids.push(id_of(&d.publish("a", json!({"i": i})).await));
     }
-    let got = rx
-        .wait_until(WAIT, "5 successes", |r| {
-            r.iter().filter(|x| x.answered == 200).count() >= 5
-        })
-        .await;
-    let order: Vec<String> = got
-        .iter()
-        .filter(|x| x.answered == 200)
-        .map(|x| x.header("webhook-id").unwrap_or("").to_string())
-        .collect();
+    let order = rx.wait_for_successes(5, WAIT).await;
+    let got = rx.received();
     assert_eq!(order, ids);
     // Nothing behind the head was sent while it was failing.
     assert_eq!(got[0].header("webhook-id"), Some(ids[0].as_str()));
@@ -627,16 +619,7 @@ async fn fifo_order_holds_across_a_restart() {
     drop(d);
 
     let d = Daemon::start_in(&dir, &cfg);
-    let got = rx
-        .wait_until(WAIT, "both events delivered", |r| {
-            r.iter().filter(|x| x.answered == 200).count() >= 2
-        })
-        .await;
-    let order: Vec<String> = got
-        .iter()
-        .filter(|x| x.answered == 200)
-        .map(|x| x.header("webhook-id").unwrap_or("").to_string())
-        .collect();
+    let order = rx.wait_for_successes(2, WAIT).await;
     assert_eq!(order, vec![first, second], "{}", d.logs());
     drop(tmp);
 }

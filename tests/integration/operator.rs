@@ -736,16 +736,7 @@ async fn redrive_delivers_dead_letters_once_the_receiver_recovers() {
         "redrive",
     );
     assert_eq!(r["deliveries"], 5);
-    let got = down
-        .wait_until(WAIT, "five successful redeliveries", |r| {
-            r.iter().filter(|x| x.answered == 200).count() >= 5
-        })
-        .await;
-    let delivered: BTreeSet<String> = got
-        .iter()
-        .filter(|x| x.answered == 200)
-        .filter_map(|x| x.header("webhook-id").map(str::to_string))
-        .collect();
+    let delivered: BTreeSet<String> = down.wait_for_successes(5, WAIT).await.into_iter().collect();
     assert_eq!(delivered, events);
     let done = wait_count(&d, "subscription=down&status=succeeded", 5).await;
     assert!(done.iter().all(|x| x["attempts"] == 3), "{done:?}");

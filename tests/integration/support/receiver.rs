@@ -175,6 +175,20 @@ impl Receiver {
             .await
     }
 
+    /// Waits for at least `n` requests answered 200; returns their `webhook-id`s in the
+    /// order they arrived.
+    pub async fn wait_for_successes(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let got = self
+            .wait_until(timeout, &format!("{n} successful deliveries"), |r| {
+                r.iter().filter(|x| x.answered == 200).count() >= n
+            })
+            .await;
+        got.iter()
+            .filter(|x| x.answered == 200)
+            .map(|x| x.header("webhook-id").unwrap_or("").to_string())
+            .collect()
+    }
+
     /// Stops listening: new connections are refused.
     pub fn stop(&self) {
         self.task.abort();
