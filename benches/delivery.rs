@@ -1203,6 +1203,7 @@ struct WindowSample {
     batch_sum: f64,
     commit_sum: f64,
     sync_sum: f64,
+    durable_sum: f64,
     success: f64,
 }
 
@@ -1238,6 +1239,7 @@ impl WindowSampler {
                 batch_sum: delta("dispatchd_writer_batch_size_sum", ""),
                 commit_sum: delta("dispatchd_writer_commit_seconds_sum", ""),
                 sync_sum: delta("dispatchd_writer_sync_seconds_sum", ""),
+                durable_sum: delta("dispatchd_writer_durable_seconds_sum", ""),
                 success: delta("dispatchd_delivery_attempts_total", "outcome=\"success\""),
             })
         })
@@ -1249,13 +1251,15 @@ impl WindowSample {
         println!(
             "daemon in the window         {:.1} successful attempts/s counted; writer {:.0} \
              commits/s, mean batch {:.1} commands, mean commit {:.3} ms (apply {:.3} ms + \
-             commit call {:.3} ms), writer busy {:.0}% of the window",
+             commit call {:.3} ms), durable {:.3} ms after the commit call, writer busy {:.0}% \
+             of the window",
             self.success / secs,
             self.commits / secs,
             self.batch_sum / self.commits,
             self.commit_sum / self.commits * 1000.0,
             (self.commit_sum - self.sync_sum) / self.commits * 1000.0,
             self.sync_sum / self.commits * 1000.0,
+            self.durable_sum / self.commits * 1000.0,
             self.commit_sum / secs * 100.0
         );
         let pct = |c: Option<f64>| {

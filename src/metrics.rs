@@ -13,6 +13,7 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub commit_seconds: Histogram,
     pub sync_seconds: Histogram,
+    pub durable_seconds: Histogram,
     pub commit_failures: IntCounter,
     pub http_requests: IntCounterVec,
     pub attempts: IntCounterVec,
@@ -87,7 +88,19 @@ impl Metrics {
                 Histogram::with_opts(
                     HistogramOpts::new(
                         "writer_sync_seconds",
-                        "Time in the commit call of one batch: page writes and fsync"
+                        "Time in the commit call of one batch: page writes, and the fsync when \
+                         there is no commit journal"
+                    )
+                    .buckets(latency.clone())
+                )
+            ),
+            durable_seconds: register!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "writer_durable_seconds",
+                        "Time from the end of a commit call until the commit is durable and \
+                         its requests are answered (the journal's append and fsync)"
                     )
                     .buckets(latency.clone())
                 )

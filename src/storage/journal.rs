@@ -8,10 +8,13 @@
 //! [`JournaledFile`] is the redb storage backend that turns the scattered sync into a
 //! sequential one. A page redb writes goes into an in-memory overlay (reads see it there at
 //! once) and into a pending record. redb calls `sync_data` at the end of each commit: the
-//! record is appended to the active journal file, one contiguous write, and only the journal
-//! is fsynced; then the commit is durable and `commit()` returns. The applier thread copies
-//! durable records into the database file afterwards, off the writer's path, and drops them
-//! from the overlay. When the active journal file is full the other takes the appends, and
+//! record is sealed and handed to the syncer thread, which appends it to the active journal
+//! file, one contiguous write, and fsyncs only the journal (one fsync for every record
+//! waiting); then the commit is durable. By default `commit()` returns only then. An owner
+//! that [pipelines](Durability::pipeline) gets `commit()` back as soon as the record is
+//! sealed, applies its next transaction meanwhile, and learns of durability through
+//! [`Durability::after`]. The applier thread copies durable records into the database file
+//! afterwards, off the writer's path, and drops them from the overlay. When the active journal file is full the other takes the appends, and
 //! once the applier has copied every record of the full file it checkpoints it in the
 //! background: fsync the database file, then retire the journal file. A file is reused only
 //! after its checkpoint.
@@ -20,8 +23,10 @@
 //! in the journal, in order, so after a crash it holds every write up to the last
 //! checkpoint plus some of the writes of durable records since. The journal holds, in order,
 //! every record since that checkpoint whose fsync returned. [`open`] replays them, older file
-//! first, before redb opens the file: every write up to the last completed `sync_data` is
-//! then in place, which is the state of the last commit whose `commit()` returned.
+//! first, before redb opens the file: every write up to the last durable record is then in
+//! place, which is the state of the last commit known durable (and perhaps of later ones).
+//! Records are appended and made durable in order, and a file is fsynced before the switch
+//! to the other, so a durable record implies every earlier one is.
 //!
 //! **Format.** Two files beside the database, `<db>.journal-0` and `<db>.journal-1`. Each
 //! grows to the configured size on its first use and is then overwritten in place, so later
@@ -88,9 +93,16 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> JournalError + '_ {
 
 /// The unit of the in-memory overlay: redb's page size.
 const CHUNK: u64 = 4096;
-/// Durable records the applier may have queued before `sync_data` waits for it: the bound on
-/// the overlay's memory.
+/// Durable records the applier may have queued before the syncer waits for it, and sealed
+/// records the syncer may have queued before `sync_data` waits for it: the bound on the
+/// overlay's memory.
 const QUEUE: usize = 4;
+/// Sealed records the syncer appends before one fsync covers them all.
+const GROUP: usize = 16;
+
+/// Run once the commits sealed before it are durable (`Ok`) or can no longer be (`Err`, with
+/// the journal's failure).
+pub type Ack = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// The redb storage backend of a journaled database file. See the module documentation.
 pub struct JournaledFile {
@@ -104,8 +116,17 @@ struct Shared {
     main: File,
     files: [File; 2],
     state: Mutex<State>,
-    /// Where the next record goes; held by `sync_data` through the append and the fsync.
+    /// Where the next record goes; held by the syncer through its appends and the fsync.
     position: Mutex<Position>,
+    /// Sealed records, to the syncer.
+    to_sync: Sender<Sealed>,
+    syncer: Mutex<Option<JoinHandle<()>>>,
+    /// Signalled (with `state`) whenever `durable` grows or the journal fails.
+    durable: Condvar,
+    /// Set by the owner of the commits: `sync_data` returns once the record is sealed and
+    /// queued, and the owner learns of its durability through [`Durability::after`].
+    pipelined: AtomicBool,
+    /// Durable records, to the applier.
     tx: Sender<Msg>,
     applier: Mutex<Option<JoinHandle<()>>>,
     checkpoint: Checkpoint,
@@ -114,6 +135,9 @@ struct Shared {
     /// Tests make the applier's writes to the database file fail.
     #[cfg(test)]
     fail_applies: AtomicBool,
+    /// Tests make the syncer's appends to the journal fail.
+    #[cfg(test)]
+    fail_syncs: AtomicBool,
 }
 
 struct Position {
@@ -141,6 +165,21 @@ struct State {
     /// Set once the journal or the database file failed: every later write and sync fails
     /// with it, until the database is reopened (which replays the journal).
     failed: Option<String>,
+    /// The epoch of the last record whose fsync returned (0: none yet).
+    durable: u64,
+    /// Acks waiting for the epoch they name to be durable, in epoch order.
+    acks: std::collections::VecDeque<(u64, Ack)>,
+    /// The syncer has stopped: nothing more becomes durable.
+    closed: bool,
+}
+
+/// A record sealed by `sync_data`, on its way to the syncer; `None` stops the syncer.
+type Sealed = Option<Record>;
+
+struct Record {
+    epoch: u64,
+    bytes: Vec<u8>,
+    touched: Vec<u64>,
 }
 
 struct Chunk {
@@ -178,13 +217,10 @@ struct CheckpointState {
 }
 
 impl Drop for JournaledFile {
-    /// redb calls `close` before dropping; this only ends the applier of a backend dropped
-    /// without it, so its files (and the journal lock) are released.
+    /// redb calls `close` before dropping; this only ends the syncer and the applier of a
+    /// backend dropped without it, so its files (and the journal lock) are released.
     fn drop(&mut self) {
-        let _ = self.shared.tx.send(Msg::Stop);
-        if let Some(h) = lock(&self.shared.applier).take() {
-            let _ = h.join();
-        }
+        self.shared.stop_threads();
     }
 }
 
@@ -223,6 +259,7 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
         JournalError::Io(path.display().to_string(), io::Error::other(e.to_string()))
     })?;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+    let (to_sync, sealed) = crossbeam_channel::bounded(QUEUE);
     let shared = Arc::new(Shared {
         main,
         files,
@@ -234,6 +271,9 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
             len,
             shrinks: Vec::new(),
             failed: None,
+            durable: 0,
+            acks: std::collections::VecDeque::new(),
+            closed: false,
         }),
         position: Mutex::new(Position {
             active: 0,
@@ -241,12 +281,18 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
             generation: generation + 1,
             size,
         }),
+        to_sync,
+        syncer: Mutex::new(None),
+        durable: Condvar::new(),
+        pipelined: AtomicBool::new(false),
         tx,
         applier: Mutex::new(None),
         checkpoint: Checkpoint::default(),
         halted: AtomicBool::new(false),
         #[cfg(test)]
         fail_applies: AtomicBool::new(false),
+        #[cfg(test)]
+        fail_syncs: AtomicBool::new(false),
     });
     let applier = Applier {
         shared: shared.clone(),
@@ -256,6 +302,19 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
         .spawn(move || applier.run(rx))
         .map_err(io_at(path))?;
     *lock(&shared.applier) = Some(handle);
+    let syncer = Syncer {
+        shared: shared.clone(),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("dispatchd-sync".into())
+        .spawn(move || syncer.run(sealed));
+    match spawned {
+        Ok(h) => *lock(&shared.syncer) = Some(h),
+        Err(e) => {
+            shared.stop_threads();
+            return Err(io_at(path)(e));
+        }
+    }
     Ok(JournaledFile { shared, locks })
 }
 
@@ -482,6 +541,79 @@ fn read_zero_filled(f: &File, offset: u64, out: &mut [u8]) -> io::Result<()> {
 }
 
 impl Shared {
+    /// Latches the journal's first failure and settles every ack waiting: what is durable
+    /// already stays so, nothing else will be.
+    fn fail(&self, e: &io::Error) {
+        {
+            let mut st = lock(&self.state);
+            if st.failed.is_none() {
+                st.failed = Some(e.to_string());
+            }
+        }
+        self.settle();
+    }
+
+    /// Runs the acks whose epoch is durable, and, once the journal failed or closed, all the
+    /// others with the reason; outside the lock, on the calling thread.
+    fn settle(&self) {
+        let (ready, failed, why) = {
+            let mut st = lock(&self.state);
+            let durable = st.durable;
+            let n = st.acks.iter().take_while(|a| a.0 <= durable).count();
+            let ready: Vec<Ack> = st.acks.drain(..n).map(|a| a.1).collect();
+            let why = st
+                .failed
+                .clone()
+                .or_else(|| st.closed.then(|| "the journal is closed".to_string()));
+            let failed: Vec<Ack> = match why {
+                Some(_) => st.acks.drain(..).map(|a| a.1).collect(),
+                None => Vec::new(),
+            };
+            (ready, failed, why.unwrap_or_default())
+        };
+        self.durable.notify_all();
+        for a in ready {
+            a(Ok(()));
+        }
+        for a in failed {
+            a(Err(why.clone()));
+        }
+    }
+
+    /// Blocks until the record of `epoch` is durable, or fails with the journal's failure.
+    fn wait_durable(&self, epoch: u64) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        loop {
+            if st.durable >= epoch {
+                return Ok(());
+            }
+            Shared::failed(&st)?;
+            if st.closed {
+                return Err(closed());
+            }
+            st = self
+                .durable
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Ends the syncer (after it made every record sealed so far durable) and then the
+    /// applier (after it copied them into the database file).
+    fn stop_threads(&self) {
+        let _ = self.to_sync.send(None);
+        if let Some(h) = lock(&self.syncer).take() {
+            let _ = h.join();
+        }
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(h) = lock(&self.applier).take() {
+            let _ = h.join();
+        }
+        // Nothing can become durable any more.
+        lock(&self.state).closed = true;
+        self.settle();
+    }
+
     fn failed(st: &State) -> io::Result<()> {
         match &st.failed {
             Some(e) => Err(io::Error::other(format!("the commit journal failed: {e}"))),
@@ -554,10 +686,7 @@ impl Applier {
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "the commit journal failed; the daemon must reopen the database");
-                let mut st = lock(&self.shared.state);
-                if st.failed.is_none() {
-                    st.failed = Some(e.to_string());
-                }
+                self.shared.fail(&e);
             }
         }
     }
@@ -614,6 +743,156 @@ impl Applier {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+/// The syncer thread: appends sealed records to the active journal file, makes each group of
+/// them durable with one fsync, hands them to the applier and settles the acks they satisfy.
+struct Syncer {
+    shared: Arc<Shared>,
+}
+
+impl Syncer {
+    fn run(self, rx: Receiver<Sealed>) {
+        let sh = &*self.shared;
+        let mut written: Vec<Record> = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut stop = first.is_none();
+            let mut group = Vec::from_iter(first);
+            while !stop && group.len() < GROUP {
+                match rx.try_recv() {
+                    Ok(Some(r)) => group.push(r),
+                    Ok(None) => stop = true,
+                    Err(_) => break,
+                }
+            }
+            let result = {
+                let mut p = lock(&sh.position);
+                group
+                    .into_iter()
+                    .try_for_each(|r| self.append(&mut p, &mut written, r))
+                    .and_then(|()| self.flush(&p, &mut written))
+            };
+            if let Err(e) = result {
+                written.clear();
+                sh.fail(&e);
+            }
+            sh.settle();
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Appends one record to the active journal file, switching files first when it is
+    /// full (after making what it holds durable, so its checkpoint comes after all of it).
+    fn append(&self, p: &mut Position, written: &mut Vec<Record>, mut r: Record) -> io::Result<()> {
+        let sh = &*self.shared;
+        Shared::failed(&lock(&sh.state))?;
+        let len = r.bytes.len() as u64;
+        if p.pos > 0 && p.pos + len > p.size {
+            self.flush(p, written)?;
+            sh.switch(p)?;
+        }
+        let payload = u32::try_from(r.bytes.len() - HEADER)
+            .map_err(|_| io::Error::other("a commit over 4 GiB"))?;
+        let record = &mut r.bytes;
+        record[0..4].copy_from_slice(&LIVE.to_le_bytes());
+        record[4..12].copy_from_slice(&p.generation.to_le_bytes());
+        record[12..16].copy_from_slice(&payload.to_le_bytes());
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&record[4..16]);
+        hasher.update(&record[HEADER..]);
+        let crc = hasher.finalize();
+        record[16..20].copy_from_slice(&crc.to_le_bytes());
+        #[cfg(test)]
+        if sh.fail_syncs.load(Ordering::Relaxed) {
+            return Err(io::Error::other("injected journal write failure"));
+        }
+        sh.files[p.active].write_all_at(record, p.pos)?;
+        p.pos += len;
+        written.push(r);
+        Ok(())
+    }
+
+    /// Makes the records written since the last flush durable (one fsync), passes them to
+    /// the applier and publishes the new durable epoch.
+    fn flush(&self, p: &Position, written: &mut Vec<Record>) -> io::Result<()> {
+        let sh = &*self.shared;
+        let Some(last) = written.last().map(|r| r.epoch) else {
+            return Ok(());
+        };
+        sh.files[p.active].sync_data()?;
+        for r in written.drain(..) {
+            sh.tx
+                .send(Msg::Record {
+                    epoch: r.epoch,
+                    record: r.bytes,
+                    touched: r.touched,
+                })
+                .map_err(|_| closed())?;
+        }
+        lock(&sh.state).durable = last;
+        sh.settle();
+        Ok(())
+    }
+}
+
+/// The owner's view of a journal's durability: a commit whose `commit()` returned is durable
+/// once the acks registered after it run with `Ok`.
+#[derive(Clone)]
+pub struct Durability {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Durability").finish_non_exhaustive()
+    }
+}
+
+impl Durability {
+    /// From now on `commit()` returns once its record is sealed, before it is durable: the
+    /// owner overlaps the next transaction with the fsync, and answers for a commit only in
+    /// an ack registered after it.
+    pub fn pipeline(&self) {
+        self.shared.pipelined.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs `ack` once every commit that returned before this call is durable, with the
+    /// journal's failure if that can no longer happen. It may run at once, on this thread,
+    /// or later on the journal's syncer thread: it must be short.
+    pub fn after(&self, ack: Ack) {
+        let now = {
+            let mut st = lock(&self.shared.state);
+            let epoch = st.epoch - 1;
+            if st.durable >= epoch {
+                Ok(())
+            } else if let Some(e) = &st.failed {
+                Err(e.clone())
+            } else if st.closed {
+                Err("the journal is closed".to_string())
+            } else {
+                st.acks.push_back((epoch, ack));
+                return;
+            }
+        };
+        ack(now);
+    }
+
+    /// Blocks until every commit that returned is durable (or the journal failed).
+    pub fn wait(&self) -> io::Result<()> {
+        let epoch = lock(&self.shared.state).epoch - 1;
+        self.shared.wait_durable(epoch)
+    }
+}
+
+impl JournaledFile {
+    /// The handle through which the owner of the commits learns of their durability.
+    pub fn durability(&self) -> Durability {
+        Durability {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -747,68 +1026,46 @@ impl StorageBackend for JournaledFile {
         Ok(())
     }
 
+    /// Seals the writes since the last call into a record for the syncer. Unless the owner
+    /// pipelines its commits, waits until that record is durable.
     fn sync_data(&self) -> io::Result<()> {
         let sh = &*self.shared;
-        let mut p = lock(&sh.position);
-        let (mut record, touched, epoch) = {
+        let sealed = {
             let mut st = lock(&sh.state);
             Shared::failed(&st)?;
             if st.pending.len() == HEADER {
-                return Ok(());
+                None
+            } else {
+                let hint = st.pending.len() + st.pending.len() / 4;
+                let bytes = std::mem::replace(&mut st.pending, new_record(hint));
+                let touched = std::mem::take(&mut st.touched);
+                let epoch = st.epoch;
+                st.epoch += 1;
+                Some(Record {
+                    epoch,
+                    bytes,
+                    touched,
+                })
             }
-            let hint = st.pending.len() + st.pending.len() / 4;
-            let record = std::mem::replace(&mut st.pending, new_record(hint));
-            let touched = std::mem::take(&mut st.touched);
-            let epoch = st.epoch;
-            st.epoch += 1;
-            (record, touched, epoch)
         };
-        let result: io::Result<()> = (|| {
-            let len = record.len() as u64;
-            if p.pos > 0 && p.pos + len > p.size {
-                sh.switch(&mut p)?;
+        let epoch = match sealed {
+            Some(r) => {
+                let epoch = r.epoch;
+                sh.to_sync.send(Some(r)).map_err(|_| closed())?;
+                epoch
             }
-            let payload = u32::try_from(record.len() - HEADER)
-                .map_err(|_| io::Error::other("a commit over 4 GiB"))?;
-            record[0..4].copy_from_slice(&LIVE.to_le_bytes());
-            record[4..12].copy_from_slice(&p.generation.to_le_bytes());
-            record[12..16].copy_from_slice(&payload.to_le_bytes());
-            let mut hasher = crc32fast::Hasher::new();
-            hasher.update(&record[4..16]);
-            hasher.update(&record[HEADER..]);
-            let crc = hasher.finalize();
-            record[16..20].copy_from_slice(&crc.to_le_bytes());
-            let f = &sh.files[p.active];
-            f.write_all_at(&record, p.pos)?;
-            f.sync_data()?;
-            p.pos += len;
-            Ok(())
-        })();
-        if let Err(e) = result {
-            // The commit is not durable and its pages stay in the overlay, unreferenced:
-            // redb fails the commit and the database is reopened, which replays the journal.
-            let mut st = lock(&sh.state);
-            if st.failed.is_none() {
-                st.failed = Some(e.to_string());
-            }
-            return Err(e);
+            None => lock(&sh.state).epoch - 1,
+        };
+        if sh.pipelined.load(Ordering::Relaxed) {
+            return Ok(());
         }
-        sh.tx
-            .send(Msg::Record {
-                epoch,
-                record,
-                touched,
-            })
-            .map_err(|_| closed())
+        sh.wait_durable(epoch)
     }
 
     fn close(&self) -> io::Result<()> {
-        // Every durable record reaches the database file first; writes after the last sync
-        // belong to no commit and are dropped, as a crash would drop them.
-        let _ = self.shared.tx.send(Msg::Stop);
-        if let Some(h) = lock(&self.shared.applier).take() {
-            let _ = h.join();
-        }
+        // Every sealed record is made durable and reaches the database file first; writes
+        // after the last sync belong to no commit and are dropped, as a crash would drop them.
+        self.shared.stop_threads();
         let failed = lock(&self.shared.state).failed.clone();
         let result = match failed {
             Some(e) => Err(io::Error::other(e)),
@@ -1110,6 +1367,90 @@ mod tests {
         drop(d);
         drop(shared);
         assert_eq!(count(&db(&path)), (20, Some(19)));
+    }
+
+    fn pipelined(path: &Path, size: u64) -> (redb::Database, Durability) {
+        let backend = open(path, size).unwrap();
+        let durability = backend.durability();
+        durability.pipeline();
+        let d = redb::Database::builder()
+            .create_with_backend(backend)
+            .unwrap();
+        (d, durability)
+    }
+
+    /// What an ack registered now is told, once it is told.
+    fn ack_result(durability: &Durability) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        durability.after(Box::new(move |r| drop(tx.send(r))));
+        rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap()
+    }
+
+    /// Pipelined commits return before their record is durable; an ack registered after
+    /// them runs only once every one of them is in the journal, so a crash image taken in
+    /// the ack has them all.
+    #[test]
+    fn an_ack_runs_once_the_commits_before_it_are_in_the_journal() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let path = a.path().join("d.redb");
+        // Large enough for every commit: a halted applier checkpoints nothing, so a second
+        // file switch would wait for ever.
+        let (d, durability) = pipelined(&path, 64 * MIN_SIZE);
+        durability.shared.halt();
+        let copy = b.path().join("d.redb");
+        for round in 0..5u64 {
+            for i in 0..10u64 {
+                let k = (round * 10 + i) * 10;
+                put(&d, k..k + 10, &[3u8; 200]);
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (from, to) = (path.clone(), copy.clone());
+            durability.after(Box::new(move |r| {
+                crash_image(&from, &to);
+                drop(tx.send(r));
+            }));
+            assert_eq!(
+                rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap(),
+                Ok(())
+            );
+            let n = (round + 1) * 100;
+            assert_eq!(count(&db(&copy)), (n, Some(n - 1)), "round {round}");
+        }
+        durability.wait().unwrap();
+    }
+
+    /// A failed journal append: the commit returned (pipelined), but its ack is told it is
+    /// not durable, later commits fail, and reopening has only what was durable.
+    #[test]
+    fn a_failed_append_fails_the_acks_and_later_commits() {
+        let a = tempfile::tempdir().unwrap();
+        let path = a.path().join("d.redb");
+        let (d, durability) = pipelined(&path, MIN_SIZE);
+        put(&d, 0..10, b"x");
+        assert_eq!(ack_result(&durability), Ok(()));
+        durability.shared.fail_syncs.store(true, Ordering::Relaxed);
+        put(&d, 10..20, b"y");
+        let told = ack_result(&durability);
+        assert!(
+            told.as_ref()
+                .is_err_and(|e| e.contains("injected journal write failure")),
+            "{told:?}"
+        );
+        assert!(durability.wait().is_err());
+        let later = (|| -> Result<(), redb::Error> {
+            let w = d.begin_write()?;
+            {
+                let mut t = w.open_table(T)?;
+                t.insert(20u64, b"z".as_slice())?;
+            }
+            w.commit()?;
+            Ok(())
+        })();
+        assert!(later.is_err(), "a commit after the failure succeeded");
+        drop(d);
+        drop(durability);
+        assert_eq!(count(&db(&path)), (10, Some(9)));
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub(crate) fn open_database(
     path: &Path,
     cache_size: usize,
     journal_size: u64,
-) -> Result<redb::Database, StoreError> {
+) -> Result<Opened, StoreError> {
     let mut builder = redb::Database::builder();
     builder.set_cache_size(cache_size);
     if journal_size == 0 {
@@ -109,10 +109,23 @@ pub(crate) fn open_database(
             }
             e => Err(e),
         })?;
-        return Ok(builder.create(path)?);
+        return Ok(Opened {
+            db: builder.create(path)?,
+            durability: None,
+        });
     }
     let backend = journal::open(path, journal_size)?;
-    Ok(builder.create_with_backend(backend)?)
+    let durability = backend.durability();
+    Ok(Opened {
+        db: builder.create_with_backend(backend)?,
+        durability: Some(durability),
+    })
+}
+
+/// An open database file, and its journal's durability when it has one.
+pub(crate) struct Opened {
+    pub db: redb::Database,
+    pub durability: Option<journal::Durability>,
 }
 
 /// A handle on the database for reads; cheap to clone.
@@ -133,7 +146,7 @@ impl Store {
                 .map_err(|e| StoreError::DataDir(dir.display().to_string(), e))?;
         }
         let db = open_database(path, cache_size, journal_size)?;
-        schema::init(&db)?;
+        schema::init(&db.db)?;
         Ok(Self {
             db: Arc::new(recovery::DbHandle::new(db, path, cache_size, journal_size)),
         })

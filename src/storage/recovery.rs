@@ -12,13 +12,15 @@
 //! writer takes the slot for a reopen, dropping the old `Database` closes its file.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{ReadableDatabase, StorageError, TransactionError};
 
-use super::StoreError;
+use super::journal::Durability;
 use super::writer::{WriteError, WriterHandle};
+use super::{Opened, StoreError};
 
 /// The first wait between two reopen attempts; doubles up to `MAX_BACKOFF` while they fail,
 /// so a large file is not repaired over and over while the disk is still full.
@@ -38,8 +40,31 @@ pub struct DbHandle {
     path: PathBuf,
     cache_size: usize,
     journal_size: u64,
-    slot: RwLock<Option<Arc<redb::Database>>>,
+    slot: RwLock<Option<Current>>,
+    /// The writer answers for its commits once they are durable (see `journal::Durability`);
+    /// kept here so a reopened journal pipelines too.
+    pipelined: AtomicBool,
     retry: Mutex<Retry>,
+}
+
+/// The database open now.
+struct Current {
+    db: Arc<redb::Database>,
+    durability: Option<Durability>,
+}
+
+impl Current {
+    fn new(opened: Opened, pipelined: bool) -> Self {
+        if let Some(d) = &opened.durability
+            && pipelined
+        {
+            d.pipeline();
+        }
+        Self {
+            db: Arc::new(opened.db),
+            durability: opened.durability,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -50,12 +75,13 @@ struct Retry {
 
 impl DbHandle {
     /// Wraps a freshly opened database that lives at `path`.
-    pub fn new(db: redb::Database, path: &Path, cache_size: usize, journal_size: u64) -> Self {
+    pub(crate) fn new(db: Opened, path: &Path, cache_size: usize, journal_size: u64) -> Self {
         Self {
             path: path.to_path_buf(),
             cache_size,
             journal_size,
-            slot: RwLock::new(Some(Arc::new(db))),
+            slot: RwLock::new(Some(Current::new(db, false))),
+            pipelined: AtomicBool::new(false),
             retry: Mutex::new(Retry {
                 not_before: None,
                 backoff: FIRST_BACKOFF,
@@ -77,7 +103,7 @@ impl DbHandle {
     pub fn begin_read(&self) -> Result<redb::ReadTransaction, TransactionError> {
         let slot = self.slot.read().map_err(|_| closed())?;
         match slot.as_ref() {
-            Some(db) => db.begin_read(),
+            Some(c) => c.db.begin_read(),
             None => Err(closed()),
         }
     }
@@ -86,9 +112,25 @@ impl DbHandle {
     pub fn begin_write(&self) -> Result<redb::WriteTransaction, TransactionError> {
         let slot = self.slot.read().map_err(|_| closed())?;
         match slot.as_ref() {
-            Some(db) => db.begin_write(),
+            Some(c) => c.db.begin_write(),
             None => Err(closed()),
         }
+    }
+
+    /// From now on a commit returns before it is durable, and its writer learns of that
+    /// through [`DbHandle::durability`]. Only the writer thread calls this.
+    pub fn pipeline(&self) {
+        self.pipelined.store(true, Ordering::Relaxed);
+        if let Some(d) = self.durability() {
+            d.pipeline();
+        }
+    }
+
+    /// The durability of the current database's commits; `None` without a journal, where a
+    /// commit is durable when it returns.
+    pub fn durability(&self) -> Option<Durability> {
+        let slot = self.slot.read().ok()?;
+        slot.as_ref().and_then(|c| c.durability.clone())
     }
 
     /// Proves the data directory takes `HEADROOM` bytes (written, synced and removed): space
@@ -141,7 +183,8 @@ impl DbHandle {
         let opened = super::open_database(&self.path, self.cache_size, self.journal_size);
         match opened {
             Ok(db) => {
-                *self.slot.write().map_err(poisoned)? = Some(Arc::new(db));
+                let current = Current::new(db, self.pipelined.load(Ordering::Relaxed));
+                *self.slot.write().map_err(poisoned)? = Some(current);
                 retry.not_before = None;
                 retry.backoff = FIRST_BACKOFF;
                 tracing::info!(path = %self.path.display(), "database reopened after an I/O failure");

@@ -1,8 +1,14 @@
 //! The writer thread: owns every write. Group commit: it takes everything waiting on its
-//! channel (bounded per batch), applies it in one redb write transaction, commits once
-//! (fsync), and only then answers each sender.
+//! channel (bounded per batch), applies it in one redb write transaction, commits once, and
+//! answers each sender once that commit is durable. With the commit journal the fsync is
+//! pipelined: `commit()` returns when the journal record is sealed, the writer goes on with
+//! the next batch while the journal's syncer appends and fsyncs it, and the answers go out
+//! from there (`journal::Durability::after`).
 //!
-//! **Invariant:** no reply leaves this thread before the commit that made it true returned.
+//! **Invariant:** no reply, and no due delivery, leaves before the commit that made it true
+//! is durable. Reads may see a commit a moment before that (the overlay is shared); nothing
+//! acknowledged depends on it, and a commit that then fails to become durable fails every
+//! reply and leaves the database to be reopened.
 //! An event and its deliveries are written by the same command in the same transaction,
 //! so no interleaving of client hang-ups, cancelled futures or crashes can separate them.
 
@@ -336,8 +342,53 @@ struct Effects {
     events: u64,
 }
 
+/// A committed transaction's effects, acted on once the commit is durable.
+struct Answer {
+    effects: Effects,
+    committed: Instant,
+    commands: usize,
+    due_sink: Option<DueSink>,
+    metrics: Arc<Metrics>,
+    health: Arc<WriterHealth>,
+}
+
+impl Answer {
+    /// Answers every sender and tells the scheduler of the deliveries that became due; or,
+    /// when the commit cannot be made durable, answers every sender with the error.
+    fn send(self, durable: Result<(), String>) {
+        let fx = self.effects;
+        match durable {
+            Ok(()) => {
+                self.metrics
+                    .durable_seconds
+                    .observe(self.committed.elapsed().as_secs_f64());
+                self.health.failed.store(false, Ordering::Relaxed);
+                self.metrics.events_stored.inc_by(fx.events);
+                if let Some(sink) = &self.due_sink
+                    && !fx.due.is_empty()
+                {
+                    let _ = sink.send(fx.due);
+                }
+                for r in fx.replies {
+                    r(Ok(()));
+                }
+            }
+            Err(e) => {
+                self.health.failed.store(true, Ordering::Relaxed);
+                self.metrics.commit_failures.inc();
+                tracing::error!(error = %e, commands = self.commands, "commit not durable; answering every waiting request with an error");
+                let err = WriteError::Storage(format!("the commit could not be made durable: {e}"));
+                for r in fx.replies {
+                    r(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
 impl Writer {
     fn run(&mut self) {
+        self.store.db().pipeline();
         let mut batch = Vec::with_capacity(self.max_batch);
         while let Ok(first) = self.rx.recv() {
             batch.push(first);
@@ -351,6 +402,11 @@ impl Writer {
             if self.stopping {
                 break;
             }
+        }
+        if let Some(d) = self.store.db().durability()
+            && let Err(e) = d.wait()
+        {
+            tracing::error!(error = %e, "the last commits could not be made durable");
         }
         tracing::info!("writer stopped");
     }
@@ -378,15 +434,19 @@ impl Writer {
         self.metrics.batch_size.observe(size as f64);
         match result {
             Ok(()) => {
-                self.health.failed.store(false, Ordering::Relaxed);
-                self.metrics.events_stored.inc_by(effects.events);
-                if let Some(sink) = &self.due_sink
-                    && !effects.due.is_empty()
-                {
-                    let _ = sink.send(std::mem::take(&mut effects.due));
-                }
-                for r in effects.replies {
-                    r(Ok(()));
+                let answer = Answer {
+                    effects,
+                    committed: Instant::now(),
+                    commands: size,
+                    due_sink: self.due_sink.clone(),
+                    metrics: self.metrics.clone(),
+                    health: self.health.clone(),
+                };
+                // The next batch is applied while this commit's record is synced; its senders
+                // hear back once it is durable.
+                match self.store.db().durability() {
+                    Some(d) => d.after(Box::new(move |r| answer.send(r))),
+                    None => answer.send(Ok(())),
                 }
             }
             Err(e) => {
