@@ -14,10 +14,10 @@
 //! that [pipelines](Durability::pipeline) gets `commit()` back as soon as the record is
 //! sealed, applies its next transaction meanwhile, and learns of durability through
 //! [`Durability::after`]. The applier thread copies durable records into the database file
-//! afterwards, off the writer's path, and drops them from the overlay. When the active journal file is full the other takes the appends, and
-//! once the applier has copied every record of the full file it checkpoints it in the
-//! background: fsync the database file, then retire the journal file. A file is reused only
-//! after its checkpoint.
+//! afterwards, off the writer's path, and drops them from the overlay. When the active
+//! journal file is full the other takes the appends, and once the applier has copied every
+//! record of the full file it checkpoints it in the background: fsync the database file,
+//! then retire the journal file. A file is reused only after its checkpoint.
 //!
 //! **Crash model.** The database file only ever receives writes of records that are durable
 //! in the journal, in order, so after a crash it holds every write up to the last
