@@ -561,15 +561,10 @@ impl Shared {
             let durable = st.durable;
             let n = st.acks.iter().take_while(|a| a.0 <= durable).count();
             let ready: Vec<Ack> = st.acks.drain(..n).map(|a| a.1).collect();
-            let why = st
-                .failed
-                .clone()
-                .or_else(|| st.closed.then(|| "the journal is closed".to_string()));
-            let failed: Vec<Ack> = match why {
-                Some(_) => st.acks.drain(..).map(|a| a.1).collect(),
-                None => Vec::new(),
-            };
-            (ready, failed, why.unwrap_or_default())
+            match durability(&st, u64::MAX) {
+                Some(Err(why)) => (ready, st.acks.drain(..).map(|a| a.1).collect(), why),
+                _ => (ready, Vec::new(), String::new()),
+            }
         };
         self.durable.notify_all();
         for a in ready {
@@ -584,12 +579,8 @@ impl Shared {
     fn wait_durable(&self, epoch: u64) -> io::Result<()> {
         let mut st = lock(&self.state);
         loop {
-            if st.durable >= epoch {
-                return Ok(());
-            }
-            Shared::failed(&st)?;
-            if st.closed {
-                return Err(closed());
+            if let Some(r) = durability(&st, epoch) {
+                return r.map_err(io::Error::other);
             }
             st = self
                 .durable
@@ -645,6 +636,20 @@ impl Shared {
             Some(e) => Err(io::Error::other(e.clone())),
             None => Ok(()),
         }
+    }
+}
+
+/// Whether the record of `epoch` is durable (`Ok`), can no longer become so (`Err`, why), or
+/// may still (`None`).
+fn durability(st: &State, epoch: u64) -> Option<Result<(), String>> {
+    if st.durable >= epoch {
+        Some(Ok(()))
+    } else if let Some(e) = &st.failed {
+        Some(Err(format!("the commit journal failed: {e}")))
+    } else if st.closed {
+        Some(Err("the journal is closed".to_string()))
+    } else {
+        None
     }
 }
 
@@ -866,15 +871,12 @@ impl Durability {
         let now = {
             let mut st = lock(&self.shared.state);
             let epoch = st.epoch - 1;
-            if st.durable >= epoch {
-                Ok(())
-            } else if let Some(e) = &st.failed {
-                Err(e.clone())
-            } else if st.closed {
-                Err("the journal is closed".to_string())
-            } else {
-                st.acks.push_back((epoch, ack));
-                return;
+            match durability(&st, epoch) {
+                Some(r) => r,
+                None => {
+                    st.acks.push_back((epoch, ack));
+                    return;
+                }
             }
         };
         ack(now);
@@ -1143,14 +1145,23 @@ mod tests {
     }
 
     fn put(db: &redb::Database, keys: std::ops::Range<u64>, value: &[u8]) {
-        let w = db.begin_write().unwrap();
+        try_put(db, keys, value).unwrap();
+    }
+
+    fn try_put(
+        db: &redb::Database,
+        keys: std::ops::Range<u64>,
+        value: &[u8],
+    ) -> Result<(), redb::Error> {
+        let w = db.begin_write()?;
         {
-            let mut t = w.open_table(T).unwrap();
+            let mut t = w.open_table(T)?;
             for k in keys {
-                t.insert(k, value).unwrap();
+                t.insert(k, value)?;
             }
         }
-        w.commit().unwrap();
+        w.commit()?;
+        Ok(())
     }
 
     fn count(db: &redb::Database) -> (u64, Option<u64>) {
@@ -1352,18 +1363,10 @@ mod tests {
         shared.fail_applies.store(true, Ordering::Relaxed);
         put(&d, 10..20, b"y");
         shared.flush();
-        let later = (|| -> Result<(), redb::Error> {
-            let w = d.begin_write()?;
-            {
-                let mut t = w.open_table(T)?;
-                for k in 20..30u64 {
-                    t.insert(k, b"z".as_slice())?;
-                }
-            }
-            w.commit()?;
-            Ok(())
-        })();
-        assert!(later.is_err(), "a commit after the failure succeeded");
+        assert!(
+            try_put(&d, 20..30, b"z").is_err(),
+            "a commit after the failure succeeded"
+        );
         drop(d);
         drop(shared);
         assert_eq!(count(&db(&path)), (20, Some(19)));
@@ -1438,16 +1441,10 @@ mod tests {
             "{told:?}"
         );
         assert!(durability.wait().is_err());
-        let later = (|| -> Result<(), redb::Error> {
-            let w = d.begin_write()?;
-            {
-                let mut t = w.open_table(T)?;
-                t.insert(20u64, b"z".as_slice())?;
-            }
-            w.commit()?;
-            Ok(())
-        })();
-        assert!(later.is_err(), "a commit after the failure succeeded");
+        assert!(
+            try_put(&d, 20..21, b"z").is_err(),
+            "a commit after the failure succeeded"
+        );
         drop(d);
         drop(durability);
         assert_eq!(count(&db(&path)), (10, Some(9)));
