@@ -67,7 +67,7 @@
 //! ```text
 //! cargo bench --bench delivery                                   # throughput, 30 s
 //! cargo bench --bench delivery -- throughput --seconds 10 --connections 64
-//! cargo bench --bench delivery -- throughput --batch 10 --connections 32 --max-in-flight 1024
+//! cargo bench --bench delivery -- throughput --batch 10 --connections 64 --max-in-flight 1024
 //! cargo bench --bench delivery -- latency --rate 10000 --seconds 10
 //! cargo bench --bench delivery -- backlog --events 50000         # quick check
 //! cargo bench --bench delivery -- backlog --events 1000000 --cache-size 32MiB
