@@ -117,6 +117,7 @@ usage: cargo bench --bench delivery -- [throughput|latency|backlog] [options]
   --body-bytes N       size of each event's JSON (default 1024)
   --max-in-flight N    the subscription's max_in_flight (default: 256, backlog 64)
   --cache-size SIZE    storage.cache_size for the daemon (default: the daemon's default)
+  --journal-size SIZE  storage.journal_size for the daemon (default: the daemon's default)
   --wait-secs N        backlog: bound on publishing + waiting for the attempts (default 1200)";
 
 /// The subscription's secret; the receiver verifies signatures with it.
@@ -184,6 +185,7 @@ struct Options {
     body_bytes: usize,
     max_in_flight: Option<u32>,
     cache_size: Option<String>,
+    journal_size: Option<String>,
     wait_secs: u64,
 }
 
@@ -236,6 +238,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         body_bytes: 1024,
         max_in_flight: None,
         cache_size: None,
+        journal_size: None,
         wait_secs: 1200,
     };
     let mut mode_seen = false;
@@ -287,6 +290,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     bail!("--cache-size needs a size such as 64MiB");
                 }
                 o.cache_size = Some(v);
+            }
+            "--journal-size" => {
+                let v = value()?;
+                if v.is_empty() || v.contains('"') || v.contains('\\') {
+                    bail!("--journal-size needs a size such as 4MiB");
+                }
+                o.journal_size = Some(v);
             }
             "--wait-secs" => o.wait_secs = positive(flag, &value()?)?,
             "-h" | "--help" => {
@@ -1373,8 +1383,15 @@ fn config_text(opts: &Options, url: &str, backlog: bool) -> String {
             opts.batch()
         ));
     }
-    if let Some(c) = &opts.cache_size {
-        t.push_str(&format!("[storage]\ncache_size = \"{c}\"\n\n"));
+    if opts.cache_size.is_some() || opts.journal_size.is_some() {
+        t.push_str("[storage]\n");
+        if let Some(c) = &opts.cache_size {
+            t.push_str(&format!("cache_size = \"{c}\"\n"));
+        }
+        if let Some(j) = &opts.journal_size {
+            t.push_str(&format!("journal_size = \"{j}\"\n"));
+        }
+        t.push('\n');
     }
     t.push_str("[delivery]\nallow_private_networks = true\n\n");
     t.push_str(&format!(
