@@ -557,13 +557,7 @@ mod tests {
     fn random_sequences_keep_invariants() {
         let clock = Clock::new();
         for seed in 1..=50u64 {
-            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            let mut step = || {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng
-            };
+            let mut step = crate::testrng::xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
             let cfg = BreakerConfig {
                 failure_threshold: (step() % 6) as u32,
                 min_requests: (step() % 10) as u32,

@@ -24,3 +24,5 @@ pub mod retry;
 pub mod scheduler;
 pub mod signing;
 pub mod storage;
+#[cfg(test)]
+mod testrng;

@@ -187,13 +187,7 @@ mod tests {
     #[test]
     fn advertised_wait_is_sufficient_and_rate_holds() {
         let t0 = Instant::now();
-        let mut state = 0x853C_49E6_748F_EA9Bu64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testrng::xorshift(0x853C_49E6_748F_EA9B);
         for _ in 0..200 {
             let rate = [0.3, 1.0, 7.0, 1_000.0, 3e6][(next() % 5) as usize];
             let burst = 1.0 + (next() % 20) as f64 / 4.0;
@@ -211,7 +205,7 @@ mod tests {
                             Ok(()),
                             "rate {rate} burst {burst}"
                         );
-                        if next() % 2 == 0 {
+                        if next().is_multiple_of(2) {
                             now += wait;
                         }
                     }

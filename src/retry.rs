@@ -253,11 +253,9 @@ mod tests {
     #[test]
     fn backoff_is_monotone_in_unit_and_bounded() {
         let p = policy();
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = crate::testrng::xorshift(0x2545_F491_4F6C_DD1D);
         for _ in 0..2_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = next();
             let attempt = (state % 40) as u32 + 1;
             let unit = (state >> 11) as f64 / (1u64 << 53) as f64;
             let ceiling = p.backoff(attempt, 1.0);
