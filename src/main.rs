@@ -92,6 +92,12 @@ fn verify_db(file: &std::path::Path) -> ExitCode {
                 r.schema_version,
                 if r.ok() { "ok" } else { "PROBLEMS" }
             );
+            if r.schema_version < dispatchd::storage::schema::SCHEMA_VERSION {
+                println!(
+                    "(dispatchd upgrades it to schema version {} when it next opens it)",
+                    dispatchd::storage::schema::SCHEMA_VERSION
+                );
+            }
             print_rows(&r);
             for p in &r.problems {
                 println!("problem: {p}");

@@ -39,8 +39,6 @@ macro_rules! for_each_table {
         $m!(EVENTS_BY_TYPE);
         $m!(DELIVERIES);
         $m!(EVENT_DELIVERIES);
-        $m!(DELIVERIES_BY_SUB);
-        $m!(DELIVERIES_BY_STATUS);
         $m!(ATTEMPTS);
         $m!(SCHEDULE);
         $m!(DEAD);
@@ -161,7 +159,7 @@ fn remove_stale_snapshots(dir: &Path) {
 /// Copies every table of one read transaction into a new database at `dest`.
 fn copy_into(store: &Store, dest: &Path) -> Result<Vec<(String, u64)>, StoreError> {
     let r = store.db().begin_read()?;
-    check_known_tables(&r)?;
+    check_known_tables(&r, &[])?;
     let dst = redb::Database::builder().create(dest)?;
     let mut out = Vec::new();
     macro_rules! copy_table {
@@ -205,8 +203,10 @@ fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
 }
 
 /// Refuses a file with tables this code does not know: a copy or check would miss them.
-fn check_known_tables(r: &ReadTransaction) -> Result<(), StoreError> {
-    let known: BTreeSet<String> = table_names().into_iter().collect();
+/// `retired` names the tables of an older schema version that its migration will delete.
+fn check_known_tables(r: &ReadTransaction, retired: &[&str]) -> Result<(), StoreError> {
+    let mut known: BTreeSet<String> = table_names().into_iter().collect();
+    known.extend(retired.iter().map(|t| t.to_string()));
     let mut unknown = Vec::new();
     for t in r.list_tables()? {
         if !known.contains(t.name()) {
@@ -253,10 +253,11 @@ impl VerifyReport {
     }
 }
 
-/// Opens a database file read-only and checks it: the schema version is this code's, every
-/// record decodes (API subscriptions as `S`, a type of the layer that stores them), and every
-/// index row points at a record. Fails outright when the file cannot be opened (in use by a
-/// running daemon, not a redb file) or has another schema version.
+/// Opens a database file read-only and checks it: the schema version is one this code reads
+/// (its own, or an older one it upgrades at start), every record decodes (API subscriptions
+/// as `S`, a type of the layer that stores them), and every index row points at a record.
+/// Fails outright when the file cannot be opened (in use by a running daemon, not a redb
+/// file) or has another schema version.
 pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreError> {
     // What a crash left in the commit journal belongs to the file: replayed first, as the
     // daemon would at start. A running daemon holds the journal's lock.
@@ -275,7 +276,6 @@ pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreErr
         Err(e) => return Err(e.into()),
     };
     let r = db.begin_read()?;
-    check_known_tables(&r)?;
     let mut rep = VerifyReport::default();
     {
         let meta = r.open_table(META)?;
@@ -291,15 +291,21 @@ pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreErr
             .map_err(|_| StoreError::Decode("schema version", "not 4 bytes".into()))?;
         rep.schema_version = u32::from_le_bytes(bytes);
     }
-    if rep.schema_version != SCHEMA_VERSION {
-        return Err(StoreError::Decode(
-            "schema version",
-            format!(
-                "the file has schema version {}, this dispatchd reads version {SCHEMA_VERSION}",
-                rep.schema_version
-            ),
-        ));
-    }
+    // Version 1 differs only by two index tables that its upgrade deletes: the records and
+    // the tables they share read the same.
+    let retired: &[&str] = match rep.schema_version {
+        1 => &RETIRED_IN_V2,
+        SCHEMA_VERSION => &[],
+        v => {
+            return Err(StoreError::Decode(
+                "schema version",
+                format!(
+                    "the file has schema version {v}, this dispatchd reads versions 1 to {SCHEMA_VERSION}"
+                ),
+            ));
+        }
+    };
+    check_known_tables(&r, retired)?;
     macro_rules! count {
         ($t:ident) => {
             rep.tables
@@ -381,24 +387,6 @@ pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreErr
         if events.get(seq)?.is_none() || deliveries.get(id)?.is_none() {
             rep.problem(format!(
                 "event_deliveries[({seq}, {id})] points at a missing row"
-            ));
-        }
-    }
-    for row in r.open_table(DELIVERIES_BY_SUB)?.iter()? {
-        let (k, _) = row?;
-        let (sub, id) = k.value();
-        if deliveries.get(id)?.is_none() {
-            rep.problem(format!(
-                "deliveries_by_subscription[({sub:?}, {id})] points at a missing delivery"
-            ));
-        }
-    }
-    for row in r.open_table(DELIVERIES_BY_STATUS)?.iter()? {
-        let (k, _) = row?;
-        let (st, id) = k.value();
-        if deliveries.get(id)?.is_none() {
-            rep.problem(format!(
-                "deliveries_by_status[({st}, {id})] points at a missing delivery"
             ));
         }
     }

@@ -3,8 +3,13 @@
 //!
 //! **Invariant:** every list walks an index keyed for its filter (plus point lookups for the
 //! rest) and stops after `SCAN_BUDGET` rows, so a page costs the same with ten rows stored or
-//! ten million. Time filters on deliveries become a delivery id range: the writer never gives
+//! ten million. (A status filter without a subscription also seeks once per subscription
+//! that has deliveries: see `status_prefixes`.) Time filters on deliveries become a delivery id range: the writer never gives
 //! a later delivery an earlier `created_at`, so a binary search over ids finds the bounds.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::ops::Bound;
 
 use redb::ReadableTable;
 use serde::de::DeserializeOwned;
@@ -122,48 +127,42 @@ impl Store {
         }
         let by_type = r.open_table(DELIVERIES_BY_TYPE)?;
         let sub_status = r.open_table(DELIVERIES_BY_SUB_STATUS)?;
-        let by_sub = r.open_table(DELIVERIES_BY_SUB)?;
-        let by_status = r.open_table(DELIVERIES_BY_STATUS)?;
+        let prefixes = status_prefixes(&sub_status, f.subscription.as_deref(), f.status)?;
         if let Some(t) = f.event_type.as_deref()
             && (f.subscription.is_some() || f.status.is_some())
         {
             return leapfrog(
-                f,
                 t,
+                &prefixes,
                 lo,
                 hi,
                 limit,
                 &deliveries,
                 &by_type,
                 &sub_status,
-                &by_sub,
-                &by_status,
             );
         }
         // One index answers every filter.
-        let (walk, type_checked): (IdIter<'_>, bool) =
-            match (f.subscription.as_deref(), f.status, f.event_type.as_deref()) {
-                (Some(s), Some(st), _) => (
-                    ids(
-                        sub_status.range((s, st.code(), lo)..(s, st.code(), hi))?,
+        let (walk, type_checked): (IdIter<'_>, bool) = match (&prefixes, f.event_type.as_deref()) {
+            (Some(prefixes), _) => {
+                let mut walks = Vec::with_capacity(prefixes.len());
+                for (s, code) in prefixes {
+                    walks.push(ids(
+                        sub_status.range((s.as_str(), *code, lo)..(s.as_str(), *code, hi))?,
                         |k| k.2,
-                    ),
-                    false,
-                ),
-                (Some(s), None, _) => (ids(by_sub.range((s, lo)..(s, hi))?, |k| k.1), false),
-                (None, Some(st), _) => (
-                    ids(by_status.range((st.code(), lo)..(st.code(), hi))?, |k| k.1),
-                    false,
-                ),
-                (None, None, Some(t)) => (ids(by_type.range((t, lo)..(t, hi))?, |k| k.1), true),
-                (None, None, None) => (
-                    Box::new(deliveries.range(lo..hi)?.map(|row| {
-                        row.map(|(k, _)| k.value())
-                            .map_err(|e| StoreError::Db(e.into()))
-                    })),
-                    true,
-                ),
-            };
+                    ));
+                }
+                (merged(walks), false)
+            }
+            (None, Some(t)) => (ids(by_type.range((t, lo)..(t, hi))?, |k| k.1), true),
+            (None, None) => (
+                Box::new(deliveries.range(lo..hi)?.map(|row| {
+                    row.map(|(k, _)| k.value())
+                        .map_err(|e| StoreError::Db(e.into()))
+                })),
+                true,
+            ),
+        };
         scan_page(walk, limit, |id| {
             let wanted = match f.event_type.as_deref() {
                 Some(t) if !type_checked => by_type.get((t, id))?.is_some(),
@@ -339,34 +338,120 @@ fn first_key<K: redb::Key + 'static>(
     }
 }
 
+/// The (subscription, status code) ranges of `deliveries_by_subscription_status` that hold
+/// the deliveries a subscription and/or status filter asks for; `None` without either.
+/// A subscription alone spans its six statuses. A status alone spans every subscription that
+/// has deliveries, found by skipping from one subscription's rows to the next: one seek per
+/// subscription, so with thousands of them such a page costs thousands of seeks more.
+fn status_prefixes(
+    sub_status: &redb::ReadOnlyTable<(&str, u8, u64), ()>,
+    subscription: Option<&str>,
+    status: Option<DeliveryStatus>,
+) -> Result<Option<Vec<(String, u8)>>, StoreError> {
+    Ok(match (subscription, status) {
+        (Some(s), Some(st)) => Some(vec![(s.to_string(), st.code())]),
+        (Some(s), None) => Some(
+            DeliveryStatus::ALL
+                .iter()
+                .map(|st| (s.to_string(), st.code()))
+                .collect(),
+        ),
+        (None, Some(st)) => Some(
+            indexed_subscriptions(sub_status)?
+                .into_iter()
+                .map(|s| (s, st.code()))
+                .collect(),
+        ),
+        (None, None) => None,
+    })
+}
+
+/// Every subscription with a row in `deliveries_by_subscription_status`, in order.
+fn indexed_subscriptions(
+    sub_status: &redb::ReadOnlyTable<(&str, u8, u64), ()>,
+) -> Result<Vec<String>, StoreError> {
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        let next = match out.last() {
+            None => sub_status.first()?.map(|(k, _)| k.value().0.to_string()),
+            Some(prev) => {
+                let past = (prev.as_str(), u8::MAX, u64::MAX);
+                match sub_status
+                    .range::<(&str, u8, u64)>((Bound::Excluded(past), Bound::Unbounded))?
+                    .next()
+                {
+                    Some(row) => Some(row?.0.value().0.to_string()),
+                    None => None,
+                }
+            }
+        };
+        match next {
+            Some(s) => out.push(s),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Merges walks that are each in id order into one walk in id order.
+fn merged(mut walks: Vec<IdIter<'_>>) -> IdIter<'_> {
+    if walks.len() == 1
+        && let Some(w) = walks.pop()
+    {
+        return w;
+    }
+    let mut heads = BinaryHeap::with_capacity(walks.len());
+    let mut failed = None;
+    for (i, w) in walks.iter_mut().enumerate() {
+        match w.next() {
+            Some(Ok(id)) => heads.push(Reverse((id, i))),
+            Some(Err(e)) => failed = Some(e),
+            None => {}
+        }
+    }
+    Box::new(std::iter::from_fn(move || {
+        if let Some(e) = failed.take() {
+            return Some(Err(e));
+        }
+        let Reverse((id, i)) = heads.pop()?;
+        match walks[i].next() {
+            Some(Ok(next)) => heads.push(Reverse((next, i))),
+            Some(Err(e)) => failed = Some(e),
+            None => {}
+        }
+        Some(Ok(id))
+    }))
+}
+
 /// An event type filter together with a subscription and/or status filter: the two indexes
-/// are intersected by leapfrogging. Each step seeks the subscription/status index to the
+/// are intersected by leapfrogging. Each step seeks the subscription/status ranges to the
 /// candidate id and the type index to what that found; the one behind jumps to the other.
 /// The cost follows the smaller set (a rare type among millions of succeeded deliveries is
 /// as cheap as a common one), and `SCAN_BUDGET` bounds the seeks of one page.
 #[allow(clippy::too_many_arguments)]
 fn leapfrog(
-    f: &DeliveryFilter,
     event_type: &str,
+    prefixes: &Option<Vec<(String, u8)>>,
     lo: DeliveryId,
     hi: DeliveryId,
     limit: usize,
     deliveries: &redb::ReadOnlyTable<u64, &[u8]>,
     by_type: &redb::ReadOnlyTable<(&str, u64), ()>,
     sub_status: &redb::ReadOnlyTable<(&str, u8, u64), ()>,
-    by_sub: &redb::ReadOnlyTable<(&str, u64), ()>,
-    by_status: &redb::ReadOnlyTable<(u8, u64), ()>,
 ) -> Result<Page<(DeliveryId, Delivery)>, StoreError> {
-    let seek_primary = |from: DeliveryId| match (f.subscription.as_deref(), f.status) {
-        (Some(s), Some(st)) => first_key(
-            sub_status.range((s, st.code(), from)..(s, st.code(), hi))?,
-            |k| k.2,
-        ),
-        (Some(s), None) => first_key(by_sub.range((s, from)..(s, hi))?, |k| k.1),
-        (None, Some(st)) => first_key(by_status.range((st.code(), from)..(st.code(), hi))?, |k| {
-            k.1
-        }),
-        (None, None) => Ok(None),
+    let prefixes = prefixes.as_deref().unwrap_or_default();
+    let seek_primary = |from: DeliveryId| {
+        let mut first: Option<DeliveryId> = None;
+        for (s, code) in prefixes {
+            let found = first_key(
+                sub_status.range((s.as_str(), *code, from)..(s.as_str(), *code, hi))?,
+                |k| k.2,
+            )?;
+            first = match (first, found) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok::<_, StoreError>(first)
     };
     let seek_type = |from: DeliveryId| {
         first_key(by_type.range((event_type, from)..(event_type, hi))?, |k| {
@@ -377,7 +462,7 @@ fn leapfrog(
     let mut candidate = lo;
     let mut seeks = 0usize;
     while candidate < hi {
-        seeks += 2;
+        seeks += prefixes.len() + 1;
         let Some(a) = seek_primary(candidate)? else {
             break;
         };

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use redb::{ReadableTable, ReadableTableMetadata};
 use thiserror::Error;
 
-use crate::model::{Attempt, Delivery, DeliveryId, DeliveryStatus, Event, Micros, Seq};
+use crate::model::{Attempt, Delivery, DeliveryId, Event, Micros, Seq};
 use schema::*;
 
 /// What can go wrong in the storage layer.
@@ -387,26 +387,6 @@ impl Store {
                 k.value().to_string(),
                 decode(v.value(), "subscription state")?,
             );
-        }
-        Ok(out)
-    }
-
-    /// Deliveries with a given status, by id after the cursor.
-    pub fn deliveries_with_status(
-        &self,
-        status: DeliveryStatus,
-        after: Option<DeliveryId>,
-        limit: usize,
-    ) -> Result<Vec<DeliveryId>, StoreError> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(DELIVERIES_BY_STATUS)?;
-        let start = after.map_or(0, |a| a.saturating_add(1));
-        let mut out = Vec::new();
-        for row in t.range((status.code(), start)..=(status.code(), u64::MAX))? {
-            out.push(row?.0.value().1);
-            if out.len() >= limit {
-                break;
-            }
         }
         Ok(out)
     }

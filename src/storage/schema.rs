@@ -9,7 +9,11 @@ use serde::de::DeserializeOwned;
 use super::StoreError;
 
 /// Bumped whenever a table's key or value layout changes; migrations live in `migrate`.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// Version 2 dropped `deliveries_by_subscription` and `deliveries_by_status`: both are
+/// answered from `deliveries_by_subscription_status`, and keeping them cost four of the
+/// eighteen B-tree operations of every delivery.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Version byte written in front of every postcard record.
 pub const RECORD_V1: u8 = 1;
@@ -28,12 +32,6 @@ pub const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("delive
 /// (seq, delivery id) → (): an event's deliveries.
 pub const EVENT_DELIVERIES: TableDefinition<(u64, u64), ()> =
     TableDefinition::new("event_deliveries");
-/// (subscription id, delivery id) → (): a subscription's deliveries.
-pub const DELIVERIES_BY_SUB: TableDefinition<(&str, u64), ()> =
-    TableDefinition::new("deliveries_by_subscription");
-/// (status code, delivery id) → (): deliveries by status.
-pub const DELIVERIES_BY_STATUS: TableDefinition<(u8, u64), ()> =
-    TableDefinition::new("deliveries_by_status");
 /// (delivery id, attempt number from 1) → Attempt record. Append-only.
 pub const ATTEMPTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("attempts");
 /// (due time µs, delivery id) → (): every delivery that will be attempted. Source of truth
@@ -60,6 +58,9 @@ pub const DELIVERIES_BY_SUB_STATUS: TableDefinition<(&str, u8, u64), ()> =
 /// (event type, delivery id) → (): deliveries by the type of their event.
 pub const DELIVERIES_BY_TYPE: TableDefinition<(&str, u64), ()> =
     TableDefinition::new("deliveries_by_type");
+
+/// Tables of version 1 that version 2 dropped; `migrate` deletes them.
+pub const RETIRED_IN_V2: [&str; 2] = ["deliveries_by_subscription", "deliveries_by_status"];
 
 const SCHEMA_KEY: &str = "schema_version";
 
@@ -112,8 +113,6 @@ pub fn init(db: &redb::Database) -> Result<(), StoreError> {
         w.open_table(EVENTS_BY_TYPE)?;
         w.open_table(DELIVERIES)?;
         w.open_table(EVENT_DELIVERIES)?;
-        w.open_table(DELIVERIES_BY_SUB)?;
-        w.open_table(DELIVERIES_BY_STATUS)?;
         w.open_table(ATTEMPTS)?;
         w.open_table(SCHEDULE)?;
         w.open_table(DEAD)?;
@@ -135,12 +134,35 @@ fn parse_version(bytes: &[u8]) -> Result<u32, StoreError> {
     Ok(u32::from_le_bytes(arr))
 }
 
-/// Upgrades an older file in place, one version at a time. No older versions exist yet.
-fn migrate(_db: &redb::Database, from: u32) -> Result<(), StoreError> {
-    Err(StoreError::Decode(
-        "schema version",
-        format!("no migration from version {from} to {SCHEMA_VERSION}"),
-    ))
+/// Upgrades an older file in place, one version at a time, each step in one transaction
+/// that also records the version it reached (a crash leaves the file at a version, never
+/// between two).
+fn migrate(db: &redb::Database, from: u32) -> Result<(), StoreError> {
+    let mut v = from;
+    while v < SCHEMA_VERSION {
+        let w = db.begin_write()?;
+        match v {
+            1 => {
+                for name in RETIRED_IN_V2 {
+                    // Untyped: the definitions are gone from this code.
+                    let def: TableDefinition<(), ()> = TableDefinition::new(name);
+                    w.delete_table(def)?;
+                }
+            }
+            _ => {
+                return Err(StoreError::Decode(
+                    "schema version",
+                    format!("no migration from version {v} to {SCHEMA_VERSION}"),
+                ));
+            }
+        }
+        v += 1;
+        w.open_table(META)?
+            .insert(SCHEMA_KEY, v.to_le_bytes().as_slice())?;
+        w.commit()?;
+        tracing::info!(version = v, "database schema upgraded");
+    }
+    Ok(())
 }
 
 /// Writes a schema version, for tests of the version check.
@@ -152,4 +174,64 @@ pub fn force_schema_version(db: &redb::Database, v: u32) -> Result<(), StoreErro
     }
     w.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{ReadableDatabase, ReadableTableMetadata, TableHandle};
+
+    use super::*;
+
+    fn version(db: &redb::Database) -> Result<Option<u32>, StoreError> {
+        let r = db.begin_read()?;
+        let meta = r.open_table(META)?;
+        match meta.get(SCHEMA_KEY)? {
+            Some(v) => Ok(Some(parse_version(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    #[test]
+    fn a_version_1_file_loses_its_retired_tables_and_keeps_the_rest() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Encode(e.to_string()))?;
+        let db = redb::Database::create(dir.path().join("v1.redb"))?;
+        init(&db)?;
+        // Make it look as version 1 wrote it: the retired tables hold rows.
+        force_schema_version(&db, 1)?;
+        let w = db.begin_write()?;
+        {
+            let mut by_status: redb::Table<(u8, u64), ()> =
+                w.open_table(TableDefinition::new(RETIRED_IN_V2[1]))?;
+            by_status.insert((2, 7), ())?;
+            let mut by_sub: redb::Table<(&str, u64), ()> =
+                w.open_table(TableDefinition::new(RETIRED_IN_V2[0]))?;
+            by_sub.insert(("crm", 7), ())?;
+            w.open_table(DELIVERIES_BY_SUB_STATUS)?
+                .insert(("crm", 2, 7), ())?;
+        }
+        w.commit()?;
+
+        init(&db)?;
+        assert_eq!(version(&db)?, Some(SCHEMA_VERSION));
+        let r = db.begin_read()?;
+        let names: Vec<String> = r.list_tables()?.map(|t| t.name().to_string()).collect();
+        for gone in RETIRED_IN_V2 {
+            assert!(!names.iter().any(|n| n == gone), "{gone}: {names:?}");
+        }
+        assert_eq!(r.open_table(DELIVERIES_BY_SUB_STATUS)?.len()?, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_version_without_a_migration_is_refused() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Encode(e.to_string()))?;
+        let db = redb::Database::create(dir.path().join("v0.redb"))?;
+        init(&db)?;
+        force_schema_version(&db, 0)?;
+        assert!(
+            matches!(init(&db), Err(StoreError::Decode(_, m)) if m.contains("no migration from version 0"))
+        );
+        assert_eq!(version(&db)?, Some(0));
+        Ok(())
+    }
 }

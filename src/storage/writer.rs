@@ -747,9 +747,6 @@ impl Writer {
         };
         t.deliveries.insert(id, encode(&d)?.as_slice())?;
         t.event_deliveries.insert((seq, id), ())?;
-        t.deliveries_by_sub.insert((&*subscription, id), ())?;
-        t.deliveries_by_status
-            .insert((DeliveryStatus::Pending.code(), id), ())?;
         t.deliveries_by_sub_status
             .insert((&*subscription, DeliveryStatus::Pending.code(), id), ())?;
         t.deliveries_by_type
@@ -779,8 +776,6 @@ fn store_delivery(
 ) -> Result<(), StoreError> {
     t.deliveries.insert(id, encode(d)?.as_slice())?;
     if old_status != d.status {
-        t.deliveries_by_status.remove((old_status.code(), id))?;
-        t.deliveries_by_status.insert((d.status.code(), id), ())?;
         let sub = d.subscription.as_str();
         t.deliveries_by_sub_status
             .remove((sub, old_status.code(), id))?;
@@ -893,8 +888,6 @@ struct Tables<'t> {
     events_by_type: redb::Table<'t, (&'static str, u64), ()>,
     deliveries: redb::Table<'t, u64, &'static [u8]>,
     event_deliveries: redb::Table<'t, (u64, u64), ()>,
-    deliveries_by_sub: redb::Table<'t, (&'static str, u64), ()>,
-    deliveries_by_status: redb::Table<'t, (u8, u64), ()>,
     schedule: redb::Table<'t, (i64, u64), ()>,
     attempts: redb::Table<'t, (u64, u32), &'static [u8]>,
     dead: redb::Table<'t, u64, i64>,
@@ -915,8 +908,6 @@ impl<'t> Tables<'t> {
             events_by_type: txn.open_table(EVENTS_BY_TYPE)?,
             deliveries: txn.open_table(DELIVERIES)?,
             event_deliveries: txn.open_table(EVENT_DELIVERIES)?,
-            deliveries_by_sub: txn.open_table(DELIVERIES_BY_SUB)?,
-            deliveries_by_status: txn.open_table(DELIVERIES_BY_STATUS)?,
             schedule: txn.open_table(SCHEDULE)?,
             attempts: txn.open_table(ATTEMPTS)?,
             dead: txn.open_table(DEAD)?,

@@ -1,10 +1,12 @@
 //! Backward compatibility: a database file written by schema version 1 (checked in at
-//! tests/data/schema-v1.redb) still verifies, opens and reads back exactly. A change to a
+//! tests/data/schema-v1.redb) still verifies, opens (upgraded to version 2 in place) and
+//! reads back exactly. A change to a
 //! table's key or value layout fails here before it can reach an operator's disk.
 
 use std::process::Command;
 
-use serde_json::json;
+use redb::{ReadableDatabase, TableHandle};
+use serde_json::{Value, json};
 
 use crate::support::Daemon;
 
@@ -38,24 +40,34 @@ fn fixture() -> (tempfile::TempDir, std::path::PathBuf) {
     (tmp, file)
 }
 
-#[test]
-fn schema_v1_file_verifies() {
-    let (_tmp, file) = fixture();
+/// Runs `dispatchd verify-db` on a file that must pass; its standard output.
+fn verify_db(file: &std::path::Path) -> String {
     let out = match Command::new(env!("CARGO_BIN_EXE_dispatchd"))
         .arg("verify-db")
-        .arg(&file)
+        .arg(file)
         .output()
     {
         Ok(o) => o,
         Err(e) => panic!("verify-db: {e}"),
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "verify-db failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn schema_v1_file_verifies() {
+    let (_tmp, file) = fixture();
+    let stdout = verify_db(&file);
     assert!(stdout.contains("schema version 1, ok"), "{stdout}");
+    assert!(
+        stdout.contains("upgrades it to schema version 2"),
+        "{stdout}"
+    );
     for (table, n) in [
         ("events", 5),
         ("deliveries", 3),
@@ -76,7 +88,7 @@ fn schema_v1_file_verifies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_v1_file_reads_back() {
-    let (tmp, _file) = fixture();
+    let (tmp, file) = fixture();
     let d = Daemon::start_in(tmp.path(), CONFIG);
 
     let (status, ev) = d.get("/v1/events/evt_compat_2").await;
@@ -121,7 +133,59 @@ async fn schema_v1_file_reads_back() {
     assert_eq!(status, 200, "{sub}");
     assert_eq!(sub["source"], "api", "{sub}");
 
+    // The lists that version 1 answered from the two dropped indexes answer from the one
+    // left: by subscription (every status) and by status (every subscription).
+    let (_, all) = d.get("/v1/deliveries").await;
+    let (_, by_sub) = d.get("/v1/deliveries?subscription=crm").await;
+    assert_eq!(by_sub["items"], all["items"], "{by_sub}\n{all}");
+    let (_, succeeded) = d.get("/v1/deliveries?status=succeeded").await;
+    let want: Vec<&Value> = all["items"]
+        .as_array()
+        .map(|a| a.iter().filter(|d| d["status"] == "succeeded").collect())
+        .unwrap_or_default();
+    assert!(!want.is_empty(), "{all}");
+    assert_eq!(
+        succeeded["items"]
+            .as_array()
+            .map(|a| a.iter().collect::<Vec<_>>()),
+        Some(want),
+        "{succeeded}"
+    );
+
     // New events continue the old numbering.
     let next = d.publish("order.created", json!({"n": 6})).await;
     assert_eq!(next["seq"], 6, "{next}");
+
+    let mut d = d;
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{}", d.logs());
+    drop(d);
+
+    // The daemon upgraded the file: version 2, and the dropped tables are gone.
+    let stdout = verify_db(&file);
+    assert!(stdout.contains("schema version 2, ok"), "{stdout}");
+    let db = match redb::Database::open(&file) {
+        Ok(db) => db,
+        Err(e) => panic!("open {}: {e}", file.display()),
+    };
+    let r = match db.begin_read() {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let tables: Vec<String> = match r.list_tables() {
+        Ok(t) => t.map(|t| t.name().to_string()).collect(),
+        Err(e) => panic!("{e}"),
+    };
+    for gone in ["deliveries_by_subscription", "deliveries_by_status"] {
+        assert!(
+            !tables.iter().any(|t| t == gone),
+            "{gone} is still there: {tables:?}"
+        );
+    }
+    assert!(
+        tables
+            .iter()
+            .any(|t| t == "deliveries_by_subscription_status"),
+        "{tables:?}"
+    );
 }

@@ -157,8 +157,6 @@ fn remove(t: &mut Tables<'_>, d: &Doomed, out: &mut Purged) -> Result<(), StoreE
         let code = dl.status.code();
         t.deliveries.remove(id)?;
         t.event_deliveries.remove((seq, id))?;
-        t.deliveries_by_sub.remove((sub, id))?;
-        t.deliveries_by_status.remove((code, id))?;
         t.deliveries_by_sub_status.remove((sub, code, id))?;
         t.deliveries_by_type.remove((ev.event_type.as_str(), id))?;
         t.dead.remove(id)?;
