@@ -594,9 +594,10 @@ impl Writer {
             Some(k) => t.idempotency_keys.get(k.as_str())?.map(|g| g.value()),
             None => None,
         };
+        let seq = self.tips.last_seq + 1;
         let known = match known {
             Some(s) => Some(s),
-            None => t.event_ids.get(ev.id.as_str())?.map(|g| g.value()),
+            None => claim_event_id(&mut t.event_ids, ev.id.as_str(), seq)?,
         };
         if let Some(seq) = known {
             let event: Event = match t.events.get(seq)? {
@@ -620,7 +621,6 @@ impl Writer {
         }
 
         let now = crate::model::now_micros().max(self.tips.last_received_at);
-        let seq = self.tips.last_seq + 1;
         let event = Event {
             id: ev.id,
             event_type: ev.event_type,
@@ -632,7 +632,6 @@ impl Writer {
         };
         t.events.insert(seq, encode(&event)?.as_slice())?;
         let event = Arc::new(event);
-        t.event_ids.insert(event.id.as_str(), seq)?;
         if let Some(k) = &event.idempotency_key {
             t.idempotency_keys.insert(k.as_str(), seq)?;
         }
@@ -762,6 +761,20 @@ impl Writer {
         });
         Ok(id)
     }
+}
+
+/// Maps an event id to `seq` unless it is taken, and then returns the seq it already had.
+/// One B-tree walk in the common case, where a lookup and then an insert took two.
+fn claim_event_id(
+    ids: &mut redb::Table<'_, &'static str, u64>,
+    id: &str,
+    seq: Seq,
+) -> Result<Option<Seq>, StoreError> {
+    let taken = ids.insert(id, seq)?.map(|g| g.value());
+    if let Some(old) = taken {
+        ids.insert(id, old)?;
+    }
+    Ok(taken)
 }
 
 fn load_delivery(t: &Tables<'_>, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
