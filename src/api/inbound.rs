@@ -107,7 +107,7 @@ pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Resu
     })?;
 
     let event = NewEvent {
-        id: format!("evt_{}", uuid::Uuid::now_v7().simple()),
+        id: crate::model::new_event_id(),
         subscriptions: st
             .registry
             .matching_event(&inbound.event_type, &inbound.data),

@@ -277,9 +277,7 @@ fn new_event(
     }
     let subscriptions = st.registry.matching_event(&p.event_type, p.data.get());
     Ok(NewEvent {
-        id: p
-            .id
-            .unwrap_or_else(|| format!("evt_{}", uuid::Uuid::now_v7().simple())),
+        id: p.id.unwrap_or_else(crate::model::new_event_id),
         event_type: p.event_type,
         source: p.source,
         data: p.data.get().to_owned(),
