@@ -135,7 +135,20 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
             client::send(req.body(body), sub.timeout, dest.max_response_body).await
         }
     };
-    let elapsed = t0.elapsed();
+    outcome(&dest, job, n, started_at, t0.elapsed(), result)
+}
+
+/// Classifies what attempt `n` of a job got (an answer, or why there was none), counts it,
+/// and decides what happens next.
+pub fn outcome(
+    dest: &Destination,
+    job: Job,
+    n: u32,
+    started_at: Micros,
+    elapsed: Duration,
+    result: Result<client::Response, (ErrorKind, String)>,
+) -> Outcome {
+    let sub = &dest.sub;
     let unit: f64 = rand::random();
     let now = now_micros();
     let retry_or_dead = |retry_after: Option<Duration>| match dest.policy.next(n, retry_after, unit)
@@ -199,10 +212,16 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
                 response_body: String::new(),
             };
             let next = retry_or_dead(None);
+            // Our own failure says nothing about the endpoint.
+            let health = if kind == ErrorKind::Internal {
+                Health::Up
+            } else {
+                Health::Down
+            };
             (
                 attempt,
                 Some(format!("{}: {msg}", kind.as_str())),
-                Health::Down,
+                health,
                 next,
                 false,
                 kind.as_str(),

@@ -50,6 +50,8 @@ pub enum ErrorKind {
     Connect,
     RefusedAddress,
     Request,
+    /// The attempt itself failed inside dispatchd (its task panicked).
+    Internal,
 }
 
 impl ErrorKind {
@@ -59,6 +61,7 @@ impl ErrorKind {
             ErrorKind::Connect => "connect",
             ErrorKind::RefusedAddress => "refused_address",
             ErrorKind::Request => "request",
+            ErrorKind::Internal => "internal",
         }
     }
 }

@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
-use super::attempt::{self, Destination, Health, Outcome, Recorded};
+use super::attempt::{self, Destination, Finished, Health, Outcome, Recorded};
+use super::client::ErrorKind;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::model::{DeliveryId, Micros, Ordering, now_micros};
 use crate::ratelimit::TokenBucket;
@@ -79,11 +80,11 @@ pub struct Worker {
     /// the queue when the attempt is done, so one delivery never has two attempts at once.
     parked: HashMap<DeliveryId, Job>,
     /// Attempts whose request is under way: what `max_in_flight` bounds.
-    tasks: JoinSet<Outcome>,
-    /// Outcomes on their way to the writer. Their deliveries stay in the `attempting` set
-    /// until they are recorded, and a FIFO subscription starts nothing meanwhile; an
-    /// unordered one goes on sending, since these no longer occupy the endpoint.
-    recording: JoinSet<Recorded>,
+    tasks: Tracked<Outcome, Started>,
+    /// Outcomes on their way to the writer (with their jobs). Their deliveries stay in the
+    /// `attempting` set until they are recorded, and a FIFO subscription starts nothing
+    /// meanwhile; an unordered one goes on sending, since these no longer occupy the endpoint.
+    recording: Tracked<Recorded, Vec<Job>>,
     /// Attempts in `recording`.
     unrecorded: usize,
     breaker: Breaker,
@@ -138,8 +139,8 @@ impl Worker {
             stop,
             queue: BTreeMap::new(),
             parked: HashMap::new(),
-            tasks: JoinSet::new(),
-            recording: JoinSet::new(),
+            tasks: Tracked::default(),
+            recording: Tracked::default(),
             unrecorded: 0,
             breaker,
             bucket,
@@ -197,7 +198,11 @@ impl Worker {
                 }
                 Some(done) = self.recording.join_next(), if !self.recording.is_empty() => match done {
                     Ok(r) => self.recorded(r).await,
-                    Err(e) => tracing::error!(subscription = %self.dest.sub_id, error = %e, "recording task failed"),
+                    Err((e, jobs)) => {
+                        tracing::error!(subscription = %self.dest.sub_id, error = %e, "recording task failed; its deliveries will be attempted again");
+                        self.unrecorded = self.unrecorded.saturating_sub(jobs.len());
+                        self.not_recorded(jobs);
+                    }
                 },
                 msg = self.rx.recv() => match msg {
                     Some(WorkerMsg::Job(job)) => {
@@ -217,8 +222,12 @@ impl Worker {
         }
         self.record(outcomes);
         while let Some(done) = self.recording.join_next().await {
-            if let Ok(r) = done {
-                self.recorded(r).await;
+            match done {
+                Ok(r) => self.recorded(r).await,
+                // Stopping: the rows stay scheduled on disk for the next start.
+                Err((_, jobs)) => jobs
+                    .iter()
+                    .for_each(|j| self.env.attempting.end(j.delivery)),
             }
         }
         self.queue.clear();
@@ -318,8 +327,14 @@ impl Worker {
                 return;
             }
             self.env.attempting.start(job.delivery);
+            let started = Started {
+                job: job.without_event(),
+                n,
+                at: now_micros(),
+                t0: std::time::Instant::now(),
+            };
             let dest = self.dest.clone();
-            self.tasks.spawn(attempt::run(dest, job, n, event));
+            self.tasks.spawn(attempt::run(dest, job, n, event), started);
         }
     }
 
@@ -363,11 +378,23 @@ impl Worker {
 
     /// An attempt's request is over: the breaker learns how the endpoint did at once, and
     /// the outcome joins those going to the writer.
-    fn answered(&mut self, done: Result<Outcome, tokio::task::JoinError>, out: &mut Vec<Outcome>) {
+    fn answered(&mut self, done: Result<Outcome, (JoinError, Started)>, out: &mut Vec<Outcome>) {
         let o = match done {
             Ok(o) => o,
-            Err(e) => {
-                tracing::error!(subscription = %self.dest.sub_id, error = %e, "attempt task failed");
+            Err((e, s)) => {
+                // Recorded as a failed attempt of its own (the retry policy decides what
+                // next), so a delivery that makes its attempt fail every time still ends.
+                tracing::error!(subscription = %self.dest.sub_id, delivery = s.job.delivery, error = %e, "attempt task failed");
+                let why = format!("the attempt task failed: {e}");
+                let failed = Err((ErrorKind::Internal, why));
+                out.push(attempt::outcome(
+                    &self.dest,
+                    s.job,
+                    s.n,
+                    s.at,
+                    s.t0.elapsed(),
+                    failed,
+                ));
                 return;
             }
         };
@@ -394,25 +421,37 @@ impl Worker {
             return;
         }
         self.unrecorded += outcomes.len();
+        let jobs = outcomes.iter().map(|o| o.job.without_event()).collect();
         let writer = self.dest.writer.clone();
-        self.recording.spawn(attempt::record(writer, outcomes));
+        self.recording
+            .spawn(attempt::record(writer, outcomes), jobs);
+    }
+
+    /// Outcomes that did not reach the disk: their deliveries go again shortly.
+    fn not_recorded(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            self.env.attempting.end(job.delivery);
+            if let Some(parked) = self.parked.remove(&job.delivery) {
+                self.enqueue(parked);
+            }
+            let _ = self
+                .env
+                .scheduler
+                .send(Msg::Requeue(job, now_micros().saturating_add(1_000_000)));
+        }
     }
 
     /// Outcomes are on disk (or could not be written): the deliveries are free to go again.
     async fn recorded(&mut self, r: Recorded) {
         self.unrecorded = self.unrecorded.saturating_sub(r.finished.len());
+        if !r.ok {
+            self.not_recorded(r.finished.into_iter().map(|f: Finished| f.job).collect());
+            return;
+        }
         for f in r.finished {
             self.env.attempting.end(f.job.delivery);
             if let Some(job) = self.parked.remove(&f.job.delivery) {
                 self.enqueue(job);
-            }
-            if !r.ok {
-                // The outcome is not on disk: try the same delivery again shortly.
-                let _ = self
-                    .env
-                    .scheduler
-                    .send(Msg::Requeue(f.job, now_micros().saturating_add(1_000_000)));
-                continue;
             }
             if self.dest.sub.ordering == Ordering::Fifo {
                 self.blocked_by = match f.next {
@@ -474,5 +513,120 @@ async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// What an attempt was started with: enough to record it as failed if its task fails.
+pub struct Started {
+    job: Job,
+    n: u32,
+    at: Micros,
+    t0: std::time::Instant,
+}
+
+/// A `JoinSet` that gives back what each task was started with when the task fails (panics
+/// or is cancelled), so its delivery is not left marked as under way.
+pub struct Tracked<T, M> {
+    set: JoinSet<T>,
+    meta: HashMap<tokio::task::Id, M>,
+}
+
+impl<T, M> Default for Tracked<T, M> {
+    fn default() -> Self {
+        Self {
+            set: JoinSet::new(),
+            meta: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Send + 'static, M> Tracked<T, M> {
+    pub fn spawn<F>(&mut self, task: F, meta: M)
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let h = self.set.spawn(task);
+        self.meta.insert(h.id(), meta);
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// The next task to end: its output, or why it failed and what it was started with.
+    /// None when no task is left.
+    pub async fn join_next(&mut self) -> Option<Result<T, (JoinError, M)>> {
+        loop {
+            let done = self.set.join_next_with_id().await?;
+            if let Some(r) = self.settle(done) {
+                return Some(r);
+            }
+        }
+    }
+
+    /// Like `join_next`, for a task that has already ended; None when none has.
+    pub fn try_join_next(&mut self) -> Option<Result<T, (JoinError, M)>> {
+        loop {
+            let done = self.set.try_join_next_with_id()?;
+            if let Some(r) = self.settle(done) {
+                return Some(r);
+            }
+        }
+    }
+
+    fn settle(
+        &mut self,
+        done: Result<(tokio::task::Id, T), JoinError>,
+    ) -> Option<Result<T, (JoinError, M)>> {
+        match done {
+            Ok((id, out)) => {
+                self.meta.remove(&id);
+                Some(Ok(out))
+            }
+            // Every task is spawned with its metadata, so this finds it.
+            Err(e) => self.meta.remove(&e.id()).map(|m| Err((e, m))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_task_gives_back_what_it_was_started_with() {
+        let mut t: Tracked<u32, &str> = Tracked::default();
+        t.spawn(async { 1 }, "one");
+        t.spawn(
+            async {
+                let fail = true;
+                if fail {
+                    panic!("attempt failed");
+                }
+                2
+            },
+            "two",
+        );
+        t.spawn(async { 3 }, "three");
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        while let Some(done) = t.join_next().await {
+            match done {
+                Ok(v) => ok.push(v),
+                Err((e, m)) => {
+                    assert!(e.is_panic(), "{e}");
+                    failed.push(m);
+                }
+            }
+        }
+        ok.sort_unstable();
+        assert_eq!(ok, vec![1, 3]);
+        assert_eq!(failed, vec!["two"]);
+        assert!(t.is_empty());
+        assert!(t.meta.is_empty(), "metadata left behind");
     }
 }

@@ -30,6 +30,19 @@ pub struct Job {
     pub event: Option<Arc<Event>>,
 }
 
+impl Job {
+    /// The same job without its event: what is kept while the attempt runs elsewhere (a job
+    /// without its event reads it back from disk if it has to go again).
+    pub fn without_event(&self) -> Job {
+        Job {
+            delivery: self.delivery,
+            subscription: self.subscription.clone(),
+            due: self.due,
+            event: None,
+        }
+    }
+}
+
 /// Messages the scheduler takes.
 #[derive(Debug)]
 pub enum Msg {
