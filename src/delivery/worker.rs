@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 
-use super::attempt::{self, Destination, Finished, Health, Outcome, Recorded};
+use super::attempt::{self, Destination, Health, Outcome, Recorded};
 use super::client::ErrorKind;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::model::{DeliveryId, Micros, Ordering, now_micros};
@@ -445,7 +445,7 @@ impl Worker {
     async fn recorded(&mut self, r: Recorded) {
         self.unrecorded = self.unrecorded.saturating_sub(r.finished.len());
         if !r.ok {
-            self.not_recorded(r.finished.into_iter().map(|f: Finished| f.job).collect());
+            self.not_recorded(r.finished.into_iter().map(|f| f.job).collect());
             return;
         }
         for f in r.finished {

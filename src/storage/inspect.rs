@@ -4,8 +4,9 @@
 //! **Invariant:** every list walks an index keyed for its filter (plus point lookups for the
 //! rest) and stops after `SCAN_BUDGET` rows, so a page costs the same with ten rows stored or
 //! ten million. (A status filter without a subscription also seeks once per subscription
-//! that has deliveries: see `status_prefixes`.) Time filters on deliveries become a delivery id range: the writer never gives
-//! a later delivery an earlier `created_at`, so a binary search over ids finds the bounds.
+//! that has deliveries: see `status_prefixes`.) Time filters on deliveries become a delivery
+//! id range: the writer never gives a later delivery an earlier `created_at`, so a binary
+//! search over ids finds the bounds.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -133,7 +134,7 @@ impl Store {
         {
             return leapfrog(
                 t,
-                &prefixes,
+                prefixes.as_deref().unwrap_or_default(),
                 lo,
                 hi,
                 limit,
@@ -430,7 +431,7 @@ fn merged(mut walks: Vec<IdIter<'_>>) -> IdIter<'_> {
 #[allow(clippy::too_many_arguments)]
 fn leapfrog(
     event_type: &str,
-    prefixes: &Option<Vec<(String, u8)>>,
+    prefixes: &[(String, u8)],
     lo: DeliveryId,
     hi: DeliveryId,
     limit: usize,
@@ -438,7 +439,6 @@ fn leapfrog(
     by_type: &redb::ReadOnlyTable<(&str, u64), ()>,
     sub_status: &redb::ReadOnlyTable<(&str, u8, u64), ()>,
 ) -> Result<Page<(DeliveryId, Delivery)>, StoreError> {
-    let prefixes = prefixes.as_deref().unwrap_or_default();
     let seek_primary = |from: DeliveryId| {
         let mut first: Option<DeliveryId> = None;
         for (s, code) in prefixes {

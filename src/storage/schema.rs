@@ -191,13 +191,23 @@ mod tests {
         }
     }
 
+    /// A new file with every table of this version, at schema version `v`.
+    fn file_at_version(dir: &tempfile::TempDir, v: u32) -> Result<redb::Database, StoreError> {
+        let db = redb::Database::create(dir.path().join("t.redb"))?;
+        init(&db)?;
+        force_schema_version(&db, v)?;
+        Ok(db)
+    }
+
+    fn tempdir() -> Result<tempfile::TempDir, StoreError> {
+        tempfile::tempdir().map_err(|e| StoreError::Encode(e.to_string()))
+    }
+
     #[test]
     fn a_version_1_file_loses_its_retired_tables_and_keeps_the_rest() -> Result<(), StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Encode(e.to_string()))?;
-        let db = redb::Database::create(dir.path().join("v1.redb"))?;
-        init(&db)?;
+        let dir = tempdir()?;
+        let db = file_at_version(&dir, 1)?;
         // Make it look as version 1 wrote it: the retired tables hold rows.
-        force_schema_version(&db, 1)?;
         let w = db.begin_write()?;
         {
             let mut by_status: redb::Table<(u8, u64), ()> =
@@ -224,10 +234,8 @@ mod tests {
 
     #[test]
     fn a_version_without_a_migration_is_refused() -> Result<(), StoreError> {
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Encode(e.to_string()))?;
-        let db = redb::Database::create(dir.path().join("v0.redb"))?;
-        init(&db)?;
-        force_schema_version(&db, 0)?;
+        let dir = tempdir()?;
+        let db = file_at_version(&dir, 0)?;
         assert!(
             matches!(init(&db), Err(StoreError::Decode(_, m)) if m.contains("no migration from version 0"))
         );
