@@ -630,7 +630,7 @@ impl Writer {
             idempotency_key: ev.idempotency_key,
             receipt,
         };
-        t.events.insert(seq, encode(&event)?.as_slice())?;
+        insert_record(&mut t.events, seq, &event)?;
         let event = Arc::new(event);
         if let Some(k) = &event.idempotency_key {
             t.idempotency_keys.insert(k.as_str(), seq)?;
@@ -706,7 +706,7 @@ impl Writer {
             event_id: event_id.clone(),
             event_seq: seq,
         };
-        t.receipts.insert(receipt_id, encode(&record)?.as_slice())?;
+        insert_record(&mut t.receipts, receipt_id, &record)?;
         if let Some(did) = &record.delivery_id {
             t.receipt_ids
                 .insert((record.source.as_str(), did.as_str()), receipt_id)?;
@@ -744,7 +744,7 @@ impl Writer {
             updated_at: now,
             origin,
         };
-        t.deliveries.insert(id, encode(&d)?.as_slice())?;
+        insert_record(&mut t.deliveries, id, &d)?;
         t.event_deliveries.insert((seq, id), ())?;
         t.deliveries_by_sub_status
             .insert((&*subscription, DeliveryStatus::Pending.code(), id), ())?;
@@ -787,7 +787,7 @@ fn store_delivery(
     d: &Delivery,
     old_status: DeliveryStatus,
 ) -> Result<(), StoreError> {
-    t.deliveries.insert(id, encode(d)?.as_slice())?;
+    insert_record(&mut t.deliveries, id, d)?;
     if old_status != d.status {
         let sub = d.subscription.as_str();
         t.deliveries_by_sub_status
@@ -815,7 +815,7 @@ fn record_attempt(
         return Ok(());
     };
     let n = d.attempts + 1;
-    t.attempts.insert((id, n), encode(&r.attempt)?.as_slice())?;
+    insert_record(&mut t.attempts, (id, n), &r.attempt)?;
     if let Some(old) = d.next_attempt_at.take() {
         t.schedule.remove((old, id))?;
     }
