@@ -331,7 +331,6 @@ impl Worker {
                 job: job.without_event(),
                 n,
                 at: now_micros(),
-                t0: std::time::Instant::now(),
             };
             let dest = self.dest.clone();
             self.tasks.spawn(attempt::run(dest, job, n, event), started);
@@ -392,7 +391,9 @@ impl Worker {
                     s.job,
                     s.n,
                     s.at,
-                    s.t0.elapsed(),
+                    Duration::from_micros(
+                        u64::try_from(now_micros().saturating_sub(s.at)).unwrap_or(0),
+                    ),
                     failed,
                 ));
                 return;
@@ -521,7 +522,6 @@ pub struct Started {
     job: Job,
     n: u32,
     at: Micros,
-    t0: std::time::Instant,
 }
 
 /// A `JoinSet` that gives back what each task was started with when the task fails (panics

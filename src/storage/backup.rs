@@ -277,20 +277,13 @@ pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreErr
     };
     let r = db.begin_read()?;
     let mut rep = VerifyReport::default();
-    {
-        let meta = r.open_table(META)?;
-        let Some(v) = meta.get("schema_version")? else {
-            return Err(StoreError::Decode(
-                "schema version",
-                "missing: not a dispatchd database".into(),
-            ));
-        };
-        let bytes: [u8; 4] = v
-            .value()
-            .try_into()
-            .map_err(|_| StoreError::Decode("schema version", "not 4 bytes".into()))?;
-        rep.schema_version = u32::from_le_bytes(bytes);
-    }
+    let Some(version) = version_in(&r.open_table(META)?)? else {
+        return Err(StoreError::Decode(
+            "schema version",
+            "missing: not a dispatchd database".into(),
+        ));
+    };
+    rep.schema_version = version;
     // Version 1 differs only by two index tables that its upgrade deletes: the records and
     // the tables they share read the same.
     let retired: &[&str] = match rep.schema_version {

@@ -778,11 +778,11 @@ impl Syncer {
                     .try_for_each(|r| self.append(&mut p, &mut written, r))
                     .and_then(|()| self.flush(&p, &mut written))
             };
+            // `flush` settled the acks it made durable; `fail` settles them all.
             if let Err(e) = result {
                 written.clear();
                 sh.fail(&e);
             }
-            sh.settle();
             if stop {
                 return;
             }

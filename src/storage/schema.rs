@@ -2,7 +2,7 @@
 //!
 //! docs/storage-format.md describes every table; change both together.
 
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -108,10 +108,7 @@ pub fn init(db: &redb::Database) -> Result<(), StoreError> {
     let found = {
         let r = db.begin_read()?;
         match r.open_table(META) {
-            Ok(t) => match t.get(SCHEMA_KEY)? {
-                Some(v) => Some(parse_version(v.value())?),
-                None => None,
-            },
+            Ok(t) => version_in(&t)?,
             Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(e.into()),
         }
@@ -143,6 +140,16 @@ pub fn init(db: &redb::Database) -> Result<(), StoreError> {
     }
     w.commit()?;
     Ok(())
+}
+
+/// The schema version a `meta` table records, if it records one.
+pub fn version_in(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<u32>, StoreError> {
+    match meta.get(SCHEMA_KEY)? {
+        Some(v) => Ok(Some(parse_version(v.value())?)),
+        None => Ok(None),
+    }
 }
 
 fn parse_version(bytes: &[u8]) -> Result<u32, StoreError> {
@@ -201,12 +208,7 @@ mod tests {
     use super::*;
 
     fn version(db: &redb::Database) -> Result<Option<u32>, StoreError> {
-        let r = db.begin_read()?;
-        let meta = r.open_table(META)?;
-        match meta.get(SCHEMA_KEY)? {
-            Some(v) => Ok(Some(parse_version(v.value())?)),
-            None => Ok(None),
-        }
+        version_in(&db.begin_read()?.open_table(META)?)
     }
 
     /// A new file with every table of this version, at schema version `v`.

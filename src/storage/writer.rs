@@ -374,15 +374,21 @@ impl Answer {
                 }
             }
             Err(e) => {
-                self.health.failed.store(true, Ordering::Relaxed);
-                self.metrics.commit_failures.inc();
                 tracing::error!(error = %e, commands = self.commands, "commit not durable; answering every waiting request with an error");
                 let err = WriteError::Storage(format!("the commit could not be made durable: {e}"));
-                for r in fx.replies {
-                    r(Err(err.clone()));
-                }
+                failed_commit(fx.replies, &err, &self.health, &self.metrics);
             }
         }
+    }
+}
+
+/// A commit that failed, or could not be made durable: the writer reports unhealthy and
+/// every sender waiting on it hears why.
+fn failed_commit(replies: Vec<Reply>, err: &WriteError, health: &WriterHealth, metrics: &Metrics) {
+    health.failed.store(true, Ordering::Relaxed);
+    metrics.commit_failures.inc();
+    for r in replies {
+        r(Err(err.clone()));
     }
 }
 
@@ -451,13 +457,9 @@ impl Writer {
             }
             Err(e) => {
                 self.tips = saved_tips;
-                self.health.failed.store(true, Ordering::Relaxed);
-                self.metrics.commit_failures.inc();
                 tracing::error!(error = %e, commands = size, "commit failed; answering every waiting request with an error");
                 let err = WriteError::Storage(e.to_string());
-                for r in effects.replies {
-                    r(Err(err.clone()));
-                }
+                failed_commit(effects.replies, &err, &self.health, &self.metrics);
             }
         }
         batch.clear();
@@ -563,13 +565,7 @@ impl Writer {
                 fx.replies.push(Box::new(move |r| drop(reply.send(r))));
             }
             Command::SetSubscriptionState { id, state, reply } => {
-                let r = encode(&state).and_then(|v| {
-                    t.subscription_state
-                        .insert(id.as_str(), v.as_slice())
-                        .map(drop)
-                        .map_err(StoreError::from)
-                });
-                if let Err(e) = r {
+                if let Err(e) = insert_record(&mut t.subscription_state, id.as_str(), &state) {
                     drop(reply.send(Err(WriteError::Storage(e.to_string()))));
                     return Err(e);
                 }
