@@ -815,6 +815,14 @@ pub fn subscription_from_raw(
             e("headers", format!("header {name:?} cannot be set"));
         }
     }
+    for (name, value) in &s.headers {
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            e(
+                "headers",
+                format!("the value of header {name:?} has characters a header cannot hold"),
+            );
+        }
+    }
     let rate_limit = match s.rate_limit.as_deref() {
         None => None,
         Some(r) => match crate::ratelimit::parse_rate(r) {
@@ -935,6 +943,26 @@ mod tests {
             parse_ok("[storage]\njournal_size = \"1MiB\"\n").journal_size,
             1 << 20
         );
+    }
+
+    #[test]
+    fn subscription_headers_must_be_sendable() {
+        let sub = |headers: &str| {
+            format!(
+                "[[subscriptions]]\nid = \"a\"\nurl = \"https://x.test/h\"\n\
+                 secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\nheaders = {headers}\n"
+            )
+        };
+        let e = errors(&sub(r#"{ "X-Note" = "two\nlines" }"#));
+        assert!(e.contains("X-Note") && e.contains("cannot hold"), "{e}");
+        let e = errors(&sub(r#"{ "Webhook-Id" = "x" }"#));
+        assert!(e.contains("cannot be set"), "{e}");
+        let c = parse_ok(&sub(r#"{ "X-Api-Key" = "k 1", "X-Trace" = "t" }"#));
+        let map = crate::delivery::attempt::fixed_headers(&c.subscriptions[0])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(map["x-api-key"], "k 1");
+        assert_eq!(map["x-trace"], "t");
+        assert_eq!(map["content-type"], "application/json");
     }
 
     #[test]

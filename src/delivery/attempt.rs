@@ -10,6 +10,25 @@ use crate::model::{Attempt, Event, Micros, Subscription, now_micros, rfc3339};
 use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
 use crate::signing::{SigningKey, signature_header};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// `content-type` and a subscription's own headers (which config validation has checked).
+pub fn fixed_headers(sub: &Subscription) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::with_capacity(sub.headers.len() + 4);
+    map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (k, v) in &sub.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| format!("invalid header name {k:?}: {e}"))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|e| format!("invalid value of header {k:?}: {e}"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
 use crate::storage::writer::{AttemptRecord, Next, WriterHandle};
 
 /// What one destination's attempts share.
@@ -20,6 +39,9 @@ pub struct Destination {
     /// Set when the URL's host is an address literal the guard refuses.
     pub refused: Option<String>,
     pub keys: Vec<SigningKey>,
+    /// The headers every request of this destination carries besides the three signed
+    /// ones: `content-type` and the subscription's own, parsed once.
+    pub headers: HeaderMap,
     pub policy: RetryPolicy,
     pub client: reqwest::Client,
     pub writer: WriterHandle,
@@ -119,23 +141,33 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
         (None, Err(e)) => Err((ErrorKind::Request, format!("cannot render payload: {e}"))),
         (None, Ok(body)) => {
             let ts = started_at / 1_000_000;
-            let mut req = dest
-                .client
-                .post(dest.url.clone())
-                .header("webhook-id", event.id.as_str())
-                .header("webhook-timestamp", ts.to_string())
-                .header(
-                    "webhook-signature",
-                    signature_header(&dest.keys, &event.id, ts, &body),
-                )
-                .header(reqwest::header::CONTENT_TYPE, "application/json");
-            for (k, v) in &sub.headers {
-                req = req.header(k.as_str(), v.as_str());
+            match signed_headers(&dest, &event.id, ts, &body) {
+                Ok(headers) => {
+                    let req = dest
+                        .client
+                        .post(dest.url.clone())
+                        .headers(headers)
+                        .body(body);
+                    client::send(req, sub.timeout, dest.max_response_body).await
+                }
+                Err(why) => Err((ErrorKind::Request, why)),
             }
-            client::send(req.body(body), sub.timeout, dest.max_response_body).await
         }
     };
     outcome(&dest, job, n, started_at, t0.elapsed(), result)
+}
+
+/// The destination's fixed headers plus the Standard Webhooks id, timestamp and signatures.
+fn signed_headers(dest: &Destination, id: &str, ts: i64, body: &[u8]) -> Result<HeaderMap, String> {
+    let mut headers = dest.headers.clone();
+    let id_value = HeaderValue::from_str(id)
+        .map_err(|e| format!("event id {id:?} cannot be a header: {e}"))?;
+    let signatures = HeaderValue::try_from(signature_header(&dest.keys, id, ts, body))
+        .map_err(|e| format!("cannot build the signature header: {e}"))?;
+    headers.insert(WEBHOOK_ID, id_value);
+    headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(ts));
+    headers.insert(WEBHOOK_SIGNATURE, signatures);
+    Ok(headers)
 }
 
 /// Classifies what attempt `n` of a job got (an answer, or why there was none), counts it,

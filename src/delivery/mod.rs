@@ -132,6 +132,7 @@ impl Supervisor {
             .iter()
             .map(|s| parse_secret(s).map_err(|e| format!("invalid secret: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
+        let headers = attempt::fixed_headers(&sub)?;
         let r = sub.retry;
         let policy = RetryPolicy {
             max_attempts: r.max_attempts,
@@ -146,6 +147,7 @@ impl Supervisor {
             url,
             refused,
             keys,
+            headers,
             policy,
             client: self.client.clone(),
             writer: self.writer.clone(),
