@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+
 use super::client::{self, Class, ErrorKind};
 use crate::metrics::Metrics;
 use crate::model::{Attempt, Event, Micros, Subscription, now_micros, rfc3339};
 use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
 use crate::signing::{SigningKey, signature_header};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use crate::storage::writer::{AttemptRecord, Next, WriterHandle};
 
 const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
@@ -29,7 +31,6 @@ pub fn fixed_headers(sub: &Subscription) -> Result<HeaderMap, String> {
     }
     Ok(map)
 }
-use crate::storage::writer::{AttemptRecord, Next, WriterHandle};
 
 /// What one destination's attempts share.
 pub struct Destination {
