@@ -227,6 +227,14 @@ fn positive(flag: &str, v: &str) -> Result<u64> {
     }
 }
 
+/// A size for the daemon's config file, written there between quotes.
+fn size(flag: &str, v: String, example: &str) -> Result<String> {
+    if v.is_empty() || v.contains('"') || v.contains('\\') {
+        bail!("{flag} needs a size such as {example}");
+    }
+    Ok(v)
+}
+
 fn parse_options(args: &[String]) -> Result<Options> {
     let mut o = Options {
         mode: Mode::Throughput,
@@ -284,20 +292,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 }
                 o.max_in_flight = Some(u32::try_from(n)?);
             }
-            "--cache-size" => {
-                let v = value()?;
-                if v.is_empty() || v.contains('"') || v.contains('\\') {
-                    bail!("--cache-size needs a size such as 64MiB");
-                }
-                o.cache_size = Some(v);
-            }
-            "--journal-size" => {
-                let v = value()?;
-                if v.is_empty() || v.contains('"') || v.contains('\\') {
-                    bail!("--journal-size needs a size such as 4MiB");
-                }
-                o.journal_size = Some(v);
-            }
+            "--cache-size" => o.cache_size = Some(size(flag, value()?, "64MiB")?),
+            "--journal-size" => o.journal_size = Some(size(flag, value()?, "4MiB")?),
             "--wait-secs" => o.wait_secs = positive(flag, &value()?)?,
             "-h" | "--help" => {
                 println!("{USAGE}");

@@ -15,6 +15,12 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
+/// Standard Webhooks message id header (sent on deliveries, checked on inbound requests).
+pub const STANDARD_ID_HEADER: &str = "webhook-id";
+/// Standard Webhooks timestamp header.
+pub const STANDARD_TIMESTAMP_HEADER: &str = "webhook-timestamp";
+/// Standard Webhooks signature header.
+pub const STANDARD_SIGNATURE_HEADER: &str = "webhook-signature";
 /// Prefix of a symmetric (HMAC-SHA256) Standard Webhooks secret.
 pub const HMAC_SECRET_PREFIX: &str = "whsec_";
 /// Prefix of an asymmetric (Ed25519) Standard Webhooks signing key.
@@ -303,28 +309,13 @@ mod tests {
     use ::hmac::{Hmac, Mac};
     use sha2::Sha256;
 
+    use crate::testrng::Rng;
+
     const SPEC_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     const SPEC_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
     const SPEC_TS: i64 = 1614265330;
     const SPEC_BODY: &[u8] = br#"{"test": 2432232314}"#;
     const SPEC_SIG: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
-
-    /// Deterministic xorshift64* generator so random tests are reproducible without extra dependencies.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
 
     /// Reference signer using the independent `hmac` + `sha2` crates.
     fn reference_sign(secret: &[u8], id: &str, ts: i64, body: &[u8]) -> String {
@@ -364,11 +355,11 @@ mod tests {
     fn random_inputs_match_reference_hmac() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for _ in 0..300 {
-            let secret_len = 16 + rng.below(49);
+            let secret_len = 16 + rng.index(49);
             let secret = rng.bytes(secret_len);
             let id = format!("msg_{:x}", rng.next());
             let ts = rng.next() as i64;
-            let body_len = rng.below(300);
+            let body_len = rng.index(300);
             let body = rng.bytes(body_len);
             let key = parse_secret(&whsec(&secret)).unwrap();
             let ours = key.sign(&id, ts, &body);
@@ -645,12 +636,12 @@ mod tests {
         let key = parse_secret(SPEC_SECRET).unwrap();
         let alphabet = b"whsecwhsk_v1a, =+/ABCxyz019\t";
         for i in 0..3000 {
-            let len = rng.below(80);
+            let len = rng.index(80);
             let bytes = if i % 2 == 0 {
                 rng.bytes(len)
             } else {
                 (0..len)
-                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .map(|_| alphabet[rng.index(alphabet.len())])
                     .collect()
             };
             let s = String::from_utf8_lossy(&bytes);

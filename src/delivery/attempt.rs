@@ -11,12 +11,12 @@ use crate::metrics::Metrics;
 use crate::model::{Attempt, Event, Micros, Subscription, now_micros, rfc3339};
 use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
-use crate::signing::{SigningKey, signature_header};
+use crate::signing::{self, SigningKey, signature_header};
 use crate::storage::writer::{AttemptRecord, Next, WriterHandle};
 
-const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
-const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
-const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static(signing::STANDARD_ID_HEADER);
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static(signing::STANDARD_TIMESTAMP_HEADER);
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static(signing::STANDARD_SIGNATURE_HEADER);
 
 /// `content-type` and a subscription's own headers (which config validation has checked).
 pub fn fixed_headers(sub: &Subscription) -> Result<HeaderMap, String> {

@@ -14,12 +14,8 @@ use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use ring::hmac;
 
-/// Standard Webhooks message id header.
-pub const STANDARD_ID_HEADER: &str = "webhook-id";
-/// Standard Webhooks timestamp header.
-pub const STANDARD_TIMESTAMP_HEADER: &str = "webhook-timestamp";
-/// Standard Webhooks signature header.
-pub const STANDARD_SIGNATURE_HEADER: &str = "webhook-signature";
+use crate::signing::{STANDARD_ID_HEADER, STANDARD_SIGNATURE_HEADER, STANDARD_TIMESTAMP_HEADER};
+
 /// GitHub signature header.
 pub const GITHUB_SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
 /// GitHub delivery id header (optional; reported in [`Verified::delivery_id`]).
@@ -472,31 +468,18 @@ mod tests {
     use ::hmac::{Hmac, Mac};
     use sha2::Sha256;
 
+    use crate::testrng::Rng;
+
     const NOW: i64 = 1_700_000_000;
     const TOL: Duration = Duration::from_secs(300);
     const BODY: &[u8] = br#"{"type":"ping","n":1}"#;
 
-    /// Deterministic xorshift64* generator for reproducible random tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-        fn string_over(&mut self, alphabet: &[u8], n: usize) -> String {
-            let v: Vec<u8> = (0..n)
-                .map(|_| alphabet[self.below(alphabet.len())])
-                .collect();
-            String::from_utf8_lossy(&v).into_owned()
-        }
+    /// `n` characters drawn from `alphabet`.
+    fn string_over(rng: &mut Rng, alphabet: &[u8], n: usize) -> String {
+        let v: Vec<u8> = (0..n)
+            .map(|_| alphabet[rng.index(alphabet.len())])
+            .collect();
+        String::from_utf8_lossy(&v).into_owned()
     }
 
     /// Reference HMAC-SHA256 via the independent `hmac` + `sha2` crates.
@@ -763,11 +746,11 @@ mod tests {
     fn standard_random_matches_reference() {
         let mut rng = Rng(7);
         for _ in 0..200 {
-            let secret_len = 1 + rng.below(64);
+            let secret_len = 1 + rng.index(64);
             let secret = rng.bytes(secret_len);
             let id = format!("msg_{}", rng.next());
-            let ts = (NOW + rng.below(600) as i64 - 300).to_string();
-            let body_len = rng.below(500);
+            let ts = (NOW + rng.index(600) as i64 - 300).to_string();
+            let body_len = rng.index(500);
             let body = rng.bytes(body_len);
             let sig = sw_sig(&secret, &id, &ts, &body);
             sw_verify(&[secret], &id, &ts, &sig, &body).unwrap();
@@ -1347,12 +1330,12 @@ mod tests {
         ];
         let secrets = [b"k".to_vec(), Vec::new()];
         for i in 0..4000 {
-            let len = rng.below(120);
+            let len = rng.index(120);
             let s = if i % 3 == 0 {
                 String::from_utf8_lossy(&rng.bytes(len)).into_owned()
             } else {
-                let a = alphabets[rng.below(alphabets.len())];
-                rng.string_over(a, len)
+                let a = alphabets[rng.index(alphabets.len())];
+                string_over(&mut rng, a, len)
             };
             let _ = parse_standard_signatures(&s);
             let _ = parse_github_header(&s);

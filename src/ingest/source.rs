@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::schemes::{
-    self, Encoding, HmacSpec, Rejection, Request, STANDARD_ID_HEADER, Scheme, Verified,
-};
+use super::schemes::{self, Encoding, HmacSpec, Rejection, Request, Scheme, Verified};
 use crate::config::RawSource;
 use crate::ratelimit::{TokenBucket, parse_rate};
+use crate::signing::STANDARD_ID_HEADER;
 
 /// Timestamp tolerance when a source does not set one.
 pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);

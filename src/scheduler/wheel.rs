@@ -222,21 +222,7 @@ mod tests {
     use super::*;
     use std::collections::{BTreeSet, HashMap, HashSet};
 
-    /// xorshift64*: deterministic, dependency-free randomness for property loops.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
+    use crate::testrng::Rng;
 
     fn drain(wheel: &mut TimerWheel<u32>, now: u64) -> Vec<u32> {
         let mut out = Vec::new();

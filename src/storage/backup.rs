@@ -29,28 +29,6 @@ const MAX_PROBLEMS: usize = 50;
 /// Prefix of the temporary snapshot files kept next to the database while they are streamed.
 const SNAPSHOT_PREFIX: &str = ".backup-";
 
-/// Calls `$m!(DEFINITION)` for every table, in a fixed order (metadata first).
-macro_rules! for_each_table {
-    ($m:ident) => {
-        $m!(META);
-        $m!(EVENTS);
-        $m!(EVENT_IDS);
-        $m!(IDEMPOTENCY_KEYS);
-        $m!(EVENTS_BY_TYPE);
-        $m!(DELIVERIES);
-        $m!(EVENT_DELIVERIES);
-        $m!(ATTEMPTS);
-        $m!(SCHEDULE);
-        $m!(DEAD);
-        $m!(RECEIPTS);
-        $m!(RECEIPT_IDS);
-        $m!(SUBSCRIPTIONS);
-        $m!(SUBSCRIPTION_STATE);
-        $m!(DELIVERIES_BY_SUB_STATUS);
-        $m!(DELIVERIES_BY_TYPE);
-    };
-}
-
 /// The names of every table, in `for_each_table` order.
 pub fn table_names() -> Vec<String> {
     let mut out = Vec::new();

@@ -653,6 +653,11 @@ fn durability(st: &State, epoch: u64) -> Option<Result<(), String>> {
     }
 }
 
+/// The epoch of the last record sealed: the one the last returned commit is durable with.
+fn last_sealed(st: &State) -> u64 {
+    st.epoch - 1
+}
+
 /// The smallest length of a shrink not yet applied to the database file.
 fn zero_above(st: &State) -> u64 {
     st.shrinks.iter().map(|s| s.1).min().unwrap_or(u64::MAX)
@@ -870,7 +875,7 @@ impl Durability {
     pub fn after(&self, ack: Ack) {
         let now = {
             let mut st = lock(&self.shared.state);
-            let epoch = st.epoch - 1;
+            let epoch = last_sealed(&st);
             match durability(&st, epoch) {
                 Some(r) => r,
                 None => {
@@ -884,7 +889,7 @@ impl Durability {
 
     /// Blocks until every commit that returned is durable (or the journal failed).
     pub fn wait(&self) -> io::Result<()> {
-        let epoch = lock(&self.shared.state).epoch - 1;
+        let epoch = last_sealed(&lock(&self.shared.state));
         self.shared.wait_durable(epoch)
     }
 }
@@ -1056,7 +1061,7 @@ impl StorageBackend for JournaledFile {
                 sh.to_sync.send(Some(r)).map_err(|_| closed())?;
                 epoch
             }
-            None => lock(&sh.state).epoch - 1,
+            None => last_sealed(&lock(&sh.state)),
         };
         if sh.pipelined.load(Ordering::Relaxed) {
             return Ok(());

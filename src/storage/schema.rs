@@ -59,6 +59,29 @@ pub const DELIVERIES_BY_SUB_STATUS: TableDefinition<(&str, u8, u64), ()> =
 pub const DELIVERIES_BY_TYPE: TableDefinition<(&str, u64), ()> =
     TableDefinition::new("deliveries_by_type");
 
+/// Calls `$m!(DEFINITION)` for every table, in a fixed order (metadata first).
+macro_rules! for_each_table {
+    ($m:ident) => {
+        $m!(META);
+        $m!(EVENTS);
+        $m!(EVENT_IDS);
+        $m!(IDEMPOTENCY_KEYS);
+        $m!(EVENTS_BY_TYPE);
+        $m!(DELIVERIES);
+        $m!(EVENT_DELIVERIES);
+        $m!(ATTEMPTS);
+        $m!(SCHEDULE);
+        $m!(DEAD);
+        $m!(RECEIPTS);
+        $m!(RECEIPT_IDS);
+        $m!(SUBSCRIPTIONS);
+        $m!(SUBSCRIPTION_STATE);
+        $m!(DELIVERIES_BY_SUB_STATUS);
+        $m!(DELIVERIES_BY_TYPE);
+    };
+}
+pub(crate) use for_each_table;
+
 /// Tables of version 1 that version 2 dropped; `migrate` deletes them.
 pub const RETIRED_IN_V2: [&str; 2] = ["deliveries_by_subscription", "deliveries_by_status"];
 
@@ -119,26 +142,21 @@ pub fn init(db: &redb::Database) -> Result<(), StoreError> {
         _ => {}
     }
     let w = db.begin_write()?;
-    {
-        let mut meta = w.open_table(META)?;
-        meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())?;
-        w.open_table(EVENTS)?;
-        w.open_table(EVENT_IDS)?;
-        w.open_table(IDEMPOTENCY_KEYS)?;
-        w.open_table(EVENTS_BY_TYPE)?;
-        w.open_table(DELIVERIES)?;
-        w.open_table(EVENT_DELIVERIES)?;
-        w.open_table(ATTEMPTS)?;
-        w.open_table(SCHEDULE)?;
-        w.open_table(DEAD)?;
-        w.open_table(RECEIPTS)?;
-        w.open_table(RECEIPT_IDS)?;
-        w.open_table(SUBSCRIPTIONS)?;
-        w.open_table(SUBSCRIPTION_STATE)?;
-        w.open_table(DELIVERIES_BY_SUB_STATUS)?;
-        w.open_table(DELIVERIES_BY_TYPE)?;
+    macro_rules! create {
+        ($t:ident) => {
+            w.open_table($t)?;
+        };
     }
+    for_each_table!(create);
+    write_version(&w, SCHEMA_VERSION)?;
     w.commit()?;
+    Ok(())
+}
+
+/// Records `v` as the file's schema version.
+fn write_version(w: &redb::WriteTransaction, v: u32) -> Result<(), StoreError> {
+    w.open_table(META)?
+        .insert(SCHEMA_KEY, v.to_le_bytes().as_slice())?;
     Ok(())
 }
 
@@ -182,8 +200,7 @@ fn migrate(db: &redb::Database, from: u32) -> Result<(), StoreError> {
             }
         }
         v += 1;
-        w.open_table(META)?
-            .insert(SCHEMA_KEY, v.to_le_bytes().as_slice())?;
+        write_version(&w, v)?;
         w.commit()?;
         tracing::info!(version = v, "database schema upgraded");
     }
@@ -193,10 +210,7 @@ fn migrate(db: &redb::Database, from: u32) -> Result<(), StoreError> {
 /// Writes a schema version, for tests of the version check.
 pub fn force_schema_version(db: &redb::Database, v: u32) -> Result<(), StoreError> {
     let w = db.begin_write()?;
-    {
-        let mut meta = w.open_table(META)?;
-        meta.insert(SCHEMA_KEY, v.to_le_bytes().as_slice())?;
-    }
+    write_version(&w, v)?;
     w.commit()?;
     Ok(())
 }
