@@ -16,6 +16,7 @@ pub struct Metrics {
     pub durable_seconds: Histogram,
     pub commit_failures: IntCounter,
     pub http_requests: IntCounterVec,
+    pub http_panics: IntCounter,
     pub attempts: IntCounterVec,
     pub attempt_seconds: HistogramVec,
     pub queue_depth: IntGaugeVec,
@@ -117,6 +118,13 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("http_requests_total", "HTTP requests by route and status"),
                     &["route", "status"]
+                )
+            ),
+            http_panics: register!(
+                r,
+                IntCounter::new(
+                    "http_handler_panics_total",
+                    "Request handlers that panicked (answered 500 internal)"
                 )
             ),
             attempts: register!(

@@ -33,10 +33,32 @@ pub fn new_event_id() -> String {
     format!("evt_{}", id.simple())
 }
 
-/// Formats a stored time as RFC 3339 (UTC, microsecond precision).
+/// The last instant RFC 3339 can write: 9999-12-31T23:59:59.999999Z.
+pub const MAX_RFC3339_MICROS: Micros = 253_402_300_799_999_999;
+
+/// Formats a stored time as RFC 3339 (UTC, microsecond precision). Total: a time before the
+/// epoch shows as the epoch and one past year 9999 as its last instant, so no stored value
+/// (whatever wrote it) can make a response fail.
 pub fn rfc3339(micros: Micros) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0));
+    let clamped = u64::try_from(micros.clamp(0, MAX_RFC3339_MICROS)).unwrap_or(0);
+    let t = std::time::UNIX_EPOCH + Duration::from_micros(clamped);
     humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// The longest duration any setting or request may hold: 3650 days. Every stored time is
+/// `now` plus at most a few of these, far inside what `rfc3339` can write.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Parses a duration the humantime way ("30s", "2h 5m", "7d"), refusing one longer than
+/// `MAX_DURATION`. The one parser for durations in the config file and in API requests.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration {s:?} is longer than the limit of 3650d (10 years)"
+        ));
+    }
+    Ok(d)
 }
 
 /// Parses an RFC 3339 UTC time (`2026-01-02T03:04:05Z`, fractions allowed) or unix seconds.
@@ -340,6 +362,27 @@ pub type SubscriptionSet = Arc<Vec<Arc<Subscription>>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_is_total_and_clamps_to_what_it_can_write() {
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339(MAX_RFC3339_MICROS), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339(i64::MIN), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(-1), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(1_000_000), "1970-01-01T00:00:01.000000Z");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(parse_duration("3650d"), Ok(MAX_DURATION));
+        assert!(parse_duration("3651d").unwrap_err().contains("3650d"));
+        assert!(parse_duration("9999999999999d").is_err());
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("invalid duration")
+        );
+    }
 
     #[test]
     fn event_ids_are_distinct_uuid_v7_of_the_current_millisecond() {

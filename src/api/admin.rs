@@ -854,12 +854,8 @@ async fn rotate(st: &ApiState, req: Request<Incoming>, id: &str) -> Result<Resp,
     let r: RotateRequest = optional_json(st, req).await?;
     let grace = match r.grace.as_deref() {
         None => DEFAULT_GRACE,
-        Some(g) => humantime::parse_duration(g).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_body",
-                format!("grace: invalid duration {g:?}: {e}"),
-            )
-        })?,
+        Some(g) => crate::model::parse_duration(g)
+            .map_err(|e| ApiError::bad_request("invalid_body", format!("grace: {e}")))?,
     };
     let (d, secret, until) = st.control.rotate(id, r.secret, grace).await?;
     json_of(

@@ -125,14 +125,36 @@ async fn handle(
     state: Arc<ApiState>,
     req: Request<Incoming>,
 ) -> Result<Response<stream::Body>, Infallible> {
-    let (route, result) = routes::dispatch(&state, req).await;
-    let resp = result.unwrap_or_else(|e| error_response(&e));
+    let (route, resp) = guarded(&state.metrics, routes::dispatch(&state, req)).await;
     state
         .metrics
         .http_requests
         .with_label_values(&[route, resp.status().as_str()])
         .inc();
     Ok(stream::attach(resp))
+}
+
+/// Runs a handler to its response. A handler that panics is answered 500 `internal` (route
+/// label `panicked`), logged and counted, so a bug in one route never drops the connection
+/// without an answer.
+async fn guarded(
+    metrics: &Metrics,
+    handler: impl Future<Output = (&'static str, Result<Resp, ApiError>)>,
+) -> (&'static str, Resp) {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
+        Ok((route, result)) => (route, result.unwrap_or_else(|e| error_response(&e))),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            metrics.http_panics.inc();
+            let e = ApiError::internal(format_args!("request handler panicked: {what}"));
+            ("panicked", error_response(&e))
+        }
+    }
 }
 
 /// A JSON response.
@@ -233,4 +255,64 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Ap
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// A handler that panics answers 500 with the JSON error body over a real connection,
+    /// which then serves the next request; the panic is counted.
+    #[tokio::test]
+    async fn handler_panic_answers_500_json_and_keeps_the_connection() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let m = metrics.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let m = m.clone();
+                async move {
+                    let panics = req.uri().path() == "/panic";
+                    let (_, resp) = guarded(&m, async move {
+                        assert!(!panics, "a handler bug");
+                        ("ok", Ok(json(StatusCode::OK, b"{}".to_vec())))
+                    })
+                    .await;
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+                .unwrap();
+        });
+        let replies = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /panic HTTP/1.1\r\nhost: t\r\n\r\nGET /fine HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap();
+        server.await.unwrap();
+        let first = replies.find("HTTP/1.1 500").expect("a 500 answer");
+        let second = replies
+            .find("HTTP/1.1 200")
+            .expect("the next request answered");
+        assert!(first < second, "{replies}");
+        assert!(
+            replies.contains(
+                r#"{"error":{"code":"internal","message":"internal error; see the daemon log"}}"#
+            ),
+            "{replies}"
+        );
+        assert_eq!(metrics.http_panics.get(), 1);
+    }
 }

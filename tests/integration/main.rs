@@ -7,6 +7,7 @@ mod compat;
 mod config;
 mod delivery;
 mod disk_full;
+mod hardening;
 mod inbound;
 mod ingest;
 mod operator;
