@@ -72,6 +72,19 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// An inbound source's timestamp tolerance: a duration of at most `model::MAX_TOLERANCE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tolerance(pub Duration);
+
+impl<'de> Deserialize<'de> for Tolerance {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::model::parse_duration_within(&s, crate::model::MAX_TOLERANCE, "100years")
+            .map(Tolerance)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// A size in bytes written "1MiB", "512KiB", "10MB" or a plain number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -311,7 +324,7 @@ pub struct RawSource {
     pub scheme: String,
     #[serde(default)]
     pub secrets: Vec<String>,
-    pub tolerance: Option<HumanDuration>,
+    pub tolerance: Option<Tolerance>,
     /// Where the event type comes from: `header:NAME` or `json:FIELD` (dotted path).
     pub event_type: Option<String>,
     /// Prefix prepended to the provider's event type, e.g. `github.`.
@@ -668,6 +681,9 @@ pub fn validate(
         let key = format!("subscriptions[{i}]");
         match subscription_from_raw(s.get_ref(), &defaults, SubscriptionSource::Config) {
             Ok(sub) => {
+                if let Err(m) = refuse_forbidden_destination(&sub.url, d.allow_private_networks) {
+                    c.err(at, format!("{key}.url"), m);
+                }
                 if !seen.insert(sub.id.clone()) {
                     c.err(
                         at,
@@ -763,6 +779,60 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Headers a subscription may not set: the request's own framing and routing (hop-by-hop
+/// headers, `host`, `content-length`), and what the signer sets. `proxy-*` and `webhook-*`
+/// are refused by prefix.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "keep-alive",
+];
+
+/// Parses a destination URL fully: `http` or `https`, a host, a valid port. What passes here
+/// can be requested, so no delivery waits on a URL that can never be sent.
+pub fn parse_destination(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| format!("{:?} is not a valid URL: {e}", crate::redact::url_str(text)))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "{:?} is not an http:// or https:// URL",
+            crate::redact::url_str(text)
+        ));
+    }
+    // `http:///x` parses (as host `x`), but is surely a mistake.
+    let written_host = text
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
+    if !written_host || url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{:?} has no host", crate::redact::url_str(text)));
+    }
+    Ok(url)
+}
+
+/// Refuses a destination whose host is an address literal in a forbidden range (loopback,
+/// private, link-local, metadata), unless private networks are allowed. Names can only be
+/// judged once resolved: the address guard does that at every attempt.
+pub fn refuse_forbidden_destination(text: &str, allow_private: bool) -> Result<(), String> {
+    let url = parse_destination(text)?;
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(ip)) => std::net::IpAddr::V4(ip),
+        Some(url::Host::Ipv6(ip)) => std::net::IpAddr::V6(ip),
+        _ => return Ok(()),
+    };
+    match crate::delivery::ssrf::forbidden_reason(ip) {
+        Some(reason) if !allow_private => Err(format!(
+            "{ip} is in a forbidden range ({reason}); set delivery.allow_private_networks = true to deliver there"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Validates one subscription (from the file or the API); errors are (field, message) pairs.
 pub fn subscription_from_raw(
     s: &RawSubscription,
@@ -774,12 +844,8 @@ pub fn subscription_from_raw(
     if !valid_id(&s.id) {
         e("id", "must be 1-64 characters of A-Z a-z 0-9 _ . -".into());
     }
-    match s.url.split_once("://") {
-        Some(("http" | "https", rest)) if !rest.is_empty() && !rest.starts_with('/') => {}
-        _ => e(
-            "url",
-            format!("{:?} is not an http:// or https:// URL", s.url),
-        ),
+    if let Err(m) = parse_destination(&s.url) {
+        e("url", m);
     }
     if s.event_types.is_empty() {
         e("event_types", "needs at least one pattern".into());
@@ -795,18 +861,17 @@ pub fn subscription_from_raw(
             "needs at least one whsec_ or whsk_ secret".into(),
         );
     }
+    // The same check the signer makes, so a secret that passes here can sign.
     for sec in &s.secrets {
-        if !(sec.starts_with("whsec_") || sec.starts_with("whsk_")) {
-            e(
-                "secrets",
-                "each secret must start with whsec_ or whsk_".into(),
-            );
+        if let Err(err) = crate::signing::parse_secret(sec) {
+            e("secrets", err.to_string());
         }
     }
     for name in s.headers.keys() {
         let lower = name.to_ascii_lowercase();
         if lower.starts_with("webhook-")
-            || matches!(lower.as_str(), "content-type" | "content-length" | "host")
+            || lower.starts_with("proxy-")
+            || RESERVED_HEADERS.contains(&lower.as_str())
             || name.is_empty()
             || !name
                 .bytes()

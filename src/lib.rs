@@ -18,6 +18,7 @@ pub mod model;
 pub mod notify;
 pub mod ops;
 pub mod ratelimit;
+pub mod redact;
 pub mod registry;
 pub mod retention;
 pub mod retry;

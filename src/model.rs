@@ -45,17 +45,62 @@ pub fn rfc3339(micros: Micros) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
+/// Deepest nesting of arrays and objects that event data may have: inside serde_json's own
+/// limit (127) with room for the envelope a delivery wraps around it, so every stored event
+/// can be parsed again (payload filters, inspection, receivers).
+pub const MAX_DATA_DEPTH: usize = 100;
+
+/// Whether JSON text nests arrays and objects deeper than `max`. A byte scan (strings
+/// skipped) that allocates nothing, for text already known to be valid JSON.
+pub fn nested_deeper_than(json: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The longest duration any setting or request may hold: 3650 days. Every stored time is
 /// `now` plus at most a few of these, far inside what `rfc3339` can write.
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
 
+/// The widest timestamp tolerance of an inbound source: 100 years. A tolerance is only ever
+/// compared with, never added to a stored time, and published test vectors are years old.
+pub const MAX_TOLERANCE: Duration = Duration::from_secs(3_155_760_000);
+
 /// Parses a duration the humantime way ("30s", "2h 5m", "7d"), refusing one longer than
 /// `MAX_DURATION`. The one parser for durations in the config file and in API requests.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s, MAX_DURATION, "3650d (10 years)")
+}
+
+/// `parse_duration` with another limit, named in the error as `limit`.
+pub fn parse_duration_within(s: &str, max: Duration, limit: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
-    if d > MAX_DURATION {
+    if d > max {
         return Err(format!(
-            "duration {s:?} is longer than the limit of 3650d (10 years)"
+            "duration {s:?} is longer than the limit of {limit}"
         ));
     }
     Ok(d)
@@ -293,7 +338,8 @@ pub enum SubscriptionSource {
 }
 
 /// A validated subscription: where events of which types go and how. Its `Debug` output
-/// hides the secrets and header values (they may carry credentials).
+/// hides the secrets, header values and the URL's password and query values (they may carry
+/// credentials).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Subscription {
     pub id: String,
@@ -325,7 +371,7 @@ impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscription")
             .field("id", &self.id)
-            .field("url", &self.url)
+            .field("url", &crate::redact::url_str(&self.url))
             .field("event_types", &self.event_types)
             .field("secrets", &format_args!("<{} hidden>", self.secrets.len()))
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
@@ -370,6 +416,22 @@ mod tests {
         assert_eq!(rfc3339(i64::MIN), "1970-01-01T00:00:00.000000Z");
         assert_eq!(rfc3339(-1), "1970-01-01T00:00:00.000000Z");
         assert_eq!(rfc3339(1_000_000), "1970-01-01T00:00:01.000000Z");
+    }
+
+    #[test]
+    fn nesting_depth_counts_containers_outside_strings() {
+        assert!(!nested_deeper_than("{}", 1));
+        assert!(nested_deeper_than("[[]]", 1));
+        assert!(!nested_deeper_than(r#"{"a":"[[[[\"[[["}"#, 1));
+        assert!(!nested_deeper_than(r#"[{"a":[1]},{"b":[2]}]"#, 3));
+        assert!(nested_deeper_than(r#"[{"a":[[1]]}]"#, 3));
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert!(nested_deeper_than(&deep, MAX_DATA_DEPTH));
+        let ok = "[".repeat(MAX_DATA_DEPTH) + &"]".repeat(MAX_DATA_DEPTH);
+        assert!(!nested_deeper_than(&ok, MAX_DATA_DEPTH));
+        assert!(serde_json::from_str::<serde_json::Value>(&ok).is_ok());
+        let envelope = format!(r#"{{"data":{ok}}}"#);
+        assert!(serde_json::from_str::<serde_json::Value>(&envelope).is_ok());
     }
 
     #[test]

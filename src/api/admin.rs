@@ -705,7 +705,8 @@ pub struct SubscriptionView<'a> {
     pub id: &'a str,
     /// `config` (read-only here) or `api`.
     pub source: &'static str,
-    pub url: &'a str,
+    /// The password masked (`user:***@`).
+    pub url: String,
     pub event_types: Vec<&'a str>,
     pub filter: Option<&'a Value>,
     pub enabled: bool,
@@ -739,7 +740,7 @@ impl<'a> SubscriptionView<'a> {
                 SubscriptionSource::Config => "config",
                 SubscriptionSource::Api => "api",
             },
-            url: &s.url,
+            url: crate::redact::password(&s.url),
             event_types: s.event_types.iter().map(TypePattern::as_str).collect(),
             filter: s.filter.as_ref().map(|f| f.as_json()),
             enabled: s.enabled,

@@ -259,6 +259,19 @@ fn check_event_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Refuses event data nested deeper than `MAX_DATA_DEPTH`: it could be stored but never
+/// parsed again, so a payload filter would silently never match it.
+pub(super) fn check_data_depth(data: &str) -> Result<(), ApiError> {
+    use crate::model::{MAX_DATA_DEPTH, nested_deeper_than};
+    if nested_deeper_than(data, MAX_DATA_DEPTH) {
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            format!("data is nested deeper than {MAX_DATA_DEPTH} levels of arrays and objects"),
+        ));
+    }
+    Ok(())
+}
+
 fn new_event(
     st: &ApiState,
     p: PublishRequest<'_>,
@@ -275,6 +288,7 @@ fn new_event(
     if let Some(k) = &idempotency_key {
         check_token_text("idempotency key", k, 255)?;
     }
+    check_data_depth(p.data.get())?;
     let subscriptions = st.registry.matching_event(&p.event_type, p.data.get());
     Ok(NewEvent {
         id: p.id.unwrap_or_else(crate::model::new_event_id),

@@ -37,8 +37,9 @@ pub struct Destination {
     pub sub: Arc<Subscription>,
     pub sub_id: Arc<str>,
     pub url: reqwest::Url,
-    /// Set when the URL's host is an address literal the guard refuses.
-    pub refused: Option<String>,
+    /// Set when no request may be sent: the URL's host is an address literal the guard
+    /// refuses (`RefusedAddress`), or the destination cannot be used at all (`Unusable`).
+    pub refused: Option<(ErrorKind, String)>,
     pub keys: Vec<SigningKey>,
     /// The headers every request of this destination carries besides the three signed
     /// ones: `content-type` and the subscription's own, parsed once.
@@ -138,7 +139,7 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
     let sub = &dest.sub;
 
     let result = match (&dest.refused, payload(&event)) {
-        (Some(why), _) => Err((ErrorKind::RefusedAddress, why.clone())),
+        (Some((kind, why)), _) => Err((*kind, why.clone())),
         (None, Err(e)) => Err((ErrorKind::Request, format!("cannot render payload: {e}"))),
         (None, Ok(body)) => {
             let ts = started_at / 1_000_000;
@@ -244,9 +245,14 @@ pub fn outcome(
                 error: Some(kind.as_str().to_string()),
                 response_body: String::new(),
             };
-            let next = retry_or_dead(None);
+            // An unusable destination will not become usable by waiting.
+            let next = if kind == ErrorKind::Unusable {
+                Next::Dead
+            } else {
+                retry_or_dead(None)
+            };
             // Our own failure says nothing about the endpoint.
-            let health = if kind == ErrorKind::Internal {
+            let health = if matches!(kind, ErrorKind::Internal | ErrorKind::Unusable) {
                 Health::Up
             } else {
                 Health::Down

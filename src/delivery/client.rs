@@ -49,6 +49,9 @@ pub enum ErrorKind {
     Timeout,
     Connect,
     RefusedAddress,
+    /// The destination cannot be used at all (a URL, secret or header that does not parse):
+    /// its deliveries go dead at their first attempt, with the reason.
+    Unusable,
     Request,
     /// The attempt itself failed inside dispatchd (its task panicked).
     Internal,
@@ -60,6 +63,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Connect => "connect",
             ErrorKind::RefusedAddress => "refused_address",
+            ErrorKind::Unusable => "unusable_destination",
             ErrorKind::Request => "request",
             ErrorKind::Internal => "internal",
         }
@@ -104,6 +108,9 @@ pub async fn send(
 }
 
 fn classify_error(e: reqwest::Error) -> (ErrorKind, String) {
+    // The error's text would carry the URL, credentials and all; `last_error` is shown to
+    // operators and logged.
+    let e = e.without_url();
     let mut source: Option<&dyn std::error::Error> = Some(&e);
     while let Some(s) = source {
         if s.downcast_ref::<super::ssrf::SsrfError>().is_some() {

@@ -21,6 +21,8 @@ use crate::scheduler::driver::{Dispatch, Job, Msg};
 use crate::signing::parse_secret;
 use crate::storage::writer::WriterHandle;
 use attempt::Destination;
+use client::ErrorKind;
+use reqwest::header::HeaderMap;
 use worker::{Depth, Worker, WorkerEnv, WorkerMsg};
 
 /// Settings shared by every destination.
@@ -123,16 +125,39 @@ impl Supervisor {
     }
 
     fn spawn(&self, sub: Arc<Subscription>) -> Result<(), String> {
-        let url = reqwest::Url::parse(&sub.url).map_err(|e| format!("invalid url: {e}"))?;
-        let refused = ssrf::check_url_host(&url, self.cfg.allow_private_networks)
-            .err()
-            .map(|e| e.to_string());
+        // Validation refuses what cannot be used; a definition that gets here anyway (one
+        // stored by an older version, say) still gets a task, whose deliveries go dead at
+        // their first attempt with the reason rather than wait for ever.
+        let mut unusable = Vec::new();
+        let url = match reqwest::Url::parse(&sub.url) {
+            Ok(u) => u,
+            Err(e) => {
+                unusable.push(format!("invalid url: {e}"));
+                reqwest::Url::parse("about:blank").map_err(|e| e.to_string())?
+            }
+        };
         let keys = sub
             .secrets
             .iter()
-            .map(|s| parse_secret(s).map_err(|e| format!("invalid secret: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let headers = attempt::fixed_headers(&sub)?;
+            .filter_map(|s| {
+                parse_secret(s)
+                    .map_err(|e| unusable.push(format!("invalid secret: {e}")))
+                    .ok()
+            })
+            .collect();
+        let headers = attempt::fixed_headers(&sub).unwrap_or_else(|e| {
+            unusable.push(e);
+            HeaderMap::new()
+        });
+        let refused = if unusable.is_empty() {
+            ssrf::check_url_host(&url, self.cfg.allow_private_networks)
+                .err()
+                .map(|e| (ErrorKind::RefusedAddress, e.to_string()))
+        } else {
+            let why = unusable.join("; ");
+            tracing::error!(subscription = %sub.id, error = %why, "destination unusable: its deliveries go dead");
+            Some((ErrorKind::Unusable, why))
+        };
         let r = sub.retry;
         let policy = RetryPolicy {
             max_attempts: r.max_attempts,

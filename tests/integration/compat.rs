@@ -11,6 +11,9 @@ use serde_json::{Value, json};
 use crate::support::Daemon;
 
 const CONFIG: &str = r#"
+[delivery]
+allow_private_networks = true
+
 [[subscriptions]]
 id = "crm"
 url = "http://127.0.0.1:9/hook"

@@ -307,11 +307,40 @@ async fn fifo_keeps_event_order_under_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn private_destinations_are_refused_unless_allowed() {
+async fn private_address_literals_are_refused_at_creation_unless_allowed() {
     let rx = Receiver::start().await;
-    let d = Daemon::start(&sub("s", &rx.url("/"), ""));
-    let ev = d.publish("a", json!({})).await;
-    assert_refused_without_a_request(&d, &rx, &id_of(&ev)).await;
+    // In the file: the daemon does not start, and says where.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("dispatchd.toml");
+    std::fs::write(&file, sub("s", &rx.url("/"), "")).unwrap();
+    let mut cmd = crate::support::bin();
+    cmd.arg("check-config").arg(&file);
+    let out = crate::support::run_bounded(cmd, WAIT);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("dispatchd.toml:3: subscriptions[0].url"),
+        "{err}"
+    );
+    assert!(err.contains("allow_private_networks"), "{err}");
+    // Over the API: a 400, nothing stored.
+    let d = Daemon::start("");
+    let (status, body) = d
+        .post(
+            "/v1/subscriptions",
+            &json!({"id": "s", "url": rx.url("/"), "secrets": [SECRET]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("url"),
+        "{body}"
+    );
+    let (_, list) = d.get("/v1/subscriptions").await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

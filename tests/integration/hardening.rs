@@ -97,3 +97,164 @@ async fn huge_durations_are_refused_by_the_api_and_every_list_still_answers() {
         assert_eq!(status, 200, "{path}: {body}");
     }
 }
+
+const BAD_URLS: &[&str] = &[
+    "http://host:99999/",
+    "http://[",
+    "http://a b/x",
+    "http://%zz/",
+    "ftp://example.com/",
+    "http:///path",
+];
+
+#[test]
+fn unparsable_urls_are_refused_by_check_config() {
+    for url in BAD_URLS {
+        refused(&sub_toml(url, ""), "subscriptions[0].url");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_urls_framing_headers_and_private_literals_are_refused_by_the_api() {
+    let d = Daemon::start("");
+    for url in BAD_URLS {
+        let got = d.post("/v1/subscriptions", &sub_json(url)).await;
+        assert_error(&got, 400, "invalid_subscription", url);
+        assert!(got.1.to_string().contains("url"), "{url}: {}", got.1);
+    }
+    for name in [
+        "Transfer-Encoding",
+        "connection",
+        "TE",
+        "Upgrade",
+        "Keep-Alive",
+        "Proxy-Authorization",
+        "proxy-connection",
+        "Host",
+        "Content-Length",
+    ] {
+        let mut s = sub_json("https://example.com/h");
+        s["headers"] = json!({ name: "x" });
+        let got = d.post("/v1/subscriptions", &s).await;
+        assert_error(&got, 400, "invalid_subscription", name);
+    }
+    for url in [
+        "http://127.0.0.1:9/",
+        "http://10.1.2.3/",
+        "http://[::1]/",
+        "http://169.254.169.254/",
+    ] {
+        let got = d.post("/v1/subscriptions", &sub_json(url)).await;
+        assert_error(&got, 400, "invalid_subscription", url);
+        assert!(
+            got.1.to_string().contains("allow_private_networks"),
+            "{url}: {}",
+            got.1
+        );
+    }
+    let (_, list) = d.get("/v1/subscriptions").await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
+}
+
+#[test]
+fn framing_headers_and_bad_secrets_fail_check_config() {
+    refused(
+        &sub_toml(
+            "https://example.com/h",
+            "headers = { \"Transfer-Encoding\" = \"chunked\" }",
+        ),
+        "subscriptions[0].headers",
+    );
+    refused(
+        &sub_toml(
+            "https://example.com/h",
+            "headers = { \"Proxy-Authorization\" = \"x\" }",
+        ),
+        "subscriptions[0].headers",
+    );
+    // A whsec_ prefix with something that is not base64 behind it.
+    let text = "[[subscriptions]]\nid = \"s\"\nurl = \"https://example.com/h\"\nsecrets = [\"whsec_%%%not-base64%%%\"]\n";
+    refused(text, "subscriptions[0].secrets");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_a_url_appear_in_no_log_error_or_answer() {
+    // Nothing listens on port 9 of loopback: every attempt fails with a connection error
+    // whose text, unredacted, would carry the URL.
+    let url = "http://operator:hunter2-pass@127.0.0.1:9/hook?token=tok-s3cr3t-value&x=1";
+    let d = Daemon::start(&format!(
+        "[delivery]\nallow_private_networks = true\n\n{}",
+        sub_toml(url, "retry = { max_attempts = 1 }")
+    ));
+    let ev = d.publish("a", json!({})).await;
+    let id = ev["id"].as_str().unwrap_or_default().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let dl = loop {
+        let (_, body) = d.get(&format!("/v1/events/{id}/deliveries")).await;
+        let first = body["items"][0].clone();
+        if first["status"] == "dead" {
+            break first;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not dead: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let last_error = dl["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.starts_with("connect"), "{dl}");
+    let (_, subs) = d.get("/v1/subscriptions").await;
+    assert_eq!(
+        subs["items"][0]["url"],
+        "http://operator:***@127.0.0.1:9/hook?token=tok-s3cr3t-value&x=1"
+    );
+    let (_, attempts) = d
+        .get(&format!("/v1/deliveries/{}/attempts", dl["id"]))
+        .await;
+    for (what, text) in [
+        ("last_error", dl.to_string()),
+        ("attempts", attempts.to_string()),
+        ("subscriptions", subs.to_string()),
+        ("log", d.logs()),
+    ] {
+        assert!(!text.contains("hunter2"), "password in {what}: {text}");
+        if what != "subscriptions" {
+            assert!(!text.contains("tok-s3cr3t"), "token in {what}: {text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_data_is_refused_and_nothing_is_stored() {
+    let d = Daemon::start("");
+    let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+    let body = format!(r#"{{"type":"a","data":{deep}}}"#);
+    let got = d
+        .send(
+            d.http
+                .post(d.url("/v1/events"))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+    assert_error(&got, 400, "invalid_event", "deep data");
+    assert!(got.1.to_string().contains("100 levels"), "{}", got.1);
+    let batch =
+        format!(r#"{{"events":[{{"type":"a","data":{{}}}},{{"type":"a","data":{deep}}}]}}"#);
+    let got = d
+        .send(
+            d.http
+                .post(d.url("/v1/events/batch"))
+                .header("content-type", "application/json")
+                .body(batch),
+        )
+        .await;
+    assert_error(&got, 400, "invalid_event", "deep batch item");
+    let (_, events) = d.get("/v1/events").await;
+    assert_eq!(
+        events["items"].as_array().map(Vec::len),
+        Some(0),
+        "{events}"
+    );
+    // The deepest data allowed is accepted.
+    let ok = "[".repeat(100) + &"]".repeat(100);
+    d.publish("a", serde_json::from_str(&ok).unwrap_or(Value::Null))
+        .await;
+}
