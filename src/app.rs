@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiState, auth::Auth};
+use crate::api::{self, ApiState};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::delivery::worker::WorkerEnv;
 use crate::delivery::{EngineConfig, Supervisor};
@@ -140,7 +141,8 @@ pub async fn run(
         let _ = sched_stop_rx.await;
     }));
 
-    let auth = Auth::new(&config.tokens).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    let auth =
+        Arc::new(Auth::new(&config.tokens).map_err(|_| anyhow::anyhow!("no system randomness"))?);
     let addr = listener.local_addr().context("listener has no address")?;
     if auth.is_open() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "no API tokens configured and listening beyond loopback: anyone who can reach this address can publish and administer");
@@ -211,6 +213,7 @@ pub async fn run(
     upkeep.push(tokio::spawn(crate::control::reload_on_sighup(
         control.clone(),
         state.sources.clone(),
+        state.auth.clone(),
         hangups,
         stopped(upkeep_rx.clone()),
     )));

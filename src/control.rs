@@ -109,6 +109,10 @@ pub enum ReloadError {
 pub struct ReloadSummary {
     pub subscriptions: usize,
     pub sources: usize,
+    /// API tokens now in force.
+    pub tokens: usize,
+    /// Settings the file changes that only a restart applies (the old values stay).
+    pub restart_needed: Vec<&'static str>,
     pub added: Vec<String>,
     pub changed: Vec<String>,
     pub removed: Vec<String>,
@@ -646,7 +650,11 @@ impl Control {
 
     /// Re-reads the config file and puts its subscriptions and sources in force. An invalid
     /// file changes nothing. Other settings (listen address, storage, tokens) need a restart.
-    pub async fn reload(&self, sources: &Sources) -> Result<ReloadSummary, ReloadError> {
+    pub async fn reload(
+        &self,
+        sources: &Sources,
+        auth: &crate::auth::Auth,
+    ) -> Result<ReloadSummary, ReloadError> {
         let _g = self.changes.lock().await;
         let old = self.config();
         let Some(path) = old.file.clone() else {
@@ -697,16 +705,14 @@ impl Control {
         if !clashes.is_empty() {
             return Err(ReloadError::Invalid(ConfigErrors(clashes)));
         }
-        if new.listen != old.listen
-            || new.data_dir != old.data_dir
-            || new.tokens.len() != old.tokens.len()
-        {
-            tracing::warn!(
-                "reload applies subscriptions and sources only; restart for the other changes"
-            );
+        let restart_needed = restart_needed(&old, &new);
+        if !restart_needed.is_empty() {
+            tracing::warn!(settings = ?restart_needed, "reload cannot apply these changes; restart to apply them");
         }
         let n_sources = new.sources.len();
+        let n_tokens = new.tokens.len();
         sources.replace(&new.sources, std::time::Instant::now());
+        auth.replace(&new.tokens);
         match self.config.write() {
             Ok(mut c) => *c = Arc::new(new),
             Err(p) => *p.into_inner() = Arc::new(new),
@@ -716,10 +722,12 @@ impl Control {
         let applied = self.apply(set);
         drop(_g);
         self.expiry.notify_one();
-        tracing::info!(file = %path.display(), subscriptions = n, sources = n_sources, "configuration reloaded");
+        tracing::info!(file = %path.display(), subscriptions = n, sources = n_sources, tokens = n_tokens, "configuration reloaded");
         Ok(ReloadSummary {
             subscriptions: n,
             sources: n_sources,
+            tokens: n_tokens,
+            restart_needed,
             added: applied.added,
             changed: applied.changed,
             removed: applied.removed,
@@ -797,9 +805,55 @@ pub fn hangups() -> Option<tokio::signal::unix::Signal> {
 
 /// Reloads the config file on every SIGHUP until `stop` resolves. A refused reload is logged
 /// with every problem; the old configuration stays in force.
+/// The settings `new` changes that a reload cannot apply: subscriptions, sources, tokens,
+/// the delivery defaults subscriptions inherit and the replay cap are applied; the listener,
+/// storage, engine and logging are set up once at start.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    let mut check = |differs: bool, key: &'static str| {
+        if differs {
+            v.push(key);
+        }
+    };
+    check(new.max_body != old.max_body, "server.max_body");
+    check(new.max_batch != old.max_batch, "server.max_batch");
+    check(
+        new.shutdown_timeout != old.shutdown_timeout,
+        "server.shutdown_timeout",
+    );
+    check(new.retention != old.retention, "storage.retention");
+    check(new.commit_batch != old.commit_batch, "storage.commit_batch");
+    check(new.cache_size != old.cache_size, "storage.cache_size");
+    check(new.journal_size != old.journal_size, "storage.journal_size");
+    check(
+        new.sweep_interval != old.sweep_interval,
+        "storage.sweep_interval",
+    );
+    check(
+        new.allow_private_networks != old.allow_private_networks,
+        "delivery.allow_private_networks",
+    );
+    check(
+        new.max_response_body != old.max_response_body,
+        "delivery.max_response_body",
+    );
+    check(
+        new.scheduler_horizon != old.scheduler_horizon,
+        "delivery.scheduler_horizon",
+    );
+    check(
+        new.auto_disable_after != old.auto_disable_after,
+        "delivery.auto_disable_after",
+    );
+    check(new.log_format != old.log_format, "log.format");
+    check(new.log_level != old.log_level, "log.level");
+    v
+}
+
 pub async fn reload_on_sighup(
     control: Arc<Control>,
     sources: Arc<Sources>,
+    auth: Arc<crate::auth::Auth>,
     hangups: Option<tokio::signal::unix::Signal>,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -813,7 +867,7 @@ pub async fn reload_on_sighup(
             () = &mut stop => return,
         }
         tracing::info!("SIGHUP received: reloading the configuration");
-        match control.reload(&sources).await {
+        match control.reload(&sources, &auth).await {
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, "reload refused; the old configuration stays in force")

@@ -176,7 +176,7 @@ pub async fn dispatch(
     if route != AdminRoute::OpenApi
         && let Err(e) = st.auth.check(auth_header(&req), Scope::Admin)
     {
-        return (route.name(), Err(e));
+        return (route.name(), Err(e.into()));
     }
     let result = match (route, method) {
         (AdminRoute::Deliveries, _) => list_deliveries(st, &req),
@@ -873,7 +873,7 @@ async fn rotate(st: &ApiState, req: Request<Incoming>, id: &str) -> Result<Resp,
 // reload
 
 async fn reload(st: &ApiState) -> Result<Resp, ApiError> {
-    match st.control.reload(&st.sources).await {
+    match st.control.reload(&st.sources, &st.auth).await {
         Ok(summary) => json_of(StatusCode::OK, &summary),
         Err(ReloadError::Invalid(errs)) => {
             tracing::error!(errors = %errs, "reload refused: the new configuration is invalid; the old one stays in force");

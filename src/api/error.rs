@@ -53,6 +53,36 @@ impl ApiError {
     }
 }
 
+impl From<crate::auth::Denied> for ApiError {
+    fn from(d: crate::auth::Denied) -> Self {
+        use crate::auth::Denied;
+        use crate::config::Scope;
+        match d {
+            Denied::Missing => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer token (Authorization: Bearer <token>)",
+            ),
+            Denied::Invalid => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid bearer token",
+            ),
+            Denied::Lacks(need) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "this token lacks the {} scope",
+                    match need {
+                        Scope::Admin => "admin",
+                        Scope::Publish => "publish",
+                    }
+                ),
+            ),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::internal(e)

@@ -2,7 +2,6 @@
 //! Routes and handlers are in `routes`; wire types in `dto`.
 
 pub mod admin;
-pub mod auth;
 pub mod backup;
 pub mod dto;
 pub mod error;
@@ -27,11 +26,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::auth::Auth;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::storage::Store;
 use crate::storage::writer::WriterHandle;
-use auth::Auth;
 use error::ApiError;
 
 /// A response with a fully buffered body.
@@ -44,7 +43,8 @@ pub struct ApiState {
     pub attempting: Arc<crate::delivery::attempting::Attempting>,
     pub writer: WriterHandle,
     pub metrics: Arc<Metrics>,
-    pub auth: Auth,
+    /// Swapped on reload (shared with the SIGHUP handler).
+    pub auth: Arc<Auth>,
     pub registry: Arc<Registry>,
     /// Inbound provider sources by id (swapped whole on reload).
     pub sources: Arc<crate::ingest::source::Sources>,
