@@ -161,6 +161,10 @@ pub async fn run(
         control: control.clone(),
         max_body: config.max_body,
         max_batch: config.max_batch,
+        limits: crate::api::conn::Limits {
+            max_connections: crate::api::conn::connection_cap(config.limits.max_connections),
+            ..config.limits
+        },
         draining: Default::default(),
     });
 

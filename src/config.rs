@@ -132,6 +132,20 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Limits of the API listener: open connections and how long their I/O may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// From the first byte of a request head to its end; also how long an idle keep-alive
+    /// connection is kept.
+    pub header_read_timeout: Duration,
+    /// From a complete request head to the end of its body.
+    pub body_read_timeout: Duration,
+    /// How long one response write may make no progress before the connection is closed.
+    pub response_write_timeout: Duration,
+}
+
 /// The configuration file as written. Every table rejects unknown keys.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -152,6 +166,10 @@ pub struct RawServer {
     pub max_body: ByteSize,
     pub max_batch: usize,
     pub shutdown_timeout: HumanDuration,
+    pub max_connections: usize,
+    pub header_read_timeout: HumanDuration,
+    pub body_read_timeout: HumanDuration,
+    pub response_write_timeout: HumanDuration,
 }
 
 impl Default for RawServer {
@@ -161,6 +179,10 @@ impl Default for RawServer {
             max_body: ByteSize(1 << 20),
             max_batch: 100,
             shutdown_timeout: HumanDuration(Duration::from_secs(30)),
+            max_connections: 10_000,
+            header_read_timeout: HumanDuration(Duration::from_secs(30)),
+            body_read_timeout: HumanDuration(Duration::from_secs(30)),
+            response_write_timeout: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -371,6 +393,8 @@ pub struct Config {
     pub max_body: u64,
     pub max_batch: usize,
     pub shutdown_timeout: Duration,
+    /// Connections, header/body read and response write deadlines of the API listener.
+    pub limits: ServerLimits,
     pub data_dir: PathBuf,
     pub retention: Duration,
     pub commit_batch: usize,
@@ -608,6 +632,28 @@ pub fn validate(
     if raw.server.max_body.0 < 1024 {
         c.err(None, "server.max_body", "must be at least 1KiB");
     }
+    if raw.server.max_connections == 0 || raw.server.max_connections > 1_000_000 {
+        c.err(
+            None,
+            "server.max_connections",
+            "must be between 1 and 1000000",
+        );
+    }
+    for (key, d) in [
+        (
+            "server.header_read_timeout",
+            raw.server.header_read_timeout.0,
+        ),
+        ("server.body_read_timeout", raw.server.body_read_timeout.0),
+        (
+            "server.response_write_timeout",
+            raw.server.response_write_timeout.0,
+        ),
+    ] {
+        if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+            c.err(None, key, "must be between 100ms and 1h");
+        }
+    }
     if raw.server.max_batch == 0 || raw.server.max_batch > 10_000 {
         c.err(None, "server.max_batch", "must be between 1 and 10000");
     }
@@ -741,6 +787,12 @@ pub fn validate(
         max_body: raw.server.max_body.0,
         max_batch: raw.server.max_batch,
         shutdown_timeout: raw.server.shutdown_timeout.0,
+        limits: ServerLimits {
+            max_connections: raw.server.max_connections,
+            header_read_timeout: raw.server.header_read_timeout.0,
+            body_read_timeout: raw.server.body_read_timeout.0,
+            response_write_timeout: raw.server.response_write_timeout.0,
+        },
         data_dir,
         retention: raw.storage.retention.0,
         commit_batch: raw.storage.commit_batch,

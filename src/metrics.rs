@@ -17,6 +17,7 @@ pub struct Metrics {
     pub commit_failures: IntCounter,
     pub http_requests: IntCounterVec,
     pub http_panics: IntCounter,
+    pub accept_errors: IntCounter,
     pub attempts: IntCounterVec,
     pub attempt_seconds: HistogramVec,
     pub queue_depth: IntGaugeVec,
@@ -118,6 +119,13 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("http_requests_total", "HTTP requests by route and status"),
                     &["route", "status"]
+                )
+            ),
+            accept_errors: register!(
+                r,
+                IntCounter::new(
+                    "http_accept_errors_total",
+                    "Failed accepts of API connections (out of file descriptors and the like)"
                 )
             ),
             http_panics: register!(

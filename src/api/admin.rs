@@ -279,7 +279,7 @@ async fn optional_json<T: for<'de> Deserialize<'de> + Default>(
     if has_type {
         require_json(&req)?;
     }
-    let body = read_body(req, st.max_body).await?;
+    let body = read_body(st, req, st.max_body).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -478,7 +478,7 @@ fn replay_selection(st: &ApiState, r: &ReplayRequest) -> Result<Selection, ApiEr
 
 async fn replay(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
     require_json(&req)?;
-    let body = read_body(req, st.max_body).await?;
+    let body = read_body(st, req, st.max_body).await?;
     let r: ReplayRequest = parse_json(&body)?;
     let patterns: Option<Vec<TypePattern>> = r
         .event_types
@@ -802,7 +802,7 @@ struct Created<'a> {
 
 async fn json_body(st: &ApiState, req: Request<Incoming>) -> Result<Value, ApiError> {
     require_json(&req)?;
-    let body = read_body(req, st.max_body).await?;
+    let body = read_body(st, req, st.max_body).await?;
     parse_json(&body)
 }
 

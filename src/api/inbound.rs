@@ -69,7 +69,7 @@ pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Resu
     let received_at = now_micros();
     let method = req.method().to_string();
     let headers = req.headers().clone();
-    let body = match read_body(req, src.max_body).await {
+    let body = match read_body(st, req, src.max_body).await {
         Ok(b) => b,
         Err(e) => {
             if e.status == StatusCode::PAYLOAD_TOO_LARGE {

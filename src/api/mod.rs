@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod backup;
+pub mod conn;
 pub mod dto;
 pub mod error;
 pub mod inbound;
@@ -52,6 +53,7 @@ pub struct ApiState {
     pub control: Arc<crate::control::Control>,
     pub max_body: u64,
     pub max_batch: usize,
+    pub limits: conn::Limits,
     pub draining: AtomicBool,
 }
 
@@ -75,40 +77,57 @@ impl ApiState {
 }
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then lets open requests finish for at
-/// most `grace` before returning.
+/// most `grace` before returning. At most `limits.max_connections` connections are served at
+/// once: the next is not accepted until one ends, so it waits in the kernel's backlog and a
+/// flood of clients cannot exhaust the descriptors the rest of the daemon needs.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    let limits = state.limits;
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut last_accept_warning: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
                     let st = state.clone();
-                    let conn = http.serve_connection(
-                        TokioIo::new(stream),
-                        service_fn(move |req| handle(st.clone(), req)),
-                    );
+                    let io = conn::WriteDeadline::new(TokioIo::new(stream), limits.response_write_timeout);
+                    let conn = http.serve_connection(io, service_fn(move |req| handle(st.clone(), req)));
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors and the like: back off instead of spinning, and
+                    // say so at most once a minute.
+                    let now = tokio::time::Instant::now();
+                    if last_accept_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                        last_accept_warning = Some(now);
+                    }
+                    state.metrics.accept_errors.inc();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
             () = &mut shutdown => break,
@@ -214,8 +233,9 @@ pub fn require_json(req: &Request<Incoming>) -> Result<(), ApiError> {
     }
 }
 
-/// Reads the whole body, refusing more than `max` bytes with 413.
-pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
+/// Reads the whole body, refusing more than `max` bytes with 413 and a body that has not
+/// arrived within `server.body_read_timeout` with 408.
+pub async fn read_body(st: &ApiState, req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -232,12 +252,19 @@ pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiErr
         return Err(too_large());
     }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(
+    let deadline = st.limits.body_read_timeout;
+    let collected = tokio::time::timeout(deadline, Limited::new(req.into_body(), limit).collect());
+    match collected.await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::bad_request(
             "body_read_failed",
             format!("could not read the request body: {e}"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {deadline:?}"),
         )),
     }
 }

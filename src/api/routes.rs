@@ -347,7 +347,7 @@ async fn publish(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError
                 .to_owned(),
         ),
     };
-    let body = read_body(req, st.max_body).await?;
+    let body = read_body(st, req, st.max_body).await?;
     let p: PublishRequest = parse_json(&body)?;
     let ev = new_event(st, p, key)?;
     let mut results = st.writer.publish(vec![ev]).await?;
@@ -365,7 +365,7 @@ async fn publish(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError
 async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
     st.auth.check(auth_header(&req), Scope::Publish)?;
     require_json(&req)?;
-    let body = read_body(req, st.max_body).await?;
+    let body = read_body(st, req, st.max_body).await?;
     // The path names the item at fault: `events[3]: missing field `type``.
     let super::dto::ObjectOnly::<BatchRequest>(b) =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body))

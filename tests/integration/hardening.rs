@@ -258,3 +258,88 @@ async fn deeply_nested_data_is_refused_and_nothing_is_stored() {
     d.publish("a", serde_json::from_str(&ok).unwrap_or(Value::Null))
         .await;
 }
+
+/// Opens a connection that sends a request head announcing a body, a few bytes of it, and
+/// then nothing; answers the stream, to be read later.
+async fn slow_body(addr: std::net::SocketAddr, path: &str) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 4096\r\n\r\n{{\"type\":"
+    );
+    s.write_all(head.as_bytes()).await.ok()?;
+    Some(s)
+}
+
+/// 300 clients that send their headers and then trickle nothing of the body, on an
+/// unauthenticated inbound route and on publish, against a daemon limited to 256 open files:
+/// each is answered 408 within the body deadline, and meanwhile publishes and /readyz from a
+/// well-behaved client keep answering. Without the deadline and the connection cap, the
+/// daemon runs out of descriptors and every new connection stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_body_clients_do_not_starve_publishes_or_health_checks() {
+    use tokio::io::AsyncReadExt;
+    let d = Daemon::start_with_open_files(
+        "[server]\nbody_read_timeout = \"1s\"\n\n[[sources]]\nid = \"gh\"\nscheme = \"github\"\nsecrets = [\"a-github-secret\"]\n",
+        256,
+    );
+    let mut slow = Vec::new();
+    for i in 0..300 {
+        let path = if i % 2 == 0 {
+            "/v1/ingest/gh"
+        } else {
+            "/v1/events"
+        };
+        if let Some(s) = slow_body(d.addr, path).await {
+            slow.push(s);
+        }
+    }
+    assert_eq!(
+        slow.len(),
+        300,
+        "every slow client could connect (the backlog holds them)"
+    );
+    // Well-behaved traffic while the slow clients hold their connections.
+    let started = tokio::time::Instant::now();
+    for i in 0..20 {
+        let client = crate::support::client();
+        let ok = tokio::time::timeout(Duration::from_secs(20), async {
+            let r = client.get(d.url("/readyz")).send().await.ok()?;
+            let ready = r.status().as_u16();
+            let p = client
+                .post(d.url("/v1/events"))
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"type":"ok","data":{{"i":{i}}}}}"#))
+                .send()
+                .await
+                .ok()?;
+            Some((ready, p.status().as_u16()))
+        })
+        .await;
+        assert_eq!(
+            ok,
+            Ok(Some((200, 202))),
+            "request {i} of the well-behaved client\n{}",
+            d.logs()
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // Every slow client was answered 408 and its connection closed.
+    let mut timed_out = 0;
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        if matches!(read, Ok(Ok(_))) && text.starts_with("HTTP/1.1 408") {
+            assert!(text.contains(r#""code":"request_timeout""#), "{text}");
+            timed_out += 1;
+        }
+    }
+    assert_eq!(timed_out, 300);
+    let (_, events) = d.get("/v1/events?limit=100").await;
+    assert_eq!(
+        events["items"].as_array().map(Vec::len),
+        Some(20),
+        "{events}"
+    );
+}

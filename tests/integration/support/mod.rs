@@ -66,11 +66,36 @@ impl Daemon {
 
     /// Starts with extra environment variables.
     pub fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::start_wrapped(dir, config, env, &[])
+    }
+
+    /// Starts a daemon under a limit of `n` open files (soft and hard), set by `prlimit`.
+    pub fn start_with_open_files(config: &str, n: u64) -> Daemon {
+        let tmp = match tempfile::tempdir() {
+            Ok(t) => t,
+            Err(e) => panic!("tempdir: {e}"),
+        };
+        let limit = format!("--nofile={n}:{n}");
+        let mut d = Self::start_wrapped(tmp.path(), config, &[], &["prlimit", &limit, "--"]);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts the daemon through `wrapper` (a command and its arguments before the binary).
+    fn start_wrapped(dir: &Path, config: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
         let cfg = dir.join("dispatchd.toml");
         if let Err(e) = std::fs::write(&cfg, config) {
             panic!("write config: {e}");
         }
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
+        let bin = env!("CARGO_BIN_EXE_dispatchd");
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&cfg)
