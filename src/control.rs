@@ -24,7 +24,7 @@ use crate::config::{
 };
 use crate::delivery::Supervisor;
 use crate::ingest::source::Sources;
-use crate::model::{Micros, Subscription, SubscriptionSource, now_micros};
+use crate::model::{Micros, Subscription, SubscriptionSource, micros, now_micros};
 use crate::registry::Registry;
 use crate::scheduler::driver::Msg;
 use crate::storage::writer::{Due, SubscriptionState, WriteError, WriterHandle};
@@ -155,10 +155,6 @@ pub fn generate_secret() -> Result<String, ControlError> {
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)
     ))
-}
-
-fn micros(d: Duration) -> Micros {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 impl Control {

@@ -23,6 +23,11 @@ pub fn now_micros() -> Micros {
     }
 }
 
+/// A duration in microseconds, saturating (durations are bounded far below that).
+pub fn micros(d: Duration) -> Micros {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// A new event id, `evt_` and a UUIDv7 (time-ordered, so ids minted together sit together
 /// in the id index). The 74 random bits come from the thread's generator: `Uuid::now_v7`
 /// asks the kernel for them on every call, one system call per event.

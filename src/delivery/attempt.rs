@@ -8,7 +8,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use super::client::{self, Class, ErrorKind};
 use crate::metrics::Metrics;
-use crate::model::{Attempt, Event, Micros, Subscription, now_micros, rfc3339};
+use crate::model::{Attempt, Event, Micros, Subscription, micros, now_micros, rfc3339};
 use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
 use crate::signing::{self, SigningKey, signature_header};
@@ -125,10 +125,6 @@ pub fn payload(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
     out.extend_from_slice(event.data.as_bytes());
     out.push(b'}');
     Ok(out)
-}
-
-fn micros(d: Duration) -> Micros {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Sends attempt number `n` of a job to the destination and classifies the answer; the

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::attempt::{self, Destination, Health, Outcome, Recorded};
 use super::client::ErrorKind;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
-use crate::model::{DeliveryId, Micros, Ordering, now_micros};
+use crate::model::{DeliveryId, Micros, Ordering, micros, now_micros};
 use crate::ratelimit::TokenBucket;
 use crate::registry::Registry;
 use crate::scheduler::driver::{Job, Msg};
@@ -91,7 +91,11 @@ pub struct Worker {
     bucket: Option<TokenBucket>,
     /// FIFO: the delivery that is retrying and holds back the rest.
     blocked_by: Option<DeliveryId>,
+    /// Since when every attempt has failed (auto-disable), and whether that mark is on disk:
+    /// it is kept once the streak is worth keeping, so a restart or a subscription change
+    /// (a new task) goes on counting from it.
     failing_since: Option<Micros>,
+    failing_kept: bool,
     enabled: bool,
     wake_at: Option<Instant>,
     depth: Arc<Depth>,
@@ -132,6 +136,10 @@ impl Worker {
                 }),
             Ordering::Unordered => None,
         };
+        let failing_since = env.store.failing_since(&dest.sub_id).unwrap_or_else(|e| {
+            tracing::error!(subscription = %dest.sub_id, error = %e, "cannot read since when the destination fails");
+            None
+        });
         Self {
             dest,
             env,
@@ -145,7 +153,8 @@ impl Worker {
             breaker,
             bucket,
             blocked_by,
-            failing_since: None,
+            failing_since,
+            failing_kept: failing_since.is_some(),
             enabled,
             wake_at: None,
             depth,
@@ -461,23 +470,49 @@ impl Worker {
                 };
             }
             match f.next {
-                Next::Succeeded => self.failing_since = None,
-                _ => {
-                    let t = *self.failing_since.get_or_insert_with(now_micros);
-                    let limit =
-                        i64::try_from(self.env.auto_disable_after.as_micros()).unwrap_or(i64::MAX);
-                    if now_micros().saturating_sub(t) > limit {
-                        self.disable(
-                            "auto_disabled",
-                            "every delivery failed for the auto-disable period",
-                        )
-                        .await;
-                    }
-                }
+                Next::Succeeded => self.succeeded().await,
+                _ => self.failed().await,
             }
             if f.gone {
                 self.disable("gone", "the endpoint answered 410 Gone").await;
             }
+        }
+    }
+
+    /// A success ends the failure streak, on disk too if it was kept there.
+    async fn succeeded(&mut self) {
+        if self.failing_since.take().is_some() && std::mem::take(&mut self.failing_kept) {
+            self.keep_failing_since(None).await;
+        }
+    }
+
+    /// A failure starts or extends the streak; one that has lasted `auto_disable_after`
+    /// disables the subscription. The streak is written down once it has lasted a quarter of
+    /// that (at most a minute), so neither a restart nor a new task resets it, while a
+    /// destination that fails now and then costs no writes.
+    async fn failed(&mut self) {
+        let now = now_micros();
+        let since = *self.failing_since.get_or_insert(now);
+        let limit = micros(self.env.auto_disable_after);
+        let keep_after = micros((self.env.auto_disable_after / 4).min(Duration::from_secs(60)));
+        let failing_for = now.saturating_sub(since);
+        if !self.failing_kept && failing_for >= keep_after {
+            self.failing_kept = true;
+            self.keep_failing_since(Some(since)).await;
+        }
+        if failing_for > limit {
+            self.disable(
+                "auto_disabled",
+                "every delivery failed for the auto-disable period",
+            )
+            .await;
+        }
+    }
+
+    async fn keep_failing_since(&self, since: Option<Micros>) {
+        let id = self.dest.sub_id.to_string();
+        if let Err(e) = self.dest.writer.set_failing_since(id, since).await {
+            tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot keep since when the destination fails");
         }
     }
 

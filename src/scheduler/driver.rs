@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::wheel::TimerWheel;
 use crate::metrics::Metrics;
-use crate::model::{DeliveryId, Event, Micros, now_micros};
+use crate::model::{DeliveryId, Event, Micros, micros, now_micros};
 use crate::storage::Store;
 use crate::storage::writer::Due;
 
@@ -281,8 +281,4 @@ impl<D: Dispatch> Scheduler<D> {
         }
         tracing::debug!("scheduler stopped");
     }
-}
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }

@@ -375,6 +375,14 @@ impl Store {
     }
 
     /// The enabled switches set at run time, by subscription id.
+    /// Since when every attempt of a subscription has failed, if a mark was kept.
+    pub fn failing_since(&self, subscription: &str) -> Result<Option<Micros>, StoreError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        Ok(t.get(schema::failing_key(subscription).as_str())?
+            .and_then(|v| schema::parse_micros(v.value())))
+    }
+
     pub fn subscription_states(
         &self,
     ) -> Result<std::collections::HashMap<String, writer::SubscriptionState>, StoreError> {

@@ -160,6 +160,17 @@ fn write_version(w: &redb::WriteTransaction, v: u32) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The `meta` key under which a subscription's failing mark is kept: since when every
+/// attempt of its destination has failed (i64 little-endian micros), for auto-disable.
+pub fn failing_key(subscription: &str) -> String {
+    format!("failing_since/{subscription}")
+}
+
+/// Decodes a failing mark.
+pub fn parse_micros(bytes: &[u8]) -> Option<i64> {
+    bytes.try_into().ok().map(i64::from_le_bytes)
+}
+
 /// The schema version a `meta` table records, if it records one.
 pub fn version_in(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,

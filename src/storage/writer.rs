@@ -178,6 +178,12 @@ enum Command {
         state: SubscriptionState,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
+    /// Sets or clears a subscription's failing mark (see `schema::failing_key`).
+    SetFailingSince {
+        id: String,
+        since: Option<Micros>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
     /// Operator actions: retry, cancel, replay, redrive, API subscriptions (see `operator`).
     Operator(operator::Op),
     /// Retention: removes old events whose deliveries are all terminal (see `purge`).
@@ -269,6 +275,19 @@ impl WriterHandle {
     ) -> Result<(), WriteError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Command::SetSubscriptionState { id, state, reply })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Keeps since when every attempt of a subscription has failed (`None` clears it), so
+    /// auto-disable counts across restarts. Written only when a failure streak starts being
+    /// worth keeping and when it ends, not per attempt.
+    pub async fn set_failing_since(
+        &self,
+        id: String,
+        since: Option<Micros>,
+    ) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::SetFailingSince { id, since, reply })?;
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 
@@ -565,7 +584,29 @@ impl Writer {
                 fx.replies.push(Box::new(move |r| drop(reply.send(r))));
             }
             Command::SetSubscriptionState { id, state, reply } => {
-                if let Err(e) = insert_record(&mut t.subscription_state, id.as_str(), &state) {
+                // A switch (pause, resume, disable) starts the failure count afresh.
+                let written = insert_record(&mut t.subscription_state, id.as_str(), &state)
+                    .and_then(|()| {
+                        t.meta.remove(super::schema::failing_key(&id).as_str())?;
+                        Ok(())
+                    });
+                if let Err(e) = written {
+                    drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                    return Err(e);
+                }
+                fx.replies.push(Box::new(move |r| drop(reply.send(r))));
+            }
+            Command::SetFailingSince { id, since, reply } => {
+                let key = super::schema::failing_key(&id);
+                let written = match since {
+                    Some(t0) => t
+                        .meta
+                        .insert(key.as_str(), t0.to_le_bytes().as_slice())
+                        .map(drop),
+                    None => t.meta.remove(key.as_str()).map(drop),
+                };
+                if let Err(e) = written {
+                    let e = StoreError::from(e);
                     drop(reply.send(Err(WriteError::Storage(e.to_string()))));
                     return Err(e);
                 }
@@ -882,7 +923,8 @@ fn fail(cmd: Command, err: WriteError) {
         Command::Probe { reply }
         | Command::RecordAttempts { reply, .. }
         | Command::Reschedule { reply, .. }
-        | Command::SetSubscriptionState { reply, .. } => drop(reply.send(Err(err))),
+        | Command::SetSubscriptionState { reply, .. }
+        | Command::SetFailingSince { reply, .. } => drop(reply.send(Err(err))),
         Command::Operator(op) => op.fail(err),
         Command::Purge(p) => p.fail(err),
         Command::Stop => {}
@@ -901,6 +943,7 @@ struct Tables<'t> {
     attempts: redb::Table<'t, (u64, u32), &'static [u8]>,
     dead: redb::Table<'t, u64, i64>,
     subscription_state: redb::Table<'t, &'static str, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
     receipts: redb::Table<'t, u64, &'static [u8]>,
     receipt_ids: redb::Table<'t, (&'static str, &'static str), u64>,
     deliveries_by_sub_status: redb::Table<'t, (&'static str, u8, u64), ()>,
@@ -921,6 +964,7 @@ impl<'t> Tables<'t> {
             attempts: txn.open_table(ATTEMPTS)?,
             dead: txn.open_table(DEAD)?,
             subscription_state: txn.open_table(SUBSCRIPTION_STATE)?,
+            meta: txn.open_table(META)?,
             receipts: txn.open_table(RECEIPTS)?,
             receipt_ids: txn.open_table(RECEIPT_IDS)?,
             deliveries_by_sub_status: txn.open_table(DELIVERIES_BY_SUB_STATUS)?,

@@ -497,6 +497,60 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
     drop(tmp);
 }
 
+/// The failing clock survives restarts: a daemon restarted more often than the auto-disable
+/// period (here after every ~20 failed attempts, well under a second) still disables a
+/// subscription whose every attempt fails for that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_disable_counts_across_restarts() {
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Status(500));
+    let cfg = format!(
+        "[delivery]\nallow_private_networks = true\nauto_disable_after = \"2s\"\n\n\
+         [[subscriptions]]\nid = \"flaky\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
+         retry = {{ max_attempts = 100000, initial = \"20ms\", max = \"40ms\" }}\n\
+         breaker = {{ failure_threshold = 100000, min_requests = 100000 }}\n",
+        rx.url("/")
+    );
+    let mut d = Daemon::start(&cfg);
+    let tmp = d.keep_dir();
+    d.publish("a", json!({})).await;
+    let disabled = |v: &Value| v["enabled"] == false && v["state_reason"] == "auto_disabled";
+    let mut restarts = 0;
+    'restarting: loop {
+        // About half a second of failures, then a restart, unless it was disabled meanwhile.
+        let seen = rx.received().len();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while rx.received().len() < seen + 20 {
+            let (_, sub) = d.get("/v1/subscriptions/flaky").await;
+            if disabled(&sub) {
+                break 'restarting;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no attempts: {sub}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            restarts < 40,
+            "never auto-disabled after {restarts} restarts"
+        );
+        d.terminate();
+        d = Daemon::start_in(&d.dir.clone(), &cfg);
+        restarts += 1;
+    }
+    assert!(
+        restarts >= 2,
+        "disabled before the restarts could matter ({restarts})"
+    );
+    // Disabled for good: a restart keeps it so, and new events no longer fan out to it.
+    d.terminate();
+    let d = Daemon::start_in(&d.dir.clone(), &cfg);
+    let (_, sub) = d.get("/v1/subscriptions/flaky").await;
+    assert!(disabled(&sub), "{sub}");
+    let next = d.publish("a", json!({})).await;
+    assert_eq!(next["deliveries"], 0, "{next}");
+    drop(d);
+    drop(tmp);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_failing_for_the_auto_disable_period_is_disabled() {
     let rx = Receiver::start().await;
