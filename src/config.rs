@@ -360,6 +360,11 @@ pub struct RawSource {
     pub encoding: Option<String>,
     pub signature_prefix: Option<String>,
     pub timestamp_header: Option<String>,
+    /// Replay detection beside the delivery id: "fingerprint" (the default where the
+    /// signature covers no timestamp) or "delivery-id" (the delivery id only).
+    pub dedup: Option<String>,
+    /// How long a fingerprint counts (default 24h).
+    pub dedup_window: Option<HumanDuration>,
 }
 
 /// A bearer token's permissions. `Admin` includes `Publish`.

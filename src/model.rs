@@ -28,6 +28,19 @@ pub fn micros(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// The key under which an inbound request's signed body is remembered for replay detection
+/// (beside provider delivery ids in the same index): `sha256:` and the body's hex digest.
+pub fn body_fingerprint(body: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in digest.as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 /// A new event id, `evt_` and a UUIDv7 (time-ordered, so ids minted together sit together
 /// in the id index). The 74 random bits come from the thread's generator: `Uuid::now_v7`
 /// asks the kernel for them on every call, one system call per event.

@@ -126,6 +126,12 @@ pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Resu
         scheme: src.scheme_name().to_string(),
         signed_timestamp: verified.timestamp,
         delivery_id: inbound.delivery_id,
+        fingerprint: src.fingerprint_window.map(|w| {
+            (
+                crate::model::body_fingerprint(&body),
+                received_at.saturating_sub(crate::model::micros(w)),
+            )
+        }),
     };
     let ingested = st
         .writer

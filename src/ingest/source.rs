@@ -20,6 +20,9 @@ use crate::config::RawSource;
 use crate::ratelimit::{TokenBucket, parse_rate};
 use crate::signing::STANDARD_ID_HEADER;
 
+/// How long a fingerprint counts when a source does not say.
+const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// Timestamp tolerance when a source does not set one.
 pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
 /// Longest event type, prefix included (the same bound as published events).
@@ -103,6 +106,10 @@ pub struct Source {
     pub max_body: u64,
     /// Requests per second, `None` for unlimited.
     pub rate_limit: Option<f64>,
+    /// How long a request whose body was seen before counts as a replay (`None`: only the
+    /// delivery id is checked). On by default where the signature covers no timestamp, so a
+    /// signed body sent again under a new delivery id or event header is caught.
+    pub fingerprint_window: Option<Duration>,
 }
 
 impl fmt::Debug for Source {
@@ -120,6 +127,7 @@ impl fmt::Debug for Source {
             .field("delivery_id", &self.delivery_id)
             .field("max_body", &self.max_body)
             .field("rate_limit", &self.rate_limit)
+            .field("fingerprint_window", &self.fingerprint_window)
             .finish()
     }
 }
@@ -286,6 +294,27 @@ impl Source {
                 None
             }
         };
+        let untimed = match &scheme {
+            Some(Scheme::Github) => true,
+            Some(Scheme::HmacSha256(spec)) => spec.timestamp_header.is_none(),
+            _ => false,
+        };
+        let window = raw.dedup_window.map_or(DEFAULT_DEDUP_WINDOW, |d| d.0);
+        if window.is_zero() {
+            e("dedup_window", "must be more than zero".into());
+        }
+        let fingerprint_window = match raw.dedup.as_deref() {
+            None if untimed => Some(window),
+            None | Some("delivery-id") => None,
+            Some("fingerprint") => Some(window),
+            Some(other) => {
+                e(
+                    "dedup",
+                    format!("unknown {other:?} (expected \"fingerprint\" or \"delivery-id\")"),
+                );
+                None
+            }
+        };
         match (scheme, event_type) {
             (Some(scheme), Some(event_type)) if errs.is_empty() => Ok(Source {
                 id: raw.id.clone(),
@@ -297,6 +326,7 @@ impl Source {
                 delivery_id,
                 max_body,
                 rate_limit,
+                fingerprint_window,
             }),
             _ => Err(errs),
         }
@@ -511,7 +541,25 @@ mod tests {
             encoding: None,
             signature_prefix: None,
             timestamp_header: None,
+            dedup: None,
+            dedup_window: None,
         }
+    }
+
+    #[test]
+    fn fingerprints_are_on_where_the_signature_covers_no_timestamp() {
+        assert!(build(&raw("github")).fingerprint_window.is_some());
+        assert!(build(&raw("stripe")).fingerprint_window.is_none());
+        let mut r = raw("github");
+        r.dedup = Some("delivery-id".into());
+        assert!(build(&r).fingerprint_window.is_none());
+        let mut r = raw("stripe");
+        r.dedup = Some("fingerprint".into());
+        r.dedup_window = Some(crate::config::HumanDuration(Duration::from_secs(60)));
+        assert_eq!(build(&r).fingerprint_window, Some(Duration::from_secs(60)));
+        let mut r = raw("github");
+        r.dedup = Some("sometimes".into());
+        assert!(Source::from_raw(&r, 1 << 20).is_err());
     }
 
     fn build(r: &RawSource) -> Source {

@@ -84,6 +84,9 @@ pub struct NewReceipt {
     /// The provider's delivery id: a later request with the same id in the same source is a
     /// duplicate. `None` turns de-duplication off for this request.
     pub delivery_id: Option<String>,
+    /// Replay detection by content: the body's fingerprint (`model::body_fingerprint`) and
+    /// the receipt time before which an earlier receipt of it no longer counts.
+    pub fingerprint: Option<(String, Micros)>,
 }
 
 /// What became of one inbound request.
@@ -717,6 +720,23 @@ impl Writer {
                 });
             }
         }
+        if let Some((fp, not_before)) = &receipt.fingerprint {
+            let known = t
+                .receipt_ids
+                .get((receipt.source.as_str(), fp.as_str()))?
+                .map(|g| g.value());
+            if let Some(receipt_id) = known
+                && let Some(v) = t.receipts.get(receipt_id)?
+            {
+                let r: crate::model::Receipt = decode(v.value(), "receipt")?;
+                if r.received_at >= *not_before {
+                    return Ok(Ingested::Duplicate {
+                        receipt_id,
+                        event_id: r.event_id,
+                    });
+                }
+            }
+        }
         let receipt_id = self.tips.last_receipt + 1;
         let (seq, event_id, deliveries) = match self.publish_one(t, event, Some(receipt_id), fx)? {
             Published::Created {
@@ -747,6 +767,10 @@ impl Writer {
         if let Some(did) = &record.delivery_id {
             t.receipt_ids
                 .insert((record.source.as_str(), did.as_str()), receipt_id)?;
+        }
+        if let Some((fp, _)) = &receipt.fingerprint {
+            t.receipt_ids
+                .insert((record.source.as_str(), fp.as_str()), receipt_id)?;
         }
         self.tips.last_receipt = receipt_id;
         Ok(Ingested::Created {

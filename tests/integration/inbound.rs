@@ -820,3 +820,78 @@ fn inbound_bad_sources_are_refused_at_config_load() {
     );
     assert!(!stderr.contains("sources[0]"), "{stderr}");
 }
+
+/// GitHub signs only the body: the same signed body sent again under a new delivery id, or
+/// claiming another event type, is a replay, answered as a duplicate and stored nowhere.
+/// With `dedup = "delivery-id"` the source trusts the delivery id alone.
+#[tokio::test]
+async fn a_signed_github_body_replayed_under_a_new_delivery_id_is_a_duplicate() {
+    let cfg = config(&format!(
+        "[[sources]]\nid = \"gh-by-id\"\nscheme = \"github\"\nsecrets = [\"{NEW}\"]\ndedup = \"delivery-id\"\n"
+    ));
+    let d = Daemon::start(&cfg);
+    let body = (GITHUB.body)("", 7);
+    let first = ingest(
+        &d,
+        "gh",
+        &(GITHUB.sign)(NEW, 0, "delivery-1", &body),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(first.0, 202, "{}", first.1);
+    let replayed = ingest(
+        &d,
+        "gh",
+        &(GITHUB.sign)(NEW, 0, "delivery-2", &body),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(replayed.0, 200, "{}", replayed.1);
+    assert_eq!(replayed.1["duplicate"], true, "{}", replayed.1);
+    assert_eq!(
+        replayed.1["event_id"], first.1["event_id"],
+        "{}",
+        replayed.1
+    );
+    // Another event type in the unsigned header changes nothing either.
+    let relabelled: Vec<_> = (GITHUB.sign)(NEW, 0, "delivery-3", &body)
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "X-GitHub-Event" {
+                (k, "deployment".to_string())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let relabelled = ingest(&d, "gh", &relabelled, body.clone()).await;
+    assert_eq!(relabelled.1["duplicate"], true, "{}", relabelled.1);
+    let (_, all) = d.get("/v1/events?source=gh").await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(1), "{all}");
+    // A different body is a new event.
+    let other = (GITHUB.body)("", 8);
+    let got = ingest(
+        &d,
+        "gh",
+        &(GITHUB.sign)(NEW, 0, "delivery-4", &other),
+        other,
+    )
+    .await;
+    assert_eq!(got.0, 202, "{}", got.1);
+    // Opted out: only the delivery id counts.
+    let a = ingest(
+        &d,
+        "gh-by-id",
+        &(GITHUB.sign)(NEW, 0, "delivery-1", &body),
+        body.clone(),
+    )
+    .await;
+    let b = ingest(
+        &d,
+        "gh-by-id",
+        &(GITHUB.sign)(NEW, 0, "delivery-2", &body),
+        body.clone(),
+    )
+    .await;
+    assert_eq!((a.0, b.0), (202, 202), "{} {}", a.1, b.1);
+}

@@ -192,8 +192,10 @@ fn remove(t: &mut Tables<'_>, d: &Doomed, out: &mut Purged) -> Result<(), StoreE
     }
     t.events_by_type.remove((ev.event_type.as_str(), seq))?;
     if let Some((rid, r)) = &d.receipt {
-        if let Some(did) = &r.delivery_id {
-            let key = (r.source.as_str(), did.as_str());
+        // Its delivery id and its body's fingerprint, where they still point at it.
+        let fp = crate::model::body_fingerprint(&r.body);
+        for key in r.delivery_id.iter().chain(std::iter::once(&fp)) {
+            let key = (r.source.as_str(), key.as_str());
             if points_at(t.receipt_ids.get(key)?.map(|g| g.value()), *rid) {
                 t.receipt_ids.remove(key)?;
             }
