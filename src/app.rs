@@ -165,6 +165,10 @@ pub async fn run(
             max_connections: crate::api::conn::connection_cap(config.limits.max_connections),
             ..config.limits
         },
+        tls: config
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(crate::tls::Certs::new(t.certified.clone()))),
         draining: Default::default(),
     });
 
@@ -172,6 +176,7 @@ pub async fn run(
         data = %db_path.display(),
         events = store.event_count().unwrap_or(0),
         subscriptions = subscriptions.len(),
+        https = state.tls.is_some(),
         "listening on {addr}"
     );
     // Upkeep beside the API: retention sweeps, healing after I/O failures, systemd's notify
@@ -218,6 +223,7 @@ pub async fn run(
         control.clone(),
         state.sources.clone(),
         state.auth.clone(),
+        state.tls.clone(),
         hangups,
         stopped(upkeep_rx.clone()),
     )));

@@ -24,14 +24,20 @@ pub struct BackupSummary {
     pub report: VerifyReport,
 }
 
-/// Downloads a backup from the daemon at `url` into `output`.
-pub fn backup(url: &str, token: Option<&str>, output: &Path) -> anyhow::Result<BackupSummary> {
+/// Downloads a backup from the daemon at `url` into `output`; `ca_cert` is a PEM CA to
+/// trust for an https:// daemon.
+pub fn backup(
+    url: &str,
+    token: Option<&str>,
+    ca_cert: Option<&Path>,
+    output: &Path,
+) -> anyhow::Result<BackupSummary> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let partial = partial_path(output);
-    let result = runtime.block_on(download(url, token, &partial));
+    let result = runtime.block_on(download(url, token, ca_cert, &partial));
     let (bytes, announced) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -80,11 +86,13 @@ fn partial_path(output: &Path) -> PathBuf {
 async fn download(
     url: &str,
     token: Option<&str>,
+    ca_cert: Option<&Path>,
     dest: &Path,
 ) -> anyhow::Result<(u64, Vec<(String, u64)>)> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
+    let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    let client = crate::ops::trusting(builder, ca_cert)
+        .map_err(anyhow::Error::msg)?
         .build()
         .context("cannot build the HTTP client")?;
     let endpoint = format!("{}/v1/admin/backup", url.trim_end_matches('/'));

@@ -57,6 +57,9 @@ pub struct Conn {
     /// The daemon's config file, to take the address and token from.
     #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
+    /// A PEM CA certificate to trust for an https:// daemon (e.g. a private CA).
+    #[arg(long, env = "DISPATCHD_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -281,6 +284,9 @@ pub struct BackupArgs {
     /// An admin-scope API token.
     #[arg(long, env = "DISPATCHD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A PEM CA certificate to trust for an https:// daemon.
+    #[arg(long, env = "DISPATCHD_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

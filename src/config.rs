@@ -170,6 +170,17 @@ pub struct RawServer {
     pub header_read_timeout: HumanDuration,
     pub body_read_timeout: HumanDuration,
     pub response_write_timeout: HumanDuration,
+    /// HTTPS on `listen`.
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for RawServer {
@@ -183,6 +194,7 @@ impl Default for RawServer {
             header_read_timeout: HumanDuration(Duration::from_secs(30)),
             body_read_timeout: HumanDuration(Duration::from_secs(30)),
             response_write_timeout: HumanDuration(Duration::from_secs(30)),
+            tls: None,
         }
     }
 }
@@ -400,6 +412,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Connections, header/body read and response write deadlines of the API listener.
     pub limits: ServerLimits,
+    /// HTTPS on the listener, when `[server.tls]` is set.
+    pub tls: Option<crate::tls::TlsSettings>,
     pub data_dir: PathBuf,
     pub retention: Duration,
     pub commit_batch: usize,
@@ -659,6 +673,21 @@ pub fn validate(
             c.err(None, key, "must be between 100ms and 1h");
         }
     }
+    let tls = raw.server.tls.as_ref().and_then(|t| {
+        let at = Some(t.span().start);
+        let t = t.get_ref();
+        match crate::tls::load(&t.cert, &t.key) {
+            Ok(certified) => Some(crate::tls::TlsSettings {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                certified,
+            }),
+            Err((field, message)) => {
+                c.err(at, format!("server.tls.{field}"), message);
+                None
+            }
+        }
+    });
     if raw.server.max_batch == 0 || raw.server.max_batch > 10_000 {
         c.err(None, "server.max_batch", "must be between 1 and 10000");
     }
@@ -792,6 +821,7 @@ pub fn validate(
         max_body: raw.server.max_body.0,
         max_batch: raw.server.max_batch,
         shutdown_timeout: raw.server.shutdown_timeout.0,
+        tls,
         limits: ServerLimits {
             max_connections: raw.server.max_connections,
             header_read_timeout: raw.server.header_read_timeout.0,

@@ -650,6 +650,7 @@ impl Control {
         &self,
         sources: &Sources,
         auth: &crate::auth::Auth,
+        tls: Option<&crate::tls::Certs>,
     ) -> Result<ReloadSummary, ReloadError> {
         let _g = self.changes.lock().await;
         let old = self.config();
@@ -709,6 +710,10 @@ impl Control {
         let n_tokens = new.tokens.len();
         sources.replace(&new.sources, std::time::Instant::now());
         auth.replace(&new.tokens);
+        // The files were read (and checked) when the new config was loaded.
+        if let (Some(certs), Some(t)) = (tls, &new.tls) {
+            certs.replace(t.certified.clone());
+        }
         match self.config.write() {
             Ok(mut c) => *c = Arc::new(new),
             Err(p) => *p.into_inner() = Arc::new(new),
@@ -811,6 +816,20 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
             v.push(key);
         }
     };
+    check(
+        new.tls.is_some() != old.tls.is_some(),
+        "server.tls (turning HTTPS on or off)",
+    );
+    check(
+        new.limits.max_connections != old.limits.max_connections,
+        "server.max_connections",
+    );
+    check(
+        new.limits.header_read_timeout != old.limits.header_read_timeout
+            || new.limits.body_read_timeout != old.limits.body_read_timeout
+            || new.limits.response_write_timeout != old.limits.response_write_timeout,
+        "server timeouts",
+    );
     check(new.max_body != old.max_body, "server.max_body");
     check(new.max_batch != old.max_batch, "server.max_batch");
     check(
@@ -850,6 +869,7 @@ pub async fn reload_on_sighup(
     control: Arc<Control>,
     sources: Arc<Sources>,
     auth: Arc<crate::auth::Auth>,
+    tls: Option<Arc<crate::tls::Certs>>,
     hangups: Option<tokio::signal::unix::Signal>,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -863,7 +883,7 @@ pub async fn reload_on_sighup(
             () = &mut stop => return,
         }
         tracing::info!("SIGHUP received: reloading the configuration");
-        match control.reload(&sources, &auth).await {
+        match control.reload(&sources, &auth, tls.as_deref()).await {
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, "reload refused; the old configuration stays in force")

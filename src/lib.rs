@@ -28,3 +28,4 @@ pub mod signing;
 pub mod storage;
 #[cfg(test)]
 mod testrng;
+pub mod tls;

@@ -70,7 +70,12 @@ fn main() -> ExitCode {
 }
 
 fn backup(args: &dispatchd::cli::BackupArgs) -> ExitCode {
-    match dispatchd::backup::backup(&args.url, args.token.as_deref(), &args.output) {
+    match dispatchd::backup::backup(
+        &args.url,
+        args.token.as_deref(),
+        args.ca_cert.as_deref(),
+        &args.output,
+    ) {
         Ok(s) => {
             println!("{}: {} bytes, checked", s.path.display(), s.bytes);
             print_rows(&s.report);

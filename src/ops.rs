@@ -96,7 +96,8 @@ pub fn resolve(conn: &Conn) -> Result<(String, Option<String>)> {
                     std::net::Ipv6Addr::LOCALHOST.into()
                 });
             }
-            format!("http://{addr}")
+            let scheme = if c.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{addr}")
         }
         (None, None) => DEFAULT_URL.to_string(),
     };
@@ -111,6 +112,26 @@ pub fn resolve(conn: &Conn) -> Result<(String, Option<String>)> {
     Ok((url, token))
 }
 
+/// Adds a PEM CA certificate (a private CA, or the daemon's self-signed certificate) to what
+/// an HTTP client trusts for https:// daemons.
+pub fn trusting(
+    builder: reqwest::ClientBuilder,
+    ca_cert: Option<&Path>,
+) -> std::result::Result<reqwest::ClientBuilder, String> {
+    let Some(path) = ca_cert else {
+        return Ok(builder);
+    };
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: holds no CERTIFICATE block", path.display()));
+    }
+    Ok(certs
+        .into_iter()
+        .fold(builder, reqwest::ClientBuilder::add_root_certificate))
+}
+
 fn load_config(path: &Path) -> Result<config::Config> {
     config::load(Some(path), &Overrides::from_env()).map_err(|e| OpsError::Usage(e.to_string()))
 }
@@ -120,9 +141,11 @@ impl Client {
         // reqwest's TLS stack needs a crypto provider chosen once per process (https URLs).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (base, token) = resolve(conn)?;
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
-            .user_agent(concat!("dispatchd-cli/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("dispatchd-cli/", env!("CARGO_PKG_VERSION")));
+        let http = trusting(builder, conn.ca_cert.as_deref())
+            .map_err(OpsError::Usage)?
             .build()
             .map_err(|e| OpsError::Other(format!("cannot build the HTTP client: {e}")))?;
         Ok(Client {
@@ -898,6 +921,7 @@ mod tests {
             url: None,
             token: None,
             config: None,
+            ca_cert: None,
             json: false,
         };
         let (url, token) = match resolve(&conn) {

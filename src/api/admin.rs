@@ -873,7 +873,11 @@ async fn rotate(st: &ApiState, req: Request<Incoming>, id: &str) -> Result<Resp,
 // reload
 
 async fn reload(st: &ApiState) -> Result<Resp, ApiError> {
-    match st.control.reload(&st.sources, &st.auth).await {
+    match st
+        .control
+        .reload(&st.sources, &st.auth, st.tls.as_deref())
+        .await
+    {
         Ok(summary) => json_of(StatusCode::OK, &summary),
         Err(ReloadError::Invalid(errs)) => {
             tracing::error!(errors = %errs, "reload refused: the new configuration is invalid; the old one stays in force");

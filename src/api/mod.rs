@@ -54,6 +54,8 @@ pub struct ApiState {
     pub max_body: u64,
     pub max_batch: usize,
     pub limits: conn::Limits,
+    /// The listener's certificate when it serves HTTPS (swapped on reload).
+    pub tls: Option<Arc<crate::tls::Certs>>,
     pub draining: AtomicBool,
 }
 
@@ -92,6 +94,13 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
+    let tls = match state.tls.clone().map(crate::tls::acceptor).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up TLS; not serving");
+            return;
+        }
+    };
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
@@ -108,11 +117,29 @@ pub async fn serve(
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
                     let st = state.clone();
-                    let io = conn::WriteDeadline::new(TokioIo::new(stream), limits.response_write_timeout);
-                    let conn = http.serve_connection(io, service_fn(move |req| handle(st.clone(), req)));
-                    let conn = graceful.watch(conn);
+                    let service = service_fn(move |req| handle(st.clone(), req));
+                    let watcher = graceful.watcher();
+                    let Some(tls) = tls.clone() else {
+                        let io = conn::WriteDeadline::new(TokioIo::new(stream), limits.response_write_timeout);
+                        let conn = watcher.watch(http.serve_connection(io, service));
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                            drop(slot);
+                        });
+                        continue;
+                    };
+                    // The handshake runs in the connection's task, under the header deadline.
+                    let http = http.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
+                        let stream = match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => return tracing::debug!("TLS handshake timed out"),
+                        };
+                        let io = conn::WriteDeadline::new(TokioIo::new(stream), limits.response_write_timeout);
+                        if let Err(e) = watcher.watch(http.serve_connection(io, service)).await {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
                         drop(slot);

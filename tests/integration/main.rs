@@ -13,3 +13,4 @@ mod ingest;
 mod operator;
 mod packaging;
 mod retention;
+mod tls;
