@@ -821,6 +821,12 @@ fn inbound_bad_sources_are_refused_at_config_load() {
     assert!(!stderr.contains("sources[0]"), "{stderr}");
 }
 
+/// Sends `body` signed by GitHub's scheme under `delivery` to `source`.
+async fn github(d: &Daemon, source: &str, delivery: &str, body: &[u8]) -> (u16, Value) {
+    let headers = (GITHUB.sign)(NEW, 0, delivery, body);
+    ingest(d, source, &headers, body.to_vec()).await
+}
+
 /// GitHub signs only the body: the same signed body sent again under a new delivery id, or
 /// claiming another event type, is a replay, answered as a duplicate and stored nowhere.
 /// With `dedup = "delivery-id"` the source trusts the delivery id alone.
@@ -831,21 +837,9 @@ async fn a_signed_github_body_replayed_under_a_new_delivery_id_is_a_duplicate() 
     ));
     let d = Daemon::start(&cfg);
     let body = (GITHUB.body)("", 7);
-    let first = ingest(
-        &d,
-        "gh",
-        &(GITHUB.sign)(NEW, 0, "delivery-1", &body),
-        body.clone(),
-    )
-    .await;
+    let first = github(&d, "gh", "delivery-1", &body).await;
     assert_eq!(first.0, 202, "{}", first.1);
-    let replayed = ingest(
-        &d,
-        "gh",
-        &(GITHUB.sign)(NEW, 0, "delivery-2", &body),
-        body.clone(),
-    )
-    .await;
+    let replayed = github(&d, "gh", "delivery-2", &body).await;
     assert_eq!(replayed.0, 200, "{}", replayed.1);
     assert_eq!(replayed.1["duplicate"], true, "{}", replayed.1);
     assert_eq!(
@@ -870,28 +864,10 @@ async fn a_signed_github_body_replayed_under_a_new_delivery_id_is_a_duplicate() 
     assert_eq!(all["items"].as_array().map(Vec::len), Some(1), "{all}");
     // A different body is a new event.
     let other = (GITHUB.body)("", 8);
-    let got = ingest(
-        &d,
-        "gh",
-        &(GITHUB.sign)(NEW, 0, "delivery-4", &other),
-        other,
-    )
-    .await;
+    let got = github(&d, "gh", "delivery-4", &other).await;
     assert_eq!(got.0, 202, "{}", got.1);
     // Opted out: only the delivery id counts.
-    let a = ingest(
-        &d,
-        "gh-by-id",
-        &(GITHUB.sign)(NEW, 0, "delivery-1", &body),
-        body.clone(),
-    )
-    .await;
-    let b = ingest(
-        &d,
-        "gh-by-id",
-        &(GITHUB.sign)(NEW, 0, "delivery-2", &body),
-        body.clone(),
-    )
-    .await;
+    let a = github(&d, "gh-by-id", "delivery-1", &body).await;
+    let b = github(&d, "gh-by-id", "delivery-2", &body).await;
     assert_eq!((a.0, b.0), (202, 202), "{} {}", a.1, b.1);
 }
