@@ -193,8 +193,31 @@ fn example_config_documents_every_option() {
 
 #[test]
 fn example_subscriptions_and_sources_are_valid_and_state_the_defaults() {
-    let all = uncommented(EXAMPLE);
+    // The example's certificate and key paths, pointed at a pair made here.
+    let tls = match tempfile::tempdir() {
+        Ok(t) => t,
+        Err(e) => panic!("tempdir: {e}"),
+    };
+    let (_, cert, key) = crate::tls::issue();
+    let mut all = uncommented(EXAMPLE);
+    for (example_path, pem) in [
+        ("/etc/dispatchd/tls/cert.pem", cert),
+        ("/etc/dispatchd/tls/key.pem", key),
+    ] {
+        assert!(
+            all.contains(example_path),
+            "the example names {example_path}"
+        );
+        let file = tls
+            .path()
+            .join(example_path.rsplit('/').next().unwrap_or("pem"));
+        if let Err(e) = std::fs::write(&file, pem) {
+            panic!("write {}: {e}", file.display());
+        }
+        all = all.replace(example_path, &file.display().to_string());
+    }
     let c = validated(&all);
+    assert!(c.tls.is_some());
     assert_eq!(c.subscriptions.len(), 1);
     assert!(c.sources.len() >= 3, "{:?}", c.sources);
     assert_eq!(c.tokens.len(), 2);

@@ -11,7 +11,7 @@ use crate::support::{Daemon, bin, run_bounded};
 
 /// A CA and a server certificate it signed for 127.0.0.1 and localhost: (CA PEM, leaf PEM,
 /// leaf key PEM).
-fn issue() -> (String, String, String) {
+pub fn issue() -> (String, String, String) {
     let ca_key = ok(KeyPair::generate(), "CA key");
     let mut ca_params = ok(CertificateParams::new(Vec::<String>::new()), "CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
