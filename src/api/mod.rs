@@ -116,31 +116,17 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    let st = state.clone();
-                    let service = service_fn(move |req| handle(st.clone(), req));
-                    let watcher = graceful.watcher();
-                    let Some(tls) = tls.clone() else {
-                        let io = conn::WriteDeadline::new(TokioIo::new(stream), limits.response_write_timeout);
-                        let conn = watcher.watch(http.serve_connection(io, service));
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                            drop(slot);
-                        });
-                        continue;
-                    };
-                    // The handshake runs in the connection's task, under the header deadline.
-                    let http = http.clone();
+                    let (st, http, watcher, tls) = (state.clone(), http.clone(), graceful.watcher(), tls.clone());
                     tokio::spawn(async move {
-                        let stream = match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => return tracing::debug!("TLS handshake timed out"),
-                        };
-                        let io = conn::WriteDeadline::new(TokioIo::new(stream), limits.response_write_timeout);
-                        if let Err(e) = watcher.watch(http.serve_connection(io, service)).await {
-                            tracing::debug!(error = %e, "connection ended with an error");
+                        match tls {
+                            None => connection(st, http, watcher, stream).await,
+                            // The handshake runs here, in the connection's task, under the
+                            // header deadline.
+                            Some(tls) => match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
+                                Ok(Ok(s)) => connection(st, http, watcher, s).await,
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!("TLS handshake timed out"),
+                            },
                         }
                         drop(slot);
                     });
@@ -164,6 +150,23 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all HTTP connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("HTTP connections still open after the shutdown grace period"),
+    }
+}
+
+/// Serves one connection (plain or TLS) until it ends.
+async fn connection<S>(
+    state: Arc<ApiState>,
+    http: http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    stream: S,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limit = state.limits.response_write_timeout;
+    let io = conn::WriteDeadline::new(TokioIo::new(stream), limit);
+    let service = service_fn(move |req| handle(state.clone(), req));
+    if let Err(e) = watcher.watch(http.serve_connection(io, service)).await {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
