@@ -3,12 +3,10 @@
 use std::time::Duration;
 
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 
-use crate::support::Daemon;
 use crate::support::receiver::{Receiver, Reply};
+use crate::support::{Daemon, verify_signature, wait_delivery};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SECRET2: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
@@ -22,44 +20,6 @@ fn sub(id: &str, url: &str, extra: &str) -> String {
 
 fn config(subs: &str) -> String {
     format!("[delivery]\nallow_private_networks = true\n\n{subs}")
-}
-
-/// Independent check of a Standard Webhooks signature with the hmac + sha2 crates.
-fn verify(secret: &str, id: &str, ts: &str, body: &[u8], sig: &str) -> bool {
-    let key = match base64::engine::general_purpose::STANDARD.decode(&secret["whsec_".len()..]) {
-        Ok(k) => k,
-        Err(_) => return false,
-    };
-    let mut mac = match Hmac::<Sha256>::new_from_slice(&key) {
-        Ok(m) => m,
-        Err(_) => return false,
-    };
-    mac.update(format!("{id}.{ts}.").as_bytes());
-    mac.update(body);
-    let expected = format!(
-        "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-    );
-    sig.split(' ').any(|s| s == expected)
-}
-
-/// Polls the API until the delivery reaches `status` (bounded by `WAIT`).
-async fn wait_status(d: &Daemon, event_id: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = d.get(&format!("/v1/events/{event_id}/deliveries")).await;
-        if let Some(first) = body["items"].as_array().and_then(|a| a.first())
-            && first["status"] == status
-        {
-            return first.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivery of {event_id} never reached {status}: {body}\n{}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits for the first attempt of the event's delivery and checks the guard refused it
@@ -120,7 +80,7 @@ async fn delivers_a_signed_standard_webhook() {
     );
     let sig = r.header("webhook-signature").unwrap_or_default();
     assert!(
-        verify(SECRET, &id_of(&ev), ts, &r.body, sig),
+        verify_signature(SECRET, &id_of(&ev), ts, &r.body, sig),
         "bad signature {sig}"
     );
     let body = r.json();
@@ -128,7 +88,7 @@ async fn delivers_a_signed_standard_webhook() {
     assert_eq!(body["type"], "order.created");
     assert_eq!(body["data"], json!({"total": 42}));
     assert!(body["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
-    let dl = wait_status(&d, &id_of(&ev), "succeeded").await;
+    let dl = wait_delivery(&d, &id_of(&ev), "succeeded").await;
     assert_eq!(dl["attempts"], 1);
 }
 
@@ -145,8 +105,14 @@ async fn rotation_sends_one_signature_per_secret() {
     let sig = got[0].header("webhook-signature").unwrap_or_default();
     let ts = got[0].header("webhook-timestamp").unwrap_or_default();
     assert_eq!(sig.split(' ').count(), 2, "{sig}");
-    assert!(verify(SECRET, &id_of(&ev), ts, &got[0].body, sig));
-    assert!(verify(SECRET2, &id_of(&ev), ts, &got[0].body, sig));
+    assert!(verify_signature(SECRET, &id_of(&ev), ts, &got[0].body, sig));
+    assert!(verify_signature(
+        SECRET2,
+        &id_of(&ev),
+        ts,
+        &got[0].body,
+        sig
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +127,7 @@ async fn retries_until_the_receiver_recovers() {
         ids.iter().all(|i| *i == Some(id_of(&ev).as_str())),
         "{ids:?}"
     );
-    let dl = wait_status(&d, &id_of(&ev), "succeeded").await;
+    let dl = wait_delivery(&d, &id_of(&ev), "succeeded").await;
     assert_eq!(dl["attempts"], 3);
     let (_, attempts) = d
         .get(&format!(
@@ -186,7 +152,7 @@ async fn dead_letters_after_max_attempts() {
         "breaker = { failure_threshold = 100 }",
     )));
     let ev = d.publish("a", json!({})).await;
-    let dl = wait_status(&d, &id_of(&ev), "dead").await;
+    let dl = wait_delivery(&d, &id_of(&ev), "dead").await;
     assert_eq!(dl["attempts"], 5);
     assert_eq!(dl["last_error"], "HTTP 500");
     assert_eq!(rx.received().len(), 5);
@@ -239,7 +205,7 @@ async fn honours_retry_after_on_429() {
     let got = rx.wait_for(2, WAIT).await;
     let gap = got[1].at.duration_since(got[0].at);
     assert!(gap >= Duration::from_millis(900), "retried after {gap:?}");
-    wait_status(&d, &id_of(&ev), "succeeded").await;
+    wait_delivery(&d, &id_of(&ev), "succeeded").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,7 +214,7 @@ async fn gone_disables_the_subscription() {
     rx.script([Reply::Status(410)]);
     let d = Daemon::start(&config(&sub("s", &rx.url("/"), "")));
     let ev = d.publish("a", json!({})).await;
-    let dl = wait_status(&d, &id_of(&ev), "dead").await;
+    let dl = wait_delivery(&d, &id_of(&ev), "dead").await;
     assert_eq!(dl["attempts"], 1);
     // The subscription is off: new events no longer fan out to it.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -276,7 +242,7 @@ async fn a_timeout_is_retried() {
     rx.script([Reply::Hang]);
     let d = Daemon::start(&config(&sub("s", &rx.url("/"), "timeout = \"300ms\"")));
     let ev = d.publish("a", json!({})).await;
-    let dl = wait_status(&d, &id_of(&ev), "succeeded").await;
+    let dl = wait_delivery(&d, &id_of(&ev), "succeeded").await;
     assert_eq!(dl["attempts"], 2);
     let (_, attempts) = d
         .get(&format!(
@@ -362,11 +328,11 @@ async fn breaker_opens_defers_probes_and_closes() {
         "probe came after {gap:?}"
     );
     rx.set_default(Reply::Status(200));
-    wait_status(&d, &id_of(&ev), "succeeded").await;
+    wait_delivery(&d, &id_of(&ev), "succeeded").await;
     // Closed again: the next event goes straight through.
     let n = rx.received().len();
     let ev2 = d.publish("a", json!({})).await;
-    wait_status(&d, &id_of(&ev2), "succeeded").await;
+    wait_delivery(&d, &id_of(&ev2), "succeeded").await;
     assert_eq!(rx.received().len(), n + 1);
     let text = d.metrics().await;
     assert!(
@@ -487,7 +453,7 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
     let status = d.terminate();
     assert!(status.success(), "exit: {status:?}\n{}", d.logs());
     let d2 = Daemon::start_in(&dir, &cfg);
-    let dl = wait_status(&d2, &id_of(&ev), "succeeded").await;
+    let dl = wait_delivery(&d2, &id_of(&ev), "succeeded").await;
     assert_eq!(
         dl["attempts"], 1,
         "the attempt was not recorded before exit: {dl}"
@@ -674,7 +640,7 @@ async fn an_attempt_under_way_shows_as_in_flight() {
         .await;
     assert_eq!(other["items"], json!([]), "{other}");
 
-    wait_status(&d, &id_of(&ev), "succeeded").await;
+    wait_delivery(&d, &id_of(&ev), "succeeded").await;
     let (_, live) = d.get("/v1/deliveries?status=in_flight").await;
     assert_eq!(live["items"], json!([]), "{live}");
 }
@@ -695,7 +661,7 @@ async fn fifo_order_holds_across_a_restart() {
     let dir = d.dir.clone();
     let first = id_of(&d.publish("a", json!({"n": 1})).await);
     rx.wait_for(1, WAIT).await;
-    wait_status(&d, &first, "retrying").await;
+    wait_delivery(&d, &first, "retrying").await;
     let second = id_of(&d.publish("a", json!({"n": 2})).await);
     let status = d.terminate();
     assert!(status.success(), "{status:?}\n{}", d.logs());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Daemon, bin, run_bounded};
+use crate::support::{Daemon, bin, run_bounded, wait_delivery};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -188,16 +188,7 @@ async fn credentials_in_a_url_appear_in_no_log_error_or_answer() {
     ));
     let ev = d.publish("a", json!({})).await;
     let id = ev["id"].as_str().unwrap_or_default().to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let dl = loop {
-        let (_, body) = d.get(&format!("/v1/events/{id}/deliveries")).await;
-        let first = body["items"][0].clone();
-        if first["status"] == "dead" {
-            break first;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not dead: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let dl = wait_delivery(&d, &id, "dead").await;
     let last_error = dl["last_error"].as_str().unwrap_or_default();
     assert!(last_error.starts_with("connect"), "{dl}");
     let (_, subs) = d.get("/v1/subscriptions").await;

@@ -4,19 +4,15 @@
 //! auth scopes on every operator route, and the `dispatchd` operator commands.
 
 use std::collections::{BTreeSet, HashSet};
-use std::future::Future;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use base64::Engine;
-use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 use crate::support::receiver::{Receiver, Reply};
-use crate::support::{self, Daemon};
+use crate::support::{self, Daemon, eventually, verify_signature};
 
 const WAIT: Duration = Duration::from_secs(30);
 const ADMIN: &str = "admin-token-operator-0001";
@@ -119,25 +115,6 @@ fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Polls `f` until it yields a value, at most `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Every delivery matching a query, following cursors.
 async fn all_deliveries(d: &Daemon, query: &str) -> Vec<Value> {
     let mut out = Vec::new();
@@ -163,26 +140,6 @@ async fn wait_count(d: &Daemon, query: &str, n: usize) -> Vec<Value> {
         (got.len() == n).then_some(got)
     })
     .await
-}
-
-/// Independent check of a Standard Webhooks signature with the hmac + sha2 crates.
-fn verify(secret: &str, id: &str, ts: &str, body: &[u8], sig: &str) -> bool {
-    let Some(b64) = secret.strip_prefix("whsec_") else {
-        return false;
-    };
-    let Ok(key) = base64::engine::general_purpose::STANDARD.decode(b64) else {
-        return false;
-    };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key) else {
-        return false;
-    };
-    mac.update(format!("{id}.{ts}.").as_bytes());
-    mac.update(body);
-    let expected = format!(
-        "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-    );
-    sig.split(' ').any(|s| s == expected)
 }
 
 fn ids_received(rx: &Receiver) -> Vec<String> {
@@ -959,7 +916,7 @@ async fn subscriptions_over_the_api() {
     let sig = got[0].header("webhook-signature").unwrap_or_default();
     let ts = got[0].header("webhook-timestamp").unwrap_or_default();
     assert!(
-        verify(&secret, &str_of(&ev, "id"), ts, &got[0].body, sig),
+        verify_signature(&secret, &str_of(&ev, "id"), ts, &got[0].body, sig),
         "{sig}"
     );
     assert_eq!(got[0].header("x-key"), Some("k-1"));
@@ -1077,7 +1034,13 @@ async fn subscriptions_over_the_api() {
     let got = r3.wait_for(1, WAIT).await;
     let sig = got[0].header("webhook-signature").unwrap_or_default();
     let ts = got[0].header("webhook-timestamp").unwrap_or_default();
-    assert!(verify(&secret, &str_of(&ev2, "id"), ts, &got[0].body, sig));
+    assert!(verify_signature(
+        &secret,
+        &str_of(&ev2, "id"),
+        ts,
+        &got[0].body,
+        sig
+    ));
     assert_eq!(r2.received().len(), 1);
 
     // Stored: a restart keeps it.
@@ -1213,8 +1176,20 @@ async fn rotation_signs_with_both_secrets_until_the_grace_period_ends() {
     let sig = got[0].header("webhook-signature").unwrap_or_default();
     let ts = got[0].header("webhook-timestamp").unwrap_or_default();
     assert_eq!(sig.split(' ').count(), 2, "{sig}");
-    assert!(verify(SECRET, &str_of(&ev, "id"), ts, &got[0].body, sig));
-    assert!(verify(SECRET2, &str_of(&ev, "id"), ts, &got[0].body, sig));
+    assert!(verify_signature(
+        SECRET,
+        &str_of(&ev, "id"),
+        ts,
+        &got[0].body,
+        sig
+    ));
+    assert!(verify_signature(
+        SECRET2,
+        &str_of(&ev, "id"),
+        ts,
+        &got[0].body,
+        sig
+    ));
 
     eventually("the old secret to expire", || async {
         let s = ok(get(&d, "/v1/subscriptions/r").await, "show");
@@ -1226,8 +1201,20 @@ async fn rotation_signs_with_both_secrets_until_the_grace_period_ends() {
     let sig = got[1].header("webhook-signature").unwrap_or_default();
     let ts = got[1].header("webhook-timestamp").unwrap_or_default();
     assert_eq!(sig.split(' ').count(), 1, "{sig}");
-    assert!(verify(SECRET2, &str_of(&ev, "id"), ts, &got[1].body, sig));
-    assert!(!verify(SECRET, &str_of(&ev, "id"), ts, &got[1].body, sig));
+    assert!(verify_signature(
+        SECRET2,
+        &str_of(&ev, "id"),
+        ts,
+        &got[1].body,
+        sig
+    ));
+    assert!(!verify_signature(
+        SECRET,
+        &str_of(&ev, "id"),
+        ts,
+        &got[1].body,
+        sig
+    ));
 
     let generated = ok(
         post_empty(&d, "/v1/subscriptions/r/rotate").await,

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::Sha256;
 
-use crate::support::Daemon;
 use crate::support::receiver::{Receiver, Reply};
+use crate::support::{Daemon, wait_delivery};
 use crate::support::{bin, run_bounded as run};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -43,22 +43,6 @@ scheme = "github"
 secrets = ["{GITHUB_SECRET}"]
 "#
     )
-}
-
-async fn wait_delivery(d: &Daemon, event_id: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = d.get(&format!("/v1/events/{event_id}/deliveries")).await;
-        if body["items"][0]["status"] == status {
-            return body["items"][0].clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{event_id} never reached {status}: {body}\n{}",
-            d.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Posts a signed GitHub webhook; returns the receipt id and event id.

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// How long a test waits for something the daemon does in the background.
+pub const WAIT: Duration = Duration::from_secs(60);
+
 /// How long a daemon may take to start listening before a test gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -279,4 +282,61 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
             panic!("{cmd:?} was still running after {limit:?}");
         }
     }
+}
+
+/// Polls `f` every 20 ms until it yields a value; fails the test after `WAIT`.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the event's first delivery reaches `status`; answers that delivery.
+pub async fn wait_delivery(d: &Daemon, event_id: &str, status: &str) -> Value {
+    let path = format!("/v1/events/{event_id}/deliveries");
+    eventually(
+        &format!("the delivery of {event_id} to be {status}"),
+        || async {
+            let (_, body) = d.get(&path).await;
+            let first = body["items"].as_array().and_then(|a| a.first()).cloned()?;
+            (first["status"] == status).then_some(first)
+        },
+    )
+    .await
+}
+
+/// Independent check of a Standard Webhooks signature (`v1,` HMAC-SHA256 of
+/// `"{id}.{ts}.{body}"` under a `whsec_` secret) with the hmac and sha2 crates; `sig` may
+/// hold several space-separated signatures.
+pub fn verify_signature(secret: &str, id: &str, ts: &str, body: &[u8], sig: &str) -> bool {
+    use base64::Engine;
+    use hmac::Mac;
+    let Some(b64) = secret.strip_prefix("whsec_") else {
+        return false;
+    };
+    let Ok(key) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key) else {
+        return false;
+    };
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(body);
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    sig.split(' ').any(|s| s == expected)
 }
