@@ -168,7 +168,7 @@ pub async fn run(
         tls: config
             .tls
             .as_ref()
-            .map(|t| Arc::new(crate::tls::Certs::new(t.certified.clone()))),
+            .map(|t| Arc::new(crate::tls::Certs::from_arc(t.certified.clone()))),
         draining: Default::default(),
     });
 

@@ -1,7 +1,7 @@
 //! Bearer-token authentication with `publish` and `admin` scopes, compared in constant time.
 //! The API maps a refusal to 401/403; a config reload swaps the tokens in force.
 
-use std::sync::{Arc, RwLock};
+use crate::swap::Swap;
 
 use ring::hmac;
 
@@ -24,7 +24,7 @@ pub enum Denied {
 /// request on.
 pub struct Auth {
     key: hmac::Key,
-    tokens: RwLock<Arc<Tags>>,
+    tokens: Swap<Tags>,
 }
 
 type Tags = Vec<(hmac::Tag, Vec<Scope>)>;
@@ -33,38 +33,24 @@ impl Auth {
     pub fn new(tokens: &[Token]) -> Result<Self, ring::error::Unspecified> {
         let rng = ring::rand::SystemRandom::new();
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)?;
-        let tags = Arc::new(tags(&key, tokens));
-        Ok(Self {
-            key,
-            tokens: RwLock::new(tags),
-        })
+        let tokens = Swap::new(tags(&key, tokens));
+        Ok(Self { key, tokens })
     }
 
     /// Puts a new set of tokens in force (config reload).
     pub fn replace(&self, tokens: &[Token]) {
-        let new = Arc::new(tags(&self.key, tokens));
-        match self.tokens.write() {
-            Ok(mut g) => *g = new,
-            Err(p) => *p.into_inner() = new,
-        }
-    }
-
-    fn current(&self) -> Arc<Tags> {
-        match self.tokens.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.tokens.set(tags(&self.key, tokens));
     }
 
     /// With no tokens configured the API is open.
     pub fn is_open(&self) -> bool {
-        self.current().is_empty()
+        self.tokens.get().is_empty()
     }
 
     /// Checks an `Authorization` header value for a scope: 401 without a valid token, 403
     /// with a valid token that lacks the scope. `admin` includes `publish`.
     pub fn check(&self, header: Option<&[u8]>, need: Scope) -> Result<(), Denied> {
-        let tokens = self.current();
+        let tokens = self.tokens.get();
         if tokens.is_empty() {
             return Ok(());
         }

@@ -10,7 +10,7 @@
 //! again. Attempts in flight finish on the old task (see `Supervisor::replace`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -132,7 +132,7 @@ pub struct Control {
     writer: WriterHandle,
     registry: Arc<Registry>,
     supervisor: Arc<Supervisor>,
-    config: RwLock<Arc<Config>>,
+    config: crate::swap::Swap<Config>,
     /// Serialises changes to the set (API calls, reloads, secret expiry).
     changes: tokio::sync::Mutex<()>,
     /// Woken when a secret expiry may have moved earlier.
@@ -170,7 +170,7 @@ impl Control {
             writer,
             registry,
             supervisor,
-            config: RwLock::new(Arc::new(config)),
+            config: crate::swap::Swap::new(config),
             changes: tokio::sync::Mutex::new(()),
             expiry: Notify::new(),
         })
@@ -178,10 +178,7 @@ impl Control {
 
     /// The configuration in force (the last one loaded successfully).
     pub fn config(&self) -> Arc<Config> {
-        match self.config.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.config.get()
     }
 
     fn defaults(&self) -> SubscriptionDefaults {
@@ -712,12 +709,9 @@ impl Control {
         auth.replace(&new.tokens);
         // The files were read (and checked) when the new config was loaded.
         if let (Some(certs), Some(t)) = (tls, &new.tls) {
-            certs.replace(t.certified.clone());
+            certs.set_arc(t.certified.clone());
         }
-        match self.config.write() {
-            Ok(mut c) => *c = Arc::new(new),
-            Err(p) => *p.into_inner() = Arc::new(new),
-        }
+        self.config.set(new);
         let set = self.effective().map_err(ControlError::from)?;
         let n = set.len();
         let applied = self.apply(set);

@@ -26,6 +26,7 @@ pub mod retry;
 pub mod scheduler;
 pub mod signing;
 pub mod storage;
+pub mod swap;
 #[cfg(test)]
 mod testrng;
 pub mod tls;

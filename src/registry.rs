@@ -1,59 +1,48 @@
 //! The subscriptions in force, swapped whole on reload or API change; readers take a snapshot.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use crate::model::{Subscription, SubscriptionSet};
 
 /// Shared, swappable set of subscriptions. Readers clone an `Arc` and never hold the lock.
 #[derive(Default)]
 pub struct Registry {
-    subscriptions: RwLock<SubscriptionSet>,
+    subscriptions: crate::swap::Swap<Vec<Arc<Subscription>>>,
 }
 
 impl Registry {
     pub fn new(subs: Vec<Arc<Subscription>>) -> Self {
         Self {
-            subscriptions: RwLock::new(Arc::new(subs)),
+            subscriptions: crate::swap::Swap::new(subs),
         }
     }
 
     /// The current set.
     pub fn snapshot(&self) -> SubscriptionSet {
-        match self.subscriptions.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.subscriptions.get()
     }
 
     /// Replaces the whole set.
     pub fn replace(&self, subs: Vec<Arc<Subscription>>) {
-        let new = Arc::new(subs);
-        match self.subscriptions.write() {
-            Ok(mut g) => *g = new,
-            Err(poisoned) => *poisoned.into_inner() = new,
-        }
+        self.subscriptions.set(subs);
     }
 
     /// Switches a subscription on or off (410 Gone, auto-disable, pause).
     pub fn set_enabled(&self, id: &str, enabled: bool) {
-        let mut g = match self.subscriptions.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let subs = g
-            .iter()
-            .map(|s| {
-                if s.id == id && s.enabled != enabled {
-                    Arc::new(Subscription {
-                        enabled,
-                        ..(**s).clone()
-                    })
-                } else {
-                    s.clone()
-                }
-            })
-            .collect();
-        *g = Arc::new(subs);
+        self.subscriptions.update(|subs| {
+            subs.iter()
+                .map(|s| {
+                    if s.id == id && s.enabled != enabled {
+                        Arc::new(Subscription {
+                            enabled,
+                            ..(**s).clone()
+                        })
+                    } else {
+                        s.clone()
+                    }
+                })
+                .collect()
+        });
     }
 
     /// One subscription by id.

@@ -3,7 +3,7 @@
 //! certificate they shook hands with; new ones get the new one.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -68,36 +68,15 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, (&'static str,
 }
 
 /// The certificate in force, swapped whole.
+pub type Certs = crate::swap::Swap<CertifiedKey>;
+
+/// Each handshake takes the certificate in force.
 #[derive(Debug)]
-pub struct Certs {
-    current: RwLock<Arc<CertifiedKey>>,
-}
+struct Resolver(Arc<Certs>);
 
-impl Certs {
-    pub fn new(certified: Arc<CertifiedKey>) -> Self {
-        Self {
-            current: RwLock::new(certified),
-        }
-    }
-
-    pub fn replace(&self, certified: Arc<CertifiedKey>) {
-        match self.current.write() {
-            Ok(mut g) => *g = certified,
-            Err(p) => *p.into_inner() = certified,
-        }
-    }
-
-    fn get(&self) -> Arc<CertifiedKey> {
-        match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-}
-
-impl ResolvesServerCert for Certs {
+impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.get())
+        Some(self.0.get())
     }
 }
 
@@ -108,7 +87,7 @@ pub fn acceptor(certs: Arc<Certs>) -> Result<tokio_rustls::TlsAcceptor, rustls::
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(certs);
+        .with_cert_resolver(Arc::new(Resolver(certs)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -479,7 +479,7 @@ impl Entry {
 /// The sources in force by id: replaced whole on reload; readers take a snapshot.
 #[derive(Default)]
 pub struct Sources {
-    by_id: RwLock<Arc<HashMap<String, Arc<Entry>>>>,
+    by_id: crate::swap::Swap<HashMap<String, Arc<Entry>>>,
 }
 
 impl Sources {
@@ -504,20 +504,12 @@ impl Sources {
                 (s.id.clone(), Arc::new(entry))
             })
             .collect();
-        let map = Arc::new(map);
-        match self.by_id.write() {
-            Ok(mut g) => *g = map,
-            Err(poisoned) => *poisoned.into_inner() = map,
-        }
+        self.by_id.set(map);
     }
 
     /// The source with this id.
     pub fn get(&self, id: &str) -> Option<Arc<Entry>> {
-        let g = match self.by_id.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        g.get(id).cloned()
+        self.by_id.get().get(id).cloned()
     }
 }
 
