@@ -1426,6 +1426,60 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     ra3.wait_for(2, WAIT).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_token_changes_at_once_over_http_and_sighup() {
+    const NEW_ADMIN: &str = "admin-token-after-reload-1";
+    let d = Daemon::start(&config("", ""));
+    let file = d.dir.join("dispatchd.toml");
+    let status_with = |token: &'static str| {
+        let d = &d;
+        async move {
+            d.send(d.http.get(d.url("/v1/subscriptions")).bearer_auth(token))
+                .await
+                .0
+        }
+    };
+    assert_eq!(status_with(PUBLISH).await, 403);
+    assert_eq!(status_with(NEW_ADMIN).await, 401);
+
+    // Over HTTP: the publish token goes, a new admin token comes, retention changes (which
+    // only a restart applies, and the answer says so).
+    let text = format!(
+        "[auth]\ntokens = [\n  {{ token = \"{ADMIN}\", scopes = [\"admin\"] }},\n  {{ token = \"{NEW_ADMIN}\", scopes = [\"admin\"] }},\n]\n\n[storage]\nretention = \"3d\"\n\n[delivery]\nallow_private_networks = true\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    let r = ok(post_empty(&d, "/v1/admin/reload").await, "reload");
+    assert_eq!(r["tokens"], 2, "{r}");
+    assert_eq!(r["restart_needed"], json!(["storage.retention"]), "{r}");
+    assert_eq!(status_with(NEW_ADMIN).await, 200);
+    let published = d
+        .send(
+            d.http
+                .post(d.url("/v1/events"))
+                .bearer_auth(PUBLISH)
+                .header("content-type", "application/json")
+                .body(r#"{"type":"a","data":{}}"#),
+        )
+        .await;
+    assert_eq!(
+        published.0, 401,
+        "a removed token is refused: {}",
+        published.1
+    );
+
+    // SIGHUP: the old admin token goes too.
+    let text = format!(
+        "[auth]\ntokens = [ {{ token = \"{NEW_ADMIN}\", scopes = [\"admin\"] }} ]\n\n[delivery]\nallow_private_networks = true\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    support::signal(d.pid(), "HUP");
+    eventually("SIGHUP to remove the old admin token", || async {
+        (status_with(ADMIN).await == 401).then_some(())
+    })
+    .await;
+    assert_eq!(status_with(NEW_ADMIN).await, 200);
+}
+
 // ---------------------------------------------------------------------------------------------
 // the command line
 
@@ -1676,58 +1730,4 @@ async fn operator_commands_talk_to_a_running_daemon() {
     assert!(!stderr(&down).contains("panicked"));
     let usage = run(with(&["replay"])).await;
     assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_applies_token_changes_at_once_over_http_and_sighup() {
-    const NEW_ADMIN: &str = "admin-token-after-reload-1";
-    let d = Daemon::start(&config("", ""));
-    let file = d.dir.join("dispatchd.toml");
-    let status_with = |token: &'static str| {
-        let d = &d;
-        async move {
-            d.send(d.http.get(d.url("/v1/subscriptions")).bearer_auth(token))
-                .await
-                .0
-        }
-    };
-    assert_eq!(status_with(PUBLISH).await, 403);
-    assert_eq!(status_with(NEW_ADMIN).await, 401);
-
-    // Over HTTP: the publish token goes, a new admin token comes, retention changes (which
-    // only a restart applies, and the answer says so).
-    let text = format!(
-        "[auth]\ntokens = [\n  {{ token = \"{ADMIN}\", scopes = [\"admin\"] }},\n  {{ token = \"{NEW_ADMIN}\", scopes = [\"admin\"] }},\n]\n\n[storage]\nretention = \"3d\"\n\n[delivery]\nallow_private_networks = true\n"
-    );
-    std::fs::write(&file, text).unwrap();
-    let r = ok(post_empty(&d, "/v1/admin/reload").await, "reload");
-    assert_eq!(r["tokens"], 2, "{r}");
-    assert_eq!(r["restart_needed"], json!(["storage.retention"]), "{r}");
-    assert_eq!(status_with(NEW_ADMIN).await, 200);
-    let published = d
-        .send(
-            d.http
-                .post(d.url("/v1/events"))
-                .bearer_auth(PUBLISH)
-                .header("content-type", "application/json")
-                .body(r#"{"type":"a","data":{}}"#),
-        )
-        .await;
-    assert_eq!(
-        published.0, 401,
-        "a removed token is refused: {}",
-        published.1
-    );
-
-    // SIGHUP: the old admin token goes too.
-    let text = format!(
-        "[auth]\ntokens = [ {{ token = \"{NEW_ADMIN}\", scopes = [\"admin\"] }} ]\n\n[delivery]\nallow_private_networks = true\n"
-    );
-    std::fs::write(&file, text).unwrap();
-    support::signal(d.pid(), "HUP");
-    eventually("SIGHUP to remove the old admin token", || async {
-        (status_with(ADMIN).await == 401).then_some(())
-    })
-    .await;
-    assert_eq!(status_with(NEW_ADMIN).await, 200);
 }
