@@ -13,9 +13,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::ingest::source::RawSource;
 use crate::model::{
     BreakerSettings, Ordering, RetrySettings, Subscription, SubscriptionSource, TypePattern,
 };
+pub use crate::units::{ByteSize, HumanDuration, Tolerance};
 
 /// A configuration problem, with where it is when it comes from a file.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,79 +60,6 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
-
-/// A duration written the humantime way ("30s", "2h 5m"), at most `model::MAX_DURATION`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        crate::model::parse_duration(&s)
-            .map(HumanDuration)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// An inbound source's timestamp tolerance: a duration of at most `model::MAX_TOLERANCE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tolerance(pub Duration);
-
-impl<'de> Deserialize<'de> for Tolerance {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        crate::model::parse_duration_within(&s, crate::model::MAX_TOLERANCE, "100years")
-            .map(Tolerance)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// A size in bytes written "1MiB", "512KiB", "10MB" or a plain number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let n: f64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected a number and a unit like 1MiB"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
-        };
-        let bytes = n * mult as f64;
-        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("invalid size {s:?}: out of range"));
-        }
-        Ok(Self(bytes as u64))
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
-        }
-    }
-}
 
 /// Limits of the API listener: open connections and how long their I/O may wait.
 #[derive(Debug, Clone, Copy)]
@@ -349,34 +278,6 @@ pub struct RawBreaker {
     pub min_requests: Option<u32>,
     pub window: Option<HumanDuration>,
     pub cooldown: Option<HumanDuration>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSource {
-    pub id: String,
-    pub scheme: String,
-    #[serde(default)]
-    pub secrets: Vec<String>,
-    pub tolerance: Option<Tolerance>,
-    /// Where the event type comes from: `header:NAME` or `json:FIELD` (dotted path).
-    pub event_type: Option<String>,
-    /// Prefix prepended to the provider's event type, e.g. `github.`.
-    pub type_prefix: Option<String>,
-    /// Where the provider's delivery id comes from: `header:NAME` or `json:FIELD`.
-    pub delivery_id: Option<String>,
-    pub max_body: Option<ByteSize>,
-    pub rate_limit: Option<String>,
-    /// For `hmac-sha256`: the signature header, its encoding and prefix, the timestamp header.
-    pub signature_header: Option<String>,
-    pub encoding: Option<String>,
-    pub signature_prefix: Option<String>,
-    pub timestamp_header: Option<String>,
-    /// Replay detection beside the delivery id: "fingerprint" (the default where the
-    /// signature covers no timestamp) or "delivery-id" (the delivery id only).
-    pub dedup: Option<String>,
-    /// How long a fingerprint counts (default 24h).
-    pub dedup_window: Option<HumanDuration>,
 }
 
 /// A bearer token's permissions. `Admin` includes `Publish`.

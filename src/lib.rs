@@ -30,3 +30,4 @@ pub mod swap;
 #[cfg(test)]
 mod testrng;
 pub mod tls;
+pub mod units;

@@ -13,12 +13,13 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::schemes::{self, Encoding, HmacSpec, Rejection, Request, Scheme, Verified};
-use crate::config::RawSource;
 use crate::ratelimit::{TokenBucket, parse_rate};
 use crate::signing::STANDARD_ID_HEADER;
+use crate::units::{ByteSize, HumanDuration, Tolerance};
 
 /// How long a fingerprint counts when a source does not say.
 const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -90,6 +91,35 @@ impl Field {
             }
         }
     }
+}
+
+/// A `[[sources]]` table as written. Unknown keys are errors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub id: String,
+    pub scheme: String,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    pub tolerance: Option<Tolerance>,
+    /// Where the event type comes from: `header:NAME` or `json:FIELD` (dotted path).
+    pub event_type: Option<String>,
+    /// Prefix prepended to the provider's event type, e.g. `github.`.
+    pub type_prefix: Option<String>,
+    /// Where the provider's delivery id comes from: `header:NAME` or `json:FIELD`.
+    pub delivery_id: Option<String>,
+    pub max_body: Option<ByteSize>,
+    pub rate_limit: Option<String>,
+    /// For `hmac-sha256`: the signature header, its encoding and prefix, the timestamp header.
+    pub signature_header: Option<String>,
+    pub encoding: Option<String>,
+    pub signature_prefix: Option<String>,
+    pub timestamp_header: Option<String>,
+    /// Replay detection beside the delivery id: "fingerprint" (the default where the
+    /// signature covers no timestamp) or "delivery-id" (the delivery id only).
+    pub dedup: Option<String>,
+    /// How long a fingerprint counts (default 24h).
+    pub dedup_window: Option<HumanDuration>,
 }
 
 /// A configured inbound source, ready to verify requests.
@@ -516,7 +546,6 @@ impl Sources {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ByteSize;
 
     fn raw(scheme: &str) -> RawSource {
         RawSource {
@@ -547,7 +576,7 @@ mod tests {
         assert!(build(&r).fingerprint_window.is_none());
         let mut r = raw("stripe");
         r.dedup = Some("fingerprint".into());
-        r.dedup_window = Some(crate::config::HumanDuration(Duration::from_secs(60)));
+        r.dedup_window = Some(HumanDuration(Duration::from_secs(60)));
         assert_eq!(build(&r).fingerprint_window, Some(Duration::from_secs(60)));
         let mut r = raw("github");
         r.dedup = Some("sometimes".into());
