@@ -1583,7 +1583,7 @@ fn watch_log(
         let mut tx = Some(tx);
         for line in BufReader::new(output).lines().map_while(Result::ok) {
             if tx.is_some()
-                && let Some(addr) = dispatchd::app::listen_addr_in(&line)
+                && let Some(addr) = dispatchd::daemon::listen_addr_in(&line)
                 && let Some(tx) = tx.take()
             {
                 let _ = tx.send((addr, Instant::now()));

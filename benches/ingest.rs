@@ -399,7 +399,7 @@ impl Daemon {
         };
         let (rx, logs) = watch_output(
             stderr.context("no stderr pipe")?,
-            dispatchd::app::listen_addr_in,
+            dispatchd::daemon::listen_addr_in,
         );
         let addr = wait_for_addr(&rx, &logs, "dispatchd")?;
         Ok(Self {

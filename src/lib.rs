@@ -4,20 +4,19 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod app;
 pub mod auth;
-pub mod backup;
 pub mod breaker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod delivery;
 pub mod filter;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod notify;
-pub mod ops;
 pub mod ratelimit;
 pub mod redact;
 pub mod registry;

@@ -32,12 +32,12 @@ fn main() -> ExitCode {
         },
         Command::Backup(args) => backup(&args),
         Command::VerifyDb { file } => verify_db(&file),
-        Command::Events(a) => dispatchd::ops::events(&a),
-        Command::Deliveries(a) => dispatchd::ops::deliveries(&a),
-        Command::Replay(a) => dispatchd::ops::replay(&a),
-        Command::DeadLetters(a) => dispatchd::ops::dead_letters(&a),
-        Command::Subscriptions(a) => dispatchd::ops::subscriptions(&a),
-        Command::Reload(a) => dispatchd::ops::reload(&a),
+        Command::Events(a) => dispatchd::client::ops::events(&a),
+        Command::Deliveries(a) => dispatchd::client::ops::deliveries(&a),
+        Command::Replay(a) => dispatchd::client::ops::replay(&a),
+        Command::DeadLetters(a) => dispatchd::client::ops::dead_letters(&a),
+        Command::Subscriptions(a) => dispatchd::client::ops::subscriptions(&a),
+        Command::Reload(a) => dispatchd::client::ops::reload(&a),
         Command::Serve(args) => {
             let config = match args.config() {
                 Ok(c) => c,
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(dispatchd::app::serve(config)) {
+            match runtime.block_on(dispatchd::daemon::serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
 }
 
 fn backup(args: &dispatchd::cli::BackupArgs) -> ExitCode {
-    match dispatchd::backup::backup(
+    match dispatchd::client::backup::backup(
         &args.url,
         args.token.as_deref(),
         args.ca_cert.as_deref(),
@@ -89,7 +89,7 @@ fn backup(args: &dispatchd::cli::BackupArgs) -> ExitCode {
 }
 
 fn verify_db(file: &std::path::Path) -> ExitCode {
-    match dispatchd::backup::verify_db(file) {
+    match dispatchd::client::backup::verify_db(file) {
         Ok(r) => {
             println!(
                 "{}: schema version {}, {}",

@@ -324,7 +324,7 @@ impl Proc {
             let mut all = Vec::new();
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && let Some(addr) = dispatchd::app::listen_addr_in(&line) {
+                if !sent && let Some(addr) = dispatchd::daemon::listen_addr_in(&line) {
                     let _ = tx.send(Ok(addr));
                     sent = true;
                 }

@@ -127,7 +127,7 @@ impl Daemon {
         std::thread::spawn(move || {
             // Keeps draining stderr for the life of the process so it never blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = dispatchd::app::listen_addr_in(&line) {
+                if let Some(addr) = dispatchd::daemon::listen_addr_in(&line) {
                     let _ = tx.send(addr);
                 }
                 if let Ok(mut l) = sink.lock() {

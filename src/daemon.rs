@@ -1,5 +1,6 @@
-//! Wiring: opens the store, starts the writer, the API and (later) the delivery engine, and
-//! shuts them down in order: stop accepting, finish requests, flush the writer, close the file.
+//! The daemon's wiring: opens the store, starts the writer, the API and the delivery engine,
+//! and shuts them down in order: stop accepting, finish requests, flush the writer, close the
+//! file.
 
 use std::future::Future;
 use std::sync::Arc;

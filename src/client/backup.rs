@@ -91,7 +91,7 @@ async fn download(
 ) -> anyhow::Result<(u64, Vec<(String, u64)>)> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
-    let client = crate::ops::trusting(builder, ca_cert)
+    let client = super::ops::trusting(builder, ca_cert)
         .map_err(anyhow::Error::msg)?
         .build()
         .context("cannot build the HTTP client")?;
