@@ -17,8 +17,10 @@ use serde_json::Value;
 
 use super::dto::{DeliveryView, ListResponse};
 use super::error::ApiError;
-use super::routes::{auth_header, invalid_query, paging, query, time_param};
-use super::{ApiState, Resp, json, json_of, parse_json, read_body, require_json};
+use super::{
+    ApiState, Resp, auth_header, invalid_query, json, json_of, paging, parse_json, query,
+    read_body, require_json, time_param,
+};
 use crate::config::Scope;
 use crate::control::{ControlError, Described, ReloadError};
 use crate::model::{

@@ -1,5 +1,6 @@
-//! The HTTP API: a hyper 1.x server, its shared state, and request/response plumbing.
-//! Routes and handlers are in `routes`; wire types in `dto`.
+//! The HTTP API: a hyper 1.x server, its shared state, and the request/response plumbing
+//! every handler uses (bodies, JSON, query parameters, paging, auth header). Routes and
+//! handlers are in `routes`, `admin` and `inbound`; wire types in `dto`.
 
 pub mod admin;
 pub mod backup;
@@ -10,6 +11,7 @@ pub mod inbound;
 pub mod routes;
 pub mod stream;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -296,6 +298,66 @@ pub async fn read_body(st: &ApiState, req: Request<Incoming>, max: u64) -> Resul
             "request_timeout",
             format!("the request body did not arrive within {deadline:?}"),
         )),
+    }
+}
+
+pub fn auth_header(req: &Request<Incoming>) -> Option<&[u8]> {
+    req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)
+}
+
+/// Refuses event data nested deeper than `MAX_DATA_DEPTH`: it could be stored but never
+/// parsed again, so a payload filter would silently never match it.
+pub fn check_data_depth(data: &str) -> Result<(), ApiError> {
+    use crate::model::{MAX_DATA_DEPTH, nested_deeper_than};
+    if nested_deeper_than(data, MAX_DATA_DEPTH) {
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            format!("data is nested deeper than {MAX_DATA_DEPTH} levels of arrays and objects"),
+        ));
+    }
+    Ok(())
+}
+
+/// Query parameters of a request.
+pub fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+pub fn invalid_query(msg: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_query", msg)
+}
+
+/// `limit` (1..=1000, default 100) and `cursor` of a list request.
+pub fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError> {
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return Err(invalid_query("limit must be a number from 1 to 1000")),
+        },
+    };
+    let cursor = match q.get("cursor") {
+        None => None,
+        Some(c) if c.is_empty() => None,
+        Some(c) => Some(
+            c.parse::<u64>()
+                .map_err(|_| invalid_query("cursor is not one this API returned"))?,
+        ),
+    };
+    Ok((limit, cursor))
+}
+
+pub fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    match q.get(name) {
+        None => Ok(None),
+        Some(v) => crate::model::parse_time(v).map(Some).ok_or_else(|| {
+            invalid_query(format!(
+                "{name} must be an RFC 3339 time like 2026-01-02T03:04:05Z or unix seconds"
+            ))
+        }),
     }
 }
 

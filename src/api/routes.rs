@@ -1,17 +1,18 @@
 //! The route table and the request handlers.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 
 use super::dto::*;
 use super::error::ApiError;
-use super::{ApiState, Resp, json, json_of, parse_json, read_body, require_json};
+use super::{
+    ApiState, Resp, auth_header, check_data_depth, invalid_query, json, json_of, paging,
+    parse_json, query, read_body, require_json, time_param,
+};
 use crate::config::Scope;
-use crate::model::parse_time;
 use crate::storage::EventFilter;
 use crate::storage::writer::{NewEvent, Published};
 
@@ -193,10 +194,6 @@ pub async fn dispatch(
     (route.name(), result)
 }
 
-pub(super) fn auth_header(req: &Request<Incoming>) -> Option<&[u8]> {
-    req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)
-}
-
 async fn readyz(st: &ApiState) -> Resp {
     if st.is_draining() {
         return json(
@@ -257,19 +254,6 @@ fn check_event_id(id: &str) -> Result<(), ApiError> {
             "id must be 1-128 characters of A-Z a-z 0-9 - . _ ~ : (and not \"batch\")",
         ))
     }
-}
-
-/// Refuses event data nested deeper than `MAX_DATA_DEPTH`: it could be stored but never
-/// parsed again, so a payload filter would silently never match it.
-pub(super) fn check_data_depth(data: &str) -> Result<(), ApiError> {
-    use crate::model::{MAX_DATA_DEPTH, nested_deeper_than};
-    if nested_deeper_than(data, MAX_DATA_DEPTH) {
-        return Err(ApiError::bad_request(
-            "invalid_event",
-            format!("data is nested deeper than {MAX_DATA_DEPTH} levels of arrays and objects"),
-        ));
-    }
-    Ok(())
 }
 
 fn new_event(
@@ -423,49 +407,6 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
         StatusCode::OK
     };
     json_of(status, &serde_json::json!({ "items": out }))
-}
-
-/// Query parameters of a request.
-pub(super) fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
-}
-
-pub(super) fn invalid_query(msg: impl Into<String>) -> ApiError {
-    ApiError::bad_request("invalid_query", msg)
-}
-
-/// `limit` (1..=1000, default 100) and `cursor` of a list request.
-pub(super) fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError> {
-    let limit = match q.get("limit") {
-        None => 100,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(invalid_query("limit must be a number from 1 to 1000")),
-        },
-    };
-    let cursor = match q.get("cursor") {
-        None => None,
-        Some(c) if c.is_empty() => None,
-        Some(c) => Some(
-            c.parse::<u64>()
-                .map_err(|_| invalid_query("cursor is not one this API returned"))?,
-        ),
-    };
-    Ok((limit, cursor))
-}
-
-pub(super) fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
-    match q.get(name) {
-        None => Ok(None),
-        Some(v) => parse_time(v).map(Some).ok_or_else(|| {
-            invalid_query(format!(
-                "{name} must be an RFC 3339 time like 2026-01-02T03:04:05Z or unix seconds"
-            ))
-        }),
-    }
 }
 
 fn list_events(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
