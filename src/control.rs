@@ -499,6 +499,16 @@ impl Control {
         let Some(mut rec) = self.record(id)? else {
             return Err(ControlError::NotFound(id.to_string()));
         };
+        // The API shows the URL with its password masked: a definition sent back as it was
+        // shown keeps the stored password.
+        if let Some(Value::String(shown)) = spec.get("url")
+            && let Ok(Value::Object(stored)) = serde_json::from_str::<Value>(&rec.spec)
+            && let Some(Value::String(url)) = stored.get("url")
+            && url != shown
+            && crate::redact::password(url) == *shown
+        {
+            spec.insert("url".into(), Value::from(url.as_str()));
+        }
         let now = now_micros();
         if !given.is_empty() {
             rec.secrets = given

@@ -334,3 +334,34 @@ async fn slow_body_clients_do_not_starve_publishes_or_health_checks() {
         "{events}"
     );
 }
+
+/// The subscriptions API shows a URL's password masked; sending the definition back as it was
+/// shown keeps the stored password, which still reaches the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masked_url_sent_back_keeps_its_password() {
+    use base64::Engine;
+    let rx = crate::support::receiver::Receiver::start().await;
+    let d = Daemon::start("[delivery]\nallow_private_networks = true\n");
+    let url = format!("http://hook-user:s3cret-pw@{}/in", rx.addr);
+    let got = d.post("/v1/subscriptions", &sub_json(&url)).await;
+    assert_eq!(got.0, 201, "{}", got.1);
+    let (_, shown) = d.get("/v1/subscriptions/s").await;
+    let masked = format!("http://hook-user:***@{}/in", rx.addr);
+    assert_eq!(shown["url"], masked.as_str(), "{shown}");
+    let put = d
+        .send(
+            d.http
+                .put(d.url("/v1/subscriptions/s"))
+                .header("content-type", "application/json")
+                .body(json!({"url": masked, "event_types": ["*"]}).to_string()),
+        )
+        .await;
+    assert_eq!(put.0, 200, "{}", put.1);
+    d.publish("a", json!({})).await;
+    let received = rx.wait_for(1, Duration::from_secs(30)).await;
+    let basic = base64::engine::general_purpose::STANDARD.encode("hook-user:s3cret-pw");
+    assert_eq!(
+        received[0].header("authorization"),
+        Some(format!("Basic {basic}").as_str())
+    );
+}
