@@ -76,13 +76,20 @@
 //! The data directory is created under `$TMPDIR` (default `/tmp`): point it at the disk to be
 //! measured, since an fsync on tmpfs costs nothing.
 
+mod common;
+
+use common::event_request::EventRequest;
+use common::histogram::Histogram;
+use common::http_client::{HttpConn, HttpResponse};
+use common::proc::Proc;
+
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -90,7 +97,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -100,8 +107,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
@@ -149,10 +155,6 @@ const SAMPLE_EVERY: u64 = 64;
 const SHARDS: usize = 16;
 /// Bound on the receiver's accepted connections (the daemon keeps a small pool).
 const MAX_ACCEPTS: u64 = 1_000_000;
-/// Largest response head or chunk-size line accepted.
-const MAX_HEAD: usize = 64 * 1024;
-/// Largest response body accepted.
-const MAX_BODY: usize = 256 * 1024 * 1024;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1428,8 +1430,6 @@ impl Workdir {
     }
 }
 
-include!("common/proc.rs");
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -2040,8 +2040,6 @@ async fn publish_loop(
     stats
 }
 
-include!("common/event_request.rs");
-
 // ---------------------------------------------------------------------------------------------
 // The daemon's metrics
 
@@ -2123,8 +2121,6 @@ async fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Htt
 
 // ---------------------------------------------------------------------------------------------
 // A minimal HTTP/1.1 client connection
-include!("common/http_client.rs");
 
 // ---------------------------------------------------------------------------------------------
 // Latency histogram
-include!("common/histogram.rs");

@@ -41,16 +41,23 @@
 //! The data directory is created under `$TMPDIR` (default `/tmp`): point it at the disk to be
 //! measured, since an fsync on tmpfs costs nothing.
 
+mod common;
+
+use common::event_request::EventRequest;
+use common::histogram::Histogram;
+use common::http_client::HttpConn;
+use common::proc::Proc;
+
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -58,8 +65,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 const USAGE: &str = "\
@@ -82,10 +88,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Tokio workers of the load generator, and of the bare server.
 const LOAD_WORKERS: usize = 2;
 const BARE_WORKERS: usize = 2;
-/// Largest response head or chunk-size line accepted.
-const MAX_HEAD: usize = 64 * 1024;
-/// Largest response body accepted.
-const MAX_BODY: usize = 64 * 1024 * 1024;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -308,8 +310,6 @@ fn print_row(target: &str, conns: usize, r: &LoadResult) {
 
 // ---------------------------------------------------------------------------------------------
 // Child processes
-
-include!("common/proc.rs");
 
 /// The last lines a child wrote, for error messages.
 type LogTail = Arc<Mutex<VecDeque<String>>>;
@@ -700,11 +700,8 @@ async fn drive(
     stats
 }
 
-include!("common/event_request.rs");
-
 // ---------------------------------------------------------------------------------------------
 // A minimal HTTP/1.1 client connection
-include!("common/http_client.rs");
 
 // ---------------------------------------------------------------------------------------------
 // The daemon's writer metrics
@@ -777,4 +774,3 @@ fn parse_writer_stats(text: &str) -> Result<WriterStats> {
 
 // ---------------------------------------------------------------------------------------------
 // Latency histogram
-include!("common/histogram.rs");

@@ -1,12 +1,14 @@
-// Included by benches/ingest.rs and benches/delivery.rs: the request both load generators send.
+//! The request both load generators send.
+
+use std::net::SocketAddr;
 
 /// A prebuilt `POST /v1/events` (or, for `count` > 1, a `POST /v1/events/batch` of `count`
 /// events) whose bodies carry a counter rewritten in place for each send.
-struct EventRequest {
-    buf: Vec<u8>,
+pub struct EventRequest {
+    pub buf: Vec<u8>,
     /// Where each event's counter digits start.
-    counters: Vec<usize>,
-    n: u64,
+    pub counters: Vec<usize>,
+    pub n: u64,
 }
 
 const COUNTER_DIGITS: usize = 16;
@@ -14,19 +16,19 @@ const BODY_MIDDLE: &str = r#"","pad":""#;
 const BODY_END: &str = r#""}}"#;
 
 impl EventRequest {
-    fn body_start(conn: usize) -> String {
+    pub fn body_start(conn: usize) -> String {
         format!(r#"{{"type":"bench.event","data":{{"conn":{conn},"n":""#)
     }
 
     /// The body length for a requested size: at least what the fields need.
-    fn body_len(wanted: usize) -> usize {
+    pub fn body_len(wanted: usize) -> usize {
         let fixed = Self::body_start(0).len() + COUNTER_DIGITS + BODY_MIDDLE.len() + BODY_END.len();
         wanted.max(fixed)
     }
 
     /// `count` events of `body_bytes` each per request: one `POST /v1/events` when `count` is
     /// 1, else one `POST /v1/events/batch`.
-    fn batch(addr: SocketAddr, conn: usize, body_bytes: usize, count: usize) -> Self {
+    pub fn batch(addr: SocketAddr, conn: usize, body_bytes: usize, count: usize) -> Self {
         let start = Self::body_start(conn);
         let fixed = start.len() + COUNTER_DIGITS + BODY_MIDDLE.len() + BODY_END.len();
         let pad = body_bytes.saturating_sub(fixed);
@@ -64,7 +66,7 @@ impl EventRequest {
     }
 
     /// The next request, with a fresh counter value in each event.
-    fn next(&mut self) -> &[u8] {
+    pub fn next(&mut self) -> &[u8] {
         for &at in &self.counters {
             self.n += 1;
             let mut n = self.n;

@@ -1,11 +1,13 @@
-// Latency histogram for the benchmarks. Shared by benches/ingest.rs and
-// benches/delivery.rs through `include!`, so it uses their imports.
+//! Latency histogram for the benchmarks.
+
+use std::time::Duration;
+
 /// Log-linear histogram of microseconds: exact below 128 µs, then 128 buckets per power of two
 /// (under 0.8% relative error), up to about 12.7 days.
-struct Histogram {
-    counts: Vec<u64>,
-    total: u64,
-    max: u64,
+pub struct Histogram {
+    pub counts: Vec<u64>,
+    pub total: u64,
+    pub max: u64,
 }
 
 const SUB_BITS: u32 = 7;
@@ -24,7 +26,7 @@ impl Default for Histogram {
 }
 
 impl Histogram {
-    fn index(us: u64) -> usize {
+    pub fn index(us: u64) -> usize {
         let v = us.min((1 << MAX_BITS) - 1);
         if v < SUB {
             return v as usize;
@@ -34,7 +36,7 @@ impl Histogram {
     }
 
     /// The largest value that lands in bucket `i`.
-    fn upper(i: usize) -> u64 {
+    pub fn upper(i: usize) -> u64 {
         let i = i as u64;
         if i < SUB {
             return i;
@@ -44,14 +46,14 @@ impl Histogram {
         low + (1 << shift) - 1
     }
 
-    fn record(&mut self, d: Duration) {
+    pub fn record(&mut self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.counts[Self::index(us)] += 1;
         self.total += 1;
         self.max = self.max.max(us);
     }
 
-    fn merge(&mut self, o: &Histogram) {
+    pub fn merge(&mut self, o: &Histogram) {
         for (a, b) in self.counts.iter_mut().zip(&o.counts) {
             *a += b;
         }
@@ -60,7 +62,7 @@ impl Histogram {
     }
 
     /// The value at quantile `q` (0..=1) in microseconds, `None` when empty.
-    fn percentile(&self, q: f64) -> Option<u64> {
+    pub fn percentile(&self, q: f64) -> Option<u64> {
         if self.total == 0 {
             return None;
         }

@@ -1,24 +1,36 @@
-// A minimal HTTP/1.1 client connection for the benchmarks (keep-alive, Content-Length and
-// chunked bodies, 1xx, read-until-close). Shared by benches/ingest.rs and
-// benches/delivery.rs through `include!`, so it uses their imports.
-struct HttpConn {
-    stream: TcpStream,
-    buf: BytesMut,
+//! A minimal HTTP/1.1 client connection for the benchmarks (keep-alive, Content-Length and
+//! chunked bodies, 1xx, read-until-close).
+
+use std::io;
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response head or chunk-size line accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest response body accepted.
+const MAX_BODY: usize = 256 * 1024 * 1024;
+
+pub struct HttpConn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
 }
 
-struct HttpResponse {
-    status: u16,
-    body: Bytes,
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: Bytes,
     /// The server will close the connection after this response.
-    close: bool,
+    pub close: bool,
 }
 
-struct Head {
-    status: u16,
-    content_length: Option<usize>,
+pub struct Head {
+    pub status: u16,
+    pub content_length: Option<usize>,
     /// Transfer-Encoding present; `true` when its final coding is chunked.
-    transfer_encoding: Option<bool>,
-    close: bool,
+    pub transfer_encoding: Option<bool>,
+    pub close: bool,
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -30,7 +42,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 impl HttpConn {
-    async fn connect(addr: SocketAddr) -> io::Result<Self> {
+    pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(Self {
@@ -40,7 +52,7 @@ impl HttpConn {
     }
 
     /// Writes a whole request and reads its whole response.
-    async fn round_trip(&mut self, request: &[u8]) -> io::Result<HttpResponse> {
+    pub async fn round_trip(&mut self, request: &[u8]) -> io::Result<HttpResponse> {
         self.stream.write_all(request).await?;
         loop {
             let head = self.read_head().await?;
@@ -72,7 +84,7 @@ impl HttpConn {
     }
 
     /// Reads more bytes into the buffer; end of stream is an error here.
-    async fn fill(&mut self) -> io::Result<()> {
+    pub async fn fill(&mut self) -> io::Result<()> {
         self.buf.reserve(8 * 1024);
         if self.stream.read_buf(&mut self.buf).await? == 0 {
             return Err(io::Error::new(
@@ -83,7 +95,7 @@ impl HttpConn {
         Ok(())
     }
 
-    async fn read_head(&mut self) -> io::Result<Head> {
+    pub async fn read_head(&mut self) -> io::Result<Head> {
         loop {
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 let head = self.buf.split_to(end + 4);
@@ -97,7 +109,7 @@ impl HttpConn {
     }
 
     /// One CRLF-terminated line, without its CRLF.
-    async fn read_line(&mut self) -> io::Result<BytesMut> {
+    pub async fn read_line(&mut self) -> io::Result<BytesMut> {
         loop {
             if let Some(end) = find(&self.buf, b"\r\n") {
                 let mut line = self.buf.split_to(end + 2);
@@ -111,7 +123,7 @@ impl HttpConn {
         }
     }
 
-    async fn read_exact(&mut self, n: usize) -> io::Result<Bytes> {
+    pub async fn read_exact(&mut self, n: usize) -> io::Result<Bytes> {
         if n > MAX_BODY {
             return Err(invalid(format!("response body of {n} bytes is too large")));
         }
@@ -121,7 +133,7 @@ impl HttpConn {
         Ok(self.buf.split_to(n).freeze())
     }
 
-    async fn read_chunked(&mut self) -> io::Result<Bytes> {
+    pub async fn read_chunked(&mut self) -> io::Result<Bytes> {
         let mut body = BytesMut::new();
         loop {
             let line = self.read_line().await?;
@@ -145,7 +157,7 @@ impl HttpConn {
         }
     }
 
-    async fn read_to_close(&mut self) -> io::Result<Bytes> {
+    pub async fn read_to_close(&mut self) -> io::Result<Bytes> {
         loop {
             if self.buf.len() > MAX_BODY {
                 return Err(invalid("response body too large"));

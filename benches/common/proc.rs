@@ -1,14 +1,19 @@
-// Included by benches/ingest.rs and benches/delivery.rs: the child processes they start.
+//! The child processes a benchmark starts (the daemon, reference servers).
+
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
 
 /// A child process, killed if dropped while still running (so a failed bench leaves no orphan).
-struct Proc {
-    name: &'static str,
-    child: Child,
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
 }
 
 impl Proc {
     /// SIGTERM, then waits up to `grace` (and SIGKILLs after that).
-    async fn terminate(&mut self, grace: Duration) -> Result<ExitStatus> {
+    pub async fn terminate(&mut self, grace: Duration) -> Result<ExitStatus> {
         let sent = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
