@@ -3,7 +3,9 @@
 //! resume (stored as run-time state, so config subscriptions have them too); secret rotation
 //! with a grace period; and reloading the config file (SIGHUP, `POST /v1/admin/reload`).
 //!
-//! **Invariant:** every change to the set goes through `apply` under the `changes` lock. It
+//! **Invariant:** every change to the set goes through `apply` under the `changes` lock,
+//! including a destination's own disable (410 Gone, auto-disable), which it asks for over a
+//! channel (`run_disables`) instead of touching the registry. It
 //! swaps the registry whole, then starts, replaces or stops destination tasks to match, and
 //! rescans the scheduled deliveries of every destination it (re)started: jobs queued in a
 //! replaced task are dropped while their rows stay on disk, and a rescan is what finds them
@@ -599,6 +601,50 @@ impl Control {
             if paused { "paused" } else { "resumed" }
         );
         self.describe(id)
+    }
+
+    /// Disables a subscription at its destination's request (410 Gone, auto-disable): stored
+    /// as its run-time state, then the set in force swapped, under the lock every change
+    /// takes. A resume enables it again.
+    pub async fn disable(&self, id: &str, reason: &str) -> Result<(), ControlError> {
+        let _g = self.changes.lock().await;
+        let state = SubscriptionState {
+            enabled: false,
+            reason: Some(reason.to_string()),
+            changed_at: now_micros(),
+        };
+        self.writer
+            .set_subscription_state(id.to_string(), state)
+            .await?;
+        let set = self.effective()?;
+        self.apply(set);
+        Ok(())
+    }
+
+    /// Serves destinations' requests to disable their subscription until `stop` resolves.
+    pub async fn run_disables(
+        self: Arc<Self>,
+        mut requests: tokio::sync::mpsc::UnboundedReceiver<crate::delivery::worker::Disable>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            let req = tokio::select! {
+                r = requests.recv() => match r {
+                    Some(r) => r,
+                    None => return,
+                },
+                () = &mut stop => return,
+            };
+            match self.disable(&req.subscription, req.reason).await {
+                Ok(()) => {
+                    let _ = req.done.send(());
+                }
+                Err(e) => {
+                    tracing::error!(subscription = %req.subscription, error = %e, "cannot disable the subscription");
+                }
+            }
+        }
     }
 
     /// Adds a signing secret (generated unless given) in front of the others; the others keep

@@ -95,6 +95,8 @@ pub async fn run(
         }
     }
     let registry = Arc::new(Registry::new(subscriptions.clone()));
+    // Destinations ask the subscriptions' owner (control) to disable their subscription.
+    let (disables_tx, disables_rx) = tokio::sync::mpsc::unbounded_channel();
     let supervisor = Supervisor::new(
         EngineConfig {
             allow_private_networks: config.allow_private_networks,
@@ -102,10 +104,10 @@ pub async fn run(
         },
         WorkerEnv {
             store: store.clone(),
-            registry: registry.clone(),
             scheduler: sched_tx,
             auto_disable_after: config.auto_disable_after,
             attempting: attempting.clone(),
+            disables: disables_tx,
         },
         writer.clone(),
         metrics.clone(),
@@ -216,6 +218,12 @@ pub async fn run(
             )));
         }
     }
+    // Disables asked for by destinations: served until the destinations have stopped, since
+    // an attempt that finishes during the drain may still ask.
+    let (disables_stop, disables_stopped) = tokio::sync::oneshot::channel::<()>();
+    let disables_task = tokio::spawn(control.clone().run_disables(disables_rx, async move {
+        let _ = disables_stopped.await;
+    }));
     // Secret expiry after rotations, and SIGHUP reloads.
     upkeep.push(tokio::spawn(
         control.clone().run_expiry(stopped(upkeep_rx.clone())),
@@ -251,6 +259,8 @@ pub async fn run(
     let _ = sched_stop_tx.send(());
     let _ = scheduler_task.await;
     supervisor.shutdown(config.shutdown_timeout).await;
+    let _ = disables_stop.send(());
+    let _ = disables_task.await;
 
     writer.stop();
     drop(writer);

@@ -27,24 +27,6 @@ impl Registry {
         self.subscriptions.set(subs);
     }
 
-    /// Switches a subscription on or off (410 Gone, auto-disable, pause).
-    pub fn set_enabled(&self, id: &str, enabled: bool) {
-        self.subscriptions.update(|subs| {
-            subs.iter()
-                .map(|s| {
-                    if s.id == id && s.enabled != enabled {
-                        Arc::new(Subscription {
-                            enabled,
-                            ..(**s).clone()
-                        })
-                    } else {
-                        s.clone()
-                    }
-                })
-                .collect()
-        });
-    }
-
     /// One subscription by id.
     pub fn get(&self, id: &str) -> Option<Arc<Subscription>> {
         self.snapshot().iter().find(|s| s.id == id).cloned()

@@ -17,9 +17,8 @@ use super::client::ErrorKind;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::model::{DeliveryId, Micros, Ordering, micros, now_micros};
 use crate::ratelimit::TokenBucket;
-use crate::registry::Registry;
 use crate::scheduler::driver::{Job, Msg};
-use crate::storage::writer::{Next, SubscriptionState};
+use crate::storage::writer::Next;
 use crate::storage::{Snapshot, Store};
 
 /// Jobs a destination holds in memory before the router stops handing it more.
@@ -63,11 +62,23 @@ pub enum WorkerMsg {
 /// Everything a destination task needs besides its destination.
 pub struct WorkerEnv {
     pub store: Store,
-    pub registry: Arc<Registry>,
     pub scheduler: mpsc::UnboundedSender<Msg>,
     pub auto_disable_after: Duration,
     /// Deliveries whose attempt is under way, for the API's `in_flight`.
     pub attempting: Arc<super::attempting::Attempting>,
+    /// Where a destination asks for its subscription to be disabled (410 Gone,
+    /// auto-disable): the subscriptions' owner does it, under the same lock as every other
+    /// change to the set, so a reload racing a 410 cannot enable it again.
+    pub disables: mpsc::UnboundedSender<Disable>,
+}
+
+/// A destination's request to disable its subscription; `done` fires once the change is in
+/// force (stored, and the set in force swapped).
+#[derive(Debug)]
+pub struct Disable {
+    pub subscription: Arc<str>,
+    pub reason: &'static str,
+    pub done: tokio::sync::oneshot::Sender<()>,
 }
 
 pub struct Worker {
@@ -523,25 +534,22 @@ impl Worker {
         self.enabled = false;
         self.queue.clear();
         tracing::warn!(subscription = %self.dest.sub_id, reason, "subscription disabled: {why}");
+        let (done, applied) = tokio::sync::oneshot::channel();
+        let asked = self.env.disables.send(Disable {
+            subscription: self.dest.sub_id.clone(),
+            reason,
+            done,
+        });
+        // Counted once the change is in force, so whoever sees the count sees the change.
+        if asked.is_err() || applied.await.is_err() {
+            tracing::error!(subscription = %self.dest.sub_id, "the subscription could not be disabled (shutting down?)");
+            return;
+        }
         self.dest
             .metrics
             .subscriptions_disabled
             .with_label_values(&[reason])
             .inc();
-        self.env.registry.set_enabled(&self.dest.sub_id, false);
-        let state = SubscriptionState {
-            enabled: false,
-            reason: Some(reason.to_string()),
-            changed_at: now_micros(),
-        };
-        if let Err(e) = self
-            .dest
-            .writer
-            .set_subscription_state(self.dest.sub_id.to_string(), state)
-            .await
-        {
-            tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot persist the disabled state");
-        }
     }
 }
 
