@@ -5,11 +5,11 @@
 //!
 //! **Invariant:** every change to the set goes through `apply` under the `changes` lock,
 //! including a destination's own disable (410 Gone, auto-disable), which it asks for over a
-//! channel (`run_disables`) instead of touching the registry. It
-//! swaps the registry whole, then starts, replaces or stops destination tasks to match, and
-//! rescans the scheduled deliveries of every destination it (re)started: jobs queued in a
-//! replaced task are dropped while their rows stay on disk, and a rescan is what finds them
-//! again. Attempts in flight finish on the old task (see `Supervisor::replace`).
+//! channel (`run_disables`) instead of touching the registry. `apply` swaps the registry
+//! whole, then starts, replaces or stops destination tasks to match, and rescans the
+//! scheduled deliveries of every destination it (re)started: jobs queued in a replaced task
+//! are dropped while their rows stay on disk, and a rescan is what finds them again.
+//! Attempts in flight finish on the old task (see `Supervisor::replace`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
