@@ -5,7 +5,9 @@
 //! admitted before the breaker opened; they say nothing about recovery and are ignored. Every
 //! admitted request must report an outcome, or a half-open breaker waits on its probe forever.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 /// Buckets in the failure-rate window; the rate covers between 9/10 and all of `window`.
 const BUCKETS: usize = 10;

@@ -761,7 +761,7 @@ impl Control {
         }
         let n_sources = new.sources.len();
         let n_tokens = new.tokens.len();
-        sources.replace(&new.sources, std::time::Instant::now());
+        sources.replace(&new.sources, crate::clock::now());
         auth.replace(&new.tokens);
         // The files were read (and checked) when the new config was loaded.
         if let (Some(certs), Some(t)) = (tls, &new.tls) {

@@ -159,7 +159,7 @@ pub async fn run(
         registry,
         sources: Arc::new(crate::ingest::source::Sources::new(
             &config.sources,
-            std::time::Instant::now(),
+            crate::clock::now(),
         )),
         control: control.clone(),
         max_body: config.max_body,

@@ -15,13 +15,8 @@ pub type Seq = u64;
 /// Identifier of a delivery (one event to one subscription), monotonic.
 pub type DeliveryId = u64;
 
-/// The wall clock in microseconds since the Unix epoch.
-pub fn now_micros() -> Micros {
-    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(_) => 0,
-    }
-}
+/// The wall clock in microseconds since the Unix epoch (see `clock`).
+pub use crate::clock::now_micros;
 
 /// A duration in microseconds, saturating (durations are bounded far below that).
 pub fn micros(d: Duration) -> Micros {

@@ -1,6 +1,8 @@
 //! Token-bucket rate limiting: owns per-destination admission pacing and rate-string parsing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 /// Slack absorbing float rounding, so waiting exactly the advertised time always succeeds.
 const EPSILON: f64 = 1e-9;

@@ -6,7 +6,7 @@
 //! **Invariant:** a refused request (unknown source, over-size, rate-limited, bad signature,
 //! unusable content) stores nothing; a 2xx is sent only after the commit that stored it.
 
-use std::time::Instant;
+use crate::clock::Instant;
 
 use base64::Engine;
 use hyper::body::Incoming;

@@ -104,7 +104,7 @@ pub async fn serve(
         }
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let mut last_accept_warning: Option<tokio::time::Instant> = None;
+    let mut last_accept_warning: Option<crate::clock::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -136,7 +136,7 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning, and
                     // say so at most once a minute.
-                    let now = tokio::time::Instant::now();
+                    let now = crate::clock::now();
                     if last_accept_warning.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
                         tracing::warn!(error = %e, "accept failed; backing off");
                         last_accept_warning = Some(now);

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
-use tokio::time::Instant;
 
 use super::attempt::{self, Destination, Health, Outcome, Recorded};
 use super::client::ErrorKind;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
+use crate::clock::Instant;
 use crate::model::{DeliveryId, Micros, Ordering, micros, now_micros};
 use crate::ratelimit::TokenBucket;
 use crate::scheduler::driver::{Job, Msg};
@@ -128,7 +128,7 @@ impl Worker {
             window: b.window,
             cooldown: b.cooldown,
         });
-        let now = std::time::Instant::now();
+        let now = crate::clock::now();
         let bucket = dest
             .sub
             .rate_limit
@@ -192,7 +192,7 @@ impl Worker {
         );
         series.queue_depth.set(self.queue.len() as i64);
         series.in_flight.set(self.tasks.len() as i64);
-        let state = match self.breaker.state(std::time::Instant::now()) {
+        let state = match self.breaker.state(crate::clock::now()) {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
@@ -307,7 +307,7 @@ impl Worker {
                     Ok(s) => snap.insert(s),
                     Err(e) => {
                         tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read deliveries");
-                        self.wake_at = Some(Instant::now() + Duration::from_secs(1));
+                        self.wake_at = Some(crate::clock::now() + Duration::from_secs(1));
                         return;
                     }
                 },
@@ -329,21 +329,18 @@ impl Worker {
                 }
                 continue;
             };
-            let now = std::time::Instant::now();
+            let now = crate::clock::now();
             if let Some(b) = &mut self.bucket
                 && let Err(wait) = b.try_take(now)
             {
                 self.queue.insert(job.delivery, job);
-                self.wake_at = Some(Instant::now() + wait);
+                self.wake_at = Some(now + wait);
                 return;
             }
             if !self.breaker.try_acquire(now) {
                 // Open: queued deliveries wait, their attempts unspent.
                 self.queue.insert(job.delivery, job);
-                self.wake_at = self
-                    .breaker
-                    .retry_at(now)
-                    .map(|t| Instant::now() + t.saturating_duration_since(now));
+                self.wake_at = self.breaker.retry_at(now);
                 return;
             }
             self.env.attempting.start(job.delivery);
@@ -419,7 +416,7 @@ impl Worker {
                 return;
             }
         };
-        let now = std::time::Instant::now();
+        let now = crate::clock::now();
         let before = self.breaker.trips();
         match o.health {
             Health::Up => self.breaker.on_success(now),

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use super::wheel::TimerWheel;
+use crate::clock::Instant;
 use crate::metrics::Metrics;
 use crate::model::{DeliveryId, Event, Micros, micros, now_micros};
 use crate::storage::Store;

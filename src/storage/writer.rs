@@ -12,10 +12,10 @@
 //! An event and its deliveries are written by the same command in the same transaction,
 //! so no interleaving of client hang-ups, cancelled futures or crashes can separate them.
 
+use crate::clock::Instant;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use redb::ReadableTable;

@@ -49,6 +49,7 @@ fn id_of(v: &Value) -> String {
     v["id"].as_str().unwrap_or_default().to_string()
 }
 
+#[allow(clippy::disallowed_methods)] // the test's own clock, outside the daemon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_a_signed_standard_webhook() {
     let rx = Receiver::start().await;

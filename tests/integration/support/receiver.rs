@@ -201,6 +201,7 @@ impl Drop for Receiver {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // the test's own clock, outside the daemon
 async fn answer(
     state: Arc<Mutex<State>>,
     notify: Arc<Notify>,
