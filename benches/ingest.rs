@@ -49,15 +49,16 @@ mod common;
 
 use common::event_request::EventRequest;
 use common::histogram::Histogram;
-use common::http_client::HttpConn;
-use common::proc::Proc;
+use common::load::{LoadConn, Window};
+use common::metrics::{Scrape, scrape};
+use common::proc::{Listening, Watch};
+use common::{MAX_REQUESTS, WARMUP};
 
-use std::collections::VecDeque;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -79,14 +80,6 @@ usage: cargo bench --bench ingest -- [options]
   --body-bytes N       size of each event's JSON body (default 1024)
   --no-bare            skip the bare hyper baseline";
 
-/// Untimed load before each measurement window.
-const WARMUP: Duration = Duration::from_secs(1);
-/// Safety bound on the requests of one run, whatever the window.
-const MAX_REQUESTS: u64 = 50_000_000;
-/// A request without a full response after this long is an I/O error.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a server may take to start listening.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long dispatchd may take to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Tokio workers of the load generator, and of the bare server.
@@ -126,18 +119,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         body_bytes: 1024,
         bare: true,
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-        };
+    common::args::parse(args, USAGE, |flag, value| {
         match flag {
             "--connections" => {
                 o.connections = value()?
@@ -160,15 +142,10 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     .context("--body-bytes needs a byte count")?;
             }
             "--no-bare" => o.bare = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            // cargo bench appends `--bench` to the arguments of harness = false targets.
-            f if f.starts_with("--bench") => {}
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok(o)
 }
 
@@ -176,21 +153,23 @@ fn parse_options(args: &[String]) -> Result<Options> {
 // The benchmark
 
 fn run(opts: Options) -> Result<()> {
-    let daemon = Daemon::start()?;
-    let bare = if opts.bare {
-        Some(BareServer::start()?)
-    } else {
-        None
-    };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(LOAD_WORKERS)
         .enable_all()
         .build()
         .context("cannot start the load generator's runtime")?
-        .block_on(bench(&opts, daemon, bare))
+        .block_on(async {
+            let daemon = Daemon::start().await?;
+            let bare = if opts.bare {
+                Some(start_bare_server().await?)
+            } else {
+                None
+            };
+            bench(&opts, daemon, bare).await
+        })
 }
 
-async fn bench(opts: &Options, daemon: Daemon, bare: Option<BareServer>) -> Result<()> {
+async fn bench(opts: &Options, daemon: Daemon, bare: Option<Listening>) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let window = Duration::from_secs(opts.seconds);
     println!("dispatchd ingest benchmark");
@@ -221,14 +200,8 @@ async fn bench(opts: &Options, daemon: Daemon, bare: Option<BareServer>) -> Resu
     );
 
     for &conns in &opts.connections {
-        let d = load(
-            daemon.addr,
-            conns,
-            window,
-            opts.body_bytes,
-            Some(daemon.addr),
-        )
-        .await?;
+        let addr = daemon.server.addr;
+        let d = load(addr, conns, window, opts.body_bytes, Some(addr)).await?;
         print_row("dispatchd", conns, &d);
         if let Some(w) = &d.writer {
             let secs = window.as_secs_f64();
@@ -256,7 +229,7 @@ async fn bench(opts: &Options, daemon: Daemon, bare: Option<BareServer>) -> Resu
         }
     }
 
-    let total = fetch_writer_stats(daemon.addr)
+    let total = fetch_writer_stats(daemon.server.addr)
         .await
         .context("cannot read the daemon's metrics")?;
     println!();
@@ -315,76 +288,20 @@ fn print_row(target: &str, conns: usize, r: &LoadResult) {
 // ---------------------------------------------------------------------------------------------
 // Child processes
 
-/// The last lines a child wrote, for error messages.
-type LogTail = Arc<Mutex<VecDeque<String>>>;
-
-fn tail_text(logs: &LogTail) -> String {
-    logs.lock()
-        .map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n"))
-        .unwrap_or_default()
-}
-
-/// Drains `output` for the life of the child (so it never blocks on a full pipe), keeping the
-/// last lines, and sends the first address `find` recognizes.
-fn watch_output(
-    output: impl Read + Send + 'static,
-    find: fn(&str) -> Option<SocketAddr>,
-) -> (mpsc::Receiver<SocketAddr>, LogTail) {
-    let logs: LogTail = Arc::default();
-    let sink = logs.clone();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut found = false;
-        for line in BufReader::new(output).lines().map_while(Result::ok) {
-            if !found && let Some(addr) = find(&line) {
-                found = true;
-                let _ = tx.send(addr);
-            }
-            if let Ok(mut l) = sink.lock() {
-                if l.len() == 200 {
-                    l.pop_front();
-                }
-                l.push_back(line);
-            }
-        }
-    });
-    (rx, logs)
-}
-
-fn wait_for_addr(
-    rx: &mpsc::Receiver<SocketAddr>,
-    logs: &LogTail,
-    what: &str,
-) -> Result<SocketAddr> {
-    match rx.recv_timeout(START_TIMEOUT) {
-        Ok(addr) => Ok(addr),
-        Err(mpsc::RecvTimeoutError::Timeout) => Err(anyhow!(
-            "{what} did not start listening within {START_TIMEOUT:?}; its output:\n{}",
-            tail_text(logs)
-        )),
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(anyhow!(
-            "{what} exited before listening; its output:\n{}",
-            tail_text(logs)
-        )),
-    }
-}
-
 /// The real daemon, on a loopback port with a fresh data directory.
 struct Daemon {
-    proc: Proc,
-    addr: SocketAddr,
-    logs: LogTail,
+    server: Listening,
     dir: tempfile::TempDir,
 }
 
 impl Daemon {
-    fn start() -> Result<Self> {
+    async fn start() -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("dispatchd-bench-")
             .tempdir()
             .context("cannot create the data directory")?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dispatchd"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
+        cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -393,25 +310,16 @@ impl Daemon {
             .env_remove("DISPATCHD_DATA_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start dispatchd")?;
-        let stderr = child.stderr.take();
-        let proc = Proc {
-            name: "dispatchd",
-            child,
-        };
-        let (rx, logs) = watch_output(
-            stderr.context("no stderr pipe")?,
+            .stderr(Stdio::piped());
+        let server = Listening::start(
+            "dispatchd",
+            "dispatchd",
+            cmd,
+            Watch::Stderr,
             dispatchd::daemon::listen_addr_in,
-        );
-        let addr = wait_for_addr(&rx, &logs, "dispatchd")?;
-        Ok(Self {
-            proc,
-            addr,
-            logs,
-            dir,
-        })
+        )
+        .await?;
+        Ok(Self { server, dir })
     }
 
     fn data_dir(&self) -> std::path::PathBuf {
@@ -419,48 +327,34 @@ impl Daemon {
     }
 
     /// SIGTERM, wait, and insist on a clean exit.
-    async fn stop(mut self) -> Result<()> {
-        let status = self.proc.terminate(STOP_TIMEOUT).await?;
-        if !status.success() {
-            bail!(
-                "dispatchd exited with {status} after SIGTERM; its last output:\n{}",
-                tail_text(&self.logs)
-            );
-        }
+    async fn stop(self) -> Result<()> {
+        let (status, _) = self.server.stop(STOP_TIMEOUT).await?;
         println!("dispatchd stopped cleanly after SIGTERM ({status})");
         Ok(())
     }
 }
 
-/// The bare hyper server: this binary, re-executed with `--bare-server`.
-struct BareServer {
-    proc: Proc,
-    addr: SocketAddr,
-}
-
-impl BareServer {
-    fn start() -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the bench executable")?;
-        let mut child = Command::new(exe)
-            .arg("--bare-server")
-            // Kept open for the child's life: it exits when this pipe closes.
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start the bare server")?;
-        let stdout = child.stdout.take();
-        let proc = Proc {
-            name: "bare server",
-            child,
-        };
-        let (rx, logs) = watch_output(stdout.context("no stdout pipe")?, |line| {
+/// The bare hyper server: this binary, re-executed with `--bare-server`, which prints its
+/// port on stdout.
+async fn start_bare_server() -> Result<Listening> {
+    let exe = std::env::current_exe().context("cannot find the bench executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--bare-server")
+        // Kept open for the child's life: it exits when this pipe closes.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Listening::start(
+        "bare server",
+        "the bare server",
+        cmd,
+        Watch::Stdout,
+        |line| {
             let port = line.trim().parse::<u16>().ok()?;
             Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
-        });
-        let addr = wait_for_addr(&rx, &logs, "the bare server")?;
-        Ok(Self { proc, addr })
-    }
+        },
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,18 +429,6 @@ struct LoadResult {
     writer: Option<WriterStats>,
 }
 
-#[derive(Clone, Copy)]
-struct Window {
-    start: Instant,
-    end: Instant,
-}
-
-impl Window {
-    fn contains(&self, t: Instant) -> bool {
-        t >= self.start && t <= self.end
-    }
-}
-
 /// Runs `conns` closed-loop connections against `addr`: warm-up, then `measure`.
 async fn load(
     addr: SocketAddr,
@@ -555,11 +437,7 @@ async fn load(
     body_bytes: usize,
     metrics: Option<SocketAddr>,
 ) -> Result<LoadResult> {
-    let start = Instant::now() + WARMUP;
-    let window = Window {
-        start,
-        end: start + measure,
-    };
+    let window = Window::after_warmup(Instant::now(), measure);
     let scrape = metrics.map(|m| {
         tokio::spawn(async move {
             tokio::time::sleep_until(window.start.into()).await;
@@ -642,70 +520,28 @@ async fn drive(
     mut req: EventRequest,
 ) -> ConnStats {
     let mut stats = ConnStats::default();
-    let mut conn: Option<HttpConn> = None;
+    let mut conn = LoadConn::new(id, addr);
     while Instant::now() < window.end && sent.fetch_add(1, Ordering::Relaxed) < MAX_REQUESTS {
-        if conn.is_none() {
-            match tokio::time::timeout(REQUEST_TIMEOUT, HttpConn::connect(addr)).await {
-                Ok(Ok(c)) => conn = Some(c),
-                failed => {
-                    if window.contains(Instant::now()) {
-                        stats.error(true, || match failed {
-                            Ok(Err(e)) => format!("connection {id}: connect: {e}"),
-                            _ => format!("connection {id}: connect timed out"),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        let bytes = req.next();
-        let sent_at = Instant::now();
-        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, c.round_trip(bytes)).await;
-        let done = Instant::now();
-        let counted = window.contains(done);
-        match outcome {
-            Ok(Ok(resp)) => {
-                if counted {
-                    if (200..300).contains(&resp.status) {
+        match conn.send(&mut req).await {
+            Ok(reply) => {
+                if window.contains(reply.done) {
+                    if (200..300).contains(&reply.resp.status) {
                         stats.ok += 1;
-                        stats.hist.record(done.duration_since(sent_at));
+                        stats.hist.record(reply.done.duration_since(reply.sent_at));
                     } else {
-                        stats.error(false, || {
-                            format!(
-                                "HTTP {}: {}",
-                                resp.status,
-                                String::from_utf8_lossy(&resp.body[..resp.body.len().min(300)])
-                            )
-                        });
+                        stats.error(false, || reply.resp.summary());
                     }
                 }
-                if resp.close {
-                    conn = None;
-                }
             }
-            Ok(Err(e)) => {
-                if counted {
-                    stats.error(true, || format!("connection {id}: {e}"));
+            Err(failure) => {
+                if window.contains(failure.at) {
+                    stats.error(true, || failure.describe());
                 }
-                conn = None;
-            }
-            Err(_) => {
-                if counted {
-                    stats.error(true, || {
-                        format!("connection {id}: no response within {REQUEST_TIMEOUT:?}")
-                    });
-                }
-                conn = None;
             }
         }
     }
     stats
 }
-
-// ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client connection
 
 // ---------------------------------------------------------------------------------------------
 // The daemon's writer metrics
@@ -738,43 +574,15 @@ impl WriterStats {
 }
 
 async fn fetch_writer_stats(addr: SocketAddr) -> Result<WriterStats> {
-    let mut conn = HttpConn::connect(addr).await?;
-    let request = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-    let resp = tokio::time::timeout(REQUEST_TIMEOUT, conn.round_trip(request.as_bytes()))
-        .await
-        .context("GET /metrics timed out")??;
-    if resp.status != 200 {
-        bail!("GET /metrics answered {}", resp.status);
-    }
-    parse_writer_stats(&String::from_utf8_lossy(&resp.body))
+    writer_stats(&scrape(addr).await?)
 }
 
-/// Reads the four sums and counts from the Prometheus text format.
-fn parse_writer_stats(text: &str) -> Result<WriterStats> {
-    let mut found = [None; 4];
-    let names = [
-        "dispatchd_writer_batch_size_sum",
-        "dispatchd_writer_batch_size_count",
-        "dispatchd_writer_commit_seconds_sum",
-        "dispatchd_writer_commit_seconds_count",
-    ];
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let mut parts = line.split_whitespace();
-        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        if let Some(i) = names.iter().position(|n| *n == name) {
-            found[i] = value.parse::<f64>().ok();
-        }
-    }
-    let get = |i: usize| found[i].ok_or_else(|| anyhow!("/metrics has no {}", names[i]));
+/// The writer's four sums and counts.
+fn writer_stats(m: &Scrape) -> Result<WriterStats> {
     Ok(WriterStats {
-        batch_sum: get(0)?,
-        batch_count: get(1)?,
-        commit_sum: get(2)?,
-        commit_count: get(3)?,
+        batch_sum: m.value("dispatchd_writer_batch_size_sum")?,
+        batch_count: m.value("dispatchd_writer_batch_size_count")?,
+        commit_sum: m.value("dispatchd_writer_commit_seconds_sum")?,
+        commit_count: m.value("dispatchd_writer_commit_seconds_count")?,
     })
 }
-
-// ---------------------------------------------------------------------------------------------
-// Latency histogram

@@ -1,9 +1,12 @@
 //! A minimal HTTP/1.1 client connection for the benchmarks (keep-alive, Content-Length and
 //! chunked bodies, 1xx, read-until-close).
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,6 +26,31 @@ pub struct HttpResponse {
     pub body: Bytes,
     /// The server will close the connection after this response.
     pub close: bool,
+}
+
+impl HttpResponse {
+    /// The start of the body as text, for error messages.
+    pub fn body_head(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(&self.body[..self.body.len().min(300)])
+    }
+
+    /// `HTTP <status>: <start of the body>`, for an unexpected answer.
+    pub fn summary(&self) -> String {
+        format!("HTTP {}: {}", self.status, self.body_head())
+    }
+}
+
+/// One GET on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpResponse> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    let resp = tokio::time::timeout(timeout, async {
+        let mut conn = HttpConn::connect(addr).await?;
+        conn.round_trip(request.as_bytes()).await
+    })
+    .await
+    .with_context(|| format!("GET {path} timed out"))?
+    .with_context(|| format!("GET {path} failed"))?;
+    Ok(resp)
 }
 
 pub struct Head {

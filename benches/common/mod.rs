@@ -1,8 +1,23 @@
-//! Pieces the load generators share: child processes, the HTTP client connection, the latency
+//! Pieces the load generators share: command-line flags, child processes, the HTTP client
+//! connection, load connections and their window, the daemon's metrics, the latency
 //! histogram and the event request. Each benchmark uses a part of them.
 #![allow(dead_code)]
 
+use std::time::Duration;
+
+pub mod args;
 pub mod event_request;
 pub mod histogram;
 pub mod http_client;
+pub mod load;
+pub mod metrics;
 pub mod proc;
+
+/// Untimed load before each measurement window.
+pub const WARMUP: Duration = Duration::from_secs(1);
+/// Safety bound on the requests of one run, whatever the window.
+pub const MAX_REQUESTS: u64 = 50_000_000;
+/// A request without a full response after this long is an I/O error.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
