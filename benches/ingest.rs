@@ -153,20 +153,15 @@ fn parse_options(args: &[String]) -> Result<Options> {
 // The benchmark
 
 fn run(opts: Options) -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(LOAD_WORKERS)
-        .enable_all()
-        .build()
-        .context("cannot start the load generator's runtime")?
-        .block_on(async {
-            let daemon = Daemon::start().await?;
-            let bare = if opts.bare {
-                Some(start_bare_server().await?)
-            } else {
-                None
-            };
-            bench(&opts, daemon, bare).await
-        })
+    common::block_on(LOAD_WORKERS, "the load generator's runtime", async {
+        let daemon = Daemon::start().await?;
+        let bare = if opts.bare {
+            Some(start_bare_server().await?)
+        } else {
+            None
+        };
+        bench(&opts, daemon, bare).await
+    })?
 }
 
 async fn bench(opts: &Options, daemon: Daemon, bare: Option<Listening>) -> Result<()> {
@@ -300,25 +295,7 @@ impl Daemon {
             .prefix("dispatchd-bench-")
             .tempdir()
             .context("cannot create the data directory")?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env_remove("DISPATCHD_LISTEN")
-            .env_remove("DISPATCHD_DATA_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let server = Listening::start(
-            "dispatchd",
-            "dispatchd",
-            cmd,
-            Watch::Stderr,
-            dispatchd::daemon::listen_addr_in,
-        )
-        .await?;
+        let server = common::proc::start_daemon(&dir.path().join("data"), |_| {}).await?;
         Ok(Self { server, dir })
     }
 
@@ -366,12 +343,7 @@ fn bare_server_main() -> Result<()> {
         let _ = io::copy(&mut io::stdin(), &mut io::sink());
         std::process::exit(0);
     });
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(BARE_WORKERS)
-        .enable_all()
-        .build()
-        .context("cannot start the bare server's runtime")?
-        .block_on(bare_serve())
+    common::block_on(BARE_WORKERS, "the bare server's runtime", bare_serve())?
 }
 
 async fn bare_serve() -> Result<()> {

@@ -3,7 +3,10 @@
 //! histogram and the event request. Each benchmark uses a part of them.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::time::Duration;
+
+use anyhow::{Context, Result};
 
 pub mod args;
 pub mod event_request;
@@ -21,3 +24,14 @@ pub const MAX_REQUESTS: u64 = 50_000_000;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a server may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `f` to its end on a multi-threaded tokio runtime of `workers` threads; `what` names
+/// the runtime if it cannot start.
+pub fn block_on<F: Future>(workers: usize, what: &str, f: F) -> Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .with_context(|| format!("cannot start {what}"))?
+        .block_on(f))
+}

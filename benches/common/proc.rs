@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -203,6 +204,32 @@ impl Listening {
         }
         Ok((status, t.elapsed()))
     }
+}
+
+/// Starts `dispatchd serve` on a free loopback port with `data_dir`, without the environment
+/// variables that would override either, its log (stderr) watched for the `listening on`
+/// line; `more` adds arguments or environment of the caller's.
+pub async fn start_daemon(data_dir: &Path, more: impl FnOnce(&mut Command)) -> Result<Listening> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatchd"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("DISPATCHD_LISTEN")
+        .env_remove("DISPATCHD_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    more(&mut cmd);
+    Listening::start(
+        "dispatchd",
+        "dispatchd",
+        cmd,
+        Watch::Stderr,
+        dispatchd::daemon::listen_addr_in,
+    )
+    .await
 }
 
 /// Drains a child's output for its whole life (so it never blocks on a full pipe) into `log`,

@@ -12,12 +12,7 @@ pub(crate) async fn backlog(opts: &Options) -> Result<()> {
         l.local_addr()?.port()
     };
     let url = format!("http://127.0.0.1:{closed_port}/hook");
-    let work = Workdir::new(&config_text(opts, &url, true))?;
-    let daemon = Daemon::start(&work).await?;
-    wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
-
-    println!("dispatchd delivery benchmark: backlog");
-    print_setup(opts, &work, &url);
+    let (work, daemon) = start_run(opts, &url).await?;
     println!(
         "  load: {n} events in batches of {} on {conns} keep-alive connections \
          (POST /v1/events/batch), {}-byte JSON events; the endpoint refuses connections, so \
@@ -129,13 +124,13 @@ pub(crate) async fn backlog(opts: &Options) -> Result<()> {
     daemon.log.print();
 
     let pid = daemon.pid();
-    let stopped = daemon.stop().await?;
+    let stopped = stop_daemon(daemon).await?;
     println!(
         "SIGTERM                      exited cleanly after {:.2} s",
         stopped.as_secs_f64()
     );
 
-    let restarted = Daemon::start(&work).await?;
+    let restarted = start_daemon(&work).await?;
     let ready_at = wait_ready(restarted.addr, restarted.spawned + START_TIMEOUT).await?;
     let to_ready = ready_at.saturating_duration_since(restarted.spawned);
     println!(
@@ -197,25 +192,14 @@ pub(crate) async fn backlog(opts: &Options) -> Result<()> {
         "target: RSS < 250 MB holding 1000000 scheduled retries: {rss_mb:.1} MiB holding \
          {scheduled:.0} -> {}{}",
         verdict(rss_mb < 250.0 && scheduled >= n as f64),
-        if n < 1_000_000 {
-            " (fewer events than the target's)"
-        } else {
-            ""
-        }
+        caveat(n < 1_000_000, " (fewer events than the target's)")
     );
     println!(
         "target: restart serving within 3 s: {:.3} s -> {}",
         to_ready.as_secs_f64(),
         verdict(to_ready < Duration::from_secs(3))
     );
-    print_machine_note();
-    restarted.log.print();
-    let stopped = restarted.stop().await?;
-    println!(
-        "dispatchd stopped cleanly {:.2} s after SIGTERM",
-        stopped.as_secs_f64()
-    );
-    Ok(())
+    finish(restarted).await
 }
 
 #[derive(Default)]
@@ -259,7 +243,7 @@ pub(crate) async fn publish_backlog(
                     bail!(
                         "POST /v1/events/batch answered {}: {}",
                         resp.status,
-                        String::from_utf8_lossy(&resp.body[..resp.body.len().min(300)])
+                        resp.body_head()
                     );
                 }
                 let acks: BatchAck =
@@ -287,20 +271,6 @@ pub(crate) async fn publish_backlog(
         all.deliveries += s.deliveries;
     }
     Ok(all)
-}
-
-#[derive(Deserialize)]
-pub(crate) struct BatchAck {
-    pub(crate) items: Vec<Ack>,
-}
-
-/// The answer to one publish (other fields ignored).
-#[derive(Deserialize)]
-pub(crate) struct Ack {
-    pub(crate) id: String,
-    pub(crate) deliveries: u32,
-    #[serde(default)]
-    pub(crate) duplicate: bool,
 }
 
 /// One `POST /v1/events/batch` of `count` events of about `body_bytes` each.
@@ -339,6 +309,3 @@ impl BatchRequest {
         req
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Report helpers

@@ -1,4 +1,5 @@
-//! The daemon under test: its config, data directory, log and process.
+//! The daemon under test: its config, data directory and process, and the start and end
+//! every mode shares.
 
 use super::*;
 
@@ -60,168 +61,43 @@ impl Workdir {
     }
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// What the daemon wrote on stderr: the last lines, and its warnings and errors.
-#[derive(Default)]
-pub(crate) struct DaemonLog {
-    pub(crate) inner: Mutex<LogInner>,
-}
-
-#[derive(Default)]
-pub(crate) struct LogInner {
-    pub(crate) tail: VecDeque<String>,
-    pub(crate) warnings: u64,
-    pub(crate) errors: u64,
-    pub(crate) notable: Vec<String>,
-}
-
-impl DaemonLog {
-    pub(crate) fn add(&self, line: String) {
-        let mut l = lock(&self.inner);
-        // Text format: `TIMESTAMP  LEVEL target: message fields`.
-        match line.split_whitespace().nth(1) {
-            Some("WARN") => l.warnings += 1,
-            Some("ERROR") => l.errors += 1,
-            _ => {}
-        }
-        if line
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|lv| lv == "WARN" || lv == "ERROR")
-            && l.notable.len() < 10
-        {
-            l.notable.push(line.clone());
-        }
-        if l.tail.len() == 200 {
-            l.tail.pop_front();
-        }
-        l.tail.push_back(line);
-    }
-
-    pub(crate) fn tail(&self) -> String {
-        lock(&self.inner)
-            .tail
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    pub(crate) fn print(&self) {
-        let l = lock(&self.inner);
-        println!(
-            "daemon log: {} warnings, {} errors{}",
-            l.warnings,
-            l.errors,
-            if l.notable.is_empty() {
-                ""
-            } else {
-                "; the first:"
-            }
-        );
-        for line in &l.notable {
-            println!("  {line}");
-        }
-    }
-}
-
 /// The real daemon, on a loopback port.
-pub(crate) struct Daemon {
-    pub(crate) proc: Proc,
-    pub(crate) addr: SocketAddr,
-    pub(crate) log: Arc<DaemonLog>,
-    pub(crate) spawned: Instant,
-    /// From spawn to the `listening on` line.
-    pub(crate) listening_after: Duration,
+pub(crate) type Daemon = Listening;
+
+/// Starts the daemon on `work`'s config and data directory.
+pub(crate) async fn start_daemon(work: &Workdir) -> Result<Daemon> {
+    common::proc::start_daemon(&work.data_dir(), |cmd| {
+        cmd.arg("--config").arg(&work.config).env_remove("RUST_LOG");
+    })
+    .await
 }
 
-impl Daemon {
-    pub(crate) async fn start(work: &Workdir) -> Result<Self> {
-        let spawned = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dispatchd"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&work.config)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(work.data_dir())
-            .env_remove("DISPATCHD_LISTEN")
-            .env_remove("DISPATCHD_DATA_DIR")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start dispatchd")?;
-        let stderr = child.stderr.take();
-        let proc = Proc {
-            name: "dispatchd",
-            child,
-        };
-        let log = Arc::new(DaemonLog::default());
-        let rx = watch_log(stderr.context("no stderr pipe")?, log.clone());
-        let (addr, at) = match tokio::time::timeout(START_TIMEOUT, rx).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(_)) => bail!(
-                "dispatchd exited before listening; its output:\n{}",
-                log.tail()
-            ),
-            Err(_) => bail!(
-                "dispatchd did not start listening within {START_TIMEOUT:?}; its output:\n{}",
-                log.tail()
-            ),
-        };
-        Ok(Self {
-            proc,
-            addr,
-            log,
-            spawned,
-            listening_after: at.saturating_duration_since(spawned),
-        })
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.proc.child.id()
-    }
-
-    /// SIGTERM, wait, and insist on a clean exit; returns how long it took.
-    pub(crate) async fn stop(mut self) -> Result<Duration> {
-        let t = Instant::now();
-        let status = self.proc.terminate(STOP_TIMEOUT).await?;
-        if !status.success() {
-            bail!(
-                "dispatchd exited with {status} after SIGTERM; its last output:\n{}",
-                self.log.tail()
-            );
-        }
-        Ok(t.elapsed())
-    }
+/// Writes the mode's config with the subscription pointing at `url`, starts the daemon,
+/// waits until it is ready, and prints the run's title and setup.
+pub(crate) async fn start_run(opts: &Options, url: &str) -> Result<(Workdir, Daemon)> {
+    let work = Workdir::new(&config_text(opts, url, opts.mode == Mode::Backlog))?;
+    let daemon = start_daemon(&work).await?;
+    wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
+    println!("dispatchd delivery benchmark: {}", opts.mode.name());
+    print_setup(opts, &work, url);
+    Ok((work, daemon))
 }
 
-/// Drains the daemon's stderr for its whole life (so it never blocks on a full pipe) and
-/// sends the address of the `listening on` line with the instant it was read.
-pub(crate) fn watch_log(
-    output: impl Read + Send + 'static,
-    log: Arc<DaemonLog>,
-) -> oneshot::Receiver<(SocketAddr, Instant)> {
-    let (tx, rx) = oneshot::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(output).lines().map_while(Result::ok) {
-            if tx.is_some()
-                && let Some(addr) = dispatchd::daemon::listen_addr_in(&line)
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send((addr, Instant::now()));
-            }
-            log.add(line);
-        }
-    });
-    rx
+/// SIGTERM, wait, and insist on a clean exit; returns how long it took.
+pub(crate) async fn stop_daemon(daemon: Daemon) -> Result<Duration> {
+    Ok(daemon.stop(STOP_TIMEOUT).await?.1)
+}
+
+/// The end of every mode: the machine note, the daemon's log, and a clean stop.
+pub(crate) async fn finish(daemon: Daemon) -> Result<()> {
+    print_machine_note();
+    daemon.log.print();
+    let stopped = stop_daemon(daemon).await?;
+    println!(
+        "dispatchd stopped cleanly {:.2} s after SIGTERM",
+        stopped.as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Polls `GET /readyz` until it answers 200; returns when it did.
@@ -240,6 +116,3 @@ pub(crate) async fn wait_ready(addr: SocketAddr, deadline: Instant) -> Result<In
     }
     bail!("dispatchd not ready in time (last answer: {last})")
 }
-
-// ---------------------------------------------------------------------------------------------
-// The receiver

@@ -5,14 +5,8 @@ use super::*;
 pub(crate) async fn latency(opts: &Options) -> Result<()> {
     let seconds = opts.seconds();
     let conns = opts.connections();
-    let receiver = Receiver::start().await?;
-    let work = Workdir::new(&config_text(opts, &receiver.url(), false))?;
-    let daemon = Daemon::start(&work).await?;
-    wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
-
+    let run = Run::start(opts).await?;
     let period = Duration::from_secs_f64(conns as f64 / opts.rate as f64);
-    println!("dispatchd delivery benchmark: latency");
-    print_setup(opts, &work, &receiver.url());
     println!(
         "  load: {} events/s offered on {conns} keep-alive connections (each on a tokio \
          interval of {:.3} ms, staggered), POST /v1/events with a {}-byte JSON event, {}s \
@@ -24,32 +18,18 @@ pub(crate) async fn latency(opts: &Options) -> Result<()> {
     );
     println!();
 
-    let t0 = Instant::now();
-    let window = Window {
-        start: t0 + WARMUP,
-        end: t0 + WARMUP + Duration::from_secs(seconds),
-    };
-    let sampler = WindowSampler::spawn(daemon.addr, daemon.pid(), window);
-    let pubs = run_publishers(
-        daemon.addr,
-        conns,
-        opts.body_bytes,
-        1,
+    let published = run.publish(opts, 1, Some(period), LATENCY_WAIT).await?;
+    let Published {
         window,
-        Some((t0, period)),
-    )
-    .await?;
-    let published_at_end = Instant::now();
-    let sample = sampler.await.context("the sampling task panicked")??;
-    let keys: Vec<(u128, Instant)> = pubs.acks.clone();
-    receiver
-        .wait_for(&keys, published_at_end + LATENCY_WAIT)
-        .await;
-    let arrivals = receiver.arrivals(&keys);
+        pubs,
+        arrivals,
+        ..
+    } = &published;
+    let keys = &pubs.acks;
 
     let mut hist = Histogram::default();
     let (mut measured, mut early, mut missing) = (0u64, 0u64, 0u64);
-    for ((_, ack), at) in keys.iter().zip(&arrivals) {
+    for ((_, ack), at) in keys.iter().zip(arrivals) {
         if !window.contains(*ack) {
             continue;
         }
@@ -69,17 +49,7 @@ pub(crate) async fn latency(opts: &Options) -> Result<()> {
         "published (acked in window)  {measured} events: {achieved:.1} events/s of {} offered",
         opts.rate
     );
-    println!(
-        "publish ack latency          p50 {} ms, p99 {} ms, p99.9 {} ms ({} publish errors{})",
-        ms(&pubs.hist, 0.50),
-        ms(&pubs.hist, 0.99),
-        ms(&pubs.hist, 0.999),
-        pubs.errors,
-        pubs.first_error
-            .as_deref()
-            .map(|e| format!("; first: {e}"))
-            .unwrap_or_default()
-    );
+    pubs.print_ack_latency();
     println!(
         "ack-to-delivery latency      p50 {} ms, p99 {} ms, p99.9 {} ms, max {} ms \
          ({} deliveries)",
@@ -94,10 +64,7 @@ pub(crate) async fn latency(opts: &Options) -> Result<()> {
          not delivered {} s after publishing stopped: {missing}",
         LATENCY_WAIT.as_secs()
     );
-    receiver.print_checks(keys.len() as u64);
-    let after = scrape(daemon.addr).await?;
-    print_attempts(&after);
-    sample.print(secs);
+    run.print_daemon(&published, secs).await?;
     let p99_ms = hist
         .percentile(0.99)
         .map_or(f64::NAN, |us| us as f64 / 1000.0);
@@ -105,22 +72,7 @@ pub(crate) async fn latency(opts: &Options) -> Result<()> {
         "target: p99 ack-to-delivery < 25 ms at 10000/s: p99 {p99_ms:.3} ms at {achieved:.0}/s \
          -> {}{}",
         verdict(p99_ms < 25.0 && achieved >= 0.99 * 10_000.0 && missing == 0),
-        if opts.rate < 10_000 {
-            " (offered rate below the target's)"
-        } else {
-            ""
-        }
+        caveat(opts.rate < 10_000, " (offered rate below the target's)")
     );
-    print_machine_note();
-    daemon.log.print();
-    let stopped = daemon.stop().await?;
-    println!(
-        "dispatchd stopped cleanly {:.2} s after SIGTERM",
-        stopped.as_secs_f64()
-    );
-    receiver.stop();
-    Ok(())
+    run.finish().await
 }
-
-// ---------------------------------------------------------------------------------------------
-// Mode 3: backlog

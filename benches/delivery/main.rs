@@ -89,6 +89,7 @@ mod latency;
 mod publish;
 mod receiver;
 mod report;
+mod run;
 mod throughput;
 
 use backlog::*;
@@ -97,22 +98,25 @@ use latency::*;
 use publish::*;
 use receiver::*;
 use report::*;
+use run::*;
 use throughput::*;
 
 use common::event_request::EventRequest;
 use common::histogram::Histogram;
-use common::http_client::{HttpConn, HttpResponse};
-use common::proc::Proc;
+use common::http_client::{HttpConn, get as http_get};
+use common::load::{LoadConn, Window};
+use common::metrics::{Scrape, scrape};
+use common::proc::{Listening, lock};
+use common::{MAX_REQUESTS, REQUEST_TIMEOUT, START_TIMEOUT, WARMUP};
 
+use std::collections::HashMap;
 use std::collections::hash_map::{DefaultHasher, Entry};
-use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -129,7 +133,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use sha2::Sha256;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
@@ -150,16 +154,8 @@ usage: cargo bench --bench delivery -- [throughput|latency|backlog] [options]
 /// The subscription's secret; the receiver verifies signatures with it.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SUBSCRIPTION: &str = "bench";
-/// Untimed load before each measurement window.
-const WARMUP: Duration = Duration::from_secs(1);
-/// Safety bound on the requests of one run, whatever the window.
-const MAX_REQUESTS: u64 = 50_000_000;
-/// A request without a full response after this long is an I/O error.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// The same for one batch of the backlog.
+/// A batch of the backlog without a full response after this long is an I/O error.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the daemon may take to start listening, and to become ready.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the daemon may take to stop after SIGTERM (it drains for up to 30 s).
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Throughput: how long the backlog left at the end of the window may take to arrive.
@@ -210,6 +206,16 @@ struct Options {
     cache_size: Option<String>,
     journal_size: Option<String>,
     wait_secs: u64,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Throughput => "throughput",
+            Mode::Latency => "latency",
+            Mode::Backlog => "backlog",
+        }
+    }
 }
 
 impl Options {
@@ -273,18 +279,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         wait_secs: 1200,
     };
     let mut mode_seen = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-        };
+    common::args::parse(args, USAGE, |flag, value| {
         match flag {
             "throughput" | "latency" | "backlog" if !mode_seen => {
                 mode_seen = true;
@@ -318,15 +313,10 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--cache-size" => o.cache_size = Some(size(flag, value()?, "64MiB")?),
             "--journal-size" => o.journal_size = Some(size(flag, value()?, "4MiB")?),
             "--wait-secs" => o.wait_secs = positive(flag, &value()?)?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            // cargo bench appends `--bench` to the arguments of harness = false targets.
-            f if f.starts_with("--bench") => {}
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if o.mode == Mode::Latency && o.batch() > 1 {
         bail!("--batch: latency publishes one event per request");
     }
@@ -334,19 +324,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
 }
 
 fn run(opts: Options) -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKERS)
-        .enable_all()
-        .build()
-        .context("cannot start the bench's runtime")?
-        .block_on(async {
-            match opts.mode {
-                Mode::Throughput => throughput(&opts).await,
-                Mode::Latency => latency(&opts).await,
-                Mode::Backlog => backlog(&opts).await,
-            }
-        })
+    common::block_on(WORKERS, "the bench's runtime", async {
+        match opts.mode {
+            Mode::Throughput => throughput(&opts).await,
+            Mode::Latency => latency(&opts).await,
+            Mode::Backlog => backlog(&opts).await,
+        }
+    })?
 }
-
-// ---------------------------------------------------------------------------------------------
-// Mode 1: throughput

@@ -6,6 +6,11 @@ pub(crate) fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "NOT MET" }
 }
 
+/// `note` where it `applies`: a run smaller than its target's says so.
+pub(crate) fn caveat(applies: bool, note: &'static str) -> &'static str {
+    if applies { note } else { "" }
+}
+
 pub(crate) fn ms(h: &Histogram, q: f64) -> String {
     h.percentile(q)
         .map_or_else(|| "-".to_owned(), |us| format!("{:.3}", us as f64 / 1000.0))
@@ -166,18 +171,6 @@ pub(crate) fn print_machine_note() {
 
 // ---------------------------------------------------------------------------------------------
 // Window sampling: CPU and the daemon's metrics at the start and end of the window
-
-#[derive(Clone, Copy)]
-pub(crate) struct Window {
-    pub(crate) start: Instant,
-    pub(crate) end: Instant,
-}
-
-impl Window {
-    pub(crate) fn contains(&self, t: Instant) -> bool {
-        t >= self.start && t <= self.end
-    }
-}
 
 pub(crate) struct WindowSample {
     pub(crate) daemon_cpu: Option<f64>,
@@ -344,6 +337,3 @@ pub(crate) fn memory(pid: u32) -> Memory {
 pub(crate) fn file_mib(path: &std::path::Path) -> f64 {
     std::fs::metadata(path).map_or(f64::NAN, |m| m.len() as f64 / 1024.0 / 1024.0)
 }
-
-// ---------------------------------------------------------------------------------------------
-// The daemon: config file, process, log

@@ -5,13 +5,7 @@ use super::*;
 pub(crate) async fn throughput(opts: &Options) -> Result<()> {
     let seconds = opts.seconds();
     let conns = opts.connections();
-    let receiver = Receiver::start().await?;
-    let work = Workdir::new(&config_text(opts, &receiver.url(), false))?;
-    let daemon = Daemon::start(&work).await?;
-    wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
-
-    println!("dispatchd delivery benchmark: throughput");
-    print_setup(opts, &work, &receiver.url());
+    let run = Run::start(opts).await?;
     println!(
         "  load: {conns} keep-alive connections, closed loop, {} with {}-byte JSON events, {}s \
          warm-up + {seconds}s measured",
@@ -24,31 +18,17 @@ pub(crate) async fn throughput(opts: &Options) -> Result<()> {
     );
     println!();
 
-    let t0 = Instant::now();
-    let window = Window {
-        start: t0 + WARMUP,
-        end: t0 + WARMUP + Duration::from_secs(seconds),
-    };
-    let sampler = WindowSampler::spawn(daemon.addr, daemon.pid(), window);
-    let pubs = run_publishers(
-        daemon.addr,
-        conns,
-        opts.body_bytes,
-        opts.batch(),
-        window,
-        None,
-    )
-    .await?;
-    let published_at_end = Instant::now();
-    let sample = sampler.await.context("the sampling task panicked")??;
-
     // The backlog left at the end of the window: wait for every acknowledged event.
-    let keys: Vec<(u128, Instant)> = pubs.acks.clone();
-    let missing = receiver
-        .wait_for(&keys, published_at_end + DRAIN_LIMIT)
-        .await;
-    let arrivals = receiver.arrivals(&keys);
-    let (in_window, per_second) = receiver.first_arrivals_in(window);
+    let published = run.publish(opts, opts.batch(), None, DRAIN_LIMIT).await?;
+    let Published {
+        window,
+        pubs,
+        missing,
+        arrivals,
+        ..
+    } = &published;
+    let (window, missing, keys) = (*window, *missing, &pubs.acks);
+    let (in_window, per_second) = run.receiver.first_arrivals_in(window);
 
     let secs = seconds as f64;
     let acked_in_window = pubs
@@ -62,7 +42,7 @@ pub(crate) async fn throughput(opts: &Options) -> Result<()> {
         .count();
     let last_arrival = arrivals.iter().flatten().max().copied();
     let mut e2e = Histogram::default();
-    for ((_, ack), at) in keys.iter().zip(&arrivals) {
+    for ((_, ack), at) in keys.iter().zip(arrivals) {
         if let Some(at) = at {
             e2e.record(at.saturating_duration_since(*ack));
         }
@@ -77,17 +57,7 @@ pub(crate) async fn throughput(opts: &Options) -> Result<()> {
         in_window as f64 / secs
     );
     print_per_second(&per_second);
-    println!(
-        "publish ack latency          p50 {} ms, p99 {} ms, p99.9 {} ms ({} publish errors{})",
-        ms(&pubs.hist, 0.50),
-        ms(&pubs.hist, 0.99),
-        ms(&pubs.hist, 0.999),
-        pubs.errors,
-        pubs.first_error
-            .as_deref()
-            .map(|e| format!("; first: {e}"))
-            .unwrap_or_default()
-    );
+    pubs.print_ack_latency();
     println!(
         "pending at window end        {pending_at_end} of {} acknowledged events not yet \
          received",
@@ -111,29 +81,18 @@ pub(crate) async fn throughput(opts: &Options) -> Result<()> {
         ms(&e2e, 0.99),
         ms(&e2e, 1.0)
     );
-    receiver.print_checks(keys.len() as u64);
-    let after = scrape(daemon.addr).await?;
-    print_attempts(&after);
-    sample.print(secs);
+    run.print_daemon(&published, secs).await?;
     let rate = in_window as f64 / secs;
     println!(
         "target: >= 25000 deliveries/s sustained for 30 s: {:.1}/s over {seconds} s -> {}{}",
         rate,
         verdict(rate >= 25_000.0 && missing == 0),
-        if seconds < 30 {
+        caveat(
+            seconds < 30,
             " (window shorter than the 30 s of the target)"
-        } else {
-            ""
-        }
+        )
     );
-    print_machine_note();
-    daemon.log.print();
-    let stopped = daemon.stop().await?;
-    println!(
-        "dispatchd stopped cleanly {:.2} s after SIGTERM",
-        stopped.as_secs_f64()
-    );
-    receiver.stop();
+    run.finish().await?;
     let reference = reference_rate(opts.body_bytes).await?;
     println!(
         "reference (same run)         reqwest, {REFERENCE_CONCURRENCY} in flight, against a bare \
@@ -230,6 +189,3 @@ pub(crate) fn print_per_second(per_second: &[u64]) {
             .join(" ")
     );
 }
-
-// ---------------------------------------------------------------------------------------------
-// Mode 2: latency
