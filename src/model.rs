@@ -23,13 +23,16 @@ pub fn micros(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The key under which an inbound request's signed body is remembered for replay detection
-/// (beside provider delivery ids in the same index): `sha256:` and the body's hex digest.
+/// The key under which an inbound request's signed body is remembered for replay detection,
+/// beside provider delivery ids in the same index: `body sha256:` and the body's hex digest.
+/// The space keeps the two apart: a delivery id never holds one, so no request can name a
+/// fingerprint as its delivery id (and so make a body it cannot sign look already seen).
 pub fn body_fingerprint(body: &[u8]) -> String {
     use std::fmt::Write;
+    const PREFIX: &str = "body sha256:";
     let digest = ring::digest::digest(&ring::digest::SHA256, body);
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256:");
+    let mut out = String::with_capacity(PREFIX.len() + 64);
+    out.push_str(PREFIX);
     for b in digest.as_ref() {
         let _ = write!(out, "{b:02x}");
     }

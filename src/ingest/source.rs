@@ -570,6 +570,23 @@ mod tests {
     }
 
     #[test]
+    fn no_delivery_id_can_name_a_body_fingerprint() {
+        // Both live in one index: a request whose unsigned delivery id header named another
+        // body's fingerprint would make that body count as seen.
+        let fp = crate::model::body_fingerprint(b"{}");
+        assert!(!token_text(&fp, MAX_DELIVERY_ID_LEN), "{fp}");
+        let headers = [
+            ("x-github-event", "push"),
+            ("x-github-delivery", fp.as_str()),
+        ];
+        let got = build(&raw("github")).interpret(&req(&headers, b"{}"));
+        assert_eq!(
+            got.map_err(|e| e.code()).map(|i| i.delivery_id),
+            Err("invalid_delivery_id")
+        );
+    }
+
+    #[test]
     fn fingerprints_are_on_where_the_signature_covers_no_timestamp() {
         assert!(build(&raw("github")).fingerprint_window.is_some());
         assert!(build(&raw("stripe")).fingerprint_window.is_none());

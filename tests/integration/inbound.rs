@@ -872,3 +872,62 @@ async fn a_signed_github_body_replayed_under_a_new_delivery_id_is_a_duplicate() 
     let b = github(&d, "gh-by-id", "delivery-2", &body).await;
     assert_eq!((a.0, b.0), (202, 202), "{} {}", a.1, b.1);
 }
+
+/// Sends `body` signed by the HMAC (hex, no timestamp) scheme under request id `id`.
+async fn hmac_hex(d: &Daemon, id: &str, body: &[u8]) -> (u16, Value) {
+    let headers = (HMAC_HEX.sign)(NEW, 0, id, body);
+    ingest(d, HMAC_HEX.source, &headers, body.to_vec()).await
+}
+
+/// Fingerprints are kept in the database (a restart does not forget them), are on by default
+/// for `hmac-sha256` without a timestamp, and stop counting once their window has passed.
+#[tokio::test]
+async fn body_fingerprints_survive_a_restart_and_count_for_their_window_only() {
+    let cfg = config(&format!(
+        "[[sources]]\nid = \"gh-short\"\nscheme = \"github\"\nsecrets = [\"{NEW}\"]\ndedup_window = \"2s\"\n"
+    ));
+    let mut d = Daemon::start(&cfg);
+    let tmp = d.keep_dir();
+    let dup = |r: &(u16, Value)| r.0 == 200 && r.1["duplicate"] == true;
+    let body = (GITHUB.body)("", 1);
+    let shop = (HMAC_HEX.body)("", 1);
+    assert_eq!(github(&d, "gh", "delivery-1", &body).await.0, 202);
+    let first = hmac_hex(&d, "request-1", &shop).await;
+    assert_eq!(first.0, 202, "{}", first.1);
+    let replayed = hmac_hex(&d, "request-2", &shop).await;
+    assert!(dup(&replayed), "{}", replayed.1);
+
+    d.terminate();
+    let d = Daemon::start_in(&d.dir.clone(), &cfg);
+    let replayed = github(&d, "gh", "delivery-2", &body).await;
+    assert!(dup(&replayed), "after a restart: {}", replayed.1);
+    let replayed = hmac_hex(&d, "request-3", &shop).await;
+    assert!(dup(&replayed), "after a restart: {}", replayed.1);
+    for (source, n) in [("gh", 1), ("hmac-hex", 1)] {
+        let (_, all) = d.get(&format!("/v1/events?source={source}")).await;
+        assert_eq!(all["items"].as_array().map(Vec::len), Some(n), "{all}");
+    }
+
+    // A 2s window: a replay within it is a duplicate, one after it a new event (whose
+    // fingerprint then counts afresh).
+    let started = tokio::time::Instant::now();
+    assert_eq!(github(&d, "gh-short", "short-0", &body).await.0, 202);
+    let mut n = 0;
+    let accepted = loop {
+        n += 1;
+        let r = github(&d, "gh-short", &format!("short-{n}"), &body).await;
+        if r.0 == 202 {
+            break started.elapsed();
+        }
+        assert!(dup(&r), "{}", r.1);
+        assert!(started.elapsed() < WAIT, "still a duplicate after {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(accepted >= Duration::from_secs(2), "new after {accepted:?}");
+    let again = github(&d, "gh-short", "short-last", &body).await;
+    assert!(dup(&again), "{}", again.1);
+    let (_, all) = d.get("/v1/events?source=gh-short").await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(2), "{all}");
+    drop(d);
+    drop(tmp);
+}
