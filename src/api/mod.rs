@@ -176,24 +176,24 @@ async fn handle(
     state: Arc<ApiState>,
     req: Request<Incoming>,
 ) -> Result<Response<stream::Body>, Infallible> {
-    let (route, resp) = guarded(&state.metrics, routes::dispatch(&state, req)).await;
-    state
-        .metrics
-        .http_requests
-        .with_label_values(&[route, resp.status().as_str()])
-        .inc();
+    // Kept for the log line of a handler that panics (cheap: the URI shares hyper's buffer).
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let resp = guarded(&state.metrics, &method, &uri, routes::dispatch(&state, req)).await;
     Ok(stream::attach(resp))
 }
 
-/// Runs a handler to its response. A handler that panics is answered 500 `internal` (route
-/// label `panicked`), logged and counted, so a bug in one route never drops the connection
-/// without an answer.
+/// Runs a handler to its response and counts it by route and status. A handler that panics
+/// is answered 500 `internal`, logged at error level with its route, method and path, and
+/// counted (under its route, and in the panics counter), so a bug in one route never drops
+/// the connection without an answer.
 async fn guarded(
     metrics: &Metrics,
+    method: &hyper::Method,
+    uri: &hyper::Uri,
     handler: impl Future<Output = (&'static str, Result<Resp, ApiError>)>,
-) -> (&'static str, Resp) {
+) -> Resp {
     use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
+    let (route, resp) = match std::panic::AssertUnwindSafe(handler).catch_unwind().await {
         Ok((route, result)) => (route, result.unwrap_or_else(|e| error_response(&e))),
         Err(panic) => {
             let what = panic
@@ -201,11 +201,20 @@ async fn guarded(
                 .map(|s| (*s).to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
+            let route = routes::label(uri.path());
             metrics.http_panics.inc();
-            let e = ApiError::internal(format_args!("request handler panicked: {what}"));
-            ("panicked", error_response(&e))
+            let e = ApiError::internal(format_args!(
+                "request handler panicked (route {route}, {method} {}): {what}",
+                uri.path()
+            ));
+            (route, error_response(&e))
         }
-    }
+    };
+    metrics
+        .http_requests
+        .with_label_values(&[route, resp.status().as_str()])
+        .inc();
+    resp
 }
 
 /// A JSON response.
@@ -382,10 +391,33 @@ mod tests {
 
     use super::*;
 
+    /// Log lines written while the test runs, for asserting on them.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// A handler that panics answers 500 with the JSON error body over a real connection,
-    /// which then serves the next request; the panic is counted.
+    /// which then serves the next request; the panic is logged at error level with its route,
+    /// method and path, and counted, in the panics counter and under its route with 500.
     #[tokio::test]
     async fn handler_panic_answers_500_json_and_keeps_the_connection() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test's runtime has one thread: the server task below logs through this.
+        let _logging = tracing::subscriber::set_default(subscriber);
         let metrics = Arc::new(Metrics::new().unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -395,10 +427,11 @@ mod tests {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let m = m.clone();
                 async move {
-                    let panics = req.uri().path() == "/panic";
-                    let (_, resp) = guarded(&m, async move {
+                    let (method, uri) = (req.method().clone(), req.uri().clone());
+                    let panics = uri.path() == "/v1/events/e1";
+                    let resp = guarded(&m, &method, &uri, async move {
                         assert!(!panics, "a handler bug");
-                        ("ok", Ok(json(StatusCode::OK, b"{}".to_vec())))
+                        ("healthz", Ok(json(StatusCode::OK, b"{}".to_vec())))
                     })
                     .await;
                     Ok::<_, Infallible>(resp)
@@ -412,7 +445,7 @@ mod tests {
         let replies = tokio::task::spawn_blocking(move || {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(b"GET /panic HTTP/1.1\r\nhost: t\r\n\r\nGET /fine HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+            s.write_all(b"GET /v1/events/e1?x=1 HTTP/1.1\r\nhost: t\r\n\r\nGET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
                 .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).unwrap();
@@ -433,5 +466,20 @@ mod tests {
             "{replies}"
         );
         assert_eq!(metrics.http_panics.get(), 1);
+        let counted = |route: &str, status: &str| {
+            metrics
+                .http_requests
+                .with_label_values(&[route, status])
+                .get()
+        };
+        assert_eq!(counted("event", "500"), 1, "the panic, under its route");
+        assert_eq!(counted("healthz", "200"), 1, "the next request");
+        let log = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+        let line = log
+            .lines()
+            .find(|l| l.contains("a handler bug"))
+            .unwrap_or_else(|| panic!("no log line for the panic:\n{log}"));
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(line.contains("route event, GET /v1/events/e1)"), "{line}");
     }
 }

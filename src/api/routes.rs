@@ -156,6 +156,14 @@ pub fn table() -> Vec<(Method, &'static str)> {
     core.chain(admin).collect()
 }
 
+/// The route label `dispatch` gives a request for `path` (for a handler that never returned).
+pub fn label(path: &str) -> &'static str {
+    match super::admin::AdminRoute::parse(path) {
+        Some(r) => r.name(),
+        None => Route::parse(path).map_or("unknown", Route::name),
+    }
+}
+
 /// Routes a request; returns the route label for metrics with the outcome.
 pub async fn dispatch(
     st: &ApiState,
