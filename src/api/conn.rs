@@ -104,10 +104,22 @@ impl<T: Write + Unpin> Write for WriteDeadline<T> {
 pub fn connection_cap(configured: usize) -> usize {
     let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
-            return configured;
-        }
+        // Raising may be refused (a seccomp filter, say): the cap must still fit the limit in
+        // force.
+        Err(e) => match rlimit::Resource::NOFILE.get() {
+            Ok((soft, _)) => {
+                tracing::warn!(
+                    error = %e,
+                    open_file_limit = soft,
+                    "cannot raise the open-file limit; serving within the current one"
+                );
+                soft
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the open-file limit");
+                return configured;
+            }
+        },
     };
     // Half the descriptors, or all but 1024, whichever leaves more for the API.
     let room = nofile.saturating_sub(1024).max(nofile / 2);

@@ -13,4 +13,5 @@ mod ingest;
 mod operator;
 mod packaging;
 mod retention;
+mod server;
 mod tls;

@@ -74,11 +74,16 @@ impl Daemon {
 
     /// Starts a daemon under a limit of `n` open files (soft and hard), set by `prlimit`.
     pub fn start_with_open_files(config: &str, n: u64) -> Daemon {
+        Self::start_with_open_file_limits(config, n, n)
+    }
+
+    /// Starts a daemon under soft and hard limits on open files, set by `prlimit`.
+    pub fn start_with_open_file_limits(config: &str, soft: u64, hard: u64) -> Daemon {
         let tmp = match tempfile::tempdir() {
             Ok(t) => t,
             Err(e) => panic!("tempdir: {e}"),
         };
-        let limit = format!("--nofile={n}:{n}");
+        let limit = format!("--nofile={soft}:{hard}");
         let mut d = Self::start_wrapped(tmp.path(), config, &[], &["prlimit", &limit, "--"]);
         d._tmp = Some(tmp);
         d
