@@ -1,6 +1,7 @@
-//! HTTPS on the listener: a client that trusts the test's own CA publishes; a reload puts a
-//! new certificate (from a new CA) in force for new connections without dropping open ones;
-//! a key that does not belong to its certificate is refused by `check-config`.
+//! HTTPS on the listener: a client that trusts the test's own CA publishes; a reload (over
+//! the API or SIGHUP) puts a new certificate (from a new CA) in force for new connections
+//! without dropping open ones; a key that does not belong to its certificate is refused by
+//! `check-config` and at start.
 
 use std::path::Path;
 use std::time::Duration;
@@ -140,9 +141,22 @@ async fn https_publish_and_certificate_reload_without_dropping_connections() {
         .unwrap();
     assert_eq!(still.status(), 200);
 
+    // SIGHUP re-reads the files too: a third pair is served to new connections.
+    let (ca3, leaf3, key3) = issue();
+    write(&cert, &leaf3);
+    write(&key, &key3);
+    crate::support::signal(d.pid(), "HUP");
+    let url = format!("{base}/readyz");
+    crate::support::eventually("the certificate re-read on SIGHUP", || async {
+        let r = trusting(&ca3).get(&url).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    assert!(trusting(&ca2).get(&url).send().await.is_err());
+
     // The operator commands reach an HTTPS daemon with --ca-cert.
     let ca_file = tls_dir.path().join("ca.pem");
-    write(&ca_file, &ca2);
+    write(&ca_file, &ca3);
     let mut cmd = bin();
     cmd.arg("events")
         .arg("list")
@@ -190,6 +204,24 @@ fn check_config_refuses_a_key_that_does_not_match_its_certificate() {
         err.contains("other-key.pem does not belong to the certificate"),
         "{err}"
     );
+    // The daemon refuses to start on it, naming the file.
+    let mut cmd = bin();
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"));
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("server.tls.key")
+            && err.contains("other-key.pem does not belong to the certificate"),
+        "{err}"
+    );
+    assert!(!err.contains("listening on"), "{err}");
     // A missing file is named too.
     std::fs::remove_file(&cert).unwrap();
     let mut cmd = bin();
