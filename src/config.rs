@@ -889,12 +889,7 @@ pub fn subscription_from_raw(
     if s.max_in_flight == 0 || s.max_in_flight > 1024 {
         e("max_in_flight", "must be between 1 and 1024".into());
     }
-    let retry = RetrySettings {
-        max_attempts: s.retry.max_attempts.unwrap_or(defaults.max_attempts),
-        initial: s.retry.initial.map_or(Duration::from_secs(5), |d| d.0),
-        max: s.retry.max.map_or(Duration::from_secs(3600), |d| d.0),
-        multiplier: s.retry.multiplier.unwrap_or(2.0),
-    };
+    let retry = retry_settings(&s.retry, defaults);
     if retry.max_attempts == 0 {
         e("retry.max_attempts", "must be at least 1".into());
     }
@@ -904,13 +899,7 @@ pub fn subscription_from_raw(
     if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
         e("retry.multiplier", "must be a number >= 1".into());
     }
-    let breaker = BreakerSettings {
-        failure_threshold: s.breaker.failure_threshold.unwrap_or(5),
-        failure_rate: s.breaker.failure_rate.unwrap_or(0.5),
-        min_requests: s.breaker.min_requests.unwrap_or(20),
-        window: s.breaker.window.map_or(Duration::from_secs(30), |d| d.0),
-        cooldown: s.breaker.cooldown.map_or(Duration::from_secs(30), |d| d.0),
-    };
+    let breaker = breaker_settings(&s.breaker);
     if breaker.failure_threshold == 0 {
         e("breaker.failure_threshold", "must be at least 1".into());
     }
@@ -959,7 +948,60 @@ pub fn subscription_from_raw(
         source,
         filter,
         paused: false,
+        unusable: None,
     })
+}
+
+/// A subscription's retry settings, the defaults filled in.
+fn retry_settings(r: &RawRetry, defaults: &SubscriptionDefaults) -> RetrySettings {
+    RetrySettings {
+        max_attempts: r.max_attempts.unwrap_or(defaults.max_attempts),
+        initial: r.initial.map_or(Duration::from_secs(5), |d| d.0),
+        max: r.max.map_or(Duration::from_secs(3600), |d| d.0),
+        multiplier: r.multiplier.unwrap_or(2.0),
+    }
+}
+
+/// A subscription's circuit breaker settings, the defaults filled in.
+fn breaker_settings(b: &RawBreaker) -> BreakerSettings {
+    BreakerSettings {
+        failure_threshold: b.failure_threshold.unwrap_or(5),
+        failure_rate: b.failure_rate.unwrap_or(0.5),
+        min_requests: b.min_requests.unwrap_or(20),
+        window: b.window.map_or(Duration::from_secs(30), |d| d.0),
+        cooldown: b.cooldown.map_or(Duration::from_secs(30), |d| d.0),
+    }
+}
+
+/// What stands in for a stored definition that no longer validates (written by an older
+/// version, say): it keeps the id and URL as stored, matches no event, and carries `why`, so
+/// its destination task sends the deliveries it still has to `dead` with the reason.
+pub fn unusable_subscription(
+    id: &str,
+    url: &str,
+    why: String,
+    defaults: &SubscriptionDefaults,
+    source: SubscriptionSource,
+) -> Subscription {
+    Subscription {
+        id: id.to_string(),
+        url: url.to_string(),
+        event_types: Vec::new(),
+        secrets: Vec::new(),
+        headers: BTreeMap::new(),
+        timeout: defaults.timeout,
+        rate_limit: None,
+        max_in_flight: default_max_in_flight(),
+        ordering: Ordering::default(),
+        retry: retry_settings(&RawRetry::default(), defaults),
+        breaker: breaker_settings(&RawBreaker::default()),
+        final_status_codes: Vec::new(),
+        enabled: true,
+        source,
+        filter: None,
+        paused: false,
+        unusable: Some(why),
+    }
 }
 
 #[cfg(test)]

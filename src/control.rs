@@ -232,16 +232,15 @@ impl Control {
         }
     }
 
-    /// Builds the subscription of a stored record with the secrets still active at `now`.
-    fn build(&self, id: &str, rec: &SubscriptionRecord, now: Micros) -> Option<Subscription> {
+    /// Builds the subscription of a stored record with the secrets still active at `now`. A
+    /// record that no longer validates becomes an unusable stand-in (see
+    /// `config::unusable_subscription`): skipping it would leave its deliveries with no
+    /// destination task, pending for ever.
+    fn build(&self, id: &str, rec: &SubscriptionRecord, now: Micros) -> Subscription {
         let spec = match serde_json::from_str::<Value>(&rec.spec) {
             Ok(Value::Object(m)) => m,
             _ => {
-                tracing::error!(
-                    subscription = id,
-                    "stored subscription is not a JSON object; skipped"
-                );
-                return None;
+                return self.unusable(id, "", "the stored definition is not a JSON object".into());
             }
         };
         let secrets: Vec<String> = rec
@@ -251,12 +250,21 @@ impl Control {
             .map(|s| s.secret.clone())
             .collect();
         match self.validate(&spec, &secrets) {
-            Ok(s) => Some(s),
+            Ok(s) => s,
             Err(errs) => {
-                tracing::error!(subscription = id, errors = %errs.join("; "), "stored subscription no longer validates; skipped");
-                None
+                let url = spec.get("url").and_then(Value::as_str).unwrap_or("");
+                let why = format!(
+                    "the stored definition is no longer valid: {}",
+                    errs.join("; ")
+                );
+                self.unusable(id, url, why)
             }
         }
+    }
+
+    fn unusable(&self, id: &str, url: &str, why: String) -> Subscription {
+        tracing::error!(subscription = id, error = %why, "stored subscription unusable: its deliveries go dead; change or delete it");
+        config::unusable_subscription(id, url, why, &self.defaults(), SubscriptionSource::Api)
     }
 
     /// The set that should be in force: config subscriptions, then API ones, with their
@@ -276,9 +284,7 @@ impl Control {
                 tracing::warn!(subscription = %id, "an API subscription has the id of a config subscription; the config one is in force");
                 continue;
             }
-            if let Some(s) = self.build(&id, &rec, now) {
-                out.push(s);
-            }
+            out.push(self.build(&id, &rec, now));
         }
         for s in &mut out {
             match states.get(&s.id) {

@@ -381,6 +381,11 @@ pub struct Subscription {
     /// Paused by an operator: its deliveries are still made and kept, none is attempted.
     #[serde(default)]
     pub paused: bool,
+    /// Set on what stands in for a stored definition that no longer validates (one written
+    /// by an older version): why it cannot be used. It matches no event, and every delivery
+    /// it still has goes `dead` with this reason when due, instead of waiting for ever.
+    #[serde(default)]
+    pub unusable: Option<String>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -402,6 +407,7 @@ impl std::fmt::Debug for Subscription {
             .field("source", &self.source)
             .field("filter", &self.filter)
             .field("paused", &self.paused)
+            .field("unusable", &self.unusable)
             .finish()
     }
 }
@@ -409,7 +415,9 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// Whether an event of this type goes to this subscription.
     pub fn wants(&self, event_type: &str) -> bool {
-        self.enabled && self.event_types.iter().any(|p| p.matches(event_type))
+        self.enabled
+            && self.unusable.is_none()
+            && self.event_types.iter().any(|p| p.matches(event_type))
     }
 
     /// Whether an event's data passes the payload filter (always, without one).

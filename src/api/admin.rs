@@ -727,6 +727,9 @@ pub struct SubscriptionView<'a> {
     pub final_status_codes: &'a [u16],
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
+    /// Why a stored definition that no longer validates cannot be used (its deliveries go
+    /// dead); change it with `PUT` or delete it.
+    pub unusable: Option<&'a str>,
 }
 
 fn human(d: Duration) -> String {
@@ -772,6 +775,7 @@ impl<'a> SubscriptionView<'a> {
             final_status_codes: &s.final_status_codes,
             created_at: d.created_at.map(rfc3339),
             updated_at: d.updated_at.map(rfc3339),
+            unusable: s.unusable.as_deref(),
         }
     }
 }

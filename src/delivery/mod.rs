@@ -126,13 +126,16 @@ impl Supervisor {
 
     fn spawn(&self, sub: Arc<Subscription>) -> Result<(), String> {
         // Validation refuses what cannot be used; a definition that gets here anyway (one
-        // stored by an older version, say) still gets a task, whose deliveries go dead at
-        // their first attempt with the reason rather than wait for ever.
-        let mut unusable = Vec::new();
+        // stored by an older version, say, which control marks `unusable`) still gets a task,
+        // whose deliveries go dead at their first attempt with the reason rather than wait
+        // for ever.
+        let mut unusable: Vec<String> = sub.unusable.iter().cloned().collect();
         let url = match reqwest::Url::parse(&sub.url) {
             Ok(u) => u,
             Err(e) => {
-                unusable.push(format!("invalid url: {e}"));
+                if sub.unusable.is_none() {
+                    unusable.push(format!("invalid url: {e}"));
+                }
                 reqwest::Url::parse("about:blank").map_err(|e| e.to_string())?
             }
         };

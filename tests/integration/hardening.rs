@@ -365,3 +365,96 @@ async fn a_masked_url_sent_back_keeps_its_password() {
         Some(format!("Basic {basic}").as_str())
     );
 }
+
+/// Rewrites the stored definition of API subscription `id` in the stopped daemon's database,
+/// as an older version that accepted it would have stored it.
+fn store_url(dir: &Path, id: &str, url: &str) {
+    use dispatchd::control::SubscriptionRecord;
+    use dispatchd::storage::schema::{SUBSCRIPTIONS, decode, encode};
+    use redb::ReadableDatabase;
+    let path = dir.join("data").join("dispatchd.redb");
+    if let Err(e) = dispatchd::storage::journal::recover(&path) {
+        panic!("replay the journal of {}: {e}", path.display());
+    }
+    let db = match redb::Database::open(&path) {
+        Ok(db) => db,
+        Err(e) => panic!("open {}: {e}", path.display()),
+    };
+    let read = || -> Result<Option<Vec<u8>>, Box<dyn std::error::Error>> {
+        let r = db.begin_read()?;
+        let t = r.open_table(SUBSCRIPTIONS)?;
+        Ok(t.get(id)?.map(|v| v.value().to_vec()))
+    };
+    let bytes = match read() {
+        Ok(Some(b)) => b,
+        other => panic!("read subscription {id}: {other:?}"),
+    };
+    let mut rec: SubscriptionRecord = match decode(&bytes, "subscription") {
+        Ok(r) => r,
+        Err(e) => panic!("decode: {e}"),
+    };
+    let mut spec: Value = serde_json::from_str(&rec.spec).unwrap_or(Value::Null);
+    spec["url"] = Value::from(url);
+    rec.spec = spec.to_string();
+    let write = || -> Result<(), Box<dyn std::error::Error>> {
+        let w = db.begin_write()?;
+        w.open_table(SUBSCRIPTIONS)?
+            .insert(id, encode(&rec)?.as_slice())?;
+        w.commit()?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        panic!("write subscription {id}: {e}");
+    }
+}
+
+/// A stored API subscription that no longer validates (its URL, accepted by an older
+/// version, is refused now) is not skipped: it is shown with the reason, and its deliveries
+/// go dead with that reason instead of waiting pending, unattempted, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_subscription_that_no_longer_validates_sends_its_deliveries_to_dead() {
+    let text = "[delivery]\nallow_private_networks = true\n";
+    let mut d = Daemon::start(text);
+    let got = d
+        .post("/v1/subscriptions", &sub_json("http://127.0.0.1:9/x"))
+        .await;
+    assert_eq!(got.0, 201, "{}", got.1);
+    let paused = d
+        .send(d.http.post(d.url("/v1/subscriptions/s/pause")))
+        .await;
+    assert_eq!(paused.0, 200, "{}", paused.1);
+    let ev = d.publish("a", json!({})).await;
+    let id = ev["id"].as_str().unwrap_or_default().to_string();
+    let held = wait_delivery(&d, &id, "pending").await;
+    assert_eq!(held["attempts"], 0, "{held}");
+
+    let keep = d.keep_dir();
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}\n{}", d.logs());
+    store_url(&d.dir, "s", "http://a b/x");
+    let d = Daemon::start_in(&d.dir, text);
+    let _keep = keep;
+
+    let (status, shown) = d.get("/v1/subscriptions/s").await;
+    assert_eq!(
+        status, 200,
+        "the stored subscription is still there: {shown}"
+    );
+    let why = shown["unusable"].as_str().unwrap_or_default();
+    assert!(why.contains("url"), "{shown}");
+    let resumed = d
+        .send(d.http.post(d.url("/v1/subscriptions/s/resume")))
+        .await;
+    assert_eq!(resumed.0, 200, "{}", resumed.1);
+    let dead = wait_delivery(&d, &id, "dead").await;
+    let last_error = dead["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.starts_with("unusable_destination") && last_error.contains("url"),
+        "{dead}"
+    );
+    assert!(
+        d.logs().contains("stored subscription unusable"),
+        "{}",
+        d.logs()
+    );
+}
