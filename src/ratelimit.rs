@@ -102,6 +102,12 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
             "invalid rate {s:?}: count {count:?} is out of range"
         ));
     }
+    // The wait for a token is a duration like any other: at most `MAX_DURATION`.
+    if 1.0 / rate > crate::model::MAX_DURATION.as_secs_f64() {
+        return Err(format!(
+            "invalid rate {s:?}: slower than one per 3650d (10 years)"
+        ));
+    }
     Ok(rate)
 }
 
@@ -251,5 +257,10 @@ mod tests {
         assert!(err("0.000/h").contains("greater than zero"));
         let huge = format!("{}/s", "9".repeat(400));
         assert!(err(&huge).contains("out of range"));
+        // Positive but so slow that the wait for a token would pass any bound.
+        let tiny = format!("0.{}1/s", "0".repeat(300));
+        assert!(err(&tiny).contains("slower than one per 3650d"), "{tiny}");
+        assert!(err("0.0000001/h").contains("slower than one per 3650d"));
+        assert_eq!(parse_rate("1/h"), Ok(1.0 / 3600.0));
     }
 }

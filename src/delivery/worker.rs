@@ -334,7 +334,8 @@ impl Worker {
                 && let Err(wait) = b.try_take(now)
             {
                 self.queue.insert(job.delivery, job);
-                // A very slow rate asks for a very long wait: capped, so the sum cannot overflow.
+                // A bucket that never refills answers Duration::MAX: bounded, so the sum
+                // cannot overflow.
                 self.wake_at = Some(now + wait.min(crate::model::MAX_DURATION));
                 return;
             }

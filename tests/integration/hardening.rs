@@ -98,6 +98,27 @@ async fn huge_durations_are_refused_by_the_api_and_every_list_still_answers() {
     }
 }
 
+/// A rate so slow that the wait for a token passes every bound: the destination task added
+/// that wait (Duration::MAX) to the clock and panicked, stranding its deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_too_slow_to_wait_for_is_refused() {
+    let tiny = format!("0.{}1/s", "0".repeat(30));
+    let err = refused(
+        &sub_toml("https://example.com/h", &format!("rate_limit = \"{tiny}\"")),
+        "subscriptions[0].rate_limit",
+    );
+    assert!(err.contains("3650d"), "{err}");
+    let d = Daemon::start("");
+    let mut s = sub_json("https://example.com/h");
+    s["rate_limit"] = Value::from(tiny);
+    let got = d.post("/v1/subscriptions", &s).await;
+    assert_error(&got, 400, "invalid_subscription", "slow rate");
+    assert!(got.1.to_string().contains("rate_limit"), "{}", got.1);
+    s["rate_limit"] = Value::from("1/h");
+    let got = d.post("/v1/subscriptions", &s).await;
+    assert_eq!(got.0, 201, "{}", got.1);
+}
+
 const BAD_URLS: &[&str] = &[
     "http://host:99999/",
     "http://[",
