@@ -106,7 +106,6 @@ pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Resu
         ApiError::bad_request(u.code(), u.to_string())
     })?;
 
-    super::check_data_depth(&inbound.data).inspect_err(|e| count(e.code))?;
     let event = NewEvent {
         id: crate::model::new_event_id(),
         subscriptions: st

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::schemes::{self, Encoding, HmacSpec, Rejection, Request, Scheme, Verified};
+use crate::model::{MAX_DATA_DEPTH, nested_deeper_than};
 use crate::ratelimit::{TokenBucket, parse_rate};
 use crate::signing::STANDARD_ID_HEADER;
 use crate::units::{ByteSize, HumanDuration, Tolerance};
@@ -177,6 +178,11 @@ pub enum Unusable {
     MissingDeliveryId(String),
     #[error("the provider delivery id must be 1-255 printable ASCII characters without spaces")]
     InvalidDeliveryId,
+    #[error(
+        "data is nested deeper than {} levels of arrays and objects",
+        crate::model::MAX_DATA_DEPTH
+    )]
+    TooDeep,
 }
 
 impl Unusable {
@@ -187,6 +193,8 @@ impl Unusable {
             Unusable::InvalidEventType(_) => "invalid_event_type",
             Unusable::MissingDeliveryId(_) => "missing_delivery_id",
             Unusable::InvalidDeliveryId => "invalid_delivery_id",
+            // The code publish answers for the same data.
+            Unusable::TooDeep => "invalid_event",
         }
     }
 }
@@ -384,6 +392,12 @@ impl Source {
         let text = std::str::from_utf8(req.body).ok();
         // serde_json accepts only UTF-8 input, so a parsed body is also valid text.
         let json: Option<Value> = text.and_then(|t| serde_json::from_str(t).ok());
+        // Data may nest at most MAX_DATA_DEPTH levels. Scanned whether or not serde_json
+        // parsed the body: past its own limit (128) it gives up, and such a body must be
+        // refused, not kept as a string.
+        if text.is_some_and(|t| nested_deeper_than(t, MAX_DATA_DEPTH)) {
+            return Err(Unusable::TooDeep);
+        }
         let raw_type = self
             .event_type
             .extract(req, json.as_ref(), false)
@@ -761,6 +775,21 @@ mod tests {
                 .map_err(|e| e.code()),
             Err("invalid_event_type")
         );
+    }
+
+    #[test]
+    fn interpret_refuses_data_nested_too_deep() {
+        let s = build(&raw("github"));
+        let headers = [("x-github-event", "push"), ("x-github-delivery", "d-1")];
+        let nested = |n: usize| "[".repeat(n) + &"]".repeat(n);
+        // Within serde_json's limit, and far past it (where it gives up parsing).
+        for n in [MAX_DATA_DEPTH + 1, 100_000] {
+            let got = s.interpret(&req(&headers, nested(n).as_bytes()));
+            assert_eq!(got, Err(Unusable::TooDeep), "{n} levels");
+        }
+        let ok = nested(MAX_DATA_DEPTH);
+        let got = s.interpret(&req(&headers, ok.as_bytes())).map(|i| i.data);
+        assert_eq!(got, Ok(ok));
     }
 
     #[test]

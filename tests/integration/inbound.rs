@@ -702,6 +702,17 @@ async fn inbound_refusals_store_nothing() {
     let (status, _) = d.get("/v1/receipts/abc").await;
     assert_eq!(status, 404);
 
+    // Verified, but its data nests deeper than events may (100 levels): a 400 naming the
+    // limit, whether serde_json's own limit would catch it or not.
+    for levels in [101, 100_000] {
+        let body = ("[".repeat(levels) + &"]".repeat(levels)).into_bytes();
+        let headers = (GITHUB.sign)(NEW, 0, &format!("deep-{levels}"), &body);
+        let got = ingest(&d, "gh", &headers, body).await;
+        assert_refused("deep data", &got, 400, "invalid_event");
+        assert!(got.1.to_string().contains("100 levels"), "{}", got.1);
+    }
+    assert_eq!(receipts_metric(&d, "gh", "invalid_event").await, 2);
+
     let (_, all) = d.get("/v1/events").await;
     assert_eq!(all["items"], json!([]), "{all}");
 }
