@@ -507,13 +507,13 @@ impl Control {
         let Some(mut rec) = self.record(id)? else {
             return Err(ControlError::NotFound(id.to_string()));
         };
-        // The API shows the URL with its password masked: a definition sent back as it was
-        // shown keeps the stored password.
+        // The API shows the URL with its password and query values masked: a definition sent
+        // back as it was shown keeps the stored URL.
         if let Some(Value::String(shown)) = spec.get("url")
             && let Ok(Value::Object(stored)) = serde_json::from_str::<Value>(&rec.spec)
             && let Some(Value::String(url)) = stored.get("url")
             && url != shown
-            && crate::redact::password(url) == *shown
+            && crate::redact::url_str(url) == *shown
         {
             spec.insert("url".into(), Value::from(url.as_str()));
         }

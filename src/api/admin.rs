@@ -707,7 +707,7 @@ pub struct SubscriptionView<'a> {
     pub id: &'a str,
     /// `config` (read-only here) or `api`.
     pub source: &'static str,
-    /// The password masked (`user:***@`).
+    /// The password and query values masked (`user:***@host/h?token=***`).
     pub url: String,
     pub event_types: Vec<&'a str>,
     pub filter: Option<&'a Value>,
@@ -745,7 +745,7 @@ impl<'a> SubscriptionView<'a> {
                 SubscriptionSource::Config => "config",
                 SubscriptionSource::Api => "api",
             },
-            url: crate::redact::password(&s.url),
+            url: crate::redact::url_str(&s.url),
             event_types: s.event_types.iter().map(TypePattern::as_str).collect(),
             filter: s.filter.as_ref().map(|f| f.as_json()),
             enabled: s.enabled,

@@ -215,8 +215,9 @@ async fn credentials_in_a_url_appear_in_no_log_error_or_answer() {
     let (_, subs) = d.get("/v1/subscriptions").await;
     assert_eq!(
         subs["items"][0]["url"],
-        "http://operator:***@127.0.0.1:9/hook?token=tok-s3cr3t-value&x=1"
+        "http://operator:***@127.0.0.1:9/hook?token=***&x=***"
     );
+    let (_, one) = d.get("/v1/subscriptions/s").await;
     let (_, attempts) = d
         .get(&format!("/v1/deliveries/{}/attempts", dl["id"]))
         .await;
@@ -224,12 +225,11 @@ async fn credentials_in_a_url_appear_in_no_log_error_or_answer() {
         ("last_error", dl.to_string()),
         ("attempts", attempts.to_string()),
         ("subscriptions", subs.to_string()),
+        ("subscription", one.to_string()),
         ("log", d.logs()),
     ] {
         assert!(!text.contains("hunter2"), "password in {what}: {text}");
-        if what != "subscriptions" {
-            assert!(!text.contains("tok-s3cr3t"), "token in {what}: {text}");
-        }
+        assert!(!text.contains("tok-s3cr3t"), "token in {what}: {text}");
     }
 }
 
@@ -356,19 +356,29 @@ async fn slow_body_clients_do_not_starve_publishes_or_health_checks() {
     );
 }
 
-/// The subscriptions API shows a URL's password masked; sending the definition back as it was
-/// shown keeps the stored password, which still reaches the receiver.
+/// The subscriptions API shows a URL's password and query values masked, in every answer;
+/// sending the definition back as it was shown keeps the stored URL, whose password and query
+/// still reach the receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_masked_url_sent_back_keeps_its_password() {
     use base64::Engine;
     let rx = crate::support::receiver::Receiver::start().await;
     let d = Daemon::start("[delivery]\nallow_private_networks = true\n");
-    let url = format!("http://hook-user:s3cret-pw@{}/in", rx.addr);
+    let url = format!(
+        "http://hook-user:s3cret-pw@{}/in?token=tok-v4lue&x=1",
+        rx.addr
+    );
     let got = d.post("/v1/subscriptions", &sub_json(&url)).await;
     assert_eq!(got.0, 201, "{}", got.1);
     let (_, shown) = d.get("/v1/subscriptions/s").await;
-    let masked = format!("http://hook-user:***@{}/in", rx.addr);
+    let masked = format!("http://hook-user:***@{}/in?token=***&x=***", rx.addr);
     assert_eq!(shown["url"], masked.as_str(), "{shown}");
+    assert_eq!(
+        got.1["url"],
+        masked.as_str(),
+        "the created answer: {}",
+        got.1
+    );
     let put = d
         .send(
             d.http
@@ -378,6 +388,12 @@ async fn a_masked_url_sent_back_keeps_its_password() {
         )
         .await;
     assert_eq!(put.0, 200, "{}", put.1);
+    assert_eq!(
+        put.1["url"],
+        masked.as_str(),
+        "the updated answer: {}",
+        put.1
+    );
     d.publish("a", json!({})).await;
     let received = rx.wait_for(1, Duration::from_secs(30)).await;
     let basic = base64::engine::general_purpose::STANDARD.encode("hook-user:s3cret-pw");
@@ -385,6 +401,8 @@ async fn a_masked_url_sent_back_keeps_its_password() {
         received[0].header("authorization"),
         Some(format!("Basic {basic}").as_str())
     );
+    assert_eq!(received[0].query.as_deref(), Some("token=tok-v4lue&x=1"));
+    assert!(!d.logs().contains("s3cret-pw") && !d.logs().contains("tok-v4lue"));
 }
 
 /// Rewrites the stored definition of API subscription `id` in the stopped daemon's database,

@@ -33,6 +33,8 @@ pub enum Reply {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub path: String,
+    /// The query string as requested, without the `?`.
+    pub query: Option<String>,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
     pub at: Instant,
@@ -208,6 +210,7 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
     let headers = req
         .headers()
         .iter()
@@ -227,6 +230,7 @@ async fn answer(
     };
     let rec = Received {
         path,
+        query,
         headers,
         body,
         at: Instant::now(),
