@@ -318,10 +318,7 @@ impl Control {
             if !fresh {
                 continue;
             }
-            if let Err(e) = self.supervisor.replace(s.clone()) {
-                tracing::error!(subscription = %s.id, error = %e, "destination not started");
-                continue;
-            }
+            self.supervisor.replace(s.clone());
             if s.enabled && !s.paused {
                 self.rescan(&s.id);
             }

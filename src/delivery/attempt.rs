@@ -38,10 +38,9 @@ pub fn fixed_headers(sub: &Subscription) -> Result<HeaderMap, String> {
 pub struct Destination {
     pub sub: Arc<Subscription>,
     pub sub_id: Arc<str>,
-    pub url: reqwest::Url,
-    /// Set when no request may be sent: the URL's host is an address literal the guard
-    /// refuses (`RefusedAddress`), or the destination cannot be used at all (`Unusable`).
-    pub refused: Option<(ErrorKind, String)>,
+    /// Where requests go; or why none may be sent: the URL's host is an address literal the
+    /// guard refuses (`RefusedAddress`), or the destination cannot be used at all (`Unusable`).
+    pub target: Result<reqwest::Url, (ErrorKind, String)>,
     pub keys: Vec<SigningKey>,
     /// The headers every request of this destination carries besides the three signed
     /// ones: `content-type` and the subscription's own, parsed once.
@@ -136,18 +135,14 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
     let t0 = Instant::now();
     let sub = &dest.sub;
 
-    let result = match (&dest.refused, payload(&event)) {
-        (Some((kind, why)), _) => Err((*kind, why.clone())),
-        (None, Err(e)) => Err((ErrorKind::Request, format!("cannot render payload: {e}"))),
-        (None, Ok(body)) => {
+    let result = match (&dest.target, payload(&event)) {
+        (Err((kind, why)), _) => Err((*kind, why.clone())),
+        (Ok(_), Err(e)) => Err((ErrorKind::Request, format!("cannot render payload: {e}"))),
+        (Ok(url), Ok(body)) => {
             let ts = started_at / 1_000_000;
             match signed_headers(&dest, &event.id, ts, &body) {
                 Ok(headers) => {
-                    let req = dest
-                        .client
-                        .post(dest.url.clone())
-                        .headers(headers)
-                        .body(body);
+                    let req = dest.client.post(url.clone()).headers(headers).body(body);
                     client::send(req, sub.timeout, dest.max_response_body).await
                 }
                 Err(why) => Err((ErrorKind::Request, why)),

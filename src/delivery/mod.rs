@@ -118,25 +118,25 @@ impl Supervisor {
     /// Starts a destination task for each subscription.
     pub fn start(&self, subs: &[Arc<Subscription>]) {
         for s in subs {
-            if let Err(e) = self.spawn(s.clone()) {
-                tracing::error!(subscription = %s.id, error = %e, "destination not started");
-            }
+            self.spawn(s.clone());
         }
     }
 
-    fn spawn(&self, sub: Arc<Subscription>) -> Result<(), String> {
+    /// Every subscription gets a task, usable or not, so no delivery waits unattempted for
+    /// want of one.
+    fn spawn(&self, sub: Arc<Subscription>) {
         // Validation refuses what cannot be used; a definition that gets here anyway (one
         // stored by an older version, say, which control marks `unusable`) still gets a task,
         // whose deliveries go dead at their first attempt with the reason rather than wait
         // for ever.
         let mut unusable: Vec<String> = sub.unusable.iter().cloned().collect();
         let url = match reqwest::Url::parse(&sub.url) {
-            Ok(u) => u,
+            Ok(u) => Some(u),
             Err(e) => {
                 if sub.unusable.is_none() {
                     unusable.push(format!("invalid url: {e}"));
                 }
-                reqwest::Url::parse("about:blank").map_err(|e| e.to_string())?
+                None
             }
         };
         let keys = sub
@@ -152,14 +152,18 @@ impl Supervisor {
             unusable.push(e);
             HeaderMap::new()
         });
-        let refused = if unusable.is_empty() {
-            ssrf::check_url_host(&url, self.cfg.allow_private_networks)
-                .err()
-                .map(|e| (ErrorKind::RefusedAddress, e.to_string()))
-        } else {
-            let why = unusable.join("; ");
-            tracing::error!(subscription = %sub.id, error = %why, "destination unusable: its deliveries go dead");
-            Some((ErrorKind::Unusable, why))
+        let target = match url {
+            Some(url) if unusable.is_empty() => {
+                match ssrf::check_url_host(&url, self.cfg.allow_private_networks) {
+                    Ok(()) => Ok(url),
+                    Err(e) => Err((ErrorKind::RefusedAddress, e.to_string())),
+                }
+            }
+            _ => {
+                let why = unusable.join("; ");
+                tracing::error!(subscription = %sub.id, error = %why, "destination unusable: its deliveries go dead");
+                Err((ErrorKind::Unusable, why))
+            }
         };
         let r = sub.retry;
         let policy = RetryPolicy {
@@ -172,8 +176,7 @@ impl Supervisor {
         let dest = Arc::new(Destination {
             sub,
             sub_id: sub_id.clone(),
-            url,
-            refused,
+            target,
             keys,
             headers,
             policy,
@@ -216,15 +219,14 @@ impl Supervisor {
             Ok(mut t) => t.spawn(run),
             Err(p) => p.into_inner().spawn(run),
         };
-        Ok(())
     }
 
     /// Starts the destination task of a subscription, or replaces the running one with a
     /// task built from this definition (new URL, secrets, limits, pause switch). Jobs queued
     /// in the old task are dropped (their rows stay on disk: rescan them); its attempts in
     /// flight finish and are recorded before the new task starts.
-    pub fn replace(&self, sub: Arc<Subscription>) -> Result<(), String> {
-        self.spawn(sub)
+    pub fn replace(&self, sub: Arc<Subscription>) {
+        self.spawn(sub);
     }
 
     /// Stops a subscription's destination task: no new attempts; those in flight finish and
