@@ -68,6 +68,83 @@ fn huge_durations_are_refused_by_check_config() {
     assert!(err.contains("3650d"), "{err}");
 }
 
+/// Every duration setting of the file, one past its bound: each is refused with its key.
+#[test]
+fn every_duration_in_the_file_is_bounded() {
+    let source = "[[sources]]\nid = \"gh\"\nscheme = \"github\"\nsecrets = [\"a-github-secret\"]\n";
+    let cases = [
+        (
+            "[server]\nshutdown_timeout = \"3651d\"\n".to_string(),
+            "server.shutdown_timeout",
+        ),
+        (
+            "[server]\nheader_read_timeout = \"3651d\"\n".into(),
+            "server.header_read_timeout",
+        ),
+        (
+            "[server]\nbody_read_timeout = \"3651d\"\n".into(),
+            "server.body_read_timeout",
+        ),
+        (
+            "[server]\nresponse_write_timeout = \"3651d\"\n".into(),
+            "server.response_write_timeout",
+        ),
+        (
+            "[storage]\nsweep_interval = \"3651d\"\n".into(),
+            "storage.sweep_interval",
+        ),
+        (
+            "[delivery]\ntimeout = \"3651d\"\n".into(),
+            "delivery.timeout",
+        ),
+        (
+            "[delivery]\nscheduler_horizon = \"3651d\"\n".into(),
+            "delivery.scheduler_horizon",
+        ),
+        (
+            "[delivery]\nauto_disable_after = \"3651d\"\n".into(),
+            "delivery.auto_disable_after",
+        ),
+        (
+            sub_toml("https://example.com/h", "timeout = \"3651d\""),
+            "subscriptions[0].timeout",
+        ),
+        (
+            sub_toml(
+                "https://example.com/h",
+                "retry = { initial = \"1s\", max = \"3651d\" }",
+            ),
+            "subscriptions[0].retry.max",
+        ),
+        (
+            sub_toml("https://example.com/h", "breaker = { window = \"3651d\" }"),
+            "subscriptions[0].breaker.window",
+        ),
+        (
+            sub_toml(
+                "https://example.com/h",
+                "breaker = { cooldown = \"3651d\" }",
+            ),
+            "subscriptions[0].breaker.cooldown",
+        ),
+        (
+            format!("{source}dedup_window = \"3651d\"\n"),
+            "sources[0].dedup_window",
+        ),
+        (
+            format!("{source}tolerance = \"36526d\"\n"),
+            "sources[0].tolerance",
+        ),
+    ];
+    for (text, key) in &cases {
+        let err = refused(text, key);
+        assert!(
+            err.contains("3650d") || err.contains("100years"),
+            "{key}: {err}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_durations_are_refused_by_the_api_and_every_list_still_answers() {
     let d = Daemon::start("[delivery]\nallow_private_networks = true\n");
@@ -76,6 +153,17 @@ async fn huge_durations_are_refused_by_the_api_and_every_list_still_answers() {
     let got = d.post("/v1/subscriptions", &huge).await;
     assert_error(&got, 400, "invalid_subscription", "huge backoff");
     assert!(got.1.to_string().contains("3650d"), "{}", got.1);
+    for (field, value) in [
+        ("timeout", json!("3651d")),
+        ("breaker", json!({"cooldown": "3651d"})),
+        ("breaker", json!({"window": "3651d"})),
+    ] {
+        let mut s = sub_json("http://127.0.0.1:9/");
+        s[field] = value;
+        let got = d.post("/v1/subscriptions", &s).await;
+        assert_error(&got, 400, "invalid_subscription", field);
+        assert!(got.1.to_string().contains(field), "{}", got.1);
+    }
 
     let got = d
         .post("/v1/subscriptions", &sub_json("http://127.0.0.1:9/"))
