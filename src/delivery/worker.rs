@@ -102,11 +102,6 @@ pub struct Worker {
     bucket: Option<TokenBucket>,
     /// FIFO: the delivery that is retrying and holds back the rest.
     blocked_by: Option<DeliveryId>,
-    /// Since when every attempt has failed (auto-disable), and whether that mark is on disk:
-    /// it is kept once the streak is worth keeping, so a restart or a subscription change
-    /// (a new task) goes on counting from it.
-    failing_since: Option<Micros>,
-    failing_kept: bool,
     enabled: bool,
     wake_at: Option<Instant>,
     depth: Arc<Depth>,
@@ -147,10 +142,6 @@ impl Worker {
                 }),
             Ordering::Unordered => None,
         };
-        let failing_since = env.store.failing_since(&dest.sub_id).unwrap_or_else(|e| {
-            tracing::error!(subscription = %dest.sub_id, error = %e, "cannot read since when the destination fails");
-            None
-        });
         Self {
             dest,
             env,
@@ -164,8 +155,6 @@ impl Worker {
             breaker,
             bucket,
             blocked_by,
-            failing_since,
-            failing_kept: failing_since.is_some(),
             enabled,
             wake_at: None,
             depth,
@@ -468,6 +457,7 @@ impl Worker {
             self.not_recorded(r.finished.into_iter().map(|f| f.job).collect());
             return;
         }
+        let mut failed = false;
         for f in r.finished {
             self.env.attempting.end(f.job.delivery);
             if let Some(job) = self.parked.remove(&f.job.delivery) {
@@ -479,50 +469,38 @@ impl Worker {
                     Next::Succeeded | Next::Dead => None,
                 };
             }
-            match f.next {
-                Next::Succeeded => self.succeeded().await,
-                _ => self.failed().await,
-            }
+            failed |= f.next != Next::Succeeded;
             if f.gone {
                 self.disable("gone", "the endpoint answered 410 Gone").await;
             }
         }
-    }
-
-    /// A success ends the failure streak, on disk too if it was kept there.
-    async fn succeeded(&mut self) {
-        if self.failing_since.take().is_some() && std::mem::take(&mut self.failing_kept) {
-            self.keep_failing_since(None).await;
+        if failed {
+            self.disable_if_failing_too_long().await;
         }
     }
 
-    /// A failure starts or extends the streak; one that has lasted `auto_disable_after`
-    /// disables the subscription. The streak is written down once it has lasted a quarter of
-    /// that (at most a minute), so neither a restart nor a new task resets it, while a
-    /// destination that fails now and then costs no writes.
-    async fn failed(&mut self) {
-        let now = now_micros();
-        let since = *self.failing_since.get_or_insert(now);
-        let limit = micros(self.env.auto_disable_after);
-        let keep_after = micros((self.env.auto_disable_after / 4).min(Duration::from_secs(60)));
-        let failing_for = now.saturating_sub(since);
-        if !self.failing_kept && failing_for >= keep_after {
-            self.failing_kept = true;
-            self.keep_failing_since(Some(since)).await;
+    /// Disables the subscription once every attempt has failed for `auto_disable_after`.
+    /// The streak is the one stored with the attempts (`schema::failing_key`), not one kept
+    /// by this task, so neither a restart nor the new task of a changed subscription starts
+    /// the count again; only a success or a state switch does.
+    async fn disable_if_failing_too_long(&mut self) {
+        if !self.enabled {
+            return;
         }
-        if failing_for > limit {
+        let since = match self.env.store.failing_since(&self.dest.sub_id) {
+            Ok(Some(since)) => since,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read since when the destination fails");
+                return;
+            }
+        };
+        if now_micros().saturating_sub(since) > micros(self.env.auto_disable_after) {
             self.disable(
                 "auto_disabled",
                 "every delivery failed for the auto-disable period",
             )
             .await;
-        }
-    }
-
-    async fn keep_failing_since(&self, since: Option<Micros>) {
-        let id = self.dest.sub_id.to_string();
-        if let Err(e) = self.dest.writer.set_failing_since(id, since).await {
-            tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot keep since when the destination fails");
         }
     }
 

@@ -374,8 +374,8 @@ impl Store {
         Ok(r.open_table(SCHEDULE)?.len()?)
     }
 
-    /// The enabled switches set at run time, by subscription id.
-    /// Since when every attempt of a subscription has failed, if a mark was kept.
+    /// Since when every attempt of a subscription has failed, if one has (the writer keeps
+    /// it with the attempts).
     pub fn failing_since(&self, subscription: &str) -> Result<Option<Micros>, StoreError> {
         let r = self.db.begin_read()?;
         let t = r.open_table(META)?;
@@ -383,6 +383,7 @@ impl Store {
             .and_then(|v| schema::parse_micros(v.value())))
     }
 
+    /// The enabled switches set at run time, by subscription id.
     pub fn subscription_states(
         &self,
     ) -> Result<std::collections::HashMap<String, writer::SubscriptionState>, StoreError> {

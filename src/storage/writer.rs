@@ -181,12 +181,6 @@ enum Command {
         state: SubscriptionState,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
-    /// Sets or clears a subscription's failing mark (see `schema::failing_key`).
-    SetFailingSince {
-        id: String,
-        since: Option<Micros>,
-        reply: oneshot::Sender<Result<(), WriteError>>,
-    },
     /// Operator actions: retry, cancel, replay, redrive, API subscriptions (see `operator`).
     Operator(operator::Op),
     /// Retention: removes old events whose deliveries are all terminal (see `purge`).
@@ -278,19 +272,6 @@ impl WriterHandle {
     ) -> Result<(), WriteError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Command::SetSubscriptionState { id, state, reply })?;
-        rx.await.map_err(|_| WriteError::Stopped)?
-    }
-
-    /// Keeps since when every attempt of a subscription has failed (`None` clears it), so
-    /// auto-disable counts across restarts. Written only when a failure streak starts being
-    /// worth keeping and when it ends, not per attempt.
-    pub async fn set_failing_since(
-        &self,
-        id: String,
-        since: Option<Micros>,
-    ) -> Result<(), WriteError> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(Command::SetFailingSince { id, since, reply })?;
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 
@@ -566,11 +547,18 @@ impl Writer {
             }
             Command::RecordAttempts { records, reply } => {
                 let now = crate::model::now_micros();
-                for r in records {
-                    if let Err(e) = record_attempt(t, r, now, fx) {
-                        drop(reply.send(Err(WriteError::Storage(e.to_string()))));
-                        return Err(e);
-                    }
+                let streaks = streaks(&records);
+                let recorded = records
+                    .into_iter()
+                    .try_for_each(|r| record_attempt(t, r, now, fx))
+                    .and_then(|()| {
+                        streaks
+                            .into_iter()
+                            .try_for_each(|(sub, s)| keep_streak(&mut t.meta, &sub, s))
+                    });
+                if let Err(e) = recorded {
+                    drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                    return Err(e);
                 }
                 fx.replies.push(Box::new(move |r| drop(reply.send(r))));
             }
@@ -594,22 +582,6 @@ impl Writer {
                         Ok(())
                     });
                 if let Err(e) = written {
-                    drop(reply.send(Err(WriteError::Storage(e.to_string()))));
-                    return Err(e);
-                }
-                fx.replies.push(Box::new(move |r| drop(reply.send(r))));
-            }
-            Command::SetFailingSince { id, since, reply } => {
-                let key = super::schema::failing_key(&id);
-                let written = match since {
-                    Some(t0) => t
-                        .meta
-                        .insert(key.as_str(), t0.to_le_bytes().as_slice())
-                        .map(drop),
-                    None => t.meta.remove(key.as_str()).map(drop),
-                };
-                if let Err(e) = written {
-                    let e = StoreError::from(e);
                     drop(reply.send(Err(WriteError::Storage(e.to_string()))));
                     return Err(e);
                 }
@@ -908,6 +880,61 @@ fn record_attempt(
     store_delivery(t, id, &d, old_status)
 }
 
+/// What one subscription's attempts, in the order they are recorded, do to its failing mark
+/// (`schema::failing_key`: since when every attempt has failed, which auto-disable reads).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Streak {
+    /// The last attempt succeeded.
+    Ended,
+    /// A success, then failures from this time on.
+    Restarted(Micros),
+    /// Failures only: the streak under way goes on, or one starts at this time.
+    Failing(Micros),
+}
+
+/// The streaks a command's attempts leave, one per run of attempts of one subscription.
+fn streaks(records: &[AttemptRecord]) -> Vec<(Arc<str>, Streak)> {
+    records
+        .chunk_by(|a, b| a.subscription == b.subscription)
+        .filter_map(|run| {
+            let first = run.first()?;
+            let streak = match run.iter().rposition(|r| r.next == Next::Succeeded) {
+                Some(i) => match run.get(i + 1) {
+                    None => Streak::Ended,
+                    Some(r) => Streak::Restarted(r.attempt.started_at),
+                },
+                None => Streak::Failing(first.attempt.started_at),
+            };
+            Some((first.subscription.clone(), streak))
+        })
+        .collect()
+}
+
+/// Keeps a subscription's failing mark in step with its attempts, in the transaction that
+/// records them: written when a streak starts and removed when it ends, so a destination
+/// that keeps succeeding (or keeps failing) costs one lookup per command and no write.
+fn keep_streak(
+    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    subscription: &str,
+    streak: Streak,
+) -> Result<(), StoreError> {
+    let key = super::schema::failing_key(subscription);
+    let kept = meta.get(key.as_str())?.is_some();
+    match streak {
+        Streak::Ended if kept => {
+            meta.remove(key.as_str())?;
+        }
+        Streak::Restarted(since) => {
+            meta.insert(key.as_str(), since.to_le_bytes().as_slice())?;
+        }
+        Streak::Failing(since) if !kept => {
+            meta.insert(key.as_str(), since.to_le_bytes().as_slice())?;
+        }
+        Streak::Ended | Streak::Failing(_) => {}
+    }
+    Ok(())
+}
+
 /// Moves a live delivery's due time; terminal ones are left alone.
 fn reschedule(
     t: &mut Tables<'_>,
@@ -947,8 +974,7 @@ fn fail(cmd: Command, err: WriteError) {
         Command::Probe { reply }
         | Command::RecordAttempts { reply, .. }
         | Command::Reschedule { reply, .. }
-        | Command::SetSubscriptionState { reply, .. }
-        | Command::SetFailingSince { reply, .. } => drop(reply.send(Err(err))),
+        | Command::SetSubscriptionState { reply, .. } => drop(reply.send(Err(err))),
         Command::Operator(op) => op.fail(err),
         Command::Purge(p) => p.fail(err),
         Command::Stop => {}

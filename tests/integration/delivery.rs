@@ -6,7 +6,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::support::receiver::{Receiver, Reply};
-use crate::support::{Daemon, verify_signature, wait_delivery};
+use crate::support::{Daemon, eventually, verify_signature, wait_delivery};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SECRET2: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
@@ -464,58 +464,133 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
     drop(tmp);
 }
 
-/// The failing clock survives restarts: a daemon restarted more often than the auto-disable
-/// period (here after every ~20 failed attempts, well under a second) still disables a
-/// subscription whose every attempt fails for that long.
+/// A config subscription that always fails, for the auto-disable tests: `auto_disable_after`
+/// is 2s, retries come every 20-40 ms and the breaker never opens. `rev` goes into a header,
+/// so a reload with another `rev` changes the subscription (and restarts its task).
+fn failing_config(url: &str, rev: u32) -> String {
+    format!(
+        "[delivery]\nallow_private_networks = true\nauto_disable_after = \"2s\"\n\n\
+         [[subscriptions]]\nid = \"flaky\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
+         headers = {{ \"X-Rev\" = \"{rev}\" }}\n\
+         retry = {{ max_attempts = 100000, initial = \"20ms\", max = \"40ms\" }}\n\
+         breaker = {{ failure_threshold = 100000, min_requests = 100000 }}\n"
+    )
+}
+
+fn auto_disabled(v: &Value) -> bool {
+    v["enabled"] == false && v["state_reason"] == "auto_disabled"
+}
+
+/// The failing clock is stored with the attempts: a daemon restarted, and a subscription
+/// changed by reload (which gives it a new destination task), after every attempt or two
+/// still disables a subscription whose every attempt fails, `auto_disable_after` after its
+/// first failure (give or take a restart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_disable_counts_across_restarts() {
+async fn auto_disable_counts_across_restarts_and_subscription_changes() {
+    const PERIOD: Duration = Duration::from_secs(2);
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(500));
-    let cfg = format!(
-        "[delivery]\nallow_private_networks = true\nauto_disable_after = \"2s\"\n\n\
-         [[subscriptions]]\nid = \"flaky\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
-         retry = {{ max_attempts = 100000, initial = \"20ms\", max = \"40ms\" }}\n\
-         breaker = {{ failure_threshold = 100000, min_requests = 100000 }}\n",
-        rx.url("/")
-    );
-    let mut d = Daemon::start(&cfg);
+    let mut rev = 0;
+    let mut d = Daemon::start(&failing_config(&rx.url("/"), rev));
     let tmp = d.keep_dir();
     d.publish("a", json!({})).await;
-    let disabled = |v: &Value| v["enabled"] == false && v["state_reason"] == "auto_disabled";
-    let mut restarts = 0;
-    'restarting: loop {
-        // About half a second of failures, then a restart, unless it was disabled meanwhile.
+    let first = rx.wait_for(1, WAIT).await[0].at;
+    let started = tokio::time::Instant::now();
+    let (mut restarts, mut reloads) = (0, 0);
+    loop {
         let seen = rx.received().len();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while rx.received().len() < seen + 20 {
+        let sub = eventually("another attempt or the disable", || async {
             let (_, sub) = d.get("/v1/subscriptions/flaky").await;
-            if disabled(&sub) {
-                break 'restarting;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "no attempts: {sub}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            (auto_disabled(&sub) || rx.received().len() > seen).then_some(sub)
+        })
+        .await;
+        if auto_disabled(&sub) {
+            break;
         }
         assert!(
-            restarts < 40,
-            "never auto-disabled after {restarts} restarts"
+            started.elapsed() < PERIOD * 5,
+            "not disabled {:?} after the first failure ({restarts} restarts, {reloads} reloads): {sub}",
+            started.elapsed()
         );
-        d.terminate();
-        d = Daemon::start_in(&d.dir.clone(), &cfg);
-        restarts += 1;
+        rev += 1;
+        let cfg = failing_config(&rx.url("/"), rev);
+        if rev % 2 == 0 {
+            d.terminate();
+            d = Daemon::start_in(&d.dir.clone(), &cfg);
+            restarts += 1;
+        } else {
+            std::fs::write(d.dir.join("dispatchd.toml"), cfg).unwrap();
+            let (status, r) = d.send(d.http.post(d.url("/v1/admin/reload"))).await;
+            assert_eq!((status, &r["changed"]), (200, &json!(["flaky"])), "{r}");
+            reloads += 1;
+        }
     }
     assert!(
-        restarts >= 2,
-        "disabled before the restarts could matter ({restarts})"
+        restarts >= 2 && reloads >= 2,
+        "disabled before restarts and reloads could matter ({restarts}, {reloads})"
+    );
+    let attempts = rx.received();
+    let last = attempts.last().map_or(first, |r| r.at);
+    assert!(
+        last.duration_since(first) < PERIOD * 3,
+        "attempts went on for {:?} ({} of them)",
+        last.duration_since(first),
+        attempts.len()
     );
     // Disabled for good: a restart keeps it so, and new events no longer fan out to it.
     d.terminate();
-    let d = Daemon::start_in(&d.dir.clone(), &cfg);
+    let d = Daemon::start_in(&d.dir.clone(), &failing_config(&rx.url("/"), rev));
     let (_, sub) = d.get("/v1/subscriptions/flaky").await;
-    assert!(disabled(&sub), "{sub}");
+    assert!(auto_disabled(&sub), "{sub}");
     let next = d.publish("a", json!({})).await;
     assert_eq!(next["deliveries"], 0, "{next}");
     drop(d);
     drop(tmp);
+}
+
+/// A subscription deleted while failing leaves no clock behind: created again under the
+/// same id after the auto-disable period, it is not disabled by its first failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_created_again_starts_a_new_failing_clock() {
+    const PERIOD: Duration = Duration::from_secs(2);
+    let rx = Receiver::start().await;
+    rx.set_default(Reply::Status(500));
+    let d =
+        Daemon::start("[delivery]\nallow_private_networks = true\nauto_disable_after = \"2s\"\n");
+    let spec = json!({
+        "id": "api",
+        "url": rx.url("/"),
+        "secrets": [SECRET],
+        "retry": {"max_attempts": 100000, "initial": "20ms", "max": "40ms"},
+        "breaker": {"failure_threshold": 100000, "min_requests": 100000},
+    });
+    let (status, body) = d.post("/v1/subscriptions", &spec).await;
+    assert_eq!(status, 201, "{body}");
+    d.publish("a", json!({})).await;
+    // Failing for a while (so a clock is kept whichever way it is kept), then deleted.
+    let got = rx
+        .wait_until(WAIT, "attempts over 700 ms", |r| {
+            r.len() >= 2 && r[r.len() - 1].at.duration_since(r[0].at) >= Duration::from_millis(700)
+        })
+        .await;
+    let first = tokio::time::Instant::from_std(got[0].at);
+    let (status, body) = d.send(d.http.delete(d.url("/v1/subscriptions/api"))).await;
+    assert_eq!(status, 200, "{body}");
+    // Past the period counted from the first subscription's first failure.
+    tokio::time::sleep_until(first + PERIOD + Duration::from_millis(300)).await;
+    let (status, body) = d.post("/v1/subscriptions", &spec).await;
+    assert_eq!(status, 201, "{body}");
+    let seen = rx.received().len();
+    d.publish("a", json!({})).await;
+    let sub = eventually("three attempts of the new subscription", || async {
+        let (_, sub) = d.get("/v1/subscriptions/api").await;
+        (auto_disabled(&sub) || rx.received().len() >= seen + 3).then_some(sub)
+    })
+    .await;
+    assert!(
+        !auto_disabled(&sub),
+        "disabled by the deleted subscription's clock: {sub}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq, now_micros};
 use crate::storage::StoreError;
-use crate::storage::schema::{decode, encode};
+use crate::storage::schema::{decode, encode, failing_key};
 
 /// What became of one delivery an operator asked to retry.
 #[derive(Debug, Clone)]
@@ -131,17 +131,27 @@ impl Writer {
                 finish(fx, reply, r)
             }
             Op::PutSubscription { id, record, reply } => {
-                let r = t
-                    .subscriptions
-                    .insert(id.as_str(), record.as_slice())
-                    .map(drop)
-                    .map_err(StoreError::from);
+                let r = (|| {
+                    let created = t
+                        .subscriptions
+                        .insert(id.as_str(), record.as_slice())?
+                        .is_none();
+                    // A new subscription starts with no failure streak, even one that an
+                    // attempt of a deleted namesake recorded after its deletion.
+                    if created {
+                        t.meta.remove(failing_key(&id).as_str())?;
+                    }
+                    Ok(())
+                })();
                 finish(fx, reply, r)
             }
             Op::DeleteSubscription { id, reply } => {
                 let r = (|| {
                     let existed = t.subscriptions.remove(id.as_str())?.is_some();
+                    // Its run-time state goes with it: a new subscription under this id
+                    // starts enabled and with no failure streak.
                     t.subscription_state.remove(id.as_str())?;
+                    t.meta.remove(failing_key(&id).as_str())?;
                     Ok(existed)
                 })();
                 finish(fx, reply, r)
@@ -399,6 +409,101 @@ mod tests {
             error: Some("HTTP 500".into()),
             next,
         }
+    }
+
+    /// Auto-disable's clock (the failing mark) is written by the command recording the
+    /// attempt that starts a streak, kept while failures go on, and removed by a success, a
+    /// state switch or the subscription's deletion.
+    #[tokio::test]
+    async fn the_failing_mark_follows_the_attempts() {
+        let (_dir, store, w) = open();
+        let events = (0..2)
+            .map(|i| NewEvent {
+                id: format!("e{i}"),
+                event_type: "t".into(),
+                source: None,
+                data: "{}".into(),
+                idempotency_key: None,
+                subscriptions: vec![Arc::from("a"), Arc::from("b")],
+            })
+            .collect();
+        if let Err(e) = w.publish(events).await {
+            panic!("{e}");
+        }
+        let retry = Next::Retry { at: i64::MAX / 2 };
+        let at = |sub: &str, next: Next, t: Micros| {
+            let mut r = attempt(if sub == "a" { 1 } else { 2 }, sub, next);
+            r.attempt.started_at = t;
+            r
+        };
+        let marks = || {
+            let get = |sub| match store.failing_since(sub) {
+                Ok(m) => m,
+                Err(e) => panic!("{e}"),
+            };
+            (get("a"), get("b"))
+        };
+        // Each command, and the marks of "a" and "b" after it.
+        type Marks = (Option<Micros>, Option<Micros>);
+        let steps: Vec<(Vec<AttemptRecord>, Marks)> = vec![
+            (vec![at("a", retry, 10)], (Some(10), None)),
+            (vec![at("a", retry, 20)], (Some(10), None)),
+            (vec![at("a", Next::Succeeded, 30)], (None, None)),
+            (
+                vec![
+                    at("a", retry, 40),
+                    at("a", Next::Succeeded, 50),
+                    at("a", retry, 60),
+                    at("a", Next::Dead, 70),
+                ],
+                (Some(60), None),
+            ),
+            (
+                vec![at("b", Next::Dead, 80), at("a", Next::Succeeded, 85)],
+                (None, Some(80)),
+            ),
+            (
+                vec![at("a", retry, 90), at("b", Next::Succeeded, 95)],
+                (Some(90), None),
+            ),
+            (vec![at("b", retry, 100)], (Some(90), Some(100))),
+        ];
+        for (i, (records, want)) in steps.into_iter().enumerate() {
+            if let Err(e) = w.record_attempts(records).await {
+                panic!("{e}");
+            }
+            assert_eq!(marks(), want, "after step {i}");
+        }
+        let state = writer::SubscriptionState {
+            enabled: false,
+            reason: Some("paused".into()),
+            changed_at: 1,
+        };
+        if let Err(e) = w.set_subscription_state("b".into(), state).await {
+            panic!("{e}");
+        }
+        assert_eq!(marks(), (Some(90), None), "after a state switch");
+        if let Err(e) = w.delete_subscription("a".into()).await {
+            panic!("{e}");
+        }
+        assert_eq!(marks(), (None, None), "after the deletion");
+        // An attempt of the deleted subscription recorded late leaves a mark; a new
+        // subscription under that id starts without it, and changing it keeps its streak.
+        if let Err(e) = w.record_attempts(vec![at("a", retry, 110)]).await {
+            panic!("{e}");
+        }
+        assert_eq!(marks(), (Some(110), None), "after a late attempt");
+        if let Err(e) = w.put_subscription("a".into(), &("spec", 1u32)).await {
+            panic!("{e}");
+        }
+        assert_eq!(marks(), (None, None), "after the creation");
+        if let Err(e) = w.record_attempts(vec![at("a", retry, 120)]).await {
+            panic!("{e}");
+        }
+        if let Err(e) = w.put_subscription("a".into(), &("spec", 2u32)).await {
+            panic!("{e}");
+        }
+        assert_eq!(marks(), (Some(120), None), "after a change");
     }
 
     #[tokio::test]
