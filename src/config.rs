@@ -336,6 +336,9 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// systemd's notify socket and watchdog, read from the environment by `SystemdEnv::from_env`.
     pub systemd: SystemdEnv,
+    /// The environment and flag values that won over the file: a reload reads the file again
+    /// under the same ones.
+    pub overrides: Overrides,
 }
 
 impl Config {
@@ -748,6 +751,7 @@ pub fn validate(
         sources,
         sweep_interval: raw.storage.sweep_interval.0,
         systemd: SystemdEnv::default(),
+        overrides: overrides.clone(),
     })
 }
 

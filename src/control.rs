@@ -22,7 +22,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 use crate::config::{
-    self, Config, ConfigError, ConfigErrors, Overrides, RawSubscription, SubscriptionDefaults,
+    self, Config, ConfigError, ConfigErrors, RawSubscription, SubscriptionDefaults,
 };
 use crate::delivery::Supervisor;
 use crate::ingest::source::Sources;
@@ -135,6 +135,9 @@ pub struct Control {
     registry: Arc<Registry>,
     supervisor: Arc<Supervisor>,
     config: crate::swap::Swap<Config>,
+    /// The configuration the process started with: what only a restart applies keeps these
+    /// values, whatever reloads read.
+    started: Arc<Config>,
     /// Serialises changes to the set (API calls, reloads, secret expiry).
     changes: tokio::sync::Mutex<()>,
     /// Woken when a secret expiry may have moved earlier.
@@ -167,12 +170,14 @@ impl Control {
         supervisor: Arc<Supervisor>,
         config: Config,
     ) -> Arc<Self> {
+        let started = Arc::new(config);
         Arc::new(Self {
             store,
             writer,
             registry,
             supervisor,
-            config: crate::swap::Swap::new(config),
+            config: crate::swap::Swap::from_arc(started.clone()),
+            started,
             changes: tokio::sync::Mutex::new(()),
             expiry: Notify::new(),
         })
@@ -700,8 +705,9 @@ impl Control {
         Ok((self.describe(id)?, secret, until))
     }
 
-    /// Re-reads the config file and puts its subscriptions and sources in force. An invalid
-    /// file changes nothing. Other settings (listen address, storage, tokens) need a restart.
+    /// Re-reads the config file and puts its subscriptions, sources, tokens and certificate
+    /// in force. An invalid file changes nothing. Settings only a restart applies keep the
+    /// values the process started with; the answer and the log name those the file changed.
     pub async fn reload(
         &self,
         sources: &Sources,
@@ -713,16 +719,13 @@ impl Control {
         let Some(path) = old.file.clone() else {
             return Err(ReloadError::NoFile);
         };
-        // The process's overrides stay: only subscriptions and sources change on reload.
-        let overrides = Overrides {
-            listen: Some(old.listen.to_string()),
-            data_dir: Some(old.data_dir.clone()),
-        };
+        // Read as at start: the environment and the flags still win over the file.
+        let overrides = old.overrides.clone();
         let loaded = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || config::load(Some(&path), &overrides)).await
         };
-        let new = match loaded {
+        let mut new = match loaded {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(ReloadError::Invalid(e)),
             Err(e) => {
@@ -758,7 +761,10 @@ impl Control {
         if !clashes.is_empty() {
             return Err(ReloadError::Invalid(ConfigErrors(clashes)));
         }
-        let restart_needed = restart_needed(&old, &new);
+        // Against the start, not the last reload: a change stays pending until a restart.
+        let restart_needed = restart_needed(&self.started, &new);
+        new.listen = self.started.listen;
+        new.data_dir.clone_from(&self.started.data_dir);
         if !restart_needed.is_empty() {
             tracing::warn!(settings = ?restart_needed, "reload cannot apply these changes; restart to apply them");
         }
@@ -857,10 +863,9 @@ pub fn hangups() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
-/// Reloads the config file on every SIGHUP until `stop` resolves. A refused reload is logged
-/// with every problem; the old configuration stays in force.
-/// The settings `new` changes that a reload cannot apply: subscriptions, sources, tokens,
-/// the delivery defaults subscriptions inherit and the replay cap are applied; the listener,
+/// The settings in which `new` differs from the configuration the process started with
+/// that a reload cannot apply. Subscriptions, sources, tokens, the certificate files, the
+/// delivery defaults subscriptions inherit and the replay cap are applied; the listener,
 /// storage, engine and logging are set up once at start.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut v = Vec::new();
@@ -869,6 +874,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
             v.push(key);
         }
     };
+    check(new.listen != old.listen, "server.listen");
+    check(new.data_dir != old.data_dir, "storage.data_dir");
     check(
         new.tls.is_some() != old.tls.is_some(),
         "server.tls (turning HTTPS on or off)",
@@ -918,6 +925,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     v
 }
 
+/// Reloads the config file on every SIGHUP until `stop` resolves. A refused reload is logged
+/// with every problem; the old configuration stays in force.
 pub async fn reload_on_sighup(
     control: Arc<Control>,
     sources: Arc<Sources>,
@@ -1028,5 +1037,32 @@ mod tests {
         assert!(!m.contains_key("secrets"));
         m.insert("secrets".into(), serde_json::json!("whsec_a"));
         assert!(take_secrets(&mut m).is_err());
+    }
+
+    fn loaded(text: &str, overrides: &config::Overrides) -> Config {
+        let raw = config::parse_str(text, None).unwrap_or_else(|e| panic!("{e}"));
+        config::validate(raw, text, None, overrides).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A reload reads the file under the overrides of the start: a listener or data directory
+    /// moved in the file is named as needing a restart, unless a flag or the environment
+    /// fixed it (then the file's value never counted).
+    #[test]
+    fn a_moved_listener_or_data_dir_needs_a_restart_unless_overridden() {
+        let start = "[server]\nlisten = \"127.0.0.1:8080\"\n[storage]\ndata_dir = \"/srv/a\"\n";
+        let edited = "[server]\nlisten = \"127.0.0.1:9090\"\n[storage]\ndata_dir = \"/srv/b\"\nretention = \"3d\"\n";
+        let none = config::Overrides::default();
+        assert_eq!(
+            restart_needed(&loaded(start, &none), &loaded(edited, &none)),
+            vec!["server.listen", "storage.data_dir", "storage.retention"]
+        );
+        let flags = config::Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some("/srv/flag".into()),
+        };
+        assert_eq!(
+            restart_needed(&loaded(start, &flags), &loaded(edited, &flags)),
+            vec!["storage.retention"]
+        );
     }
 }

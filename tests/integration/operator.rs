@@ -1429,6 +1429,7 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_token_changes_at_once_over_http_and_sighup() {
     const NEW_ADMIN: &str = "admin-token-after-reload-1";
+    const THIRD: &str = "admin-token-after-sighup-2";
     let d = Daemon::start(&config("", ""));
     let file = d.dir.join("dispatchd.toml");
     let status_with = |token: &'static str| {
@@ -1437,6 +1438,19 @@ async fn reload_applies_token_changes_at_once_over_http_and_sighup() {
             d.send(d.http.get(d.url("/v1/subscriptions")).bearer_auth(token))
                 .await
                 .0
+        }
+    };
+    let publish_with = |token: &'static str| {
+        let d = &d;
+        async move {
+            d.send(
+                d.http
+                    .post(d.url("/v1/events"))
+                    .bearer_auth(token)
+                    .header("content-type", "application/json")
+                    .body(r#"{"type":"a","data":{}}"#),
+            )
+            .await
         }
     };
     assert_eq!(status_with(PUBLISH).await, 403);
@@ -1452,24 +1466,20 @@ async fn reload_applies_token_changes_at_once_over_http_and_sighup() {
     assert_eq!(r["tokens"], 2, "{r}");
     assert_eq!(r["restart_needed"], json!(["storage.retention"]), "{r}");
     assert_eq!(status_with(NEW_ADMIN).await, 200);
-    let published = d
-        .send(
-            d.http
-                .post(d.url("/v1/events"))
-                .bearer_auth(PUBLISH)
-                .header("content-type", "application/json")
-                .body(r#"{"type":"a","data":{}}"#),
-        )
-        .await;
+    let published = publish_with(PUBLISH).await;
     assert_eq!(
         published.0, 401,
         "a removed token is refused: {}",
         published.1
     );
+    // Still not in force, so still named: the answer compares with the start, not with the
+    // last reload.
+    let r = ok(post_empty(&d, "/v1/admin/reload").await, "reload");
+    assert_eq!(r["restart_needed"], json!(["storage.retention"]), "{r}");
 
-    // SIGHUP: the old admin token goes too.
+    // SIGHUP: the old admin token goes, the new one may only publish now, a third comes.
     let text = format!(
-        "[auth]\ntokens = [ {{ token = \"{NEW_ADMIN}\", scopes = [\"admin\"] }} ]\n\n[delivery]\nallow_private_networks = true\n"
+        "[auth]\ntokens = [\n  {{ token = \"{NEW_ADMIN}\", scopes = [\"publish\"] }},\n  {{ token = \"{THIRD}\", scopes = [\"admin\"] }},\n]\n\n[delivery]\nallow_private_networks = true\n"
     );
     std::fs::write(&file, text).unwrap();
     support::signal(d.pid(), "HUP");
@@ -1477,7 +1487,14 @@ async fn reload_applies_token_changes_at_once_over_http_and_sighup() {
         (status_with(ADMIN).await == 401).then_some(())
     })
     .await;
-    assert_eq!(status_with(NEW_ADMIN).await, 200);
+    assert_eq!(status_with(THIRD).await, 200);
+    assert_eq!(
+        status_with(NEW_ADMIN).await,
+        403,
+        "its scope is publish now"
+    );
+    let published = publish_with(NEW_ADMIN).await;
+    assert_eq!(published.0, 202, "{}", published.1);
 }
 
 // ---------------------------------------------------------------------------------------------
