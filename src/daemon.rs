@@ -15,10 +15,10 @@ use crate::config::Config;
 use crate::delivery::worker::WorkerEnv;
 use crate::delivery::{EngineConfig, Supervisor};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::scheduler::driver::{Msg, Scheduler, SchedulerConfig};
 use crate::storage::Store;
 use crate::storage::writer::{self, WriterConfig};
+use crate::subscriptions::Registry;
 use tokio::sync::mpsc;
 
 /// Binds the configured address and runs until SIGTERM or SIGINT.
@@ -80,21 +80,7 @@ pub async fn run(
         }
     });
 
-    // Run-time switches (410 Gone, auto-disable) survive restarts.
-    let mut subscriptions = config.subscriptions.clone();
-    let states = store
-        .subscription_states()
-        .context("cannot read subscription states")?;
-    for s in &mut subscriptions {
-        if let Some(st) = states.get(&s.id)
-            && st.enabled != s.enabled
-        {
-            let mut changed = (**s).clone();
-            changed.enabled = st.enabled;
-            *s = Arc::new(changed);
-        }
-    }
-    let registry = Arc::new(Registry::new(subscriptions.clone()));
+    let registry = Arc::new(Registry::default());
     // Destinations ask the subscriptions' owner (control) to disable their subscription.
     let (disables_tx, disables_rx) = tokio::sync::mpsc::unbounded_channel();
     let supervisor = Supervisor::new(
@@ -114,10 +100,9 @@ pub async fn run(
     )
     .context("cannot build the HTTP client")?;
     let supervisor = Arc::new(supervisor);
-    supervisor.start(&subscriptions);
-    // Subscriptions created over the API and pause switches join the set (before the
-    // scheduler runs, whose first load then finds their scheduled deliveries).
-    let control = crate::control::Control::new(
+    // The subscriptions' owner puts the set in force and starts its destination tasks
+    // before the scheduler runs, whose first load then finds their scheduled deliveries.
+    let control = crate::subscriptions::Control::new(
         store.clone(),
         writer.clone(),
         registry.clone(),
@@ -125,10 +110,9 @@ pub async fn run(
         config.clone(),
     );
     control
-        .refresh()
-        .await
+        .start()
         .context("cannot load the subscriptions created over the API")?;
-    let hangups = crate::control::hangups();
+    let hangups = crate::subscriptions::control::hangups();
     let scheduler = Scheduler::new(
         store.clone(),
         supervisor.router(),
@@ -178,7 +162,7 @@ pub async fn run(
     tracing::info!(
         data = %db_path.display(),
         events = store.event_count().unwrap_or(0),
-        subscriptions = subscriptions.len(),
+        subscriptions = state.registry.snapshot().len(),
         https = state.tls.is_some(),
         "listening on {addr}"
     );
@@ -228,14 +212,16 @@ pub async fn run(
     upkeep.push(tokio::spawn(
         control.clone().run_expiry(stopped(upkeep_rx.clone())),
     ));
-    upkeep.push(tokio::spawn(crate::control::reload_on_sighup(
-        control.clone(),
-        state.sources.clone(),
-        state.auth.clone(),
-        state.tls.clone(),
-        hangups,
-        stopped(upkeep_rx.clone()),
-    )));
+    upkeep.push(tokio::spawn(
+        crate::subscriptions::control::reload_on_sighup(
+            control.clone(),
+            state.sources.clone(),
+            state.auth.clone(),
+            state.tls.clone(),
+            hangups,
+            stopped(upkeep_rx.clone()),
+        ),
+    ));
     drop(control);
     drop(upkeep_rx);
     let drain_state = state.clone();

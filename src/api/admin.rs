@@ -22,13 +22,11 @@ use super::{
     read_body, require_json, time_param,
 };
 use crate::config::Scope;
-use crate::control::{ControlError, Described, ReloadError};
-use crate::model::{
-    DeliveryId, DeliveryStatus, Event, Origin, Seq, SubscriptionSource, TypePattern, parse_time,
-    rfc3339,
-};
+use crate::model::{DeliveryId, DeliveryStatus, Event, Origin, Seq, parse_time, rfc3339};
 use crate::storage::inspect::{DeadFilter, DeliveryFilter};
 use crate::storage::writer::{CancelOutcome, RetryOutcome};
+use crate::subscriptions::{ControlError, Described, ReloadError};
+use crate::subscriptions::{SubscriptionSource, TypePattern};
 
 /// The OpenAPI 3 document of the whole API, served at `GET /v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -722,7 +720,7 @@ pub struct SubscriptionView<'a> {
     pub timeout: String,
     pub rate_limit: Option<f64>,
     pub max_in_flight: u32,
-    pub ordering: crate::model::Ordering,
+    pub ordering: crate::subscriptions::Ordering,
     pub retry: RetryView,
     pub final_status_codes: &'a [u16],
     pub created_at: Option<String>,

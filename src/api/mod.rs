@@ -31,9 +31,9 @@ use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::storage::Store;
 use crate::storage::writer::WriterHandle;
+use crate::subscriptions::Registry;
 use error::ApiError;
 
 /// A response with a fully buffered body.
@@ -52,7 +52,7 @@ pub struct ApiState {
     /// Inbound provider sources by id (swapped whole on reload).
     pub sources: Arc<crate::ingest::source::Sources>,
     /// Operator control of subscriptions, reload and the configuration in force.
-    pub control: Arc<crate::control::Control>,
+    pub control: Arc<crate::subscriptions::control::Control>,
     pub max_body: u64,
     pub max_batch: usize,
     pub limits: conn::Limits,

@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::api::backup::ROWS_HEADER;
-use crate::control::SubscriptionRecord;
 use crate::storage::StoreError;
 use crate::storage::backup::{VerifyReport, verify};
 
@@ -69,7 +68,7 @@ pub fn backup(
 
 /// Checks a database file; `Err` when it cannot be read at all.
 pub fn verify_db(path: &Path) -> anyhow::Result<VerifyReport> {
-    match verify::<SubscriptionRecord>(path) {
+    match verify(path) {
         Ok(r) => Ok(r),
         Err(e @ StoreError::InUse(_)) => Err(e.into()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("{}", path.display()))),

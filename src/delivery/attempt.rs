@@ -10,11 +10,12 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use super::client::{self, Class, ErrorKind};
 use crate::metrics::Metrics;
-use crate::model::{Attempt, Event, Micros, Subscription, micros, now_micros, rfc3339};
+use crate::model::{Attempt, Event, Micros, micros, now_micros, rfc3339};
 use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
 use crate::signing::{self, SigningKey, signature_header};
 use crate::storage::writer::{AttemptRecord, Next, WriterHandle};
+use crate::subscriptions::Subscription;
 
 const WEBHOOK_ID: HeaderName = HeaderName::from_static(signing::STANDARD_ID_HEADER);
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static(signing::STANDARD_TIMESTAMP_HEADER);

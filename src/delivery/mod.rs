@@ -15,11 +15,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::metrics::Metrics;
-use crate::model::Subscription;
 use crate::retry::RetryPolicy;
 use crate::scheduler::driver::{Dispatch, Job, Msg};
 use crate::signing::parse_secret;
 use crate::storage::writer::WriterHandle;
+use crate::subscriptions::Subscription;
 use attempt::Destination;
 use client::ErrorKind;
 use reqwest::header::HeaderMap;

@@ -15,11 +15,12 @@ use super::attempt::{self, Destination, Health, Outcome, Recorded};
 use super::client::ErrorKind;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::clock::Instant;
-use crate::model::{DeliveryId, Micros, Ordering, micros, now_micros};
+use crate::model::{DeliveryId, Micros, micros, now_micros};
 use crate::ratelimit::TokenBucket;
 use crate::scheduler::driver::{Job, Msg};
 use crate::storage::writer::Next;
 use crate::storage::{Snapshot, Store};
+use crate::subscriptions::Ordering;
 
 /// Jobs a destination holds in memory before the router stops handing it more.
 pub const QUEUE_CAP: usize = 10_000;

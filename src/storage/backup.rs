@@ -232,11 +232,10 @@ impl VerifyReport {
 }
 
 /// Opens a database file read-only and checks it: the schema version is one this code reads
-/// (its own, or an older one it upgrades at start), every record decodes (API subscriptions
-/// as `S`, a type of the layer that stores them), and every index row points at a record.
+/// (its own, or an older one it upgrades at start), every record decodes, and every index row points at a record.
 /// Fails outright when the file cannot be opened (in use by a running daemon, not a redb
 /// file) or has another schema version.
-pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreError> {
+pub fn verify(path: &Path) -> Result<VerifyReport, StoreError> {
     // What a crash left in the commit journal belongs to the file: replayed first, as the
     // daemon would at start. A running daemon holds the journal's lock.
     match super::journal::recover(path) {
@@ -304,7 +303,7 @@ pub fn verify<S: DeserializeOwned>(path: &Path) -> Result<VerifyReport, StoreErr
     }
     check_values::<Delivery, u64>(&r, DELIVERIES, "delivery", &mut rep)?;
     check_values::<Receipt, u64>(&r, RECEIPTS, "receipt", &mut rep)?;
-    check_values::<S, &str>(&r, SUBSCRIPTIONS, "subscription", &mut rep)?;
+    check_values::<SubscriptionRecord, &str>(&r, SUBSCRIPTIONS, "subscription", &mut rep)?;
     check_values::<SubscriptionState, &str>(
         &r,
         SUBSCRIPTION_STATE,
@@ -463,7 +462,7 @@ mod tests {
         let s = store(tmp.path());
         let snap = snapshot(&s).unwrap();
         assert!(snap.size > 0);
-        let rep = verify::<serde::de::IgnoredAny>(&snap.path).unwrap();
+        let rep = verify(&snap.path).unwrap();
         assert!(rep.ok(), "{:?}", rep.problems);
         assert_eq!(rep.schema_version, SCHEMA_VERSION);
         assert_eq!(rep.tables.len(), table_names().len());
@@ -490,7 +489,7 @@ mod tests {
             }
             w.commit().unwrap();
         }
-        let rep = verify::<serde::de::IgnoredAny>(&path).unwrap();
+        let rep = verify(&path).unwrap();
         assert_eq!(rep.problem_count, 2, "{:?}", rep.problems);
         assert!(
             rep.problems
@@ -514,9 +513,7 @@ mod tests {
             }
             w.commit().unwrap();
         }
-        let e = verify::<serde::de::IgnoredAny>(&path)
-            .unwrap_err()
-            .to_string();
+        let e = verify(&path).unwrap_err().to_string();
         assert!(e.contains("schema version 99"), "{e}");
     }
 }

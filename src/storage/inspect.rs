@@ -13,7 +13,6 @@ use std::collections::BinaryHeap;
 use std::ops::Bound;
 
 use redb::ReadableTable;
-use serde::de::DeserializeOwned;
 
 use super::schema::*;
 use super::{Page, Store, StoreError, first_seq_at_or_after};
@@ -315,9 +314,7 @@ impl Store {
     }
 
     /// Every subscription created over the API, by id.
-    pub fn subscription_records<T: DeserializeOwned>(
-        &self,
-    ) -> Result<Vec<(String, T)>, StoreError> {
+    pub fn subscription_records(&self) -> Result<Vec<(String, SubscriptionRecord)>, StoreError> {
         let r = self.db().begin_read()?;
         let t = r.open_table(SUBSCRIPTIONS)?;
         let mut out = Vec::new();
@@ -326,6 +323,15 @@ impl Store {
             out.push((k.value().to_string(), decode(v.value(), "subscription")?));
         }
         Ok(out)
+    }
+
+    /// One subscription created over the API.
+    pub fn subscription_record(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+        let r = self.db().begin_read()?;
+        let t = r.open_table(SUBSCRIPTIONS)?;
+        t.get(id)?
+            .map(|v| decode(v.value(), "subscription"))
+            .transpose()
     }
 }
 

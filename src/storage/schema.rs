@@ -3,10 +3,11 @@
 //! docs/storage-format.md describes every table; change both together.
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::StoreError;
+use crate::model::Micros;
 
 /// Bumped whenever a table's key or value layout changes; migrations live in `migrate`.
 ///
@@ -81,6 +82,27 @@ macro_rules! for_each_table {
     };
 }
 pub(crate) use for_each_table;
+
+/// An API subscription as stored in `SUBSCRIPTIONS` (postcard). The subscriptions owner
+/// (`subscriptions::control`) makes and reads these; storage keeps them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    /// The definition as the API received it (the JSON of a config `[[subscriptions]]` table)
+    /// without its secrets, which are kept apart with their expiry.
+    pub spec: String,
+    pub secrets: Vec<StoredSecret>,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+}
+
+/// A signing secret of an API subscription. One with an expiry is on its way out after a
+/// rotation: it keeps signing until then.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSecret {
+    pub secret: String,
+    pub added_at: Micros,
+    pub expires_at: Option<Micros>,
+}
 
 /// Tables of version 1 that version 2 dropped; `migrate` deletes them.
 pub const RETIRED_IN_V2: [&str; 2] = ["deliveries_by_subscription", "deliveries_by_status"];

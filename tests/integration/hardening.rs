@@ -496,7 +496,7 @@ async fn a_masked_url_sent_back_keeps_its_password() {
 /// Rewrites the stored definition of API subscription `id` in the stopped daemon's database,
 /// as an older version that accepted it would have stored it.
 fn store_url(dir: &Path, id: &str, url: &str) {
-    use dispatchd::control::SubscriptionRecord;
+    use dispatchd::storage::schema::SubscriptionRecord;
     use dispatchd::storage::schema::{SUBSCRIPTIONS, decode, encode};
     use redb::ReadableDatabase;
     let path = dir.join("data").join("dispatchd.redb");

@@ -9,9 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dispatchd::config::{
-    self, Config, Overrides, RawAuth, RawBreaker, RawConfig, RawDelivery, RawLog, RawRetry,
-    RawServer, RawStorage,
+    self, Config, Overrides, RawAuth, RawConfig, RawDelivery, RawLog, RawServer, RawStorage,
 };
+use dispatchd::subscriptions::spec::{RawBreaker, RawRetry};
 
 use crate::support::{Daemon, bin, run_bounded as run};
 

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq, now_micros};
 use crate::storage::StoreError;
-use crate::storage::schema::{decode, encode, failing_key};
+use crate::storage::schema::{SubscriptionRecord, decode, encode, failing_key};
 
 /// What became of one delivery an operator asked to retry.
 #[derive(Debug, Clone)]
@@ -299,11 +299,11 @@ impl WriterHandle {
         .await
     }
 
-    /// Stores an API subscription's record (encoded by the caller with `schema::encode`).
-    pub async fn put_subscription<T: serde::Serialize>(
+    /// Stores an API subscription's record.
+    pub async fn put_subscription(
         &self,
         id: String,
-        record: &T,
+        record: &SubscriptionRecord,
     ) -> Result<(), WriteError> {
         let record = encode(record).map_err(|e| WriteError::Storage(e.to_string()))?;
         self.operator(|reply| Op::PutSubscription { id, record, reply })
@@ -320,6 +320,16 @@ impl WriterHandle {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+
+    /// An API subscription record whose definition is `spec`.
+    fn record(spec: &str) -> SubscriptionRecord {
+        SubscriptionRecord {
+            spec: spec.into(),
+            secrets: Vec::new(),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
 
     use redb::ReadableTableMetadata;
 
@@ -493,14 +503,14 @@ mod tests {
             panic!("{e}");
         }
         assert_eq!(marks(), (Some(110), None), "after a late attempt");
-        if let Err(e) = w.put_subscription("a".into(), &("spec", 1u32)).await {
+        if let Err(e) = w.put_subscription("a".into(), &record("spec 1")).await {
             panic!("{e}");
         }
         assert_eq!(marks(), (None, None), "after the creation");
         if let Err(e) = w.record_attempts(vec![at("a", retry, 120)]).await {
             panic!("{e}");
         }
-        if let Err(e) = w.put_subscription("a".into(), &("spec", 2u32)).await {
+        if let Err(e) = w.put_subscription("a".into(), &record("spec 2")).await {
             panic!("{e}");
         }
         assert_eq!(marks(), (Some(120), None), "after a change");
@@ -628,14 +638,18 @@ mod tests {
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
 
         // API subscription records.
-        if let Err(e) = w.put_subscription("s1".into(), &("spec", 1u32)).await {
+        if let Err(e) = w.put_subscription("s1".into(), &record("spec 1")).await {
             panic!("{e}");
         }
-        let recs: Vec<(String, (String, u32))> = match store.subscription_records() {
-            Ok(r) => r,
+        let recs: Vec<(String, String)> = match store.subscription_records() {
+            Ok(r) => r.into_iter().map(|(id, r)| (id, r.spec)).collect(),
             Err(e) => panic!("{e}"),
         };
-        assert_eq!(recs, vec![("s1".to_string(), ("spec".to_string(), 1))]);
+        assert_eq!(recs, vec![("s1".to_string(), "spec 1".to_string())]);
+        match store.subscription_record("s1") {
+            Ok(Some(r)) => assert_eq!(r.spec, "spec 1"),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(w.delete_subscription("s1".into()).await, Ok(true)));
         assert!(matches!(
             w.delete_subscription("s1".into()).await,

@@ -307,10 +307,7 @@ mod tests {
         thread.join().unwrap();
         // And what is left checks clean.
         drop(store);
-        let rep = crate::storage::backup::verify::<serde::de::IgnoredAny>(
-            &tmp.path().join("dispatchd.redb"),
-        )
-        .unwrap();
+        let rep = crate::storage::backup::verify(&tmp.path().join("dispatchd.redb")).unwrap();
         assert!(rep.ok(), "{:?}", rep.problems);
     }
 }

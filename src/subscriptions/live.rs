@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::model::{Subscription, SubscriptionSet};
+use crate::subscriptions::{Subscription, SubscriptionSet};
 
 /// Shared, swappable set of subscriptions. Readers clone an `Arc` and never hold the lock.
 #[derive(Default)]

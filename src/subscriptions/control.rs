@@ -16,47 +16,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use crate::config::{
-    self, Config, ConfigError, ConfigErrors, RawSubscription, SubscriptionDefaults,
-};
+use super::live::Registry;
+use super::spec::{self, SubscriptionDefaults};
+use crate::config::{self, Config, ConfigError, ConfigErrors};
 use crate::delivery::Supervisor;
 use crate::ingest::source::Sources;
-use crate::model::{Micros, Subscription, SubscriptionSource, micros, now_micros};
-use crate::registry::Registry;
+use crate::model::{Micros, micros, now_micros};
 use crate::scheduler::driver::Msg;
+use crate::storage::schema::{StoredSecret, SubscriptionRecord};
 use crate::storage::writer::{Due, SubscriptionState, WriteError, WriterHandle};
 use crate::storage::{Store, StoreError};
+use crate::subscriptions::{Subscription, SubscriptionSource};
 
 /// The run-time state reason that marks a paused subscription.
 pub const PAUSED: &str = "paused";
 
 /// Live deliveries read per chunk when rescanning or cancelling a subscription's backlog.
 const CHUNK: usize = 1000;
-
-/// An API subscription as stored (postcard, in the `subscriptions` table).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SubscriptionRecord {
-    /// The definition as the API received it (the JSON of a config `[[subscriptions]]` table)
-    /// without its secrets, which are kept apart with their expiry.
-    pub spec: String,
-    pub secrets: Vec<StoredSecret>,
-    pub created_at: Micros,
-    pub updated_at: Micros,
-}
-
-/// A signing secret of an API subscription. One with an expiry is on its way out after a
-/// rotation: it keeps signing until then.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredSecret {
-    pub secret: String,
-    pub added_at: Micros,
-    pub expires_at: Option<Micros>,
-}
 
 /// A subscription as operators see it: the definition in force and its metadata. Never
 /// carries a secret, only the last four characters of each.
@@ -200,7 +181,7 @@ impl Control {
     /// address literal. (A stored one is not refused at start: the guard refuses its attempts,
     /// so its deliveries end as dead with the reason instead of waiting.)
     fn refuse_forbidden(&self, sub: &Subscription) -> Result<(), ControlError> {
-        config::refuse_forbidden_destination(&sub.url, self.config().allow_private_networks)
+        spec::refuse_forbidden_destination(&sub.url, self.config().allow_private_networks)
             .map_err(|m| ControlError::Invalid(vec![format!("url: {m}")]))
     }
 
@@ -210,36 +191,12 @@ impl Control {
         spec: &serde_json::Map<String, Value>,
         secrets: &[String],
     ) -> Result<Subscription, Vec<String>> {
-        let mut obj = spec.clone();
-        obj.insert("secrets".into(), Value::from(secrets.to_vec()));
-        let raw: RawSubscription =
-            serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                vec![if path == "." {
-                    inner.to_string()
-                } else {
-                    format!("{path}: {inner}")
-                }]
-            })?;
-        let mut errs = Vec::new();
-        let sub =
-            match config::subscription_from_raw(&raw, &self.defaults(), SubscriptionSource::Api) {
-                Ok(s) => Some(s),
-                Err(es) => {
-                    errs.extend(es.into_iter().map(|(f, m)| format!("{f}: {m}")));
-                    None
-                }
-            };
-        match sub {
-            Some(s) if errs.is_empty() => Ok(s),
-            _ => Err(errs),
-        }
+        spec::from_json(spec, secrets, &self.defaults(), SubscriptionSource::Api)
     }
 
     /// Builds the subscription of a stored record with the secrets still active at `now`. A
     /// record that no longer validates becomes an unusable stand-in (see
-    /// `config::unusable_subscription`): skipping it would leave its deliveries with no
+    /// `spec::unusable_subscription`): skipping it would leave its deliveries with no
     /// destination task, pending for ever.
     fn build(&self, id: &str, rec: &SubscriptionRecord, now: Micros) -> Subscription {
         let spec = match serde_json::from_str::<Value>(&rec.spec) {
@@ -269,7 +226,7 @@ impl Control {
 
     fn unusable(&self, id: &str, url: &str, why: String) -> Subscription {
         tracing::error!(subscription = id, error = %why, "stored subscription unusable: its deliveries go dead; change or delete it");
-        config::unusable_subscription(id, url, why, &self.defaults(), SubscriptionSource::Api)
+        spec::unusable_subscription(id, url, why, &self.defaults(), SubscriptionSource::Api)
     }
 
     /// The set that should be in force: config subscriptions, then API ones, with their
@@ -284,7 +241,7 @@ impl Control {
             .map(|s| (**s).clone())
             .collect();
         let config_ids: HashSet<String> = out.iter().map(|s| s.id.clone()).collect();
-        for (id, rec) in self.store.subscription_records::<SubscriptionRecord>()? {
+        for (id, rec) in self.store.subscription_records()? {
             if config_ids.contains(&id) {
                 tracing::warn!(subscription = %id, "an API subscription has the id of a config subscription; the config one is in force");
                 continue;
@@ -382,6 +339,16 @@ impl Control {
         });
     }
 
+    /// Puts the set in force at start: the config file's subscriptions and those stored by
+    /// the API, with their run-time state, each with its destination task. Their scheduled
+    /// deliveries are not rescanned: the scheduler's first load finds them.
+    pub fn start(&self) -> Result<(), StoreError> {
+        let set = self.effective()?;
+        self.registry.replace(set.clone());
+        self.supervisor.start(&set);
+        Ok(())
+    }
+
     /// Recomputes the set from the config in force and the database, and applies it.
     pub async fn refresh(&self) -> Result<(), ControlError> {
         let _g = self.changes.lock().await;
@@ -409,23 +376,13 @@ impl Control {
             .registry
             .get(id)
             .ok_or_else(|| ControlError::NotFound(id.to_string()))?;
-        let record = self
-            .store
-            .subscription_records::<SubscriptionRecord>()?
-            .into_iter()
-            .find(|(k, _)| k == id)
-            .map(|(_, r)| r);
+        let record = self.record(id)?;
         let states = self.store.subscription_states()?;
         Ok(describe(sub, record.as_ref(), states.get(id)))
     }
 
     fn record(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
-        Ok(self
-            .store
-            .subscription_records::<SubscriptionRecord>()?
-            .into_iter()
-            .find(|(k, _)| k == id)
-            .map(|(_, r)| r))
+        self.store.subscription_record(id)
     }
 
     fn refuse_config(&self, id: &str) -> Result<(), ControlError> {
@@ -739,7 +696,7 @@ impl Control {
         };
         let api_ids: HashSet<String> = self
             .store
-            .subscription_records::<SubscriptionRecord>()
+            .subscription_records()
             .map_err(ControlError::from)?
             .into_iter()
             .map(|(id, _)| id)
@@ -823,7 +780,7 @@ impl Control {
     fn next_expiry(&self) -> Result<Option<Micros>, StoreError> {
         Ok(self
             .store
-            .subscription_records::<SubscriptionRecord>()?
+            .subscription_records()?
             .iter()
             .flat_map(|(_, r)| r.secrets.iter().filter_map(|s| s.expires_at))
             .min())
@@ -833,7 +790,7 @@ impl Control {
         let _g = self.changes.lock().await;
         let now = now_micros();
         let mut changed = false;
-        for (id, mut rec) in self.store.subscription_records::<SubscriptionRecord>()? {
+        for (id, mut rec) in self.store.subscription_records()? {
             let before = rec.secrets.len();
             rec.secrets.retain(|s| s.expires_at.is_none_or(|t| t > now));
             if rec.secrets.len() != before {
