@@ -160,6 +160,19 @@ impl Default for RawStorage {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAuth {
     pub tokens: Vec<Spanned<RawToken>>,
+    /// HMAC keys of producers that sign their requests instead of sending a bearer token.
+    pub keys: Vec<Spanned<RawKey>>,
+    /// How far a signed request's timestamp may be from this clock (and how long its
+    /// signature is remembered against replays).
+    pub tolerance: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: String,
+    pub secret: String,
+    pub scopes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,6 +248,31 @@ pub struct Token {
     pub scopes: Vec<Scope>,
 }
 
+/// A producer's HMAC key (`[auth] keys`): requests signed with it get its scopes. `Debug`
+/// hides the secret.
+#[derive(Clone)]
+pub struct ProducerKey {
+    pub id: String,
+    pub secret: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl fmt::Debug for ProducerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProducerKey")
+            .field("id", &self.id)
+            .field("secret", &"<hidden>")
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// Default `[auth] tolerance`: how far a signed request's timestamp may be from this clock.
+pub const DEFAULT_KEY_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// Longest `[auth] tolerance`: signatures are remembered that long against replays.
+pub const MAX_KEY_TOLERANCE: Duration = Duration::from_secs(3600);
+
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Token")
@@ -262,6 +300,10 @@ pub struct Config {
     pub cache_size: usize,
     pub journal_size: u64,
     pub tokens: Vec<Token>,
+    /// HMAC keys of producers that sign their requests.
+    pub keys: Vec<ProducerKey>,
+    /// How far a signed request's timestamp may be from this clock.
+    pub key_tolerance: Duration,
     pub delivery_timeout: Duration,
     pub max_attempts: u32,
     pub allow_private_networks: bool,
@@ -433,6 +475,26 @@ impl Checker<'_> {
     }
 }
 
+/// The scopes of a token or key (`publish`, `admin`); at least one.
+fn scopes_of(names: &[String], c: &mut Checker<'_>, at: Option<usize>, key: &str) -> Vec<Scope> {
+    let mut scopes = Vec::new();
+    for s in names {
+        match s.as_str() {
+            "publish" => scopes.push(Scope::Publish),
+            "admin" => scopes.push(Scope::Admin),
+            other => c.err(
+                at,
+                format!("{key}.scopes"),
+                format!("unknown scope {other:?} (expected \"publish\" or \"admin\")"),
+            ),
+        }
+    }
+    if names.is_empty() {
+        c.err(at, format!("{key}.scopes"), "needs at least one scope");
+    }
+    scopes
+}
+
 /// The offset of a `[table]` header.
 fn find_table(text: &str, table: &str) -> Option<usize> {
     let mut offset = 0;
@@ -563,25 +625,47 @@ pub fn validate(
         if t.token.len() < 16 {
             c.err(at, format!("{key}.token"), "must be at least 16 characters");
         }
-        let mut scopes = Vec::new();
-        for s in &t.scopes {
-            match s.as_str() {
-                "publish" => scopes.push(Scope::Publish),
-                "admin" => scopes.push(Scope::Admin),
-                other => c.err(
-                    at,
-                    format!("{key}.scopes"),
-                    format!("unknown scope {other:?} (expected \"publish\" or \"admin\")"),
-                ),
-            }
-        }
-        if t.scopes.is_empty() {
-            c.err(at, format!("{key}.scopes"), "needs at least one scope");
-        }
+        let scopes = scopes_of(&t.scopes, &mut c, at, &key);
         tokens.push(Token {
             token: t.token.clone(),
             scopes,
         });
+    }
+    let mut keys: Vec<ProducerKey> = Vec::new();
+    for (i, k) in raw.auth.keys.iter().enumerate() {
+        let at = Some(k.span().start);
+        let k = k.get_ref();
+        let key = format!("auth.keys[{i}]");
+        if !valid_id(&k.id) {
+            c.err(
+                at,
+                format!("{key}.id"),
+                "must be 1-64 characters of A-Z a-z 0-9 _ . -",
+            );
+        } else if keys.iter().any(|o| o.id == k.id) {
+            c.err(at, format!("{key}.id"), format!("{:?} is used twice", k.id));
+        }
+        if k.secret.len() < 32 {
+            c.err(
+                at,
+                format!("{key}.secret"),
+                "must be at least 32 characters (e.g. openssl rand -hex 32)",
+            );
+        }
+        let scopes = scopes_of(&k.scopes, &mut c, at, &key);
+        keys.push(ProducerKey {
+            id: k.id.clone(),
+            secret: k.secret.clone(),
+            scopes,
+        });
+    }
+    let key_tolerance = raw.auth.tolerance.map_or(DEFAULT_KEY_TOLERANCE, |d| d.0);
+    if key_tolerance.is_zero() || key_tolerance > MAX_KEY_TOLERANCE {
+        c.err(
+            None,
+            "auth.tolerance",
+            "must be more than zero and at most 1h",
+        );
     }
 
     let d = &raw.delivery;
@@ -679,6 +763,8 @@ pub fn validate(
         cache_size: usize::try_from(raw.storage.cache_size.0).unwrap_or(usize::MAX),
         journal_size: raw.storage.journal_size.0,
         tokens,
+        keys,
+        key_tolerance,
         delivery_timeout: d.timeout.0,
         max_attempts: d.max_attempts,
         allow_private_networks: d.allow_private_networks,

@@ -128,11 +128,13 @@ pub async fn run(
         let _ = sched_stop_rx.await;
     }));
 
-    let auth =
-        Arc::new(Auth::new(&config.tokens).map_err(|_| anyhow::anyhow!("no system randomness"))?);
+    let auth = Arc::new(
+        Auth::new(&config.tokens, &config.keys, config.key_tolerance)
+            .map_err(|_| anyhow::anyhow!("no system randomness"))?,
+    );
     let addr = listener.local_addr().context("listener has no address")?;
     if auth.is_open() && !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "no API tokens configured and listening beyond loopback: anyone who can reach this address can publish and administer");
+        tracing::warn!(%addr, "no API tokens or keys configured and listening beyond loopback: anyone who can reach this address can publish and administer");
     }
     let state = Arc::new(ApiState {
         attempting,

@@ -68,11 +68,31 @@ impl From<crate::auth::Denied> for ApiError {
                 "unauthorized",
                 "invalid bearer token",
             ),
+            Denied::BadSignature => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid request signature: unknown key, malformed dispatchd-* headers, or a signature that does not match the body",
+            ),
+            Denied::Stale => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the request's dispatchd-timestamp is outside the tolerance: sign with the current time",
+            ),
+            Denied::Replayed => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this signature was already used: sign each request anew",
+            ),
+            Denied::Busy => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many signed requests within the tolerance window; retry shortly",
+            ),
             Denied::Lacks(need) => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "this token lacks the {} scope",
+                    "this token or key lacks the {} scope",
                     match need {
                         Scope::Admin => "admin",
                         Scope::Publish => "publish",

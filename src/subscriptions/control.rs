@@ -92,7 +92,7 @@ pub enum ReloadError {
 pub struct ReloadSummary {
     pub subscriptions: usize,
     pub sources: usize,
-    /// API tokens now in force.
+    /// API tokens and producer keys now in force.
     pub tokens: usize,
     /// Settings the file changes that only a restart applies (the old values stay).
     pub restart_needed: Vec<&'static str>,
@@ -726,9 +726,9 @@ impl Control {
             tracing::warn!(settings = ?restart_needed, "reload cannot apply these changes; restart to apply them");
         }
         let n_sources = new.sources.len();
-        let n_tokens = new.tokens.len();
+        let n_tokens = new.tokens.len() + new.keys.len();
         sources.replace(&new.sources, crate::clock::now());
-        auth.replace(&new.tokens);
+        auth.replace(&new.tokens, &new.keys, new.key_tolerance);
         // The files were read (and checked) when the new config was loaded.
         if let (Some(certs), Some(t)) = (tls, &new.tls) {
             certs.set_arc(t.certified.clone());
