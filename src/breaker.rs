@@ -25,6 +25,9 @@ pub struct BreakerConfig {
     pub window: Duration,
     /// Time spent Open before a probe is allowed.
     pub cooldown: Duration,
+    /// Probes HalfOpen lets through at once (at least 1). The first success closes the
+    /// breaker; a failure opens it again.
+    pub half_open_probes: u32,
 }
 
 impl Default for BreakerConfig {
@@ -35,6 +38,7 @@ impl Default for BreakerConfig {
             min_requests: 20,
             window: Duration::from_secs(30),
             cooldown: Duration::from_secs(30),
+            half_open_probes: 1,
         }
     }
 }
@@ -46,7 +50,7 @@ pub enum BreakerState {
     Closed,
     /// Requests are refused until the cooldown ends.
     Open,
-    /// One probe request may test the destination.
+    /// Probe requests (`half_open_probes` at a time) may test the destination.
     HalfOpen,
 }
 
@@ -58,9 +62,9 @@ enum Phase {
     Open {
         until: Option<Instant>,
     },
-    /// `probing` is true while the single admitted probe is in flight.
+    /// `probing` counts the admitted probes in flight.
     HalfOpen {
-        probing: bool,
+        probing: u32,
     },
 }
 
@@ -107,15 +111,28 @@ impl Breaker {
         }
     }
 
-    /// May a request start now? Closed: yes. Open: no. HalfOpen: exactly one probe at a time (returns true once, then false until that probe's outcome is recorded).
+    /// May a request start now? Closed: yes. Open: no. HalfOpen: up to `half_open_probes`
+    /// probes at a time (false once that many are in flight, until an outcome is recorded).
     pub fn try_acquire(&mut self, now: Instant) -> bool {
         match self.phase_at(now) {
             Phase::Closed => true,
-            Phase::Open { .. } | Phase::HalfOpen { probing: true } => false,
-            Phase::HalfOpen { probing: false } => {
-                self.phase = Phase::HalfOpen { probing: true };
+            Phase::Open { .. } => false,
+            Phase::HalfOpen { probing } if probing >= self.cfg.half_open_probes.max(1) => false,
+            Phase::HalfOpen { probing } => {
+                self.phase = Phase::HalfOpen {
+                    probing: probing + 1,
+                };
                 true
             }
+        }
+    }
+
+    /// Ends an Open breaker's cooldown now, so a probe may go at once: an operator's action
+    /// (retry, redrive, resume) asks for an attempt now; the cooldown is for automatic
+    /// traffic. No effect unless Open.
+    pub fn probe_now(&mut self, now: Instant) {
+        if let Phase::Open { .. } = self.phase_at(now) {
+            self.phase = Phase::HalfOpen { probing: 0 };
         }
     }
 
@@ -126,11 +143,11 @@ impl Breaker {
                 self.consecutive_failures = 0;
                 self.record(now, false);
             }
-            Phase::HalfOpen { probing: true } => {
+            Phase::HalfOpen { probing } if probing > 0 => {
                 self.phase = Phase::Closed;
                 self.reset_counters();
             }
-            Phase::Open { .. } | Phase::HalfOpen { probing: false } => {}
+            Phase::Open { .. } | Phase::HalfOpen { .. } => {}
         }
     }
 
@@ -144,8 +161,8 @@ impl Breaker {
                     self.open(now);
                 }
             }
-            Phase::HalfOpen { probing: true } => self.open(now),
-            Phase::Open { .. } | Phase::HalfOpen { probing: false } => {}
+            Phase::HalfOpen { probing } if probing > 0 => self.open(now),
+            Phase::Open { .. } | Phase::HalfOpen { .. } => {}
         }
     }
 
@@ -164,9 +181,7 @@ impl Breaker {
 
     fn phase_at(&self, now: Instant) -> Phase {
         match self.phase {
-            Phase::Open { until: Some(until) } if now >= until => {
-                Phase::HalfOpen { probing: false }
-            }
+            Phase::Open { until: Some(until) } if now >= until => Phase::HalfOpen { probing: 0 },
             phase => phase,
         }
     }
@@ -554,7 +569,55 @@ mod tests {
         assert_eq!(b.state(clock.at(Duration::ZERO)), BreakerState::Closed);
     }
 
-    /// Random operation sequences: at most one probe per half-open episode, consistent views.
+    /// Half-open lets `half_open_probes` through at once; the first success closes.
+    #[test]
+    fn half_open_admits_the_configured_probes() {
+        let clock = Clock::new();
+        let mut b = Breaker::new(BreakerConfig {
+            failure_threshold: 1,
+            half_open_probes: 3,
+            ..BreakerConfig::default()
+        });
+        b.on_failure(clock.at(Duration::ZERO));
+        let t = clock.at(30 * SEC);
+        assert!(b.try_acquire(t) && b.try_acquire(t) && b.try_acquire(t));
+        assert!(!b.try_acquire(t), "a fourth probe");
+        b.on_success(t + MS);
+        assert_eq!(b.state(t + MS), BreakerState::Closed);
+        // The other probes' outcomes count as closed-state outcomes now.
+        b.on_success(t + 2 * MS);
+        assert_eq!(b.state(t + 2 * MS), BreakerState::Closed);
+    }
+
+    /// An operator's action ends the cooldown: a probe may go at once; it alone.
+    #[test]
+    fn probe_now_lets_one_probe_go_during_the_cooldown() {
+        let clock = Clock::new();
+        let mut b = Breaker::new(BreakerConfig {
+            failure_threshold: 1,
+            ..BreakerConfig::default()
+        });
+        let t = clock.at(SEC);
+        b.on_failure(t);
+        assert!(!b.try_acquire(t + SEC));
+        b.probe_now(t + SEC);
+        assert_eq!(b.state(t + SEC), BreakerState::HalfOpen);
+        assert!(b.try_acquire(t + SEC));
+        assert!(!b.try_acquire(t + SEC));
+        b.on_failure(t + 2 * SEC);
+        assert_eq!(
+            b.retry_at(t + 2 * SEC),
+            Some(t + 32 * SEC),
+            "a new cooldown"
+        );
+        // Closed: no effect.
+        let mut c = Breaker::new(BreakerConfig::default());
+        c.probe_now(t);
+        assert_eq!(c.state(t), BreakerState::Closed);
+    }
+
+    /// Random operation sequences: at most `half_open_probes` probes per half-open episode,
+    /// consistent views.
     #[test]
     fn random_sequences_keep_invariants() {
         let clock = Clock::new();
@@ -566,6 +629,7 @@ mod tests {
                 failure_rate: (step() % 100) as f64 / 100.0,
                 window: Duration::from_millis(step() % 5_000),
                 cooldown: Duration::from_millis(step() % 5_000),
+                half_open_probes: 1 + (step() % 3) as u32,
             };
             let mut b = Breaker::new(cfg);
             let mut now = clock.at(Duration::ZERO);
@@ -584,7 +648,10 @@ mod tests {
                                 if granted {
                                     probes_out += 1;
                                 }
-                                assert!(probes_out <= 1, "seed {seed}: two probes admitted");
+                                assert!(
+                                    probes_out <= cfg.half_open_probes,
+                                    "seed {seed}: more probes admitted than configured"
+                                );
                             }
                         }
                     }

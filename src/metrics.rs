@@ -24,6 +24,7 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub breaker_state: IntGaugeVec,
     pub breaker_trips: IntCounterVec,
+    pub rate_limited: IntCounterVec,
     pub scheduled: IntGauge,
     pub wheel_size: IntGauge,
     pub dead: IntCounterVec,
@@ -187,6 +188,16 @@ impl Metrics {
                 r,
                 IntCounterVec::new(
                     Opts::new("breaker_trips_total", "Times a circuit breaker opened"),
+                    &["subscription"]
+                )
+            ),
+            rate_limited: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "rate_limited_total",
+                        "Deliveries whose attempt waited for the destination's rate limiter"
+                    ),
                     &["subscription"]
                 )
             ),

@@ -62,6 +62,7 @@ pub struct Series {
     pub queue_depth: prometheus::IntGauge,
     pub in_flight: prometheus::IntGauge,
     pub breaker_state: prometheus::IntGauge,
+    pub rate_limited: prometheus::IntCounter,
 }
 
 impl Series {
@@ -72,6 +73,7 @@ impl Series {
             queue_depth: m.queue_depth.with_label_values(&[sub_id]),
             in_flight: m.in_flight.with_label_values(&[sub_id]),
             breaker_state: m.breaker_state.with_label_values(&[sub_id]),
+            rate_limited: m.rate_limited.with_label_values(&[sub_id]),
         }
     }
 }

@@ -101,6 +101,8 @@ pub struct Worker {
     unrecorded: usize,
     breaker: Breaker,
     bucket: Option<TokenBucket>,
+    /// The last delivery the rate limiter held back: counted once however often it waits.
+    rate_limited: Option<DeliveryId>,
     /// FIFO: the delivery that is retrying and holds back the rest.
     blocked_by: Option<DeliveryId>,
     enabled: bool,
@@ -123,12 +125,13 @@ impl Worker {
             min_requests: b.min_requests,
             window: b.window,
             cooldown: b.cooldown,
+            half_open_probes: b.half_open_probes,
         });
         let now = crate::clock::now();
-        let bucket = dest
-            .sub
-            .rate_limit
-            .map(|r| TokenBucket::new(r, r.max(1.0), now));
+        let bucket = dest.sub.rate_limit.map(|r| {
+            let burst = dest.sub.rate_limit_burst.map_or(r.max(1.0), f64::from);
+            TokenBucket::new(r, burst, now)
+        });
         // Paused: jobs are dropped and their rows stay on disk until a resume rescans them.
         let enabled = dest.sub.enabled && !dest.sub.paused;
         // FIFO across restarts: the oldest live delivery goes first, even when a newer one
@@ -155,6 +158,7 @@ impl Worker {
             unrecorded: 0,
             breaker,
             bucket,
+            rate_limited: None,
             blocked_by,
             enabled,
             wake_at: None,
@@ -323,6 +327,9 @@ impl Worker {
             if let Some(b) = &mut self.bucket
                 && let Err(wait) = b.try_take(now)
             {
+                if self.rate_limited.replace(job.delivery) != Some(job.delivery) {
+                    self.dest.series.rate_limited.inc();
+                }
                 self.queue.insert(job.delivery, job);
                 // A bucket that never refills answers Duration::MAX: bounded, so the sum
                 // cannot overflow.

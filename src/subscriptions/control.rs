@@ -912,21 +912,35 @@ pub async fn reload_on_sighup(
 }
 
 /// Takes `secrets` out of a definition: absent or a list of strings.
+/// Takes the secrets out of an API definition: `"secrets": [..]`, or the common single
+/// `"secret": ".."` as shorthand for a list of one (not both).
 fn take_secrets(spec: &mut serde_json::Map<String, Value>) -> Result<Vec<String>, ControlError> {
-    match spec.remove("secrets") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err(ControlError::Invalid(vec![
-                    "secrets: must be a list of strings".into(),
-                ])),
-            })
-            .collect(),
-        Some(_) => Err(ControlError::Invalid(vec![
-            "secrets: must be a list of strings".into(),
-        ])),
+    let invalid = |m: &str| ControlError::Invalid(vec![m.to_string()]);
+    let list = match spec.remove("secrets") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(invalid("secrets: must be a list of strings")),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(_) => return Err(invalid("secrets: must be a list of strings")),
+    };
+    let one = match spec.remove("secret") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(invalid("secret: must be a string")),
+    };
+    match (list, one) {
+        (Some(_), Some(_)) => Err(invalid(
+            "secret: give either \"secret\" or \"secrets\", not both",
+        )),
+        (Some(l), None) => Ok(l),
+        (None, Some(s)) => Ok(vec![s]),
+        (None, None) => Ok(Vec::new()),
     }
 }
 

@@ -78,6 +78,13 @@ pub struct BreakerSettings {
     pub min_requests: u32,
     pub window: Duration,
     pub cooldown: Duration,
+    /// Probes let through at once while half-open.
+    #[serde(default = "one")]
+    pub half_open_probes: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Where a subscription was defined.
@@ -102,6 +109,10 @@ pub struct Subscription {
     pub timeout: Duration,
     /// Requests per second, `None` for unlimited.
     pub rate_limit: Option<f64>,
+    /// Requests the rate limiter lets through at once after a quiet spell; `None`: one
+    /// second's worth of the rate (at least 1).
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
     pub max_in_flight: u32,
     pub ordering: Ordering,
     pub retry: RetrySettings,
@@ -133,6 +144,7 @@ impl std::fmt::Debug for Subscription {
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("timeout", &self.timeout)
             .field("rate_limit", &self.rate_limit)
+            .field("rate_limit_burst", &self.rate_limit_burst)
             .field("max_in_flight", &self.max_in_flight)
             .field("ordering", &self.ordering)
             .field("retry", &self.retry)
@@ -177,6 +189,7 @@ pub struct RawSubscription {
     pub headers: BTreeMap<String, String>,
     pub timeout: Option<HumanDuration>,
     pub rate_limit: Option<String>,
+    pub rate_limit_burst: Option<u32>,
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
     #[serde(default)]
@@ -223,6 +236,7 @@ pub struct RawBreaker {
     pub min_requests: Option<u32>,
     pub window: Option<HumanDuration>,
     pub cooldown: Option<HumanDuration>,
+    pub half_open_probes: Option<u32>,
 }
 
 /// Delivery defaults a subscription inherits when it does not set its own.
@@ -376,6 +390,13 @@ pub fn subscription_from_raw(
             }
         },
     };
+    match (s.rate_limit_burst, &s.rate_limit) {
+        (Some(_), None) => e("rate_limit_burst", "needs a rate_limit".into()),
+        (Some(b), Some(_)) if b == 0 || b > 100_000 => {
+            e("rate_limit_burst", "must be between 1 and 100000".into());
+        }
+        _ => {}
+    }
     if s.max_in_flight == 0 || s.max_in_flight > 1024 {
         e("max_in_flight", "must be between 1 and 1024".into());
     }
@@ -392,6 +413,12 @@ pub fn subscription_from_raw(
     let breaker = breaker_settings(&s.breaker);
     if breaker.failure_threshold == 0 {
         e("breaker.failure_threshold", "must be at least 1".into());
+    }
+    if breaker.half_open_probes == 0 || breaker.half_open_probes > 1024 {
+        e(
+            "breaker.half_open_probes",
+            "must be between 1 and 1024".into(),
+        );
     }
     if !(breaker.failure_rate > 0.0 && breaker.failure_rate <= 1.0) {
         e("breaker.failure_rate", "must be in (0, 1]".into());
@@ -429,6 +456,7 @@ pub fn subscription_from_raw(
         headers: s.headers.clone(),
         timeout,
         rate_limit,
+        rate_limit_burst: s.rate_limit_burst,
         max_in_flight: s.max_in_flight,
         ordering: s.ordering,
         retry,
@@ -460,6 +488,7 @@ fn breaker_settings(b: &RawBreaker) -> BreakerSettings {
         min_requests: b.min_requests.unwrap_or(20),
         window: b.window.map_or(Duration::from_secs(30), |d| d.0),
         cooldown: b.cooldown.map_or(Duration::from_secs(30), |d| d.0),
+        half_open_probes: b.half_open_probes.unwrap_or(1),
     }
 }
 
@@ -481,6 +510,7 @@ pub fn unusable_subscription(
         headers: BTreeMap::new(),
         timeout: defaults.timeout,
         rate_limit: None,
+        rate_limit_burst: None,
         max_in_flight: default_max_in_flight(),
         ordering: Ordering::default(),
         retry: retry_settings(&RawRetry::default(), defaults),

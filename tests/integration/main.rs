@@ -12,6 +12,7 @@ mod inbound;
 mod ingest;
 mod operator;
 mod packaging;
+mod producers;
 mod retention;
 mod server;
 mod tls;
