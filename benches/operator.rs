@@ -155,6 +155,7 @@ async fn run(o: Options) -> Result<()> {
                         data: format!("{{\"i\":{i},\"total\":{}}}", i % 500),
                         idempotency_key: None,
                         subscriptions: subs.clone(),
+                        ..NewEvent::default()
                     })
                     .collect();
                 writer.publish(events).await?;
@@ -242,6 +243,7 @@ async fn run(o: Options) -> Result<()> {
         event_type: event_type.map(str::to_string),
         since,
         until,
+        priority: None,
     };
     use DeliveryStatus::{Dead, Pending, Succeeded};
     let queries: Vec<(&str, DeliveryFilter)> = vec![

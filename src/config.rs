@@ -193,6 +193,30 @@ pub struct RawDelivery {
     pub auto_disable_after: HumanDuration,
     /// Most events one `POST /v1/replay` range may cover.
     pub replay_max_events: u64,
+    /// Per-event callback URLs (`[delivery.callbacks]`).
+    pub callbacks: RawCallbacks,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCallbacks {
+    pub enabled: bool,
+    pub allow: Vec<String>,
+    pub secret: Option<String>,
+    pub max_in_flight: u32,
+    pub rate_limit: Option<String>,
+}
+
+impl Default for RawCallbacks {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            allow: Vec::new(),
+            secret: None,
+            max_in_flight: 8,
+            rate_limit: None,
+        }
+    }
 }
 
 impl Default for RawDelivery {
@@ -205,6 +229,7 @@ impl Default for RawDelivery {
             scheduler_horizon: HumanDuration(Duration::from_secs(60)),
             auto_disable_after: HumanDuration(Duration::from_secs(5 * 86_400)),
             replay_max_events: 10_000,
+            callbacks: RawCallbacks::default(),
         }
     }
 }
@@ -311,6 +336,7 @@ pub struct Config {
     pub scheduler_horizon: Duration,
     pub auto_disable_after: Duration,
     pub replay_max_events: u64,
+    pub callbacks: crate::callbacks::CallbackSettings,
     pub log_format: LogFormat,
     pub log_level: String,
     pub subscriptions: Vec<Arc<Subscription>>,
@@ -458,9 +484,13 @@ impl Checker<'_> {
     fn err(&mut self, at: Option<usize>, key: impl Into<String>, message: impl Into<String>) {
         let key = key.into();
         let field = key.rsplit('.').next().unwrap_or("");
+        // The longest table the key's prefix names: `delivery.callbacks.secret` is in
+        // `[delivery.callbacks]`, `delivery.timeout` in `[delivery]`.
         let table_at = at.or_else(|| {
-            let table = key.split('.').next()?;
-            find_table(self.text, table)
+            let parts: Vec<&str> = key.split('.').collect();
+            (1..parts.len())
+                .rev()
+                .find_map(|n| find_table(self.text, &parts[..n].join(".")))
         });
         let line = table_at.map(|o| {
             find_key_line(self.text, o, field.split('[').next().unwrap_or(field))
@@ -678,6 +708,50 @@ pub fn validate(
     if d.replay_max_events == 0 {
         c.err(None, "delivery.replay_max_events", "must be at least 1");
     }
+    let cb = &d.callbacks;
+    for (i, a) in cb.allow.iter().enumerate() {
+        let bad = if a.contains("://") {
+            crate::subscriptions::spec::parse_destination(a).err()
+        } else if a.is_empty() || a.contains('/') || a.contains(char::is_whitespace) {
+            Some(format!(
+                "{a:?} is neither a host nor an http(s):// URL prefix"
+            ))
+        } else {
+            None
+        };
+        if let Some(m) = bad {
+            c.err(None, format!("delivery.callbacks.allow[{i}]"), m);
+        }
+    }
+    if let Some(sec) = &cb.secret
+        && let Err(e) = crate::signing::parse_secret(sec)
+    {
+        c.err(None, "delivery.callbacks.secret", e.to_string());
+    }
+    if cb.max_in_flight == 0 || cb.max_in_flight > 1024 {
+        c.err(
+            None,
+            "delivery.callbacks.max_in_flight",
+            "must be between 1 and 1024",
+        );
+    }
+    let callback_rate = match cb.rate_limit.as_deref() {
+        None => None,
+        Some(r) => match crate::ratelimit::parse_rate(r) {
+            Ok(v) => Some(v),
+            Err(m) => {
+                c.err(None, "delivery.callbacks.rate_limit", m);
+                None
+            }
+        },
+    };
+    let callbacks = crate::callbacks::CallbackSettings {
+        enabled: cb.enabled,
+        allow: cb.allow.clone(),
+        secret: cb.secret.clone(),
+        max_in_flight: cb.max_in_flight,
+        rate_limit: callback_rate,
+    };
 
     let defaults = SubscriptionDefaults {
         timeout: d.timeout.0,
@@ -772,6 +846,7 @@ pub fn validate(
         scheduler_horizon: d.scheduler_horizon.0,
         auto_disable_after: d.auto_disable_after.0,
         replay_max_events: d.replay_max_events,
+        callbacks,
         log_format: raw.log.format,
         log_level: raw.log.level,
         subscriptions,

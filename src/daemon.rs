@@ -87,6 +87,11 @@ pub async fn run(
         EngineConfig {
             allow_private_networks: config.allow_private_networks,
             max_response_body: config.max_response_body,
+            callbacks: config.callbacks.clone(),
+            defaults: crate::subscriptions::spec::SubscriptionDefaults {
+                timeout: config.delivery_timeout,
+                max_attempts: config.max_attempts,
+            },
         },
         WorkerEnv {
             store: store.clone(),
@@ -150,6 +155,8 @@ pub async fn run(
         control: control.clone(),
         max_body: config.max_body,
         max_batch: config.max_batch,
+        callbacks: config.callbacks.clone(),
+        allow_private_networks: config.allow_private_networks,
         limits: crate::api::conn::Limits {
             max_connections: crate::api::conn::connection_cap(config.limits.max_connections),
             ..config.limits

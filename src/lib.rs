@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod breaker;
+pub mod callbacks;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub breaker_state: IntGaugeVec,
     pub breaker_trips: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub attempts_by_priority: IntCounterVec,
     pub scheduled: IntGauge,
     pub wheel_size: IntGauge,
     pub dead: IntCounterVec,
@@ -199,6 +200,16 @@ impl Metrics {
                         "Deliveries whose attempt waited for the destination's rate limiter"
                     ),
                     &["subscription"]
+                )
+            ),
+            attempts_by_priority: register!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "attempts_by_priority_total",
+                        "Delivery attempts started, by the priority of their event"
+                    ),
+                    &["priority"]
                 )
             ),
             scheduled: register!(

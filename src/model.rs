@@ -50,10 +50,19 @@ pub fn body_fingerprint(body: &[u8]) -> String {
 /// in the id index). The 74 random bits come from the thread's generator: `Uuid::now_v7`
 /// asks the kernel for them on every call, one system call per event.
 pub fn new_event_id() -> String {
+    new_id("evt")
+}
+
+/// A fresh batch id: `bat_` and a UUIDv7, like event ids.
+pub fn new_batch_id() -> String {
+    new_id("bat")
+}
+
+fn new_id(prefix: &str) -> String {
     let millis = u64::try_from(now_micros() / 1000).unwrap_or(0);
     let random: [u8; 10] = rand::random();
     let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    format!("evt_{}", id.simple())
+    format!("{prefix}_{}", id.simple())
 }
 
 /// The last instant RFC 3339 can write: 9999-12-31T23:59:59.999999Z.
@@ -169,6 +178,61 @@ pub struct Event {
     pub idempotency_key: Option<String>,
     /// Set when the event came from an inbound provider webhook.
     pub receipt: Option<u64>,
+    // Fields below were added in record version 2; a version-1 record reads them as
+    // zero (see `storage::schema::decode`): normal priority, no batch, no callback.
+    pub priority: Priority,
+    /// The `POST /v1/events/batch` that stored it.
+    pub batch: Option<String>,
+    /// Where the producer asked for this one event to go, beside the subscriptions.
+    pub callback: Option<Callback>,
+}
+
+/// How urgent an event is. Within each destination, due deliveries go out highest priority
+/// first (FIFO subscriptions keep event order). Stored as its variant index: `Normal` is 0,
+/// what records written before priorities existed read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Normal,
+    High,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Self::High, Self::Normal, Self::Low];
+
+    /// The name used on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Sorting key: lower goes first.
+    pub fn rank(self) -> u8 {
+        match self {
+            Self::High => 0,
+            Self::Normal => 1,
+            Self::Low => 2,
+        }
+    }
+}
+
+/// A per-event destination named by the producer: delivered like a subscription's, signed
+/// with `secret` (or `[delivery.callbacks] secret`), under the destination task of its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Callback {
+    pub url: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `whsec_`/`whsk_`; None signs with the configured default.
+    pub secret: Option<String>,
 }
 
 /// A provider's webhook request as received and verified, kept for audits. Immutable once
@@ -268,6 +332,9 @@ pub struct Delivery {
     pub created_at: Micros,
     pub updated_at: Micros,
     pub origin: Origin,
+    // Added in record version 2 (a version-1 record reads `Normal`): the event's priority,
+    // kept here so the scheduler can order due deliveries without reading events.
+    pub priority: Priority,
 }
 
 /// How an attempt ended, as recorded in the append-only attempt history.

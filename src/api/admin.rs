@@ -6,7 +6,7 @@
 //! `cancel_deliveries`, `create_deliveries`, ...) or `Control`; they never touch the database
 //! or the destination tasks directly.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +18,8 @@ use serde_json::Value;
 use super::dto::{DeliveryView, ListResponse};
 use super::error::ApiError;
 use super::{
-    ApiState, Resp, auth_header, invalid_query, json, json_of, paging, parse_json, query,
-    read_body, require_json, time_param,
+    ApiState, Resp, auth_header, check_params, invalid_query, json, json_of, paging, parse_json,
+    priority_param, query, read_body, require_json, time_param,
 };
 use crate::config::Scope;
 use crate::model::{DeliveryId, DeliveryStatus, Event, Origin, Seq, parse_time, rfc3339};
@@ -213,18 +213,6 @@ impl From<ControlError> for ApiError {
     }
 }
 
-fn check_params(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
-    for k in q.keys() {
-        if !allowed.contains(&k.as_str()) {
-            return Err(invalid_query(format!(
-                "unknown parameter {k:?} (expected one of {})",
-                allowed.join(", ")
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// `status=in_flight`: not on disk, so the attempts under way right now, read and filtered
 /// here, in id order after `after`.
 fn attempts_under_way(
@@ -308,6 +296,7 @@ fn list_deliveries(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiEr
             "until",
             "limit",
             "cursor",
+            "priority",
         ],
     )?;
     let (limit, cursor) = paging(&q)?;
@@ -326,6 +315,7 @@ fn list_deliveries(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiEr
         event_type: q.get("event_type").cloned(),
         since: time_param(&q, "since")?,
         until: time_param(&q, "until")?,
+        priority: priority_param(&q)?,
     };
     let page = if filter.status == Some(DeliveryStatus::InFlight) {
         attempts_under_way(st, &filter, cursor, limit)?
@@ -422,7 +412,7 @@ fn invalid_replay(msg: impl Into<String>) -> ApiError {
 
 /// The events a replay covers, as a seq range `[from, to)`, or one event.
 enum Selection {
-    One(Seq, Event),
+    One(Seq, Box<Event>),
     Range(Seq, Seq),
 }
 
@@ -439,7 +429,7 @@ fn replay_selection(st: &ApiState, r: &ReplayRequest) -> Result<Selection, ApiEr
     };
     match (&r.event_id, (&r.since, &r.until), (r.from_seq, r.to_seq)) {
         (Some(id), (None, None), (None, None)) => match st.store.event_by_id(id)? {
-            Some((seq, e)) => Ok(Selection::One(seq, e)),
+            Some((seq, e)) => Ok(Selection::One(seq, Box::new(e))),
             None => Err(ApiError::not_found(format!("no event with id {id:?}"))),
         },
         (None, (Some(since), Some(until)), (None, None)) => {
@@ -742,6 +732,7 @@ impl<'a> SubscriptionView<'a> {
             source: match s.source {
                 SubscriptionSource::Config => "config",
                 SubscriptionSource::Api => "api",
+                SubscriptionSource::Callback => "callback",
             },
             url: crate::redact::url_str(&s.url),
             event_types: s.event_types.iter().map(TypePattern::as_str).collect(),
@@ -921,9 +912,13 @@ mod tests {
             Route::Ingest(_) => 9,
             Route::Receipt(_) => 10,
             Route::AdminBackup => 11,
+            Route::Livez => 12,
+            Route::EventAttempts(_) => 13,
+            Route::EventCancel(_) => 14,
+            Route::Batch(_) => 15,
         }
     }
-    const ROUTE_VARIANTS: usize = 12;
+    const ROUTE_VARIANTS: usize = 16;
 
     fn admin_ordinal(r: AdminRoute<'_>) -> usize {
         match r {

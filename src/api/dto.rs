@@ -20,6 +20,12 @@ pub struct PublishRequest<'a> {
     /// Batch items carry their key here; single publishes may use the header instead.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// `high`, `normal` (the default) or `low`.
+    #[serde(default)]
+    pub priority: Option<String>,
+    /// Where this one event goes besides the subscriptions.
+    #[serde(default)]
+    pub callback: Option<crate::callbacks::CallbackRequest>,
 }
 
 /// `POST /v1/events/batch` body.
@@ -77,6 +83,82 @@ pub struct EventView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<&'a str>,
     pub receipt_id: Option<String>,
+    pub priority: &'static str,
+    /// The `POST /v1/events/batch` that stored it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<&'a str>,
+    /// The producer's callback: the URL masked, header names only, never the secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackView<'a>>,
+    /// Its deliveries by status (`GET /v1/events/{id}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<StatusCounts>,
+}
+
+/// What the API shows of an event's callback.
+#[derive(Debug, Serialize)]
+pub struct CallbackView<'a> {
+    pub url: String,
+    pub headers: Vec<&'a str>,
+    pub secret: bool,
+}
+
+/// Deliveries by status.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StatusCounts {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub retrying: u64,
+    pub succeeded: u64,
+    pub dead: u64,
+    pub cancelled: u64,
+}
+
+impl StatusCounts {
+    pub fn add(&mut self, status: crate::model::DeliveryStatus) {
+        use crate::model::DeliveryStatus as S;
+        let c = match status {
+            S::Pending => &mut self.pending,
+            S::InFlight => &mut self.in_flight,
+            S::Retrying => &mut self.retrying,
+            S::Succeeded => &mut self.succeeded,
+            S::Dead => &mut self.dead,
+            S::Cancelled => &mut self.cancelled,
+        };
+        *c += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.pending + self.in_flight + self.retrying + self.succeeded + self.dead + self.cancelled
+    }
+
+    /// Every delivery is succeeded, dead or cancelled.
+    pub fn all_terminal(&self) -> bool {
+        self.pending + self.in_flight + self.retrying == 0
+    }
+}
+
+/// `GET /v1/batches/{id}`.
+#[derive(Debug, Serialize)]
+pub struct BatchView<'a> {
+    pub id: &'a str,
+    pub created_at: String,
+    /// Events it holds (new or duplicate).
+    pub events: usize,
+    /// Their deliveries by status, and how many in all.
+    pub deliveries: StatusCounts,
+    pub total_deliveries: u64,
+    /// Every delivery is terminal.
+    pub done: bool,
+}
+
+/// One attempt of one of an event's deliveries (`GET /v1/events/{id}/attempts`).
+#[derive(Debug, Serialize)]
+pub struct EventAttemptView<'a> {
+    pub delivery_id: String,
+    pub subscription: &'a str,
+    #[serde(flatten)]
+    pub attempt: AttemptView<'a>,
 }
 
 impl<'a> EventView<'a> {
@@ -91,6 +173,14 @@ impl<'a> EventView<'a> {
             received_at: rfc3339(e.received_at),
             idempotency_key: e.idempotency_key.as_deref(),
             receipt_id: e.receipt.map(|r| r.to_string()),
+            priority: e.priority.as_str(),
+            batch_id: e.batch.as_deref(),
+            callback: e.callback.as_ref().map(|c| CallbackView {
+                url: crate::redact::url_str(&c.url),
+                headers: c.headers.keys().map(String::as_str).collect(),
+                secret: c.secret.is_some(),
+            }),
+            deliveries: None,
         })
     }
 }
@@ -110,6 +200,7 @@ pub struct DeliveryView<'a> {
     pub updated_at: String,
     /// Why it exists: `publish`, `replay` or `redrive`.
     pub origin: &'static str,
+    pub priority: &'static str,
 }
 
 impl<'a> DeliveryView<'a> {
@@ -130,6 +221,7 @@ impl<'a> DeliveryView<'a> {
                 crate::model::Origin::Replay => "replay",
                 crate::model::Origin::Redrive => "redrive",
             },
+            priority: d.priority.as_str(),
         }
     }
 }

@@ -115,6 +115,8 @@ pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Resu
         source: Some(src.id.clone()),
         data: inbound.data,
         idempotency_key: None,
+        priority: src.priority,
+        callback: None,
     };
     let receipt = NewReceipt {
         source: src.id.clone(),

@@ -55,6 +55,9 @@ pub struct ApiState {
     pub control: Arc<crate::subscriptions::control::Control>,
     pub max_body: u64,
     pub max_batch: usize,
+    /// `[delivery.callbacks]` as the daemon started with it.
+    pub callbacks: crate::callbacks::CallbackSettings,
+    pub allow_private_networks: bool,
     pub limits: conn::Limits,
     /// The listener's certificate when it serves HTTPS (swapped on reload).
     pub tls: Option<Arc<crate::tls::Certs>>,
@@ -77,6 +80,23 @@ impl ApiState {
             v.status = crate::model::DeliveryStatus::InFlight.as_str();
         }
         v
+    }
+
+    /// Delivery counts by status (`in_flight` while an attempt is under way).
+    pub fn status_counts(
+        &self,
+        statuses: &[(crate::model::DeliveryId, crate::model::DeliveryStatus)],
+    ) -> dto::StatusCounts {
+        let mut c = dto::StatusCounts::default();
+        for &(id, status) in statuses {
+            let status = if !status.is_terminal() && self.attempting.contains(id) {
+                crate::model::DeliveryStatus::InFlight
+            } else {
+                status
+            };
+            c.add(status);
+        }
+        c
     }
 }
 
@@ -340,14 +360,32 @@ pub fn invalid_query(msg: impl Into<String>) -> ApiError {
 }
 
 /// `limit` (1..=1000, default 100) and `cursor` of a list request.
-pub fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError> {
-    let limit = match q.get("limit") {
-        None => 100,
+/// Refuses query parameters a route does not know.
+pub fn check_params(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    for k in q.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(invalid_query(format!(
+                "unknown parameter {k:?} (expected one of {})",
+                allowed.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A list's `limit`: 1 to 1000, 100 by default.
+pub fn limit_param(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(100),
         Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return Err(invalid_query("limit must be a number from 1 to 1000")),
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err(invalid_query("limit must be a number from 1 to 1000")),
         },
-    };
+    }
+}
+
+pub fn paging(q: &HashMap<String, String>) -> Result<(usize, Option<u64>), ApiError> {
+    let limit = limit_param(q)?;
     let cursor = match q.get("cursor") {
         None => None,
         Some(c) if c.is_empty() => None,
@@ -367,6 +405,18 @@ pub fn time_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>
                 "{name} must be an RFC 3339 time like 2026-01-02T03:04:05Z or unix seconds"
             ))
         }),
+    }
+}
+
+/// The `priority` filter of a list: `high`, `normal` or `low`.
+pub fn priority_param(
+    q: &HashMap<String, String>,
+) -> Result<Option<crate::model::Priority>, ApiError> {
+    match q.get("priority") {
+        None => Ok(None),
+        Some(v) => crate::model::Priority::parse(v)
+            .map(Some)
+            .ok_or_else(|| invalid_query("priority must be one of high, normal, low")),
     }
 }
 

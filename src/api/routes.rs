@@ -13,6 +13,7 @@ use super::{
     parse_json, query, read_body, require_json, time_param,
 };
 use crate::config::Scope;
+use crate::model::Priority;
 use crate::storage::EventFilter;
 use crate::storage::writer::{NewEvent, Published};
 
@@ -20,12 +21,20 @@ use crate::storage::writer::{NewEvent, Published};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
     Healthz,
+    /// `GET /livez`: `/healthz` under the name orchestrators expect.
+    Livez,
     Readyz,
     Metrics,
     Events,
     EventsBatch,
     Event(&'a str),
     EventDeliveries(&'a str),
+    /// `GET /v1/events/{id}/attempts`: every attempt of every delivery, newest first.
+    EventAttempts(&'a str),
+    /// `POST /v1/events/{id}/cancel`: cancels its deliveries not yet terminal.
+    EventCancel(&'a str),
+    /// `GET /v1/batches/{id}`: a batch's delivery counts.
+    Batch(&'a str),
     Delivery(&'a str),
     DeliveryAttempts(&'a str),
     /// `POST /v1/ingest/{source}`: an inbound provider webhook.
@@ -48,6 +57,7 @@ impl<'a> Route<'a> {
             segs.next(),
         ) {
             (Some("healthz"), None, ..) => Route::Healthz,
+            (Some("livez"), None, ..) => Route::Livez,
             (Some("readyz"), None, ..) => Route::Readyz,
             (Some("metrics"), None, ..) => Route::Metrics,
             (Some("v1"), Some("events"), None, ..) => Route::Events,
@@ -56,6 +66,13 @@ impl<'a> Route<'a> {
             (Some("v1"), Some("events"), Some(id), Some("deliveries"), None) if !id.is_empty() => {
                 Route::EventDeliveries(id)
             }
+            (Some("v1"), Some("events"), Some(id), Some("attempts"), None) if !id.is_empty() => {
+                Route::EventAttempts(id)
+            }
+            (Some("v1"), Some("events"), Some(id), Some("cancel"), None) if !id.is_empty() => {
+                Route::EventCancel(id)
+            }
+            (Some("v1"), Some("batches"), Some(id), None, _) if !id.is_empty() => Route::Batch(id),
             (Some("v1"), Some("deliveries"), Some(id), None, _) if !id.is_empty() => {
                 Route::Delivery(id)
             }
@@ -80,12 +97,16 @@ impl<'a> Route<'a> {
     pub fn name(self) -> &'static str {
         match self {
             Route::Healthz => "healthz",
+            Route::Livez => "livez",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
             Route::Events => "events",
             Route::EventsBatch => "events_batch",
             Route::Event(_) => "event",
             Route::EventDeliveries(_) => "event_deliveries",
+            Route::EventAttempts(_) => "event_attempts",
+            Route::EventCancel(_) => "event_cancel",
+            Route::Batch(_) => "batch",
             Route::Delivery(_) => "delivery",
             Route::DeliveryAttempts(_) => "delivery_attempts",
             Route::Ingest(_) => "ingest",
@@ -98,7 +119,7 @@ impl<'a> Route<'a> {
     pub fn methods(self) -> &'static [Method] {
         match self {
             Route::Events => &[Method::GET, Method::POST],
-            Route::EventsBatch => &[Method::POST],
+            Route::EventsBatch | Route::EventCancel(_) => &[Method::POST],
             Route::Ingest(_) => &[Method::POST],
             _ => &[Method::GET],
         }
@@ -111,12 +132,16 @@ impl Route<'static> {
     /// not compile until it has a template; list it here too.
     pub const ALL: &'static [Route<'static>] = &[
         Route::Healthz,
+        Route::Livez,
         Route::Readyz,
         Route::Metrics,
         Route::Events,
         Route::EventsBatch,
         Route::Event("e"),
         Route::EventDeliveries("e"),
+        Route::EventAttempts("e"),
+        Route::EventCancel("e"),
+        Route::Batch("b"),
         Route::Delivery("1"),
         Route::DeliveryAttempts("1"),
         Route::Ingest("s"),
@@ -130,12 +155,16 @@ impl Route<'_> {
     pub fn template(self) -> &'static str {
         match self {
             Route::Healthz => "/healthz",
+            Route::Livez => "/livez",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
             Route::Events => "/v1/events",
             Route::EventsBatch => "/v1/events/batch",
             Route::Event(_) => "/v1/events/{id}",
             Route::EventDeliveries(_) => "/v1/events/{id}/deliveries",
+            Route::EventAttempts(_) => "/v1/events/{id}/attempts",
+            Route::EventCancel(_) => "/v1/events/{id}/cancel",
+            Route::Batch(_) => "/v1/batches/{id}",
             Route::Delivery(_) => "/v1/deliveries/{id}",
             Route::DeliveryAttempts(_) => "/v1/deliveries/{id}/attempts",
             Route::Ingest(_) => "/v1/ingest/{source}",
@@ -185,7 +214,9 @@ pub async fn dispatch(
         return (route.name(), Ok(resp));
     }
     let result = match (route, method) {
-        (Route::Healthz, _) => Ok(json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())),
+        (Route::Healthz | Route::Livez, _) => {
+            Ok(json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()))
+        }
         (Route::Readyz, _) => Ok(readyz(st).await),
         (Route::Metrics, _) => Ok(metrics(st)),
         (Route::Events, Method::POST) => publish(st, req).await,
@@ -193,6 +224,9 @@ pub async fn dispatch(
         (Route::EventsBatch, _) => publish_batch(st, req).await,
         (Route::Event(id), _) => get_event(st, &req, id),
         (Route::EventDeliveries(id), _) => event_deliveries(st, &req, id),
+        (Route::EventAttempts(id), _) => event_attempts(st, &req, id),
+        (Route::EventCancel(id), _) => cancel_event(st, &req, id).await,
+        (Route::Batch(id), _) => get_batch(st, &req, id),
         (Route::Delivery(id), _) => get_delivery(st, &req, id),
         (Route::DeliveryAttempts(id), _) => delivery_attempts(st, &req, id),
         (Route::Ingest(source), _) => super::inbound::ingest(st, req, source).await,
@@ -281,7 +315,27 @@ fn new_event(
         check_token_text("idempotency key", k, 255)?;
     }
     check_data_depth(p.data.get())?;
-    let subscriptions = st.registry.matching_event(&p.event_type, p.data.get());
+    let priority = match p.priority.as_deref() {
+        None => Priority::Normal,
+        Some(v) => Priority::parse(v).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_event",
+                format!("priority {v:?} is not one of high, normal, low"),
+            )
+        })?,
+    };
+    let mut subscriptions = st.registry.matching_event(&p.event_type, p.data.get());
+    let callback = match p.callback {
+        None => None,
+        Some(req) => {
+            let (cb, destination) =
+                crate::callbacks::accept(req, &st.callbacks, st.allow_private_networks).map_err(
+                    |why| ApiError::bad_request("invalid_callback", format!("callback: {why}")),
+                )?;
+            subscriptions.push(destination);
+            Some(cb)
+        }
+    };
     Ok(NewEvent {
         id: p.id.unwrap_or_else(crate::model::new_event_id),
         event_type: p.event_type,
@@ -289,6 +343,8 @@ fn new_event(
         data: p.data.get().to_owned(),
         idempotency_key,
         subscriptions,
+        priority,
+        callback,
     })
 }
 
@@ -392,7 +448,8 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
         })?);
     }
     let n = events.len() as u64;
-    let results = st.writer.publish(events).await?;
+    let batch_id = crate::model::new_batch_id();
+    let results = st.writer.publish_batch(events, batch_id.clone()).await?;
     st.metrics
         .events_received
         .with_label_values(&["events_batch"])
@@ -414,7 +471,10 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
     } else {
         StatusCode::OK
     };
-    json_of(status, &serde_json::json!({ "items": out }))
+    json_of(
+        status,
+        &serde_json::json!({ "batch_id": batch_id, "items": out }),
+    )
 }
 
 fn list_events(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
@@ -423,7 +483,7 @@ fn list_events(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError>
     for k in q.keys() {
         if !matches!(
             k.as_str(),
-            "type" | "source" | "since" | "until" | "limit" | "cursor"
+            "type" | "source" | "since" | "until" | "limit" | "cursor" | "priority"
         ) {
             return Err(invalid_query(format!("unknown parameter {k:?}")));
         }
@@ -434,6 +494,7 @@ fn list_events(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError>
         source: q.get("source").cloned(),
         since: time_param(&q, "since")?,
         until: time_param(&q, "until")?,
+        priority: super::priority_param(&q)?,
     };
     let page = st.store.list_events(&filter, cursor, limit)?;
     let items = page
@@ -456,27 +517,124 @@ fn get_event(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, A
     let Some((seq, e)) = st.store.event_by_id(id)? else {
         return Err(ApiError::not_found(format!("no event with id {id:?}")));
     };
+    let mut view = EventView::new(seq, &e).map_err(ApiError::internal)?;
+    view.deliveries = Some(st.status_counts(&st.store.delivery_statuses(&[seq])?));
+    json_of(StatusCode::OK, &view)
+}
+
+/// The seq of an event by id, or 404.
+fn event_seq(st: &ApiState, id: &str) -> Result<crate::model::Seq, ApiError> {
+    match st.store.event_by_id(id)? {
+        Some((seq, _)) => Ok(seq),
+        None => Err(ApiError::not_found(format!("no event with id {id:?}"))),
+    }
+}
+
+fn event_attempts(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Admin)?;
+    let q = query(req);
+    super::check_params(&q, &["limit", "cursor"])?;
+    let limit = super::limit_param(&q)?;
+    let cursor = match q.get("cursor") {
+        None => None,
+        Some(c) => Some(parse_attempt_cursor(c).ok_or_else(|| invalid_query("invalid cursor"))?),
+    };
+    let seq = event_seq(st, id)?;
+    let (items, next) = st.store.event_attempts(seq, cursor, limit)?;
+    let views: Vec<_> = items
+        .iter()
+        .map(|a| EventAttemptView {
+            delivery_id: a.delivery.to_string(),
+            subscription: &a.subscription,
+            attempt: AttemptView::new(a.n, &a.attempt),
+        })
+        .collect();
     json_of(
         StatusCode::OK,
-        &EventView::new(seq, &e).map_err(ApiError::internal)?,
+        &ListResponse {
+            items: views,
+            next_cursor: next.map(|c| format!("{}.{}.{}", c.started_at, c.delivery, c.n)),
+        },
+    )
+}
+
+fn parse_attempt_cursor(c: &str) -> Option<crate::storage::inspect::AttemptCursor> {
+    let mut parts = c.split('.');
+    let cursor = crate::storage::inspect::AttemptCursor {
+        started_at: parts.next()?.parse().ok()?,
+        delivery: parts.next()?.parse().ok()?,
+        n: parts.next()?.parse().ok()?,
+    };
+    parts.next().is_none().then_some(cursor)
+}
+
+async fn cancel_event(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Publish)?;
+    let seq = event_seq(st, id)?;
+    let live: Vec<_> = st
+        .store
+        .delivery_statuses(&[seq])?
+        .into_iter()
+        .filter(|(_, s)| !s.is_terminal())
+        .map(|(d, _)| d)
+        .collect();
+    let cancelled = if live.is_empty() {
+        0
+    } else {
+        st.writer
+            .cancel_deliveries(live, Some(format!("event {id:?} was cancelled")))
+            .await?
+            .iter()
+            .filter(|o| matches!(o, crate::storage::writer::CancelOutcome::Cancelled(_)))
+            .count()
+    };
+    json_of(
+        StatusCode::OK,
+        &serde_json::json!({ "deliveries": cancelled }),
+    )
+}
+
+fn get_batch(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    st.auth.check(auth_header(req), Scope::Publish)?;
+    let Some(b) = st.store.batch(id)? else {
+        return Err(ApiError::not_found(format!("no batch with id {id:?}")));
+    };
+    let counts = st.status_counts(&st.store.delivery_statuses(&b.seqs)?);
+    json_of(
+        StatusCode::OK,
+        &BatchView {
+            id,
+            created_at: crate::model::rfc3339(b.created_at),
+            events: b.seqs.len(),
+            total_deliveries: counts.total(),
+            done: counts.all_terminal(),
+            deliveries: counts,
+        },
     )
 }
 
 fn event_deliveries(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
     st.auth.check(auth_header(req), Scope::Admin)?;
-    let Some((seq, _)) = st.store.event_by_id(id)? else {
-        return Err(ApiError::not_found(format!("no event with id {id:?}")));
-    };
-    let ids = st.store.event_delivery_ids(seq)?;
-    let ds = st.store.deliveries(&ids)?;
+    let q = query(req);
+    super::check_params(&q, &["limit", "cursor"])?;
+    let (limit, cursor) = paging(&q)?;
+    let seq = event_seq(st, id)?;
+    let ids: Vec<_> = st
+        .store
+        .event_delivery_ids(seq)?
+        .into_iter()
+        .filter(|d| cursor.is_none_or(|c| *d > c))
+        .take(limit.saturating_add(1))
+        .collect();
+    let more = ids.len() > limit;
+    let ds = st.store.deliveries(&ids[..ids.len().min(limit)])?;
     let items: Vec<_> = ds.iter().map(|(id, d)| st.delivery_view(*id, d)).collect();
-    json_of(
-        StatusCode::OK,
-        &ListResponse {
-            items,
-            next_cursor: None,
-        },
-    )
+    let next_cursor = if more {
+        ds.last().map(|(id, _)| id.to_string())
+    } else {
+        None
+    };
+    json_of(StatusCode::OK, &ListResponse { items, next_cursor })
 }
 
 fn delivery_id(id: &str) -> Result<u64, ApiError> {
@@ -499,18 +657,28 @@ fn delivery_attempts(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result
     if st.store.delivery(did)?.is_none() {
         return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
     }
-    let attempts = st.store.attempts(did)?;
+    let q = query(req);
+    super::check_params(&q, &["limit", "cursor"])?;
+    let (limit, cursor) = paging(&q)?;
+    let attempts: Vec<_> = st
+        .store
+        .attempts(did)?
+        .into_iter()
+        .filter(|(n, _)| cursor.is_none_or(|c| u64::from(*n) > c))
+        .take(limit.saturating_add(1))
+        .collect();
+    let more = attempts.len() > limit;
     let items: Vec<_> = attempts
         .iter()
+        .take(limit)
         .map(|(n, a)| AttemptView::new(*n, a))
         .collect();
-    json_of(
-        StatusCode::OK,
-        &ListResponse {
-            items,
-            next_cursor: None,
-        },
-    )
+    let next_cursor = if more {
+        items.last().map(|a| a.n.to_string())
+    } else {
+        None
+    };
+    json_of(StatusCode::OK, &ListResponse { items, next_cursor })
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
 use crate::signing::{self, SigningKey, signature_header};
 use crate::storage::writer::{AttemptRecord, Next, WriterHandle};
-use crate::subscriptions::Subscription;
+use crate::subscriptions::{Subscription, SubscriptionSource};
 
 const WEBHOOK_ID: HeaderName = HeaderName::from_static(signing::STANDARD_ID_HEADER);
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static(signing::STANDARD_TIMESTAMP_HEADER);
@@ -53,6 +53,8 @@ pub struct Destination {
     /// This destination's series of the hottest metrics, looked up once.
     pub series: Series,
     pub max_response_body: usize,
+    /// For a callback host, whose URLs come with each event: may they be private?
+    pub allow_private_networks: bool,
 }
 
 /// A destination's own metric series: looked up by label once, not on every attempt.
@@ -63,6 +65,8 @@ pub struct Series {
     pub in_flight: prometheus::IntGauge,
     pub breaker_state: prometheus::IntGauge,
     pub rate_limited: prometheus::IntCounter,
+    /// Attempts started, by priority rank (high, normal, low).
+    pub by_priority: [prometheus::IntCounter; 3],
 }
 
 impl Series {
@@ -74,6 +78,8 @@ impl Series {
             in_flight: m.in_flight.with_label_values(&[sub_id]),
             breaker_state: m.breaker_state.with_label_values(&[sub_id]),
             rate_limited: m.rate_limited.with_label_values(&[sub_id]),
+            by_priority: crate::model::Priority::ALL
+                .map(|p| m.attempts_by_priority.with_label_values(&[p.as_str()])),
         }
     }
 }
@@ -138,12 +144,28 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
     let t0 = Instant::now();
     let sub = &dest.sub;
 
-    let result = match (&dest.target, payload(&event)) {
-        (Err((kind, why)), _) => Err((*kind, why.clone())),
+    let callback = match sub.source {
+        SubscriptionSource::Callback => Some(callback_target(&dest, &event)),
+        _ => None,
+    };
+    let target = match &callback {
+        Some(Ok((url, _, _))) => Ok(url),
+        Some(Err(e)) => Err(e.clone()),
+        None => dest.target.as_ref().map_err(Clone::clone),
+    };
+    let result = match (target, payload(&event)) {
+        (Err((kind, why)), _) => Err((kind, why)),
         (Ok(_), Err(e)) => Err((ErrorKind::Request, format!("cannot render payload: {e}"))),
         (Ok(url), Ok(body)) => {
             let ts = started_at / 1_000_000;
-            match signed_headers(&dest, &event.id, ts, &body) {
+            let signed = match &callback {
+                Some(Ok((_, headers, key))) => {
+                    let keys = key.as_ref().map_or(&dest.keys[..], std::slice::from_ref);
+                    sign(headers.clone(), keys, &event.id, ts, &body)
+                }
+                _ => sign(dest.headers.clone(), &dest.keys, &event.id, ts, &body),
+            };
+            match signed {
                 Ok(headers) => {
                     let req = dest.client.post(url.clone()).headers(headers).body(body);
                     client::send(req, sub.timeout, dest.max_response_body).await
@@ -155,17 +177,61 @@ pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) ->
     outcome(&dest, job, n, started_at, t0.elapsed(), result)
 }
 
-/// The destination's fixed headers plus the Standard Webhooks id, timestamp and signatures.
-fn signed_headers(dest: &Destination, id: &str, ts: i64, body: &[u8]) -> Result<HeaderMap, String> {
-    let mut headers = dest.headers.clone();
+/// `headers` plus the Standard Webhooks id, timestamp and signatures.
+fn sign(
+    mut headers: HeaderMap,
+    keys: &[SigningKey],
+    id: &str,
+    ts: i64,
+    body: &[u8],
+) -> Result<HeaderMap, String> {
     let id_value = HeaderValue::from_str(id)
         .map_err(|e| format!("event id {id:?} cannot be a header: {e}"))?;
-    let signatures = HeaderValue::try_from(signature_header(&dest.keys, id, ts, body))
+    let signatures = HeaderValue::try_from(signature_header(keys, id, ts, body))
         .map_err(|e| format!("cannot build the signature header: {e}"))?;
     headers.insert(WEBHOOK_ID, id_value);
     headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(ts));
     headers.insert(WEBHOOK_SIGNATURE, signatures);
     Ok(headers)
+}
+
+/// Where a callback host's delivery goes and how it is signed: the URL, headers and secret
+/// its event names (the destination's default secret when it names none). Checked when the
+/// event was published; what fails here (a stored event an older version accepted) cannot
+/// become usable by waiting.
+/// `None` for the key: the destination's own (the default secret).
+type CallbackTarget = (reqwest::Url, HeaderMap, Option<SigningKey>);
+
+fn callback_target(
+    dest: &Destination,
+    event: &Event,
+) -> Result<CallbackTarget, (ErrorKind, String)> {
+    let unusable = |why: String| (ErrorKind::Unusable, why);
+    let Some(cb) = &event.callback else {
+        return Err(unusable("the event names no callback".into()));
+    };
+    let url = crate::subscriptions::spec::parse_destination(&cb.url).map_err(unusable)?;
+    super::ssrf::check_url_host(&url, dest.allow_private_networks)
+        .map_err(|e| (ErrorKind::RefusedAddress, e.to_string()))?;
+    let mut headers = HeaderMap::with_capacity(cb.headers.len() + 4);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (k, v) in &cb.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| unusable(format!("invalid header name {k:?}: {e}")))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|e| unusable(format!("invalid value of header {k:?}: {e}")))?;
+        headers.append(name, value);
+    }
+    let key = match &cb.secret {
+        Some(s) => Some(signing::parse_secret(s).map_err(|e| unusable(format!("secret: {e}")))?),
+        None if dest.keys.is_empty() => {
+            return Err(unusable(
+                "no secret to sign with: the callback names none and [delivery.callbacks] has no secret".into(),
+            ));
+        }
+        None => None,
+    };
+    Ok((url, headers, key))
 }
 
 /// Classifies what attempt `n` of a job got (an answer, or why there was none), counts it,
@@ -202,7 +268,11 @@ pub fn outcome(
                     Health::Up,
                     Next::Dead,
                     true,
-                    Some("HTTP 410 Gone: the subscription was disabled".to_string()),
+                    Some(if sub.source == SubscriptionSource::Callback {
+                        "HTTP 410 Gone".to_string()
+                    } else {
+                        "HTTP 410 Gone: the subscription was disabled".to_string()
+                    }),
                     "gone",
                 ),
                 Class::Final => (
@@ -329,6 +399,9 @@ mod tests {
             received_at: 1_700_000_000_123_456,
             idempotency_key: None,
             receipt: None,
+            priority: Default::default(),
+            batch: None,
+            callback: None,
         };
         let body = match payload(&event) {
             Ok(b) => b,

@@ -26,10 +26,13 @@ use reqwest::header::HeaderMap;
 use worker::{Depth, Worker, WorkerEnv, WorkerMsg};
 
 /// Settings shared by every destination.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub allow_private_networks: bool,
     pub max_response_body: usize,
+    /// Callback hosts' destinations, started on first use.
+    pub callbacks: crate::callbacks::CallbackSettings,
+    pub defaults: crate::subscriptions::spec::SubscriptionDefaults,
 }
 
 /// Owns the destination tasks.
@@ -53,18 +56,33 @@ struct Route {
     depth: Arc<Depth>,
 }
 
-/// The scheduler's view of the supervisor: routes jobs by subscription id.
+/// The scheduler's view of the supervisor: routes jobs by subscription id, and starts a
+/// callback host's destination task when its first job comes due.
 #[derive(Clone)]
 pub struct Router {
     routes: Arc<Mutex<HashMap<Arc<str>, Route>>>,
+    supervisor: std::sync::Weak<Supervisor>,
+}
+
+impl Router {
+    fn route(&self, id: &str) -> Option<Route> {
+        match self.routes.lock() {
+            Ok(r) => r.get(id).cloned(),
+            Err(p) => p.into_inner().get(id).cloned(),
+        }
+    }
 }
 
 impl Dispatch for Router {
     fn dispatch(&mut self, job: Job) -> Result<(), Job> {
-        let route = match self.routes.lock() {
-            Ok(r) => r.get(&job.subscription).cloned(),
-            Err(p) => p.into_inner().get(&job.subscription).cloned(),
-        };
+        let mut route = self.route(&job.subscription);
+        if route.is_none()
+            && crate::callbacks::is_callback(&job.subscription)
+            && let Some(sup) = self.supervisor.upgrade()
+        {
+            sup.start_callback(&job.subscription);
+            route = self.route(&job.subscription);
+        }
         match route {
             // A destination holding a full queue takes no more: the job waits in the wheel
             // (memory only), which in turn stops loading from disk when full.
@@ -105,9 +123,24 @@ impl Supervisor {
         })
     }
 
-    pub fn router(&self) -> Router {
+    pub fn router(self: &Arc<Self>) -> Router {
         Router {
             routes: self.routes.clone(),
+            supervisor: Arc::downgrade(self),
+        }
+    }
+
+    /// Starts the destination task of a callback host (`callbacks::destination_id`), unless
+    /// it runs already. Callback destinations are never stopped while the daemon runs.
+    pub fn start_callback(&self, id: &str) {
+        let running = match self.routes.lock() {
+            Ok(r) => r.contains_key(id),
+            Err(p) => p.into_inner().contains_key(id),
+        };
+        if !running {
+            let sub = crate::callbacks::destination(id, &self.cfg.callbacks, &self.cfg.defaults);
+            tracing::info!(destination = id, "callback destination started");
+            self.spawn(Arc::new(sub));
         }
     }
 
@@ -185,6 +218,7 @@ impl Supervisor {
             series: attempt::Series::new(&self.metrics, &sub_id),
             metrics: self.metrics.clone(),
             max_response_body: self.cfg.max_response_body,
+            allow_private_networks: self.cfg.allow_private_networks,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(Depth::default());

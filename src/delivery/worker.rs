@@ -3,7 +3,7 @@
 //! subscriptions keep one delivery in flight, in event order, and a retrying delivery holds
 //! back the ones behind it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
@@ -54,6 +54,75 @@ impl Depth {
     }
 }
 
+/// The jobs a destination task holds, by delivery, in the order they may go: a FIFO
+/// subscription's by delivery id (event order); any other's the operator's first, then by
+/// priority, then by delivery id.
+struct Queue {
+    jobs: HashMap<DeliveryId, Job>,
+    order: BTreeSet<(u8, DeliveryId)>,
+    fifo: bool,
+}
+
+impl Queue {
+    fn new(ordering: Ordering) -> Self {
+        Self {
+            jobs: HashMap::new(),
+            order: BTreeSet::new(),
+            fifo: ordering == Ordering::Fifo,
+        }
+    }
+
+    fn rank(&self, job: &Job) -> u8 {
+        match (self.fifo, job.operator) {
+            (true, _) => 0,
+            (false, true) => 0,
+            (false, false) => 1 + job.priority.rank(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    fn contains(&self, id: DeliveryId) -> bool {
+        self.jobs.contains_key(&id)
+    }
+
+    fn get(&self, id: DeliveryId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    /// Adds a job, replacing the one of the same delivery.
+    fn insert(&mut self, job: Job) {
+        let key = (self.rank(&job), job.delivery);
+        if let Some(old) = self.jobs.insert(job.delivery, job) {
+            let old_key = (self.rank(&old), old.delivery);
+            self.order.remove(&old_key);
+        }
+        self.order.insert(key);
+    }
+
+    fn remove(&mut self, id: DeliveryId) -> Option<Job> {
+        let job = self.jobs.remove(&id)?;
+        self.order.remove(&(self.rank(&job), id));
+        Some(job)
+    }
+
+    fn pop_first(&mut self) -> Option<Job> {
+        let (_, id) = self.order.pop_first()?;
+        self.jobs.remove(&id)
+    }
+
+    fn clear(&mut self) {
+        self.jobs.clear();
+        self.order.clear();
+    }
+}
+
 /// Messages a destination task takes.
 #[derive(Debug)]
 pub enum WorkerMsg {
@@ -87,7 +156,7 @@ pub struct Worker {
     env: Arc<WorkerEnv>,
     rx: mpsc::UnboundedReceiver<WorkerMsg>,
     stop: watch::Receiver<bool>,
-    queue: BTreeMap<DeliveryId, Job>,
+    queue: Queue,
     /// Jobs that arrived while their delivery was in flight (its retry, usually): they join
     /// the queue when the attempt is done, so one delivery never has two attempts at once.
     parked: HashMap<DeliveryId, Job>,
@@ -128,6 +197,7 @@ impl Worker {
             half_open_probes: b.half_open_probes,
         });
         let now = crate::clock::now();
+        let ordering = dest.sub.ordering;
         let bucket = dest.sub.rate_limit.map(|r| {
             let burst = dest.sub.rate_limit_burst.map_or(r.max(1.0), f64::from);
             TokenBucket::new(r, burst, now)
@@ -151,7 +221,7 @@ impl Worker {
             env,
             rx,
             stop,
-            queue: BTreeMap::new(),
+            queue: Queue::new(ordering),
             parked: HashMap::new(),
             tasks: Tracked::default(),
             recording: Tracked::default(),
@@ -257,7 +327,11 @@ impl Worker {
             self.parked.insert(job.delivery, job);
             return;
         }
-        if self.queue.len() >= QUEUE_CAP && !self.queue.contains_key(&job.delivery) {
+        if job.operator {
+            // An operator asked for an attempt now: an open breaker lets a probe go at once.
+            self.breaker.probe_now(crate::clock::now());
+        }
+        if self.queue.len() >= QUEUE_CAP && !self.queue.contains(job.delivery) {
             // The router keeps this rare (it stops at QUEUE_CAP); what still overflows waits
             // in the scheduler's wheel, in memory, without its payload.
             let mut job = job;
@@ -269,19 +343,18 @@ impl Worker {
             return;
         }
         // A newer due time for a queued delivery replaces the stale one.
-        match self.queue.get(&job.delivery) {
+        match self.queue.get(job.delivery) {
             Some(q) if q.due >= job.due => {}
-            _ => {
-                self.queue.insert(job.delivery, job);
-            }
+            _ => self.queue.insert(job),
         }
     }
 
-    /// The next job allowed to start, honouring FIFO order.
+    /// The next job allowed to start: FIFO order, or else the operator's and then the
+    /// highest priority first.
     fn pick(&mut self) -> Option<Job> {
         match (self.dest.sub.ordering, self.blocked_by) {
-            (Ordering::Fifo, Some(head)) => self.queue.remove(&head),
-            _ => self.queue.pop_first().map(|(_, j)| j),
+            (Ordering::Fifo, Some(head)) => self.queue.remove(head),
+            _ => self.queue.pop_first(),
         }
     }
 
@@ -306,7 +379,7 @@ impl Worker {
                     }
                 },
             };
-            if let Some(head) = self.blocked_by.filter(|h| !self.queue.contains_key(h)) {
+            if let Some(head) = self.blocked_by.filter(|h| !self.queue.contains(*h)) {
                 // The retrying head is not due yet: everything behind it waits, unless an
                 // operator ended it meanwhile.
                 match snap.delivery(head) {
@@ -330,7 +403,7 @@ impl Worker {
                 if self.rate_limited.replace(job.delivery) != Some(job.delivery) {
                     self.dest.series.rate_limited.inc();
                 }
-                self.queue.insert(job.delivery, job);
+                self.queue.insert(job);
                 // A bucket that never refills answers Duration::MAX: bounded, so the sum
                 // cannot overflow.
                 self.wake_at = Some(now + wait.min(crate::model::MAX_DURATION));
@@ -338,11 +411,19 @@ impl Worker {
             }
             if !self.breaker.try_acquire(now) {
                 // Open: queued deliveries wait, their attempts unspent.
-                self.queue.insert(job.delivery, job);
+                self.queue.insert(job);
                 self.wake_at = self.breaker.retry_at(now);
                 return;
             }
             self.env.attempting.start(job.delivery);
+            if let Some(c) = self
+                .dest
+                .series
+                .by_priority
+                .get(usize::from(job.priority.rank()))
+            {
+                c.inc();
+            }
             let started = Started {
                 job: job.without_event(),
                 n,
@@ -513,7 +594,11 @@ impl Worker {
     }
 
     async fn disable(&mut self, reason: &'static str, why: &str) {
-        if !self.enabled {
+        // A callback host is no subscription: a 410 or a failing streak ends that delivery
+        // (dead, with its reason), never the other events' callbacks to the host.
+        if !self.enabled
+            || self.dest.sub.source == crate::subscriptions::SubscriptionSource::Callback
+        {
             return;
         }
         self.enabled = false;

@@ -123,6 +123,8 @@ pub struct RawSource {
     pub dedup: Option<String>,
     /// How long a fingerprint counts (default 24h).
     pub dedup_window: Option<HumanDuration>,
+    /// The priority of the events it makes: "high", "normal" (the default) or "low".
+    pub priority: Option<String>,
 }
 
 /// A configured inbound source, ready to verify requests.
@@ -143,6 +145,8 @@ pub struct Source {
     /// delivery id is checked). On by default where the signature covers no timestamp, so a
     /// signed body sent again under a new delivery id or event header is caught.
     pub fingerprint_window: Option<Duration>,
+    /// The priority of the events it makes.
+    pub priority: crate::model::Priority,
 }
 
 impl fmt::Debug for Source {
@@ -161,6 +165,7 @@ impl fmt::Debug for Source {
             .field("max_body", &self.max_body)
             .field("rate_limit", &self.rate_limit)
             .field("fingerprint_window", &self.fingerprint_window)
+            .field("priority", &self.priority)
             .finish()
     }
 }
@@ -355,6 +360,16 @@ impl Source {
                 None
             }
         };
+        let priority = match raw.priority.as_deref() {
+            None => crate::model::Priority::Normal,
+            Some(p) => crate::model::Priority::parse(p).unwrap_or_else(|| {
+                e(
+                    "priority",
+                    format!("unknown {p:?} (expected \"high\", \"normal\" or \"low\")"),
+                );
+                crate::model::Priority::Normal
+            }),
+        };
         match (scheme, event_type) {
             (Some(scheme), Some(event_type)) if errs.is_empty() => Ok(Source {
                 id: raw.id.clone(),
@@ -367,6 +382,7 @@ impl Source {
                 max_body,
                 rate_limit,
                 fingerprint_window,
+                priority,
             }),
             _ => Err(errs),
         }
@@ -580,6 +596,7 @@ mod tests {
             timestamp_header: None,
             dedup: None,
             dedup_window: None,
+            priority: None,
         }
     }
 

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::wheel::TimerWheel;
 use crate::clock::Instant;
 use crate::metrics::Metrics;
-use crate::model::{DeliveryId, Event, Micros, micros, now_micros};
+use crate::model::{DeliveryId, Event, Micros, Priority, micros, now_micros};
 use crate::storage::Store;
 use crate::storage::writer::Due;
 
@@ -28,6 +28,10 @@ pub struct Job {
     /// The due time it was scheduled for: a job whose stored due time differs is stale.
     pub due: Micros,
     pub event: Option<Arc<Event>>,
+    /// The event's priority: a destination sends its due jobs highest priority first.
+    pub priority: Priority,
+    /// Asked for by an operator: it may go through an open breaker's cooldown.
+    pub operator: bool,
 }
 
 impl Job {
@@ -39,6 +43,8 @@ impl Job {
             subscription: self.subscription.clone(),
             due: self.due,
             event: None,
+            priority: self.priority,
+            operator: self.operator,
         }
     }
 }
@@ -144,7 +150,7 @@ impl<D: Dispatch> Scheduler<D> {
                     return false;
                 }
             };
-            let mut by_id: std::collections::HashMap<DeliveryId, Arc<str>> =
+            let mut by_id: std::collections::HashMap<DeliveryId, (Arc<str>, Priority)> =
                 std::collections::HashMap::with_capacity(subs.len());
             let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
             for (id, d) in subs {
@@ -152,15 +158,17 @@ impl<D: Dispatch> Scheduler<D> {
                     .entry(d.subscription.clone())
                     .or_insert_with(|| Arc::from(d.subscription.as_str()))
                     .clone();
-                by_id.insert(id, name);
+                by_id.insert(id, (name, d.priority));
             }
             for (due, id) in rows {
-                if let Some(sub) = by_id.get(&id) {
+                if let Some((sub, priority)) = by_id.get(&id) {
                     self.insert(Job {
                         delivery: id,
                         subscription: sub.clone(),
                         due,
                         event: None,
+                        priority: *priority,
+                        operator: false,
                     });
                 }
             }
@@ -190,6 +198,8 @@ impl<D: Dispatch> Scheduler<D> {
                         subscription: d.subscription,
                         due: d.at,
                         event: d.event,
+                        priority: d.priority,
+                        operator: d.operator,
                     });
                 }
             }

@@ -16,7 +16,7 @@ use redb::ReadableTable;
 
 use super::schema::*;
 use super::{Page, Store, StoreError, first_seq_at_or_after};
-use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Seq};
+use crate::model::{Attempt, Delivery, DeliveryId, DeliveryStatus, Event, Micros, Priority, Seq};
 
 /// Index rows one page may look at before it ends early with a cursor.
 const SCAN_BUDGET: usize = 20_000;
@@ -29,6 +29,26 @@ pub struct DeliveryFilter {
     pub event_type: Option<String>,
     pub since: Option<Micros>,
     pub until: Option<Micros>,
+    /// Checked on the record (no index): a rare priority ends pages early with a cursor.
+    pub priority: Option<Priority>,
+}
+
+/// One attempt of one of an event's deliveries.
+#[derive(Debug, Clone)]
+pub struct EventAttempt {
+    pub delivery: DeliveryId,
+    pub subscription: String,
+    /// The attempt's number within its delivery, from 1.
+    pub n: u32,
+    pub attempt: Attempt,
+}
+
+/// Where a page of an event's attempts ends: they are ordered by these, descending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AttemptCursor {
+    pub started_at: Micros,
+    pub delivery: DeliveryId,
+    pub n: u32,
 }
 
 /// Dead-letter filters; `since` is on the time the delivery was dead-lettered.
@@ -134,9 +154,9 @@ impl Store {
             return leapfrog(
                 t,
                 prefixes.as_deref().unwrap_or_default(),
-                lo,
-                hi,
+                (lo, hi),
                 limit,
+                f.priority,
                 &deliveries,
                 &by_type,
                 &sub_status,
@@ -169,7 +189,12 @@ impl Store {
                 _ => true,
             };
             match deliveries.get(id)? {
-                Some(v) if wanted => Ok(Some((id, decode(v.value(), "delivery")?))),
+                Some(v) if wanted => {
+                    let d: Delivery = decode(v.value(), "delivery")?;
+                    Ok(f.priority
+                        .is_none_or(|p| d.priority == p)
+                        .then_some((id, d)))
+                }
                 _ => Ok(None),
             }
         })
@@ -325,6 +350,84 @@ impl Store {
         Ok(out)
     }
 
+    /// The status of every delivery of these events, in one read transaction.
+    pub fn delivery_statuses(
+        &self,
+        seqs: &[Seq],
+    ) -> Result<Vec<(DeliveryId, DeliveryStatus)>, StoreError> {
+        let r = self.db().begin_read()?;
+        let by_event = r.open_table(EVENT_DELIVERIES)?;
+        let deliveries = r.open_table(DELIVERIES)?;
+        let mut out = Vec::new();
+        for &seq in seqs {
+            for row in by_event.range((seq, 0)..=(seq, u64::MAX))? {
+                let id = row?.0.value().1;
+                if let Some(v) = deliveries.get(id)? {
+                    let d: Delivery = decode(v.value(), "delivery")?;
+                    out.push((id, d.status));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A batch by id.
+    pub fn batch(&self, id: &str) -> Result<Option<BatchRecord>, StoreError> {
+        let r = self.db().begin_read()?;
+        let t = r.open_table(BATCHES)?;
+        t.get(id)?.map(|v| decode(v.value(), "batch")).transpose()
+    }
+
+    /// Every attempt of every delivery of an event, newest first (by start time, then
+    /// delivery id and attempt number, descending), after the cursor. An event has a few
+    /// deliveries of a bounded number of attempts each: they are read whole and sorted.
+    pub fn event_attempts(
+        &self,
+        seq: Seq,
+        after: Option<AttemptCursor>,
+        limit: usize,
+    ) -> Result<(Vec<EventAttempt>, Option<AttemptCursor>), StoreError> {
+        let r = self.db().begin_read()?;
+        let by_event = r.open_table(EVENT_DELIVERIES)?;
+        let attempts = r.open_table(ATTEMPTS)?;
+        let deliveries = r.open_table(DELIVERIES)?;
+        let mut all = Vec::new();
+        for row in by_event.range((seq, 0)..=(seq, u64::MAX))? {
+            let id = row?.0.value().1;
+            let subscription = match deliveries.get(id)? {
+                Some(v) => decode::<Delivery>(v.value(), "delivery")?.subscription,
+                None => continue,
+            };
+            for row in attempts.range((id, 0)..=(id, u32::MAX))? {
+                let (k, v) = row?;
+                all.push(EventAttempt {
+                    delivery: id,
+                    subscription: subscription.clone(),
+                    n: k.value().1,
+                    attempt: decode(v.value(), "attempt")?,
+                });
+            }
+        }
+        let key = |a: &EventAttempt| AttemptCursor {
+            started_at: a.attempt.started_at,
+            delivery: a.delivery,
+            n: a.n,
+        };
+        all.sort_by_key(|a| std::cmp::Reverse(key(a)));
+        let mut page: Vec<EventAttempt> = all
+            .into_iter()
+            .filter(|a| after.is_none_or(|c| key(a) < c))
+            .take(limit.saturating_add(1))
+            .collect();
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(key)
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
     /// One subscription created over the API.
     pub fn subscription_record(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
         let r = self.db().begin_read()?;
@@ -438,9 +541,9 @@ fn merged(mut walks: Vec<IdIter<'_>>) -> IdIter<'_> {
 fn leapfrog(
     event_type: &str,
     prefixes: &[(String, u8)],
-    lo: DeliveryId,
-    hi: DeliveryId,
+    (lo, hi): (DeliveryId, DeliveryId),
     limit: usize,
+    priority: Option<Priority>,
     deliveries: &redb::ReadOnlyTable<u64, &[u8]>,
     by_type: &redb::ReadOnlyTable<(&str, u64), ()>,
     sub_status: &redb::ReadOnlyTable<(&str, u8, u64), ()>,
@@ -477,7 +580,10 @@ fn leapfrog(
         };
         if a == b {
             if let Some(v) = deliveries.get(a)? {
-                items.push((a, decode(v.value(), "delivery")?));
+                let d: Delivery = decode(v.value(), "delivery")?;
+                if priority.is_none_or(|p| d.priority == p) {
+                    items.push((a, d));
+                }
             }
             if items.len() >= limit {
                 return Ok(Page {
@@ -577,6 +683,7 @@ mod tests {
                         data: "{}".into(),
                         idempotency_key: None,
                         subscriptions: subs,
+                        ..NewEvent::default()
                     }
                 })
                 .collect();
@@ -670,6 +777,7 @@ mod tests {
                             event_type: ty.map(str::to_string),
                             since,
                             until,
+                            priority: None,
                         };
                         let want: Vec<DeliveryId> = all
                             .iter()

@@ -69,6 +69,7 @@ pub struct EventFilter {
     pub source: Option<String>,
     pub since: Option<Micros>,
     pub until: Option<Micros>,
+    pub priority: Option<crate::model::Priority>,
 }
 
 /// One page of a list and where the next one starts.
@@ -248,6 +249,7 @@ impl Store {
             if f.source
                 .as_deref()
                 .is_none_or(|s| e.source.as_deref() == Some(s))
+                && f.priority.is_none_or(|p| e.priority == p)
             {
                 items.push((seq, e));
             }

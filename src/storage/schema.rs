@@ -14,10 +14,24 @@ use crate::model::Micros;
 /// Version 2 dropped `deliveries_by_subscription` and `deliveries_by_status`: both are
 /// answered from `deliveries_by_subscription_status`, and keeping them cost four of the
 /// eighteen B-tree operations of every delivery.
-pub const SCHEMA_VERSION: u32 = 2;
+///
+/// Version 3 added `batches`, and records of version 2 (`RECORD_V2`) appear: events carry a
+/// priority, their batch and a callback, deliveries their priority. Upgrading creates the
+/// table; records of version 1 are read as they are (see `decode`), not rewritten.
+pub const SCHEMA_VERSION: u32 = 3;
 
-/// Version byte written in front of every postcard record.
+/// Version byte of records written before version 2.
 pub const RECORD_V1: u8 = 1;
+
+/// Version byte written in front of every postcard record. Version 2 appended fields to
+/// `Event` (priority, batch, callback) and `Delivery` (priority); the other records are laid
+/// out as in version 1.
+pub const RECORD_V2: u8 = 2;
+
+/// Zero bytes read after a version-1 record: postcard reads the fields version 2 appended
+/// from them as zero (variant 0, `None`, 0, empty), and a record without appended fields
+/// leaves them unread. Covers every field appended so far with room to spare.
+const V1_PADDING: [u8; 16] = [0; 16];
 
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// seq → Event record.
@@ -46,6 +60,9 @@ pub const RECEIPTS: TableDefinition<u64, &[u8]> = TableDefinition::new("receipts
 pub const RECEIPT_IDS: TableDefinition<(&str, &str), u64> = TableDefinition::new("receipt_ids");
 /// subscription id → Subscription record (created over the API).
 pub const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
+
+/// batch id → BatchRecord: the events a `POST /v1/events/batch` stored or found.
+pub const BATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("batches");
 
 /// subscription id → SubscriptionState record: enabled switches set at run time (410 Gone,
 /// auto-disable, pause), kept apart from the definitions so config subscriptions have them too.
@@ -79,6 +96,7 @@ macro_rules! for_each_table {
         $m!(SUBSCRIPTION_STATE);
         $m!(DELIVERIES_BY_SUB_STATUS);
         $m!(DELIVERIES_BY_TYPE);
+        $m!(BATCHES);
     };
 }
 pub(crate) use for_each_table;
@@ -104,6 +122,14 @@ pub struct StoredSecret {
     pub expires_at: Option<Micros>,
 }
 
+/// A batch as stored in `BATCHES`: when it was published and the seqs of its events (new or
+/// duplicate), sorted. Its status is counted from those events' deliveries when asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub created_at: Micros,
+    pub seqs: Vec<crate::model::Seq>,
+}
+
 /// Tables of version 1 that version 2 dropped; `migrate` deletes them.
 pub const RETIRED_IN_V2: [&str; 2] = ["deliveries_by_subscription", "deliveries_by_status"];
 
@@ -112,7 +138,7 @@ const SCHEMA_KEY: &str = "schema_version";
 /// Encodes a record as one version byte followed by its postcard bytes.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(256);
-    out.push(RECORD_V1);
+    out.push(RECORD_V2);
     postcard::to_extend(value, out).map_err(|e| StoreError::Encode(e.to_string()))
 }
 
@@ -129,7 +155,7 @@ pub fn insert_record<'k, K: redb::Key + 'static, T: Serialize>(
     let Some((version, rest)) = row.as_mut().split_first_mut() else {
         return Err(StoreError::Encode("no room reserved for the record".into()));
     };
-    *version = RECORD_V1;
+    *version = RECORD_V2;
     postcard::to_slice(value, rest).map_err(encode_err)?;
     Ok(())
 }
@@ -137,8 +163,14 @@ pub fn insert_record<'k, K: redb::Key + 'static, T: Serialize>(
 /// Decodes a record written by `encode`, refusing unknown versions.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&RECORD_V1, rest)) => {
+        Some((&RECORD_V2, rest)) => {
             postcard::from_bytes(rest).map_err(|e| StoreError::Decode(what, e.to_string()))
+        }
+        Some((&RECORD_V1, rest)) => {
+            let mut padded = Vec::with_capacity(rest.len() + V1_PADDING.len());
+            padded.extend_from_slice(rest);
+            padded.extend_from_slice(&V1_PADDING);
+            postcard::from_bytes(&padded).map_err(|e| StoreError::Decode(what, e.to_string()))
         }
         Some((v, _)) => Err(StoreError::Decode(
             what,
@@ -225,6 +257,9 @@ fn migrate(db: &redb::Database, from: u32) -> Result<(), StoreError> {
                     w.delete_table(def)?;
                 }
             }
+            2 => {
+                w.open_table(BATCHES)?;
+            }
             _ => {
                 return Err(StoreError::Decode(
                     "schema version",
@@ -282,6 +317,9 @@ mod tests {
             received_at: 1_700_000_000_000_000,
             idempotency_key: None,
             receipt: Some(7),
+            priority: crate::model::Priority::High,
+            batch: Some("bat_1".into()),
+            callback: None,
         };
         let w = db.begin_write()?;
         insert_record(&mut w.open_table(EVENTS)?, 1, &event)?;
@@ -297,6 +335,95 @@ mod tests {
         let back: crate::model::Event = decode(row.value(), "event")?;
         assert_eq!(back.data, event.data);
         assert_eq!(back.receipt, Some(7));
+        Ok(())
+    }
+
+    /// A record written before version 2 appended fields reads them as zero: an event as
+    /// normal priority without batch or callback, a delivery as normal priority; every other
+    /// field as written.
+    #[test]
+    fn a_version_1_record_reads_its_appended_fields_as_zero() -> Result<(), StoreError> {
+        #[derive(Serialize)]
+        struct EventV1 {
+            id: String,
+            event_type: String,
+            source: Option<String>,
+            data: String,
+            received_at: i64,
+            idempotency_key: Option<String>,
+            receipt: Option<u64>,
+        }
+        #[derive(Serialize)]
+        struct DeliveryV1 {
+            event_seq: u64,
+            event_id: String,
+            subscription: String,
+            status: crate::model::DeliveryStatus,
+            attempts: u32,
+            next_attempt_at: Option<i64>,
+            last_error: Option<String>,
+            created_at: i64,
+            updated_at: i64,
+            origin: crate::model::Origin,
+        }
+        let v1 = |bytes: Vec<u8>| {
+            let mut b = bytes;
+            b[0] = RECORD_V1;
+            b
+        };
+        let old = EventV1 {
+            id: "evt_1".into(),
+            event_type: "t".into(),
+            source: Some("s".into()),
+            data: "{}".into(),
+            received_at: 5,
+            idempotency_key: Some("k".into()),
+            receipt: Some(3),
+        };
+        let e: crate::model::Event = decode(&v1(encode(&old)?), "event")?;
+        assert_eq!(
+            (e.id.as_str(), e.idempotency_key.as_deref(), e.receipt),
+            ("evt_1", Some("k"), Some(3))
+        );
+        assert_eq!(e.priority, crate::model::Priority::Normal);
+        assert_eq!((e.batch, e.callback), (None, None));
+        let old = DeliveryV1 {
+            event_seq: 9,
+            event_id: "evt_1".into(),
+            subscription: "crm".into(),
+            status: crate::model::DeliveryStatus::Retrying,
+            attempts: 2,
+            next_attempt_at: Some(7),
+            last_error: Some("timeout".into()),
+            created_at: 1,
+            updated_at: 2,
+            origin: crate::model::Origin::Redrive,
+        };
+        let d: crate::model::Delivery = decode(&v1(encode(&old)?), "delivery")?;
+        assert_eq!((d.event_seq, d.attempts, d.updated_at), (9, 2, 2));
+        assert_eq!(d.origin, crate::model::Origin::Redrive);
+        assert_eq!(d.priority, crate::model::Priority::Normal);
+        // Records whose layout did not change read the same from either version.
+        let state = super::super::writer::SubscriptionState {
+            enabled: false,
+            reason: Some("gone".into()),
+            changed_at: 4,
+        };
+        let back: super::super::writer::SubscriptionState = decode(&v1(encode(&state)?), "state")?;
+        assert_eq!(back, state);
+        Ok(())
+    }
+
+    #[test]
+    fn a_version_2_file_gets_the_batches_table() -> Result<(), StoreError> {
+        let dir = tempdir()?;
+        let db = file_at_version(&dir, 2)?;
+        let w = db.begin_write()?;
+        w.delete_table(BATCHES)?;
+        w.commit()?;
+        init(&db)?;
+        assert_eq!(version(&db)?, Some(SCHEMA_VERSION));
+        assert_eq!(db.begin_read()?.open_table(BATCHES)?.len()?, 0);
         Ok(())
     }
 

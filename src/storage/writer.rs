@@ -31,7 +31,9 @@ mod purge;
 pub use purge::Purged;
 mod reopen;
 use crate::metrics::Metrics;
-use crate::model::{Attempt, Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
+use crate::model::{
+    Attempt, Callback, Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Priority, Seq,
+};
 
 /// Why a write was not done. Every waiting sender of a failed batch gets one.
 #[derive(Debug, Error, Clone)]
@@ -45,14 +47,17 @@ pub enum WriteError {
 }
 
 /// An event to append, with the subscriptions it fans out to (matched by the caller).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewEvent {
     pub id: String,
     pub event_type: String,
     pub source: Option<String>,
     pub data: String,
     pub idempotency_key: Option<String>,
+    /// Where its deliveries go: subscription ids, and a callback's destination.
     pub subscriptions: Vec<Arc<str>>,
+    pub priority: Priority,
+    pub callback: Option<Callback>,
 }
 
 /// What became of one published event.
@@ -66,7 +71,7 @@ pub enum Published {
     /// The id or idempotency key was already known: nothing was stored.
     Duplicate {
         seq: Seq,
-        event: Event,
+        event: Box<Event>,
         deliveries: u32,
     },
 }
@@ -112,6 +117,11 @@ pub struct Due {
     pub event: Option<Arc<Event>>,
     /// Attempts already made.
     pub attempts: u32,
+    /// The event's priority: due deliveries go out highest first.
+    pub priority: Priority,
+    /// An operator asked for this attempt (retry, redrive, resume): it goes now, even
+    /// through an open breaker's cooldown.
+    pub operator: bool,
 }
 
 /// What a finished attempt leads to.
@@ -149,6 +159,8 @@ type Reply = Box<dyn FnOnce(Result<(), WriteError>) + Send>;
 enum Command {
     Publish {
         events: Vec<NewEvent>,
+        /// A batch id: its events are stamped with it and it is kept in `BATCHES`.
+        batch: Option<String>,
         reply: oneshot::Sender<Result<Vec<Published>, WriteError>>,
     },
     /// Stores an inbound receipt and its event (with deliveries) unless the provider
@@ -220,7 +232,27 @@ impl WriterHandle {
     /// Appends events with their deliveries; resolves after the commit.
     pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<Published>, WriteError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Command::Publish { events, reply })?;
+        self.submit(Command::Publish {
+            events,
+            batch: None,
+            reply,
+        })?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Appends a batch's events with their deliveries, stamps them with `batch` and keeps
+    /// the batch (the seqs of its events, new or duplicate); resolves after the commit.
+    pub async fn publish_batch(
+        &self,
+        events: Vec<NewEvent>,
+        batch: String,
+    ) -> Result<Vec<Published>, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Command::Publish {
+            events,
+            batch: Some(batch),
+            reply,
+        })?;
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 
@@ -515,15 +547,38 @@ impl Writer {
         fx: &mut Effects,
     ) -> Result<(), StoreError> {
         match cmd {
-            Command::Publish { events, reply } => {
+            Command::Publish {
+                events,
+                batch,
+                reply,
+            } => {
                 let mut out = Vec::with_capacity(events.len());
                 for ev in events {
-                    match self.publish_one(t, ev, None, fx) {
+                    match self.publish_one(t, ev, None, batch.as_deref(), fx) {
                         Ok(p) => out.push(p),
                         Err(e) => {
                             drop(reply.send(Err(WriteError::Storage(e.to_string()))));
                             return Err(e);
                         }
+                    }
+                }
+                if let Some(id) = &batch {
+                    let mut seqs: Vec<Seq> =
+                        out.iter()
+                            .map(|p| match p {
+                                Published::Created { seq, .. }
+                                | Published::Duplicate { seq, .. } => *seq,
+                            })
+                            .collect();
+                    seqs.sort_unstable();
+                    seqs.dedup();
+                    let record = super::schema::BatchRecord {
+                        created_at: crate::model::now_micros(),
+                        seqs,
+                    };
+                    if let Err(e) = insert_record(&mut t.batches, id.as_str(), &record) {
+                        drop(reply.send(Err(WriteError::Storage(e.to_string()))));
+                        return Err(e);
                     }
                 }
                 fx.replies
@@ -600,6 +655,7 @@ impl Writer {
         t: &mut Tables<'_>,
         ev: NewEvent,
         receipt: Option<u64>,
+        batch: Option<&str>,
         fx: &mut Effects,
     ) -> Result<Published, StoreError> {
         let known = match &ev.idempotency_key {
@@ -627,7 +683,7 @@ impl Writer {
                 .count() as u32;
             return Ok(Published::Duplicate {
                 seq,
-                event,
+                event: Box::new(event),
                 deliveries,
             });
         }
@@ -641,6 +697,9 @@ impl Writer {
             received_at: now,
             idempotency_key: ev.idempotency_key,
             receipt,
+            priority: ev.priority,
+            batch: batch.map(str::to_owned),
+            callback: ev.callback,
         };
         insert_record(&mut t.events, seq, &event)?;
         let event = Arc::new(event);
@@ -710,19 +769,20 @@ impl Writer {
             }
         }
         let receipt_id = self.tips.last_receipt + 1;
-        let (seq, event_id, deliveries) = match self.publish_one(t, event, Some(receipt_id), fx)? {
-            Published::Created {
-                seq,
-                id,
-                deliveries,
-            } => (seq, id, deliveries),
-            // Callers mint a fresh event id and no idempotency key, so this is a collision.
-            Published::Duplicate { seq, .. } => {
-                return Err(StoreError::Encode(format!(
-                    "inbound event id collides with the event at seq {seq}"
-                )));
-            }
-        };
+        let (seq, event_id, deliveries) =
+            match self.publish_one(t, event, Some(receipt_id), None, fx)? {
+                Published::Created {
+                    seq,
+                    id,
+                    deliveries,
+                } => (seq, id, deliveries),
+                // Callers mint a fresh event id and no idempotency key, so this is a collision.
+                Published::Duplicate { seq, .. } => {
+                    return Err(StoreError::Encode(format!(
+                        "inbound event id collides with the event at seq {seq}"
+                    )));
+                }
+            };
         let record = crate::model::Receipt {
             source: receipt.source,
             method: receipt.method,
@@ -776,6 +836,7 @@ impl Writer {
             created_at: now,
             updated_at: now,
             origin,
+            priority: event.priority,
         };
         insert_record(&mut t.deliveries, id, &d)?;
         t.event_deliveries.insert((seq, id), ())?;
@@ -791,6 +852,9 @@ impl Writer {
             subscription,
             event: Some(event.clone()),
             attempts: 0,
+            priority: event.priority,
+            // Replays and redrives are an operator's: they go now.
+            operator: origin != Origin::Publish,
         });
         Ok(id)
     }
@@ -869,6 +933,8 @@ fn record_attempt(
                     subscription: r.subscription,
                     event: None,
                     attempts: n,
+                    priority: d.priority,
+                    operator: false,
                 });
             }
             Next::Dead => {
@@ -963,6 +1029,8 @@ fn reschedule(
         subscription,
         event: None,
         attempts: d.attempts,
+        priority: d.priority,
+        operator: false,
     });
     Ok(())
 }
@@ -999,6 +1067,7 @@ struct Tables<'t> {
     deliveries_by_sub_status: redb::Table<'t, (&'static str, u8, u64), ()>,
     deliveries_by_type: redb::Table<'t, (&'static str, u64), ()>,
     subscriptions: redb::Table<'t, &'static str, &'static [u8]>,
+    batches: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -1020,6 +1089,7 @@ impl<'t> Tables<'t> {
             deliveries_by_sub_status: txn.open_table(DELIVERIES_BY_SUB_STATUS)?,
             deliveries_by_type: txn.open_table(DELIVERIES_BY_TYPE)?,
             subscriptions: txn.open_table(SUBSCRIPTIONS)?,
+            batches: txn.open_table(BATCHES)?,
         })
     }
 }

@@ -260,6 +260,12 @@ impl Control {
 
     /// Makes `set` the subscriptions in force (see the module invariant).
     fn apply(&self, set: Vec<Arc<Subscription>>) -> Applied {
+        self.apply_resumed(set, None)
+    }
+
+    /// `apply`, where an operator just resumed subscription `resumed`: its due deliveries
+    /// are handed over as the operator's, so they go now even through an open breaker.
+    fn apply_resumed(&self, set: Vec<Arc<Subscription>>, resumed: Option<&str>) -> Applied {
         let old = self.registry.snapshot();
         let old_by_id: HashMap<&str, &Arc<Subscription>> =
             old.iter().map(|s| (s.id.as_str(), s)).collect();
@@ -282,7 +288,7 @@ impl Control {
             }
             self.supervisor.replace(s.clone());
             if s.enabled && !s.paused {
-                self.rescan(&s.id);
+                self.rescan(&s.id, resumed == Some(s.id.as_str()));
             }
         }
         let ids: HashSet<&str> = set.iter().map(|s| s.id.as_str()).collect();
@@ -300,7 +306,7 @@ impl Control {
 
     /// Hands a subscription's scheduled deliveries to the scheduler again, in chunks, off the
     /// async threads. Jobs that are stale by the time they run are dropped by the worker.
-    fn rescan(&self, id: &str) {
+    fn rescan(&self, id: &str, operator: bool) {
         let store = self.store.clone();
         let scheduler = self.supervisor.scheduler();
         let id: Arc<str> = Arc::from(id);
@@ -325,6 +331,8 @@ impl Control {
                             subscription: id.clone(),
                             event: None,
                             attempts: d.attempts,
+                            priority: d.priority,
+                            operator,
                         })
                     })
                     .collect();
@@ -557,7 +565,7 @@ impl Control {
             .set_subscription_state(id.to_string(), state)
             .await?;
         let set = self.effective()?;
-        self.apply(set);
+        self.apply_resumed(set, (!paused).then_some(id));
         drop(_g);
         tracing::info!(
             subscription = id,
@@ -853,6 +861,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         new.shutdown_timeout != old.shutdown_timeout,
         "server.shutdown_timeout",
     );
+    check(new.callbacks != old.callbacks, "delivery.callbacks");
     check(new.retention != old.retention, "storage.retention");
     check(new.commit_batch != old.commit_batch, "storage.commit_batch");
     check(new.cache_size != old.cache_size, "storage.cache_size");

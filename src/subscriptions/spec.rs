@@ -93,6 +93,8 @@ fn one() -> u32 {
 pub enum SubscriptionSource {
     Config,
     Api,
+    /// Stands for a callback host's destination (see `callbacks`): not a subscription.
+    Callback,
 }
 
 /// A validated subscription: where events of which types go and how. Its `Debug` output
@@ -271,6 +273,33 @@ pub fn from_json(
         .map_err(|es| es.into_iter().map(|(f, m)| format!("{f}: {m}")).collect())
 }
 
+/// What is wrong with a set of custom request headers (a subscription's or a callback's):
+/// reserved names, names that are not tokens, values a header cannot hold.
+pub fn header_problems(headers: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in headers.keys() {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("webhook-")
+            || lower.starts_with("proxy-")
+            || RESERVED_HEADERS.contains(&lower.as_str())
+            || name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            out.push(format!("header {name:?} cannot be set"));
+        }
+    }
+    for (name, value) in headers {
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            out.push(format!(
+                "the value of header {name:?} has characters a header cannot hold"
+            ));
+        }
+    }
+    out
+}
+
 /// Headers a subscription may not set: the request's own framing and routing (hop-by-hop
 /// headers, `host`, `content-length`), and what the signer sets. `proxy-*` and `webhook-*`
 /// are refused by prefix.
@@ -359,26 +388,8 @@ pub fn subscription_from_raw(
             e("secrets", err.to_string());
         }
     }
-    for name in s.headers.keys() {
-        let lower = name.to_ascii_lowercase();
-        if lower.starts_with("webhook-")
-            || lower.starts_with("proxy-")
-            || RESERVED_HEADERS.contains(&lower.as_str())
-            || name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            e("headers", format!("header {name:?} cannot be set"));
-        }
-    }
-    for (name, value) in &s.headers {
-        if reqwest::header::HeaderValue::from_str(value).is_err() {
-            e(
-                "headers",
-                format!("the value of header {name:?} has characters a header cannot hold"),
-            );
-        }
+    for m in header_problems(&s.headers) {
+        e("headers", m);
     }
     let rate_limit = match s.rate_limit.as_deref() {
         None => None,

@@ -147,7 +147,7 @@ async fn backup_while_ingesting_restores_every_event() {
     let out = cli(vec!["verify-db".into(), out_file.display().to_string()]).await;
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    assert!(stdout.contains("schema version 2, ok"), "{stdout}");
+    assert!(stdout.contains("schema version 3, ok"), "{stdout}");
     let copied = rows(&stdout, "events").unwrap_or(0);
     assert!((40..=70).contains(&copied), "{stdout}");
     assert_eq!(rows(&stdout, "event_ids"), Some(copied), "{stdout}");

@@ -68,7 +68,7 @@ fn schema_v1_file_verifies() {
     let stdout = verify_db(&file);
     assert!(stdout.contains("schema version 1, ok"), "{stdout}");
     assert!(
-        stdout.contains("upgrades it to schema version 2"),
+        stdout.contains("upgrades it to schema version 3"),
         "{stdout}"
     );
     for (table, n) in [
@@ -164,9 +164,9 @@ async fn schema_v1_file_reads_back() {
     assert_eq!(status.code(), Some(0), "{status:?}\n{}", d.logs());
     drop(d);
 
-    // The daemon upgraded the file: version 2, and the dropped tables are gone.
+    // The daemon upgraded the file: version 3, and the dropped tables are gone.
     let stdout = verify_db(&file);
-    assert!(stdout.contains("schema version 2, ok"), "{stdout}");
+    assert!(stdout.contains("schema version 3, ok"), "{stdout}");
     let db = match redb::Database::open(&file) {
         Ok(db) => db,
         Err(e) => panic!("open {}: {e}", file.display()),

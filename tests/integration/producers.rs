@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::receiver::Receiver;
-use crate::support::{Daemon, verify_signature};
+use crate::support::receiver::{Receiver, Reply};
+use crate::support::{Daemon, eventually, verify_signature};
 
 const WAIT: Duration = Duration::from_secs(30);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -126,4 +126,281 @@ async fn burst_and_probes_are_validated() {
         "rate_limit_burst": 10, "breaker": {"half_open_probes": 3}});
     let (s, answer) = d.post("/v1/subscriptions", &ok).await;
     assert_eq!(s, 201, "{answer}");
+}
+
+/// A subscription to `url` with fast retries: `attempts` in all, 10-20 ms apart.
+fn sub(id: &str, url: &str, attempts: u32, extra: &str) -> String {
+    format!(
+        "[[subscriptions]]\nid = \"{id}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
+         retry = {{ max_attempts = {attempts}, initial = \"10ms\", max = \"20ms\" }}\n{extra}\n"
+    )
+}
+
+/// The value of a gauge or counter with this label set, 0 when absent.
+async fn metric(d: &Daemon, name: &str, labels: &str) -> u64 {
+    counter(&d.metrics().await, name, labels)
+}
+
+/// With one attempt at a time, a high-priority event published behind 500 low ones waiting
+/// for the same destination goes next: only the attempt already under way is ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_event_overtakes_a_backlog_of_low_ones() {
+    let rx = Receiver::start().await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    rx.script([Reply::Gate(gate, 200)]);
+    let d = daemon(&sub("p", &rx.url("/h"), 3, "max_in_flight = 1"));
+    let (s, body) = d
+        .post(
+            "/v1/events",
+            &json!({"type": "t", "data": {"n": "first"}, "priority": "low"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{body}");
+    rx.wait_for(1, WAIT).await;
+    for b in 0..5 {
+        let items: Vec<Value> = (0..100)
+            .map(|i| json!({"type": "t", "data": {"n": b * 100 + i}, "priority": "low"}))
+            .collect();
+        let (s, body) = d.post("/v1/events/batch", &json!({"events": items})).await;
+        assert_eq!(s, 202, "{body}");
+    }
+    let depth = "subscription=\"p\"";
+    eventually("500 low deliveries queued", || async {
+        (metric(&d, "dispatchd_destination_queue_depth", depth).await >= 500).then_some(())
+    })
+    .await;
+    let (s, body) = d
+        .post(
+            "/v1/events",
+            &json!({"type": "t", "data": {"n": "urgent"}, "priority": "high"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{body}");
+    eventually("the high one queued", || async {
+        (metric(&d, "dispatchd_destination_queue_depth", depth).await >= 501).then_some(())
+    })
+    .await;
+    let _ = open.send(true);
+    let got = rx.wait_for(3, WAIT).await;
+    assert_eq!(got[0].json()["data"]["n"], "first");
+    assert_eq!(got[1].json()["data"]["n"], "urgent", "{:?}", got[1].json());
+    let all = rx.wait_for(502, WAIT).await;
+    assert_eq!(all.len(), 502);
+    let m = d.metrics().await;
+    assert_eq!(
+        counter(
+            &m,
+            "dispatchd_attempts_by_priority_total",
+            "priority=\"high\""
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &m,
+            "dispatchd_attempts_by_priority_total",
+            "priority=\"low\""
+        ),
+        501
+    );
+    // Lists filter by priority.
+    let (_, high) = d.get("/v1/events?priority=high").await;
+    assert_eq!(high["items"].as_array().map(Vec::len), Some(1), "{high}");
+    assert_eq!(high["items"][0]["priority"], "high");
+    let (_, dl) = d.get("/v1/deliveries?priority=high").await;
+    assert_eq!(dl["items"].as_array().map(Vec::len), Some(1), "{dl}");
+    let (s, bad) = d.get("/v1/events?priority=urgent").await;
+    assert_eq!(s, 400, "{bad}");
+}
+
+/// A batch answers its id; its status counts its events' deliveries as they move from
+/// pending to succeeded and dead, says when all are terminal, and reads the same after a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_status_follows_its_deliveries_across_a_restart() {
+    let good = Receiver::start().await;
+    let bad = Receiver::start().await;
+    bad.set_default(Reply::Status(500));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    good.set_default(Reply::Gate(gate, 200));
+    let cfg = daemon_config(
+        &[
+            sub("ok", &good.url("/"), 3, ""),
+            sub("ko", &bad.url("/"), 1, ""),
+        ]
+        .concat(),
+    );
+    let mut d = Daemon::start(&cfg);
+    let tmp = d.keep_dir();
+    let items: Vec<Value> = (0..3)
+        .map(|n| json!({"type": "t", "data": {"n": n}}))
+        .collect();
+    let (s, body) = d.post("/v1/events/batch", &json!({"events": items})).await;
+    assert_eq!(s, 202, "{body}");
+    let id = body["batch_id"].as_str().unwrap_or_default().to_string();
+    assert!(id.starts_with("bat_"), "{body}");
+    let path = format!("/v1/batches/{id}");
+    let (s, early) = d.get(&path).await;
+    assert_eq!(s, 200, "{early}");
+    assert_eq!(early["events"], 3);
+    assert_eq!(early["total_deliveries"], 6);
+    assert_eq!(early["done"], false, "{early}");
+    // The dead ones end while the good receiver holds its answers.
+    let dead = eventually("the failing deliveries dead", || async {
+        let (_, b) = d.get(&path).await;
+        (b["deliveries"]["dead"] == 3).then_some(b)
+    })
+    .await;
+    assert_eq!(dead["done"], false, "{dead}");
+    assert_eq!(dead["deliveries"]["succeeded"], 0, "{dead}");
+    let _ = open.send(true);
+    let done = eventually("every delivery terminal", || async {
+        let (_, b) = d.get(&path).await;
+        (b["done"] == true).then_some(b)
+    })
+    .await;
+    assert_eq!(done["deliveries"]["succeeded"], 3, "{done}");
+    assert_eq!(done["deliveries"]["dead"], 3, "{done}");
+    // Each event says so too, and names its batch.
+    let first = body["items"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (_, ev) = d.get(&format!("/v1/events/{first}")).await;
+    assert_eq!(ev["batch_id"], id.as_str(), "{ev}");
+    assert_eq!(ev["deliveries"]["succeeded"], 1, "{ev}");
+    assert_eq!(ev["deliveries"]["dead"], 1, "{ev}");
+    let status = d.terminate();
+    assert_eq!(status.code(), Some(0));
+    let dir = match &tmp {
+        Some(t) => t.path().to_path_buf(),
+        None => panic!("no data dir"),
+    };
+    let d2 = Daemon::start_in(&dir, &cfg);
+    let (s, again) = d2.get(&path).await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again, done, "after a restart");
+    let (s, missing) = d2.get("/v1/batches/bat_nope").await;
+    assert_eq!(s, 404, "{missing}");
+}
+
+/// Cancelling an event cancels each of its deliveries still to be attempted, answers how
+/// many, and leaves the finished ones alone; its attempts list every attempt of every
+/// delivery, newest first, in pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_cancelled_whole_and_its_attempts_are_listed_newest_first() {
+    let ok = Receiver::start().await;
+    let flaky = Receiver::start().await;
+    flaky.script([Reply::Status(500), Reply::Status(500)]);
+    let slow = Receiver::start().await;
+    let (_open, gate) = tokio::sync::watch::channel(false);
+    slow.set_default(Reply::Gate(gate, 200));
+    let cfg = daemon_config(
+        &[
+            sub("ok", &ok.url("/"), 3, ""),
+            sub("flaky", &flaky.url("/"), 5, ""),
+            format!(
+                "[[subscriptions]]\nid = \"later\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
+                 timeout = \"1s\"\nretry = {{ max_attempts = 3, initial = \"1h\", max = \"1h\" }}\n",
+                slow.url("/")
+            ),
+        ]
+        .concat(),
+    );
+    let d = Daemon::start(&cfg);
+    let e = d.publish("t", json!({})).await;
+    let id = e["id"].as_str().unwrap_or_default().to_string();
+    // ok: 1 attempt; flaky: 500, 500, 200; later: times out once and waits an hour.
+    ok.wait_for(1, WAIT).await;
+    flaky.wait_for(3, WAIT).await;
+    let attempts = eventually("five attempts recorded", || async {
+        let (_, a) = d.get(&format!("/v1/events/{id}/attempts")).await;
+        (a["items"].as_array().map(Vec::len) == Some(5)).then_some(a)
+    })
+    .await;
+    let items = attempts["items"].as_array().cloned().unwrap_or_default();
+    let times: Vec<&str> = items
+        .iter()
+        .filter_map(|a| a["started_at"].as_str())
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(times, sorted, "newest first");
+    let flaky_attempts: Vec<u64> = items
+        .iter()
+        .filter(|a| a["subscription"] == "flaky")
+        .filter_map(|a| a["n"].as_u64())
+        .collect();
+    assert_eq!(flaky_attempts, vec![3, 2, 1]);
+    // Two pages of two, then one.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for page in 0.. {
+        let (s, p) = d
+            .get(&format!("/v1/events/{id}/attempts?limit=2{cursor}"))
+            .await;
+        assert_eq!(s, 200, "{p}");
+        seen.extend(p["items"].as_array().cloned().unwrap_or_default());
+        match p["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => {
+                assert_eq!(page, 2);
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, items);
+    let (s, bad) = d.get(&format!("/v1/events/{id}/attempts?cursor=x")).await;
+    assert_eq!(s, 400, "{bad}");
+
+    let (s, c) = d.post(&format!("/v1/events/{id}/cancel"), &json!({})).await;
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(c["deliveries"], 1, "only the one still waiting: {c}");
+    let (_, ev) = d.get(&format!("/v1/events/{id}")).await;
+    assert_eq!(ev["deliveries"]["cancelled"], 1, "{ev}");
+    assert_eq!(ev["deliveries"]["succeeded"], 2, "{ev}");
+    let (s, c) = d.post(&format!("/v1/events/{id}/cancel"), &json!({})).await;
+    assert_eq!((s, c["deliveries"].as_u64()), (200, Some(0)), "{c}");
+    let (s, nf) = d.post("/v1/events/nope/cancel", &json!({})).await;
+    assert_eq!(s, 404, "{nf}");
+    // The event's deliveries come in pages too.
+    let (_, p1) = d.get(&format!("/v1/events/{id}/deliveries?limit=2")).await;
+    assert_eq!(p1["items"].as_array().map(Vec::len), Some(2), "{p1}");
+    let c = p1["next_cursor"].as_str().unwrap_or_default();
+    let (_, p2) = d
+        .get(&format!("/v1/events/{id}/deliveries?limit=2&cursor={c}"))
+        .await;
+    assert_eq!(p2["items"].as_array().map(Vec::len), Some(1), "{p2}");
+    assert!(p2["next_cursor"].is_null(), "{p2}");
+    // And a delivery's attempts.
+    let flaky_delivery = items
+        .iter()
+        .find(|a| a["subscription"] == "flaky")
+        .and_then(|a| a["delivery_id"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let (_, a1) = d
+        .get(&format!("/v1/deliveries/{flaky_delivery}/attempts?limit=2"))
+        .await;
+    assert_eq!(a1["items"].as_array().map(Vec::len), Some(2), "{a1}");
+    assert_eq!(a1["next_cursor"], "2", "{a1}");
+    let (_, a2) = d
+        .get(&format!(
+            "/v1/deliveries/{flaky_delivery}/attempts?cursor=2"
+        ))
+        .await;
+    assert_eq!(a2["items"][0]["n"], 3, "{a2}");
+}
+
+/// `/livez` answers like `/healthz`.
+#[tokio::test]
+async fn livez_answers_like_healthz() {
+    let d = daemon("");
+    let (s, body) = d.get("/livez").await;
+    assert_eq!((s, body), (200, json!({"status": "ok"})));
+}
+
+/// A daemon config that may deliver to loopback, with `rest` appended.
+fn daemon_config(rest: &str) -> String {
+    format!("[delivery]\nallow_private_networks = true\n\n{rest}")
 }

@@ -229,6 +229,8 @@ fn retry_one(
         subscription: Arc::from(d.subscription.as_str()),
         event: None,
         attempts: d.attempts,
+        priority: d.priority,
+        operator: true,
     });
     Ok(RetryOutcome::Scheduled(d))
 }
@@ -435,6 +437,7 @@ mod tests {
                 data: "{}".into(),
                 idempotency_key: None,
                 subscriptions: vec![Arc::from("a"), Arc::from("b")],
+                ..NewEvent::default()
             })
             .collect();
         if let Err(e) = w.publish(events).await {
@@ -527,6 +530,7 @@ mod tests {
                 data: "{}".into(),
                 idempotency_key: None,
                 subscriptions: vec![Arc::from("a"), Arc::from("b")],
+                ..NewEvent::default()
             })
             .collect();
         if let Err(e) = w.publish(events).await {

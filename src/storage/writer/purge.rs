@@ -229,6 +229,7 @@ mod tests {
             data: "{}".into(),
             idempotency_key: Some(format!("key-{n}")),
             subscriptions: vec![Arc::from("s")],
+            ..NewEvent::default()
         }
     }
 

@@ -27,6 +27,8 @@ pub enum Reply {
     Delay(Duration, u16),
     /// Never answer (until the client gives up).
     Hang,
+    /// Answer once the gate is open (its sender sends `true`).
+    Gate(tokio::sync::watch::Receiver<bool>, u16),
 }
 
 /// One request as received.
@@ -225,7 +227,7 @@ async fn answer(
         Err(_) => Reply::Status(500),
     };
     let answered = match &reply {
-        Reply::Status(c) | Reply::WithHeaders(c, _) | Reply::Delay(_, c) => *c,
+        Reply::Status(c) | Reply::WithHeaders(c, _) | Reply::Delay(_, c) | Reply::Gate(_, c) => *c,
         Reply::Hang => 0,
     };
     let rec = Received {
@@ -258,6 +260,10 @@ async fn answer(
             *resp.status_mut() = status(c);
         }
         Reply::Hang => std::future::pending::<()>().await,
+        Reply::Gate(mut gate, c) => {
+            let _ = gate.wait_for(|open| *open).await;
+            *resp.status_mut() = status(c);
+        }
     }
     if let Ok(mut s) = state.lock() {
         s.open -= 1;
