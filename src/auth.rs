@@ -141,20 +141,20 @@ impl Auth {
         }
     }
 
-    /// Checks a signed request: the key exists, the timestamp is within the tolerance of
+    /// Verifies a signed request: the key exists, the timestamp is within the tolerance of
     /// `now` (Unix seconds), one `v1=` signature matches `"{timestamp}.{body}"`, and that
-    /// signature was not accepted before within the window. An accepted signature is
-    /// remembered, so the same request sent again is refused.
-    pub fn check_signed(
+    /// signature was not accepted before within the window. Answers the key's scopes (with
+    /// no credentials configured at all the API is open: every scope). An accepted signature
+    /// is remembered, so the same request sent again is refused.
+    pub fn verify_signed(
         &self,
         signed: Signed<'_>,
         body: &[u8],
-        need: Scope,
         now: i64,
-    ) -> Result<(), Denied> {
+    ) -> Result<Vec<Scope>, Denied> {
         let creds = self.creds.get();
         if creds.tokens.is_empty() && creds.keys.is_empty() {
-            return Ok(());
+            return Ok(vec![Scope::Admin]);
         }
         let Some((key, scopes)) = std::str::from_utf8(signed.key_id)
             .ok()
@@ -174,10 +174,8 @@ impl Auth {
         let matched = signatures(signed.signature)
             .find(|tag| hmac::verify(key, &message, tag).is_ok())
             .ok_or(Denied::BadSignature)?;
-        // The scope is checked before the signature is remembered: a refused request does
-        // not use up its signature.
-        allowed(scopes, need)?;
-        self.remember(matched, ts.saturating_add(tolerance), now)
+        self.remember(matched, ts.saturating_add(tolerance), now)?;
+        Ok(scopes.clone())
     }
 
     fn remember(&self, sig: [u8; 32], until: i64, now: i64) -> Result<(), Denied> {
@@ -199,7 +197,7 @@ impl Auth {
 }
 
 /// Whether these scopes grant `need` (`admin` includes `publish`).
-fn allowed(scopes: &[Scope], need: Scope) -> Result<(), Denied> {
+pub fn allowed(scopes: &[Scope], need: Scope) -> Result<(), Denied> {
     if scopes.contains(&Scope::Admin) || scopes.contains(&need) {
         Ok(())
     } else {
@@ -338,9 +336,9 @@ mod tests {
         format!("v1={hex}")
     }
 
-    /// A signed request verifies once; the same signature again is a replay; a changed body,
-    /// another key id, a stale or future timestamp, a malformed header and a missing scope
-    /// are refused, and a refused request does not use up its signature.
+    /// A signed request verifies once, with its key's scopes; the same signature again is a
+    /// replay; a changed body, another key id, a stale or future timestamp and a malformed
+    /// header are refused.
     #[test]
     fn signed_requests() {
         let (a, secret) = signer();
@@ -348,19 +346,25 @@ mod tests {
         let ts = now.to_string();
         let body = br#"{"type":"a","data":{}}"#;
         let sig = sign(secret, &ts, body);
-        let req = |id: &'static str, ts: &str, sig: &str, body: &[u8], need| {
+        let req = |id: &'static str, ts: &str, sig: &str, body: &[u8], _need: Scope| {
             let signed = Signed {
                 key_id: id.as_bytes(),
                 timestamp: ts.as_bytes(),
                 signature: sig.as_bytes(),
             };
-            a.check_signed(signed, body, need, now)
+            a.verify_signed(signed, body, now).map(|_| ())
         };
+        let first = Signed {
+            key_id: b"billing",
+            timestamp: ts.as_bytes(),
+            signature: sig.as_bytes(),
+        };
+        let scopes = a.verify_signed(first, body, now);
+        assert_eq!(scopes, Ok(vec![Scope::Publish]));
         assert_eq!(
-            req("billing", &ts, &sig, body, Scope::Admin),
+            allowed(&[Scope::Publish], Scope::Admin),
             Err(Denied::Lacks(Scope::Admin))
         );
-        assert_eq!(req("billing", &ts, &sig, body, Scope::Publish), Ok(()));
         assert_eq!(
             req("billing", &ts, &sig, body, Scope::Publish),
             Err(Denied::Replayed)
@@ -425,13 +429,13 @@ mod tests {
             timestamp: t.as_bytes(),
             signature: sig.as_bytes(),
         };
-        assert_eq!(a.check_signed(signed, body, Scope::Publish, ts), Ok(()));
+        assert_eq!(a.verify_signed(signed, body, ts).map(|_| ()), Ok(()));
         assert_eq!(
-            a.check_signed(signed, body, Scope::Publish, ts + 300),
+            a.verify_signed(signed, body, ts + 300).map(|_| ()),
             Err(Denied::Replayed)
         );
         assert_eq!(
-            a.check_signed(signed, body, Scope::Publish, ts + 301),
+            a.verify_signed(signed, body, ts + 301).map(|_| ()),
             Err(Denied::Stale)
         );
         let guard = a
@@ -447,10 +451,7 @@ mod tests {
             timestamp: later.as_bytes(),
             signature: s2.as_bytes(),
         };
-        assert_eq!(
-            a.check_signed(signed2, body, Scope::Publish, ts + 400),
-            Ok(())
-        );
+        assert_eq!(a.verify_signed(signed2, body, ts + 400).map(|_| ()), Ok(()));
         let guard = a
             .seen
             .lock()

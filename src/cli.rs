@@ -103,11 +103,24 @@ pub enum EventsCommand {
         /// Received before (RFC 3339 or unix seconds).
         #[arg(long)]
         until: Option<String>,
+        /// Only this priority: high, normal or low.
+        #[arg(long)]
+        priority: Option<String>,
         #[command(flatten)]
         paging: Paging,
     },
-    /// One event, its data and its deliveries.
+    /// One event, its data, its delivery counts and its deliveries.
     Show { id: String },
+    /// Every attempt of every delivery of an event, newest first.
+    Attempts {
+        id: String,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Cancel every delivery of an event not terminal yet.
+    Cancel { id: String },
+    /// A batch's events and their deliveries by status.
+    Batch { id: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +149,9 @@ pub enum DeliveriesCommand {
         /// Created before (RFC 3339 or unix seconds).
         #[arg(long)]
         until: Option<String>,
+        /// Only this priority: high, normal or low.
+        #[arg(long)]
+        priority: Option<String>,
         #[command(flatten)]
         paging: Paging,
     },

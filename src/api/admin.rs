@@ -10,16 +10,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::dto::{DeliveryView, ListResponse};
 use super::error::ApiError;
 use super::{
-    ApiState, Resp, auth_header, check_params, invalid_query, json, json_of, paging, parse_json,
-    priority_param, query, read_body, require_json, time_param,
+    ApiState, Resp, check_params, invalid_query, json, json_of, paging, parse_json, priority_param,
+    query, read_body, require_json, time_param,
 };
 use crate::config::Scope;
 use crate::model::{DeliveryId, DeliveryStatus, Event, Origin, Seq, parse_time, rfc3339};
@@ -166,7 +165,7 @@ impl<'a> AdminRoute<'a> {
 pub async fn dispatch(
     st: &ApiState,
     route: AdminRoute<'_>,
-    req: Request<Incoming>,
+    req: super::Req,
 ) -> (&'static str, Result<Resp, ApiError>) {
     let method = req.method().clone();
     if !route.methods().contains(&method) {
@@ -174,9 +173,9 @@ pub async fn dispatch(
         return (route.name(), Ok(resp));
     }
     if route != AdminRoute::OpenApi
-        && let Err(e) = st.auth.check(auth_header(&req), Scope::Admin)
+        && let Err(e) = st.authorize(&req, Scope::Admin)
     {
-        return (route.name(), Err(e.into()));
+        return (route.name(), Err(e));
     }
     let result = match (route, method) {
         (AdminRoute::Deliveries, _) => list_deliveries(st, &req),
@@ -261,7 +260,7 @@ fn delivery_id(id: &str) -> Result<DeliveryId, ApiError> {
 /// Reads an optional JSON body: empty means `{}`.
 async fn optional_json<T: for<'de> Deserialize<'de> + Default>(
     st: &ApiState,
-    req: Request<Incoming>,
+    req: super::Req,
 ) -> Result<T, ApiError> {
     let has_type = req.headers().contains_key(hyper::header::CONTENT_TYPE);
     if has_type {
@@ -284,7 +283,7 @@ async fn optional_json<T: for<'de> Deserialize<'de> + Default>(
 // ---------------------------------------------------------------------------------------------
 // deliveries
 
-fn list_deliveries(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
+fn list_deliveries(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
     let q = query(req);
     check_params(
         &q,
@@ -466,7 +465,7 @@ fn replay_selection(st: &ApiState, r: &ReplayRequest) -> Result<Selection, ApiEr
     }
 }
 
-async fn replay(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+async fn replay(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
     require_json(&req)?;
     let body = read_body(st, req, st.max_body).await?;
     let r: ReplayRequest = parse_json(&body)?;
@@ -569,7 +568,7 @@ pub struct DeadLetterView<'a> {
     pub dead_at: String,
 }
 
-fn list_dead_letters(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
+fn list_dead_letters(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
     let q = query(req);
     check_params(&q, &["subscription", "since", "limit", "cursor"])?;
     let (limit, cursor) = paging(&q)?;
@@ -603,7 +602,7 @@ pub struct RedriveRequest {
     pub since: Option<String>,
 }
 
-async fn redrive(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+async fn redrive(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
     let r: RedriveRequest = optional_json(st, req).await?;
     let since = match &r.since {
         None => None,
@@ -795,13 +794,13 @@ struct Created<'a> {
     secret: Option<String>,
 }
 
-async fn json_body(st: &ApiState, req: Request<Incoming>) -> Result<Value, ApiError> {
+async fn json_body(st: &ApiState, req: super::Req) -> Result<Value, ApiError> {
     require_json(&req)?;
     let body = read_body(st, req, st.max_body).await?;
     parse_json(&body)
 }
 
-async fn create_subscription(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+async fn create_subscription(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
     let body = json_body(st, req).await?;
     let (d, secret) = st.control.create(body).await?;
     json_of(
@@ -813,11 +812,7 @@ async fn create_subscription(st: &ApiState, req: Request<Incoming>) -> Result<Re
     )
 }
 
-async fn update_subscription(
-    st: &ApiState,
-    req: Request<Incoming>,
-    id: &str,
-) -> Result<Resp, ApiError> {
+async fn update_subscription(st: &ApiState, req: super::Req, id: &str) -> Result<Resp, ApiError> {
     let body = json_body(st, req).await?;
     let d = st.control.update(id, body).await?;
     json_of(StatusCode::OK, &SubscriptionView::new(&d))
@@ -846,7 +841,7 @@ pub struct RotateRequest {
     pub grace: Option<String>,
 }
 
-async fn rotate(st: &ApiState, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+async fn rotate(st: &ApiState, req: super::Req, id: &str) -> Result<Resp, ApiError> {
     let r: RotateRequest = optional_json(st, req).await?;
     let grace = match r.grace.as_deref() {
         None => DEFAULT_GRACE,

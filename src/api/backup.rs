@@ -6,9 +6,8 @@
 use std::io::Read;
 
 use bytes::Bytes;
-use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_DISPOSITION, CONTENT_TYPE, HeaderValue};
-use hyper::{Request, StatusCode};
+use hyper::StatusCode;
+use hyper::header::{CONTENT_DISPOSITION, CONTENT_TYPE, HeaderValue};
 
 use super::error::ApiError;
 use super::stream::{ChannelBody, streaming};
@@ -26,11 +25,8 @@ pub const ROWS_HEADER: &str = "x-dispatchd-backup-rows";
 pub const SCHEMA_HEADER: &str = "x-dispatchd-schema-version";
 
 /// `GET /v1/admin/backup`.
-pub async fn backup(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
-    st.auth.check(
-        req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes),
-        Scope::Admin,
-    )?;
+pub async fn backup(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let store = st.store.clone();
     let snap = match tokio::task::spawn_blocking(move || snapshot(&store)).await {
         Ok(Ok(s)) => s,

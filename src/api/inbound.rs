@@ -9,9 +9,8 @@
 use crate::clock::Instant;
 
 use base64::Engine;
-use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
-use hyper::{Request, StatusCode};
+use hyper::StatusCode;
+use hyper::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use serde::Serialize;
 
 use super::error::ApiError;
@@ -37,7 +36,7 @@ const DROPPED_HEADERS: &[&str] = &[
 ];
 
 /// `POST /v1/ingest/{source}`.
-pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Result<Resp, ApiError> {
+pub async fn ingest(st: &ApiState, req: super::Req, source: &str) -> Result<Resp, ApiError> {
     // Unknown sources are not counted: their ids come from the client and would let anyone
     // create metric series.
     let Some(entry) = st.sources.get(source) else {
@@ -182,11 +181,8 @@ pub async fn ingest(st: &ApiState, req: Request<Incoming>, source: &str) -> Resu
 }
 
 /// `GET /v1/receipts/{id}` (admin).
-pub fn get_receipt(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(
-        req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes),
-        Scope::Admin,
-    )?;
+pub fn get_receipt(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let not_found = || ApiError::not_found(format!("no receipt with id {id:?}"));
     let rid: u64 = id.parse().map_err(|_| not_found())?;
     let Some(r) = st.store.receipt(rid)? else {

@@ -30,6 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::auth::Auth;
+use crate::config::Scope;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::storage::writer::WriterHandle;
@@ -67,6 +68,15 @@ pub struct ApiState {
 impl ApiState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request may use a route that needs `need`: the scopes of the key that
+    /// signed it, or else its bearer token's.
+    pub fn authorize(&self, req: &Req, need: Scope) -> Result<(), ApiError> {
+        match req.extensions().get::<SignedBy>() {
+            Some(SignedBy(scopes)) => Ok(crate::auth::allowed(scopes, need)?),
+            None => Ok(self.auth.check(auth_header(req), need)?),
+        }
     }
 
     /// A delivery as the API shows it: `in_flight` while its attempt is under way.
@@ -198,8 +208,63 @@ async fn handle(
 ) -> Result<Response<stream::Body>, Infallible> {
     // Kept for the log line of a handler that panics (cheap: the URI shares hyper's buffer).
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let resp = guarded(&state.metrics, &method, &uri, routes::dispatch(&state, req)).await;
+    let route = async {
+        match signed(&state, req).await {
+            Ok(req) => routes::dispatch(&state, req).await,
+            Err(e) => (routes::label(uri.path()), Err(e)),
+        }
+    };
+    let resp = guarded(&state.metrics, &method, &uri, route).await;
     Ok(stream::attach(resp))
+}
+
+/// A request's body: as it arrives, or already read (a signed request's, which its
+/// signature covers).
+pub type Body = http_body_util::Either<Incoming, http_body_util::Full<Bytes>>;
+
+/// A request as handlers take it.
+pub type Req = Request<Body>;
+
+/// The scopes of the key that signed a request, verified before routing.
+#[derive(Debug, Clone)]
+struct SignedBy(Vec<Scope>);
+
+/// Verifies a producer's signed request (`dispatchd-signature`; see `auth`): its body is
+/// read first (within `server.max_body` and the body deadline), since the signature covers
+/// it, and the key's scopes go with the request. Other requests pass as they are. Inbound
+/// provider webhooks are verified by their source, never here.
+async fn signed(st: &ApiState, req: Request<Incoming>) -> Result<Req, ApiError> {
+    let is_signed = req.headers().contains_key(crate::auth::SIGNATURE_HEADER)
+        || req.headers().contains_key(crate::auth::KEY_ID_HEADER);
+    if !is_signed || req.uri().path().starts_with("/v1/ingest/") {
+        return Ok(req.map(http_body_util::Either::Left));
+    }
+    let header = |name: &str| -> Vec<u8> {
+        req.headers()
+            .get(name)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default()
+    };
+    let (key_id, timestamp, signature) = (
+        header(crate::auth::KEY_ID_HEADER),
+        header(crate::auth::TIMESTAMP_HEADER),
+        header(crate::auth::SIGNATURE_HEADER),
+    );
+    let (parts, body) = req.into_parts();
+    let body = read_body(st, Request::from_parts(parts.clone(), body), st.max_body).await?;
+    let signed = crate::auth::Signed {
+        key_id: &key_id,
+        timestamp: &timestamp,
+        signature: &signature,
+    };
+    let now = crate::clock::now_micros() / 1_000_000;
+    let scopes = st.auth.verify_signed(signed, &body, now)?;
+    let mut req = Request::from_parts(
+        parts,
+        http_body_util::Either::Right(http_body_util::Full::new(body)),
+    );
+    req.extensions_mut().insert(SignedBy(scopes));
+    Ok(req)
 }
 
 /// Runs a handler to its response and counts it by route and status. A handler that panics
@@ -276,7 +341,7 @@ pub fn error_response(e: &ApiError) -> Resp {
 }
 
 /// Requires a JSON content type on a request with a body.
-pub fn require_json(req: &Request<Incoming>) -> Result<(), ApiError> {
+pub fn require_json(req: &Req) -> Result<(), ApiError> {
     let ct = req
         .headers()
         .get(CONTENT_TYPE)
@@ -296,7 +361,11 @@ pub fn require_json(req: &Request<Incoming>) -> Result<(), ApiError> {
 
 /// Reads the whole body, refusing more than `max` bytes with 413 and a body that has not
 /// arrived within `server.body_read_timeout` with 408.
-pub async fn read_body(st: &ApiState, req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
+pub async fn read_body<B>(st: &ApiState, req: Request<B>, max: u64) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -330,7 +399,7 @@ pub async fn read_body(st: &ApiState, req: Request<Incoming>, max: u64) -> Resul
     }
 }
 
-pub fn auth_header(req: &Request<Incoming>) -> Option<&[u8]> {
+pub fn auth_header<B>(req: &Request<B>) -> Option<&[u8]> {
     req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes)
 }
 
@@ -348,7 +417,7 @@ pub fn check_data_depth(data: &str) -> Result<(), ApiError> {
 }
 
 /// Query parameters of a request.
-pub fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+pub fn query(req: &Req) -> HashMap<String, String> {
     req.uri()
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())

@@ -2,15 +2,14 @@
 
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, StatusCode};
 
 use super::dto::*;
 use super::error::ApiError;
 use super::{
-    ApiState, Resp, auth_header, check_data_depth, invalid_query, json, json_of, paging,
-    parse_json, query, read_body, require_json, time_param,
+    ApiState, Resp, check_data_depth, invalid_query, json, json_of, paging, parse_json, query,
+    read_body, require_json, time_param,
 };
 use crate::config::Scope;
 use crate::model::Priority;
@@ -194,10 +193,7 @@ pub fn label(path: &str) -> &'static str {
 }
 
 /// Routes a request; returns the route label for metrics with the outcome.
-pub async fn dispatch(
-    st: &ApiState,
-    req: Request<Incoming>,
-) -> (&'static str, Result<Resp, ApiError>) {
+pub async fn dispatch(st: &ApiState, req: super::Req) -> (&'static str, Result<Resp, ApiError>) {
     let path = req.uri().path().to_owned();
     if let Some(r) = super::admin::AdminRoute::parse(&path) {
         return super::admin::dispatch(st, r, req).await;
@@ -382,8 +378,8 @@ fn publish_response(p: &Published) -> Result<(StatusCode, Vec<u8>), ApiError> {
     Ok((status, body.map_err(ApiError::internal)?))
 }
 
-async fn publish(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(&req), Scope::Publish)?;
+async fn publish(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
+    st.authorize(&req, Scope::Publish)?;
     require_json(&req)?;
     let key = match req.headers().get("idempotency-key") {
         None => None,
@@ -410,8 +406,8 @@ async fn publish(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError
     Ok(json(status, body))
 }
 
-async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(&req), Scope::Publish)?;
+async fn publish_batch(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
+    st.authorize(&req, Scope::Publish)?;
     require_json(&req)?;
     let body = read_body(st, req, st.max_body).await?;
     // The path names the item at fault: `events[3]: missing field `type``.
@@ -477,8 +473,8 @@ async fn publish_batch(st: &ApiState, req: Request<Incoming>) -> Result<Resp, Ap
     )
 }
 
-fn list_events(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Admin)?;
+fn list_events(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let q = query(req);
     for k in q.keys() {
         if !matches!(
@@ -512,8 +508,8 @@ fn list_events(st: &ApiState, req: &Request<Incoming>) -> Result<Resp, ApiError>
     )
 }
 
-fn get_event(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Admin)?;
+fn get_event(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let Some((seq, e)) = st.store.event_by_id(id)? else {
         return Err(ApiError::not_found(format!("no event with id {id:?}")));
     };
@@ -530,8 +526,8 @@ fn event_seq(st: &ApiState, id: &str) -> Result<crate::model::Seq, ApiError> {
     }
 }
 
-fn event_attempts(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Admin)?;
+fn event_attempts(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let q = query(req);
     super::check_params(&q, &["limit", "cursor"])?;
     let limit = super::limit_param(&q)?;
@@ -568,8 +564,8 @@ fn parse_attempt_cursor(c: &str) -> Option<crate::storage::inspect::AttemptCurso
     parts.next().is_none().then_some(cursor)
 }
 
-async fn cancel_event(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Publish)?;
+async fn cancel_event(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Publish)?;
     let seq = event_seq(st, id)?;
     let live: Vec<_> = st
         .store
@@ -594,8 +590,8 @@ async fn cancel_event(st: &ApiState, req: &Request<Incoming>, id: &str) -> Resul
     )
 }
 
-fn get_batch(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Publish)?;
+fn get_batch(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Publish)?;
     let Some(b) = st.store.batch(id)? else {
         return Err(ApiError::not_found(format!("no batch with id {id:?}")));
     };
@@ -613,8 +609,8 @@ fn get_batch(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, A
     )
 }
 
-fn event_deliveries(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Admin)?;
+fn event_deliveries(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let q = query(req);
     super::check_params(&q, &["limit", "cursor"])?;
     let (limit, cursor) = paging(&q)?;
@@ -642,8 +638,8 @@ fn delivery_id(id: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::not_found(format!("no delivery with id {id:?}")))
 }
 
-fn get_delivery(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Admin)?;
+fn get_delivery(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let did = delivery_id(id)?;
     let Some(d) = st.store.delivery(did)? else {
         return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
@@ -651,8 +647,8 @@ fn get_delivery(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp
     json_of(StatusCode::OK, &st.delivery_view(did, &d))
 }
 
-fn delivery_attempts(st: &ApiState, req: &Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
-    st.auth.check(auth_header(req), Scope::Admin)?;
+fn delivery_attempts(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    st.authorize(req, Scope::Admin)?;
     let did = delivery_id(id)?;
     if st.store.delivery(did)?.is_none() {
         return Err(ApiError::not_found(format!("no delivery with id {id:?}")));

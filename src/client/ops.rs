@@ -387,6 +387,22 @@ const DELIVERY_HEADERS: &[&str] = &[
     "LAST ERROR",
 ];
 
+/// Delivery counts by status on one line: `pending 1, in_flight 0, …`.
+fn counts(v: &Value) -> String {
+    [
+        "pending",
+        "in_flight",
+        "retrying",
+        "succeeded",
+        "dead",
+        "cancelled",
+    ]
+    .iter()
+    .map(|k| format!("{k} {}", text(&v[*k])))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
 fn print_fields(v: &Value, keys: &[&str]) {
     let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
     for k in keys {
@@ -406,6 +422,7 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                 source,
                 since,
                 until,
+                priority,
                 paging,
             } => {
                 let mut p = Vec::new();
@@ -413,6 +430,7 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                 opt(&mut p, "source", source);
                 opt(&mut p, "since", since);
                 opt(&mut p, "until", until);
+                opt(&mut p, "priority", priority);
                 let page = c.list("/v1/events", p, paging).await?;
                 if c.json {
                     c.print_json(&page);
@@ -443,14 +461,76 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                             "source",
                             "received_at",
                             "idempotency_key",
+                            "priority",
+                            "batch_id",
                         ],
                     );
                     println!(
                         "data\n{}",
                         serde_json::to_string_pretty(&e["data"]).unwrap_or_default()
                     );
+                    println!("deliveries {}", counts(&e["deliveries"]));
                     println!();
                     print_list(&d, DELIVERY_HEADERS, delivery_row);
+                }
+            }
+            EventsCommand::Attempts { id, paging } => {
+                let page = c
+                    .list(
+                        &format!("/v1/events/{}/attempts", enc(id)),
+                        Vec::new(),
+                        paging,
+                    )
+                    .await?;
+                if c.json {
+                    c.print_json(&page);
+                } else {
+                    print_list(
+                        &page,
+                        &[
+                            "STARTED",
+                            "DELIVERY",
+                            "SUBSCRIPTION",
+                            "N",
+                            "STATUS",
+                            "ERROR",
+                        ],
+                        |a| {
+                            vec![
+                                text(&a["started_at"]),
+                                text(&a["delivery_id"]),
+                                text(&a["subscription"]),
+                                text(&a["n"]),
+                                text(&a["status_code"]),
+                                text(&a["error"]),
+                            ]
+                        },
+                    );
+                }
+            }
+            EventsCommand::Cancel { id } => {
+                let r = c
+                    .post(&format!("/v1/events/{}/cancel", enc(id)), None)
+                    .await?;
+                if c.json {
+                    c.print_json(&r);
+                } else {
+                    println!(
+                        "cancelled {} deliveries of event {id}",
+                        text(&r["deliveries"])
+                    );
+                }
+            }
+            EventsCommand::Batch { id } => {
+                let b = c.get(&format!("/v1/batches/{}", enc(id))).await?;
+                if c.json {
+                    c.print_json(&b);
+                } else {
+                    print_fields(
+                        &b,
+                        &["id", "created_at", "events", "total_deliveries", "done"],
+                    );
+                    println!("deliveries {}", counts(&b["deliveries"]));
                 }
             }
         }
@@ -468,6 +548,7 @@ pub fn deliveries(a: &DeliveriesArgs) -> ExitCode {
                 event_type,
                 since,
                 until,
+                priority,
                 paging,
             } => {
                 let mut p = Vec::new();
@@ -476,6 +557,7 @@ pub fn deliveries(a: &DeliveriesArgs) -> ExitCode {
                 opt(&mut p, "event_type", event_type);
                 opt(&mut p, "since", since);
                 opt(&mut p, "until", until);
+                opt(&mut p, "priority", priority);
                 let page = c.list("/v1/deliveries", p, paging).await?;
                 if c.json {
                     c.print_json(&page);

@@ -1558,6 +1558,23 @@ async fn operator_commands_talk_to_a_running_daemon() {
         out.contains("order.created") && out.contains("\"total\": 7") && out.contains("dead"),
         "{out}"
     );
+    assert!(
+        out.contains("deliveries pending 0, in_flight 0, retrying 0, succeeded 0, dead 1"),
+        "{out}"
+    );
+    let out = cli_ok(
+        &run(with(&["events", "attempts", &id])).await,
+        "events attempts",
+    );
+    assert!(
+        out.contains("SUBSCRIPTION") && out.contains("crm") && out.contains("500"),
+        "{out}"
+    );
+    let out = cli_ok(
+        &run(with(&["events", "cancel", &id])).await,
+        "events cancel",
+    );
+    assert!(out.contains("cancelled 0 deliveries"), "{out}");
 
     // Deliveries.
     let v = cli_json(
@@ -1747,4 +1764,25 @@ async fn operator_commands_talk_to_a_running_daemon() {
     assert!(!stderr(&down).contains("panicked"));
     let usage = run(with(&["replay"])).await;
     assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
+
+    // A batch, by id.
+    let (s, b) = d
+        .send(
+            d.http
+                .post(d.url("/v1/events/batch"))
+                .bearer_auth(PUBLISH)
+                .header("content-type", "application/json")
+                .body(
+                    json!({"events": [{"type": "x", "data": {}}, {"type": "y", "data": {}}]})
+                        .to_string(),
+                ),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let bid = str_of(&b, "batch_id");
+    let v = cli_json(
+        &run(with(&["events", "batch", &bid, "--json"])).await,
+        "events batch",
+    );
+    assert_eq!(v["events"], 2, "{v}");
 }

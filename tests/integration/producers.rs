@@ -404,3 +404,320 @@ async fn livez_answers_like_healthz() {
 fn daemon_config(rest: &str) -> String {
     format!("[delivery]\nallow_private_networks = true\n\n{rest}")
 }
+
+const ADMIN: &str = "admin-token-producers-0001";
+const KEY_SECRET: &str = "change-me-to-64-hex-characters-0123456789abcdef0123456789abcdef";
+
+/// `v1=<hex HMAC-SHA256(secret, "{ts}.{body}")>`, as a producer signs.
+fn producer_signature(secret: &str, ts: i64, body: &str) -> String {
+    use hmac::Mac;
+    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        Err(e) => panic!("{e}"),
+    };
+    mac.update(format!("{ts}.{body}").as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("v1={hex}")
+}
+
+#[allow(clippy::disallowed_methods)] // the producer's clock, outside the daemon
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The README's curl/openssl example, aimed at `base`.
+fn readme_example(base: &str) -> String {
+    let readme = include_str!("../../README.md");
+    let after = readme
+        .split("<!-- signed-request example")
+        .nth(1)
+        .and_then(|r| r.split("```sh\n").nth(1))
+        .and_then(|r| r.split("```").next())
+        .unwrap_or_else(|| panic!("the README has no signed-request example"));
+    after.replace("http://127.0.0.1:8080", base)
+}
+
+/// A producer's signed request is accepted with its key's scopes; the README's curl/openssl
+/// example is one. The same request again (a replay), a tampered body, a stale or future
+/// timestamp and an unknown key are refused with 401 and store nothing; the key's scope
+/// bounds what it may do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_producer_requests_are_verified_and_never_replayed() {
+    let d = Daemon::start(&format!(
+        "[auth]\ntokens = [ {{ token = \"{ADMIN}\", scopes = [\"admin\"] }} ]\n\
+         keys = [ {{ id = \"billing\", secret = \"{KEY_SECRET}\", scopes = [\"publish\"] }} ]\n"
+    ));
+    let base = d.url("");
+    let base = base.trim_end_matches('/').to_string();
+    // The README's example, run as written.
+    let mut sh = std::process::Command::new("bash");
+    sh.arg("-c").arg(readme_example(&base));
+    let out = crate::support::run_bounded(sh, Duration::from_secs(30));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        (answer["id"].as_str(), answer["duplicate"].as_bool()),
+        (Some("order-1001"), Some(false)),
+        "{answer} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let events = || async {
+        let (s, list) = d
+            .send(d.http.get(d.url("/v1/events")).bearer_auth(ADMIN))
+            .await;
+        assert_eq!(s, 200, "{list}");
+        list["items"].as_array().map_or(0, Vec::len)
+    };
+    let send = |ts: i64, key: &'static str, sig: String, body: String, path: &'static str| {
+        d.http
+            .post(d.url(path))
+            .header("content-type", "application/json")
+            .header("dispatchd-key-id", key)
+            .header("dispatchd-timestamp", ts.to_string())
+            .header("dispatchd-signature", sig)
+            .body(body)
+    };
+    let body = r#"{"type":"invoice.paid","data":{"n":1}}"#.to_string();
+    let now = unix_now();
+    let sig = producer_signature(KEY_SECRET, now, &body);
+    let (s, first) = d
+        .send(send(
+            now,
+            "billing",
+            sig.clone(),
+            body.clone(),
+            "/v1/events",
+        ))
+        .await;
+    assert_eq!(s, 202, "{first}");
+    assert_eq!(events().await, 2);
+
+    let refused = [
+        (
+            "replay",
+            send(now, "billing", sig.clone(), body.clone(), "/v1/events"),
+        ),
+        (
+            "tampered body",
+            send(
+                now,
+                "billing",
+                sig.clone(),
+                body.replace("1}", "2}"),
+                "/v1/events",
+            ),
+        ),
+        ("unknown key", {
+            let s2 = producer_signature(KEY_SECRET, now, &body);
+            send(now, "nobody", s2, body.clone(), "/v1/events")
+        }),
+        ("stale", {
+            let old = now - 3600;
+            send(
+                old,
+                "billing",
+                producer_signature(KEY_SECRET, old, &body),
+                body.clone(),
+                "/v1/events",
+            )
+        }),
+        ("future", {
+            let late = now + 3600;
+            send(
+                late,
+                "billing",
+                producer_signature(KEY_SECRET, late, &body),
+                body.clone(),
+                "/v1/events",
+            )
+        }),
+        ("wrong secret", {
+            let other = "another-secret-of-enough-length-0123456789abcdef";
+            send(
+                now,
+                "billing",
+                producer_signature(other, now, &body),
+                body.clone(),
+                "/v1/events",
+            )
+        }),
+    ];
+    for (what, req) in refused {
+        let (s, e) = d.send(req).await;
+        assert_eq!(s, 401, "{what}: {e}");
+        assert_eq!(e["error"]["code"], "unauthorized", "{what}: {e}");
+    }
+    assert_eq!(events().await, 2, "nothing stored by a refused request");
+    // A publish key may not administer.
+    let ts = unix_now();
+    let (s, e) = d
+        .send(
+            d.http
+                .get(d.url("/v1/deliveries"))
+                .header("dispatchd-key-id", "billing")
+                .header("dispatchd-timestamp", ts.to_string())
+                .header(
+                    "dispatchd-signature",
+                    producer_signature(KEY_SECRET, ts, ""),
+                ),
+        )
+        .await;
+    assert_eq!(s, 403, "{e}");
+    // Batches are signed over their whole body.
+    let batch = r#"{"events":[{"type":"a","data":{}},{"type":"b","data":{}}]}"#.to_string();
+    let (s, b) = d
+        .send(send(
+            ts,
+            "billing",
+            producer_signature(KEY_SECRET, ts, &batch),
+            batch,
+            "/v1/events/batch",
+        ))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(events().await, 4);
+}
+
+const SECRET2: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
+
+/// A callback is a delivery of its own: it reaches its URL with its headers, signed with its
+/// own secret, under its host's destination, and is inspectable. One that is off, not on the
+/// allow-list, or a loopback address while private networks are not allowed is refused with
+/// 400 naming why, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_is_delivered_signed_with_its_own_secret_and_refused_where_it_may_not_go() {
+    let rx = Receiver::start().await;
+    let d = daemon("[delivery.callbacks]\nenabled = true\n");
+    let url = rx.url("/cb?run=1");
+    let (s, e) = d
+        .post(
+            "/v1/events",
+            &json!({"type": "order.done", "data": {"n": 7},
+                    "callback": {"url": url, "headers": {"X-Tenant": "7"}, "secret": SECRET2}}),
+        )
+        .await;
+    assert_eq!(s, 202, "{e}");
+    assert_eq!(e["deliveries"], 1, "{e}");
+    let got = rx.wait_for(1, WAIT).await;
+    let r = &got[0];
+    assert_eq!(r.path, "/cb");
+    assert_eq!(r.header("x-tenant"), Some("7"));
+    let (id, ts, sig) = (
+        r.header("webhook-id").unwrap_or_default(),
+        r.header("webhook-timestamp").unwrap_or_default(),
+        r.header("webhook-signature").unwrap_or_default(),
+    );
+    assert!(verify_signature(SECRET2, id, ts, &r.body, sig), "{sig}");
+    assert!(!verify_signature(SECRET, id, ts, &r.body, sig));
+    assert_eq!(r.json()["data"]["n"], 7);
+    let event_id = e["id"].as_str().unwrap_or_default().to_string();
+    let ev = eventually("the callback delivery succeeded", || async {
+        let (_, ev) = d.get(&format!("/v1/events/{event_id}")).await;
+        (ev["deliveries"]["succeeded"] == 1).then_some(ev)
+    })
+    .await;
+    assert_eq!(ev["callback"]["headers"], json!(["X-Tenant"]), "{ev}");
+    assert_eq!(ev["callback"]["secret"], true, "{ev}");
+    assert!(
+        !ev.to_string().contains(SECRET2),
+        "the secret is never shown: {ev}"
+    );
+    let host = format!("callback:http://127.0.0.1:{}", rx.addr.port());
+    let (_, dl) = d
+        .get(&format!(
+            "/v1/deliveries?subscription={}",
+            host.replace(':', "%3A").replace('/', "%2F")
+        ))
+        .await;
+    assert_eq!(dl["items"].as_array().map(Vec::len), Some(1), "{dl}");
+    assert_eq!(dl["items"][0]["status"], "succeeded", "{dl}");
+
+    // Refusals store nothing.
+    let guarded = Daemon::start(
+        "[delivery.callbacks]\nenabled = true\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+    );
+    let listed = Daemon::start(
+        "[delivery]\nallow_private_networks = true\n[delivery.callbacks]\nenabled = true\n\
+         allow = [\"hooks.example.com\"]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+    );
+    let off = daemon("");
+    for (who, why) in [
+        (&guarded, "forbidden"),
+        (&listed, "allow-list"),
+        (&off, "off"),
+    ] {
+        let (s, e) = who
+            .post(
+                "/v1/events",
+                &json!({"type": "t", "data": {}, "callback": {"url": rx.url("/cb")}}),
+            )
+            .await;
+        assert_eq!(s, 400, "{e}");
+        assert_eq!(e["error"]["code"], "invalid_callback", "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(why)),
+            "{why}: {e}"
+        );
+        let (_, list) = who.get("/v1/events").await;
+        assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
+    }
+}
+
+/// An operator's redrive or retry acts now: with the destination's breaker open for an
+/// hour, the delivery goes at once as a probe, and a success closes the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_action_sends_a_probe_through_an_open_breaker() {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Status(500), Reply::Status(500)]);
+    let d = daemon(&format!(
+        "[[subscriptions]]\nid = \"b\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
+         retry = {{ max_attempts = 1 }}\nbreaker = {{ failure_threshold = 1, cooldown = \"1h\" }}\n",
+        rx.url("/")
+    ));
+    d.publish("t", json!({"n": 1})).await;
+    let dead = eventually("the first delivery dead", || async {
+        let (_, l) = d.get("/v1/dead-letters").await;
+        (l["items"].as_array().map(Vec::len) == Some(1)).then_some(l)
+    })
+    .await;
+    let breaker = "subscription=\"b\"";
+    assert_eq!(
+        metric(&d, "dispatchd_breaker_state", breaker).await,
+        1,
+        "open"
+    );
+    // Retry: one probe goes now; it fails, so the breaker opens again.
+    let delivery = dead["items"][0]["delivery"]["id"]
+        .as_str()
+        .or(dead["items"][0]["id"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let (s, r) = d
+        .post(&format!("/v1/deliveries/{delivery}/retry"), &json!({}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    rx.wait_for(2, WAIT).await;
+    eventually("the probe recorded", || async {
+        let (_, l) = d.get("/v1/dead-letters").await;
+        (l["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    // Redrive: the next probe succeeds and closes the breaker.
+    let (s, r) = d.post("/v1/dead-letters/redrive", &json!({})).await;
+    assert_eq!(s, 200, "{r}");
+    let got = rx.wait_for(3, WAIT).await;
+    assert_eq!(got[2].answered, 200);
+    eventually("the breaker closed", || async {
+        (metric(&d, "dispatchd_breaker_state", breaker).await == 0).then_some(())
+    })
+    .await;
+}
