@@ -688,6 +688,17 @@ pub struct RetryView {
     pub multiplier: f64,
 }
 
+/// A subscription's circuit breaker settings as the API shows them.
+#[derive(Debug, Serialize)]
+pub struct BreakerView {
+    pub failure_threshold: u32,
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    pub window: String,
+    pub cooldown: String,
+    pub half_open_probes: u32,
+}
+
 /// A subscription as the API shows it.
 #[derive(Debug, Serialize)]
 pub struct SubscriptionView<'a> {
@@ -708,9 +719,11 @@ pub struct SubscriptionView<'a> {
     pub secrets: Vec<SecretView>,
     pub timeout: String,
     pub rate_limit: Option<f64>,
+    pub rate_limit_burst: Option<u32>,
     pub max_in_flight: u32,
     pub ordering: crate::subscriptions::Ordering,
     pub retry: RetryView,
+    pub breaker: BreakerView,
     pub final_status_codes: &'a [u16],
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
@@ -752,6 +765,7 @@ impl<'a> SubscriptionView<'a> {
                 .collect(),
             timeout: human(s.timeout),
             rate_limit: s.rate_limit,
+            rate_limit_burst: s.rate_limit_burst,
             max_in_flight: s.max_in_flight,
             ordering: s.ordering,
             retry: RetryView {
@@ -759,6 +773,14 @@ impl<'a> SubscriptionView<'a> {
                 initial: human(s.retry.initial),
                 max: human(s.retry.max),
                 multiplier: s.retry.multiplier,
+            },
+            breaker: BreakerView {
+                failure_threshold: s.breaker.failure_threshold,
+                failure_rate: s.breaker.failure_rate,
+                min_requests: s.breaker.min_requests,
+                window: human(s.breaker.window),
+                cooldown: human(s.breaker.cooldown),
+                half_open_probes: s.breaker.half_open_probes,
             },
             final_status_codes: &s.final_status_codes,
             created_at: d.created_at.map(rfc3339),

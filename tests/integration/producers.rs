@@ -126,6 +126,9 @@ async fn burst_and_probes_are_validated() {
         "rate_limit_burst": 10, "breaker": {"half_open_probes": 3}});
     let (s, answer) = d.post("/v1/subscriptions", &ok).await;
     assert_eq!(s, 201, "{answer}");
+    let (_, shown) = d.get("/v1/subscriptions/v").await;
+    assert_eq!(shown["rate_limit_burst"], 10, "{shown}");
+    assert_eq!(shown["breaker"]["half_open_probes"], 3, "{shown}");
 }
 
 /// A subscription to `url` with fast retries: `attempts` in all, 10-20 ms apart.

@@ -1,5 +1,6 @@
 //! Retention inside the writer: removes an old event with everything hanging off it (its
-//! receipt, deliveries, attempts and every index row) once all its deliveries are terminal.
+//! receipt, deliveries, attempts, every index row, and the batch that stored it) once all its
+//! deliveries are terminal.
 //!
 //! The sweeper (`crate::retention`) only proposes sequence numbers; this code decides again
 //! inside the write transaction, so an operator's retry or a replay that lands between the
@@ -191,6 +192,10 @@ fn remove(t: &mut Tables<'_>, d: &Doomed, out: &mut Purged) -> Result<(), StoreE
         t.idempotency_keys.remove(k.as_str())?;
     }
     t.events_by_type.remove((ev.event_type.as_str(), seq))?;
+    // Its batch is as old as it is: the batch's status goes with the first of its events.
+    if let Some(batch) = &ev.batch {
+        t.batches.remove(batch.as_str())?;
+    }
     if let Some((rid, r)) = &d.receipt {
         // Its delivery id and its body's fingerprint, where they still point at it.
         let fp = crate::model::body_fingerprint(&r.body);
@@ -263,7 +268,14 @@ mod tests {
             None,
         )
         .unwrap();
-        w.publish(vec![event(1), event(2), event(3)]).await.unwrap();
+        w.publish_batch(vec![event(1), event(2)], "bat_1".into())
+            .await
+            .unwrap();
+        w.publish(vec![event(3)]).await.unwrap();
+        assert_eq!(
+            store.batch("bat_1").unwrap().map(|b| b.seqs),
+            Some(vec![1, 2])
+        );
         let later = now_micros() + 3_600_000_000;
 
         // Pending deliveries keep their events, whatever the sweeper proposed.
@@ -297,6 +309,10 @@ mod tests {
         assert!(store.attempts(2).unwrap().is_empty());
         assert!(store.event_delivery_ids(1).unwrap().is_empty());
         assert!(store.event_by_id("evt_3").unwrap().is_some());
+        assert!(
+            store.batch("bat_1").unwrap().is_none(),
+            "the batch goes with its events"
+        );
         // Idempotency keys go with their events: the key may be used again.
         let again = w.publish(vec![event(1)]).await.unwrap();
         assert!(matches!(
