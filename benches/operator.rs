@@ -122,6 +122,7 @@ async fn run(o: Options) -> Result<()> {
         WriterConfig {
             max_batch: 64,
             queue: 4096,
+            clock: dispatchd::clock::Clock::system(),
         },
         metrics,
         None,

@@ -60,11 +60,14 @@ pub async fn run(
     // Lets the watchdog see whether the scheduler task still runs, without keeping it alive.
     let sched_watch = sched_tx.downgrade();
     let (due_tx, mut due_rx) = mpsc::unbounded_channel();
+    // One clock for the delivery loop: writer, scheduler, destination tasks, attempts.
+    let clock = crate::clock::Clock::system();
     let (writer, writer_thread) = writer::spawn(
         store.clone(),
         WriterConfig {
             max_batch: config.commit_batch,
             queue: 65_536,
+            clock: clock.clone(),
         },
         metrics.clone(),
         Some(due_tx),
@@ -99,6 +102,8 @@ pub async fn run(
             auto_disable_after: config.auto_disable_after,
             attempting: attempting.clone(),
             disables: disables_tx,
+            clock: clock.clone(),
+            send: crate::delivery::worker::http_attempts(),
         },
         writer.clone(),
         metrics.clone(),
@@ -125,6 +130,7 @@ pub async fn run(
             horizon: config.scheduler_horizon,
             max_wheel: 200_000,
             load_chunk: 10_000,
+            clock: clock.clone(),
         },
         metrics.clone(),
     );

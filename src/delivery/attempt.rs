@@ -4,13 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::Instant;
-
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use super::client::{self, Class, ErrorKind};
 use crate::metrics::Metrics;
-use crate::model::{Attempt, Event, Micros, micros, now_micros, rfc3339};
+use crate::model::{Attempt, Event, Micros, micros, rfc3339};
 use crate::retry::{RetryDecision, RetryPolicy, parse_retry_after};
 use crate::scheduler::driver::Job;
 use crate::signing::{self, SigningKey, signature_header};
@@ -55,6 +53,8 @@ pub struct Destination {
     pub max_response_body: usize,
     /// For a callback host, whose URLs come with each event: may they be private?
     pub allow_private_networks: bool,
+    /// Stamps attempts and decides due times.
+    pub clock: crate::clock::Clock,
 }
 
 /// A destination's own metric series: looked up by label once, not on every attempt.
@@ -140,8 +140,8 @@ pub fn payload(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
 /// Sends attempt number `n` of a job to the destination and classifies the answer; the
 /// destination task records the outcome (see [`record`]).
 pub async fn run(dest: Arc<Destination>, job: Job, n: u32, event: Arc<Event>) -> Outcome {
-    let started_at = now_micros();
-    let t0 = Instant::now();
+    let started_at = dest.clock.now_micros();
+    let t0 = dest.clock.now();
     let sub = &dest.sub;
 
     let callback = match sub.source {
@@ -246,7 +246,7 @@ pub fn outcome(
 ) -> Outcome {
     let sub = &dest.sub;
     let unit: f64 = rand::random();
-    let now = now_micros();
+    let now = dest.clock.now_micros();
     let retry_or_dead = |retry_after: Option<Duration>| match dest.policy.next(n, retry_after, unit)
     {
         RetryDecision::Retry(d) => Next::Retry {

@@ -7,6 +7,9 @@ pub mod client;
 pub mod ssrf;
 pub mod worker;
 
+#[cfg(test)]
+mod paused;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -219,6 +222,7 @@ impl Supervisor {
             metrics: self.metrics.clone(),
             max_response_body: self.cfg.max_response_body,
             allow_private_networks: self.cfg.allow_private_networks,
+            clock: self.env.clock.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(Depth::default());

@@ -15,7 +15,7 @@ use super::attempt::{self, Destination, Health, Outcome, Recorded};
 use super::client::ErrorKind;
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::clock::Instant;
-use crate::model::{DeliveryId, Micros, micros, now_micros};
+use crate::model::{DeliveryId, Micros, micros};
 use crate::ratelimit::TokenBucket;
 use crate::scheduler::driver::{Job, Msg};
 use crate::storage::writer::Next;
@@ -140,6 +140,27 @@ pub struct WorkerEnv {
     /// auto-disable): the subscriptions' owner does it, under the same lock as every other
     /// change to the set, so a reload racing a 410 cannot enable it again.
     pub disables: mpsc::UnboundedSender<Disable>,
+    /// The delivery loop's clock (see `clock`).
+    pub clock: crate::clock::Clock,
+    /// Sends one attempt: `attempt::run` (tests give a scripted endpoint instead).
+    pub send: SendAttempt,
+}
+
+/// Sends attempt `n` of a job to its destination and classifies what came back.
+pub type SendAttempt = Arc<
+    dyn Fn(
+            Arc<Destination>,
+            Job,
+            u32,
+            Arc<crate::model::Event>,
+        ) -> futures_util::future::BoxFuture<'static, Outcome>
+        + Send
+        + Sync,
+>;
+
+/// The real thing: an HTTP request (`attempt::run`).
+pub fn http_attempts() -> SendAttempt {
+    Arc::new(|dest, job, n, event| Box::pin(attempt::run(dest, job, n, event)))
 }
 
 /// A destination's request to disable its subscription; `done` fires once the change is in
@@ -196,7 +217,7 @@ impl Worker {
             cooldown: b.cooldown,
             half_open_probes: b.half_open_probes,
         });
-        let now = crate::clock::now();
+        let now = env.clock.now();
         let ordering = dest.sub.ordering;
         let bucket = dest.sub.rate_limit.map(|r| {
             let burst = dest.sub.rate_limit_burst.map_or(r.max(1.0), f64::from);
@@ -256,7 +277,7 @@ impl Worker {
         );
         series.queue_depth.set(self.queue.len() as i64);
         series.in_flight.set(self.tasks.len() as i64);
-        let state = match self.breaker.state(crate::clock::now()) {
+        let state = match self.breaker.state(self.env.clock.now()) {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
@@ -329,17 +350,17 @@ impl Worker {
         }
         if job.operator {
             // An operator asked for an attempt now: an open breaker lets a probe go at once.
-            self.breaker.probe_now(crate::clock::now());
+            self.breaker.probe_now(self.env.clock.now());
         }
         if self.queue.len() >= QUEUE_CAP && !self.queue.contains(job.delivery) {
             // The router keeps this rare (it stops at QUEUE_CAP); what still overflows waits
             // in the scheduler's wheel, in memory, without its payload.
             let mut job = job;
             job.event = None;
-            let _ = self
-                .env
-                .scheduler
-                .send(Msg::Requeue(job, now_micros().saturating_add(200_000)));
+            let _ = self.env.scheduler.send(Msg::Requeue(
+                job,
+                self.env.clock.now_micros().saturating_add(200_000),
+            ));
             return;
         }
         // A newer due time for a queued delivery replaces the stale one.
@@ -374,7 +395,7 @@ impl Worker {
                     Ok(s) => snap.insert(s),
                     Err(e) => {
                         tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read deliveries");
-                        self.wake_at = Some(crate::clock::now() + Duration::from_secs(1));
+                        self.wake_at = Some(self.env.clock.now() + Duration::from_secs(1));
                         return;
                     }
                 },
@@ -396,7 +417,7 @@ impl Worker {
                 }
                 continue;
             };
-            let now = crate::clock::now();
+            let now = self.env.clock.now();
             if let Some(b) = &mut self.bucket
                 && let Err(wait) = b.try_take(now)
             {
@@ -427,10 +448,11 @@ impl Worker {
             let started = Started {
                 job: job.without_event(),
                 n,
-                at: now_micros(),
+                at: self.env.clock.now_micros(),
             };
             let dest = self.dest.clone();
-            self.tasks.spawn(attempt::run(dest, job, n, event), started);
+            self.tasks
+                .spawn((self.env.send)(dest, job, n, event), started);
         }
     }
 
@@ -444,7 +466,7 @@ impl Worker {
                 tracing::error!(delivery = job.delivery, error = %e, "cannot read delivery");
                 let _ = self.env.scheduler.send(Msg::Requeue(
                     job.clone(),
-                    now_micros().saturating_add(1_000_000),
+                    self.env.clock.now_micros().saturating_add(1_000_000),
                 ));
                 return None;
             }
@@ -489,14 +511,15 @@ impl Worker {
                     s.n,
                     s.at,
                     Duration::from_micros(
-                        u64::try_from(now_micros().saturating_sub(s.at)).unwrap_or(0),
+                        u64::try_from(self.env.clock.now_micros().saturating_sub(s.at))
+                            .unwrap_or(0),
                     ),
                     failed,
                 ));
                 return;
             }
         };
-        let now = crate::clock::now();
+        let now = self.env.clock.now();
         let before = self.breaker.trips();
         match o.health {
             Health::Up => self.breaker.on_success(now),
@@ -532,10 +555,10 @@ impl Worker {
             if let Some(parked) = self.parked.remove(&job.delivery) {
                 self.enqueue(parked);
             }
-            let _ = self
-                .env
-                .scheduler
-                .send(Msg::Requeue(job, now_micros().saturating_add(1_000_000)));
+            let _ = self.env.scheduler.send(Msg::Requeue(
+                job,
+                self.env.clock.now_micros().saturating_add(1_000_000),
+            ));
         }
     }
 
@@ -584,7 +607,7 @@ impl Worker {
                 return;
             }
         };
-        if now_micros().saturating_sub(since) > micros(self.env.auto_disable_after) {
+        if self.env.clock.now_micros().saturating_sub(since) > micros(self.env.auto_disable_after) {
             self.disable(
                 "auto_disabled",
                 "every delivery failed for the auto-disable period",

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::wheel::TimerWheel;
 use crate::clock::Instant;
 use crate::metrics::Metrics;
-use crate::model::{DeliveryId, Event, Micros, Priority, micros, now_micros};
+use crate::model::{DeliveryId, Event, Micros, Priority, micros};
 use crate::storage::Store;
 use crate::storage::writer::Due;
 
@@ -69,13 +69,15 @@ pub trait Dispatch: Send + 'static {
 const BUSY_RETRY: Duration = Duration::from_millis(500);
 
 /// Scheduler settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     pub horizon: Duration,
     /// Most entries the wheel holds from disk loads.
     pub max_wheel: usize,
     /// Rows read per load.
     pub load_chunk: usize,
+    /// Due times are wall-clock micros read from this clock.
+    pub clock: crate::clock::Clock,
 }
 
 pub struct Scheduler<D: Dispatch> {
@@ -92,6 +94,7 @@ pub struct Scheduler<D: Dispatch> {
 
 impl<D: Dispatch> Scheduler<D> {
     pub fn new(store: Store, dispatch: D, cfg: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
+        let (origin_wall, origin) = (cfg.clock.now_micros(), cfg.clock.now());
         Self {
             store,
             dispatch,
@@ -100,8 +103,8 @@ impl<D: Dispatch> Scheduler<D> {
             wheel: TimerWheel::new(0),
             in_wheel: HashSet::new(),
             loaded_until: (i64::MIN, 0),
-            origin_wall: now_micros(),
-            origin: Instant::now(),
+            origin_wall,
+            origin,
         }
     }
 
@@ -124,7 +127,11 @@ impl<D: Dispatch> Scheduler<D> {
     /// Reads the next chunk of the schedule table into the wheel when there is room; answers
     /// whether a full chunk came back (more rows are probably waiting).
     fn load(&mut self) -> bool {
-        let until = now_micros().saturating_add(micros(self.cfg.horizon));
+        let until = self
+            .cfg
+            .clock
+            .now_micros()
+            .saturating_add(micros(self.cfg.horizon));
         if self.loaded_until.0 >= until || self.wheel.len() >= self.cfg.max_wheel {
             return false;
         }

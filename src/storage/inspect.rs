@@ -662,6 +662,7 @@ mod tests {
         let cfg = WriterConfig {
             max_batch: 16,
             queue: 64,
+            clock: crate::clock::Clock::system(),
         };
         let (w, join) = match writer::spawn(store.clone(), cfg, metrics, None) {
             Ok(x) => x,

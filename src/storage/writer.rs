@@ -322,12 +322,14 @@ impl WriterHandle {
 }
 
 /// Settings of the writer thread.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WriterConfig {
     /// Commands taken into one transaction at most.
     pub max_batch: usize,
     /// Commands that may wait on the channel before senders are told to back off.
     pub queue: usize,
+    /// Stamps stored times (received, created, updated, due).
+    pub clock: crate::clock::Clock,
 }
 
 /// Starts the writer thread. It stops when every `WriterHandle` is dropped, after committing
@@ -350,6 +352,7 @@ pub fn spawn(
         due_sink,
         health: health.clone(),
         stopping: false,
+        clock: cfg.clock.clone(),
     };
     let join = std::thread::Builder::new()
         .name("dispatchd-writer".into())
@@ -367,6 +370,7 @@ struct Writer {
     due_sink: Option<DueSink>,
     health: Arc<WriterHealth>,
     stopping: bool,
+    clock: crate::clock::Clock,
 }
 
 /// Everything one transaction produced that must be acted on after it commits.
@@ -573,7 +577,7 @@ impl Writer {
                     seqs.sort_unstable();
                     seqs.dedup();
                     let record = super::schema::BatchRecord {
-                        created_at: crate::model::now_micros(),
+                        created_at: self.clock.now_micros(),
                         seqs,
                     };
                     if let Err(e) = insert_record(&mut t.batches, id.as_str(), &record) {
@@ -601,7 +605,7 @@ impl Writer {
                 fx.replies.push(Box::new(move |r| drop(reply.send(r))));
             }
             Command::RecordAttempts { records, reply } => {
-                let now = crate::model::now_micros();
+                let now = self.clock.now_micros();
                 let streaks = streaks(&records);
                 let recorded = records
                     .into_iter()
@@ -623,7 +627,8 @@ impl Writer {
                 at,
                 reply,
             } => {
-                if let Err(e) = reschedule(t, delivery, subscription, at, fx) {
+                let now = self.clock.now_micros();
+                if let Err(e) = reschedule(t, (delivery, subscription), at, now, fx) {
                     drop(reply.send(Err(WriteError::Storage(e.to_string()))));
                     return Err(e);
                 }
@@ -688,7 +693,7 @@ impl Writer {
             });
         }
 
-        let now = crate::model::now_micros().max(self.tips.last_received_at);
+        let now = self.clock.now_micros().max(self.tips.last_received_at);
         let event = Event {
             id: ev.id,
             event_type: ev.event_type,
@@ -1004,9 +1009,9 @@ fn keep_streak(
 /// Moves a live delivery's due time; terminal ones are left alone.
 fn reschedule(
     t: &mut Tables<'_>,
-    id: DeliveryId,
-    subscription: Arc<str>,
+    (id, subscription): (DeliveryId, Arc<str>),
     at: Micros,
+    now: Micros,
     fx: &mut Effects,
 ) -> Result<(), StoreError> {
     let Some(mut d) = load_delivery(t, id)? else {
@@ -1019,7 +1024,7 @@ fn reschedule(
         t.schedule.remove((old, id))?;
     }
     d.next_attempt_at = Some(at);
-    d.updated_at = crate::model::now_micros();
+    d.updated_at = now;
     t.schedule.insert((at, id), ())?;
     let status = d.status;
     store_delivery(t, id, &d, status)?;

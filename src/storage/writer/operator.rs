@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::{
     Due, Effects, Reply, Tables, WriteError, Writer, WriterHandle, load_delivery, store_delivery,
 };
-use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq, now_micros};
+use crate::model::{Delivery, DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
 use crate::storage::StoreError;
 use crate::storage::schema::{SubscriptionRecord, decode, encode, failing_key};
 
@@ -106,7 +106,7 @@ impl Writer {
         op: Op,
         fx: &mut Effects,
     ) -> Result<(), StoreError> {
-        let now = now_micros();
+        let now = self.clock.now_micros();
         match op {
             Op::Retry { ids, only, reply } => {
                 let r = ids
@@ -169,7 +169,7 @@ impl Writer {
     ) -> Result<u32, StoreError> {
         // Never before the last event's time, so created_at stays ordered with delivery ids
         // (the time filters of the delivery list rely on it).
-        let now = now_micros().max(self.tips.last_received_at);
+        let now = self.clock.now_micros().max(self.tips.last_received_at);
         let mut made = 0u32;
         let mut current: Option<(Seq, Arc<Event>)> = None;
         for (seq, sub) in items {
@@ -358,6 +358,7 @@ mod tests {
         let cfg = WriterConfig {
             max_batch: 8,
             queue: 64,
+            clock: crate::clock::Clock::system(),
         };
         match writer::spawn(store.clone(), cfg, metrics, None) {
             Ok((w, _join)) => (dir, store, w),

@@ -263,6 +263,7 @@ mod tests {
             WriterConfig {
                 max_batch: 16,
                 queue: 16,
+                clock: crate::clock::Clock::system(),
             },
             Arc::new(Metrics::new().unwrap()),
             None,
