@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod operations;
 pub mod ratelimit;
 pub mod redact;
 pub mod retention;

@@ -109,6 +109,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::operations::OpError> for ApiError {
+    fn from(e: crate::operations::OpError) -> Self {
+        match e {
+            crate::operations::OpError::Store(s) => s.into(),
+            crate::operations::OpError::Write(w) => w.into(),
+        }
+    }
+}
+
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match e {

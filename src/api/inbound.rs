@@ -15,7 +15,6 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::{ApiState, Resp, error_response, json_of, read_body};
-use crate::config::Scope;
 use crate::ingest::schemes;
 use crate::model::{Receipt, now_micros, rfc3339};
 use crate::storage::writer::{Ingested, NewEvent, NewReceipt};
@@ -181,8 +180,7 @@ pub async fn ingest(st: &ApiState, req: super::Req, source: &str) -> Result<Resp
 }
 
 /// `GET /v1/receipts/{id}` (admin).
-pub fn get_receipt(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
-    st.authorize(req, Scope::Admin)?;
+pub fn get_receipt(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
     let not_found = || ApiError::not_found(format!("no receipt with id {id:?}"));
     let rid: u64 = id.parse().map_err(|_| not_found())?;
     let Some(r) = st.store.receipt(rid)? else {

@@ -5,11 +5,16 @@
 pub mod admin;
 pub mod backup;
 pub mod conn;
+pub mod deliveries;
 pub mod dto;
 pub mod error;
+pub mod events;
+pub mod health;
 pub mod inbound;
+pub mod recovery;
 pub mod routes;
 pub mod stream;
+pub mod subscriptions;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -487,6 +492,29 @@ pub fn priority_param(
             .map(Some)
             .ok_or_else(|| invalid_query("priority must be one of high, normal, low")),
     }
+}
+
+/// Reads an optional JSON body: empty means `{}`.
+pub async fn optional_json<T: for<'de> serde::Deserialize<'de> + Default>(
+    st: &ApiState,
+    req: Req,
+) -> Result<T, ApiError> {
+    let has_type = req.headers().contains_key(hyper::header::CONTENT_TYPE);
+    if has_type {
+        require_json(&req)?;
+    }
+    let body = read_body(st, req, st.max_body).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !has_type {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "a request body needs content-type: application/json",
+        ));
+    }
+    parse_json(&body)
 }
 
 /// Parses a JSON object body, telling malformed JSON apart from JSON of the wrong shape.

@@ -42,21 +42,33 @@ impl Registry {
     }
 
     /// The ids of the enabled subscriptions that want an event of this type with this data
-    /// (JSON text): type patterns first, then payload filters. The data is parsed only when
-    /// a subscription that wants the type has a filter; data that does not parse passes no
-    /// filter.
+    /// (JSON text): see `fan_out`.
     pub fn matching_event(&self, event_type: &str, data: &str) -> Vec<Arc<str>> {
         let snap = self.snapshot();
-        let wanted: Vec<&Arc<Subscription>> = snap.iter().filter(|s| s.wants(event_type)).collect();
-        let parsed = if wanted.iter().any(|s| s.filter.is_some()) {
-            serde_json::from_str::<serde_json::Value>(data).ok()
-        } else {
-            None
-        };
-        wanted
+        fan_out(snap.iter(), event_type, data)
             .into_iter()
-            .filter(|s| s.filter.is_none() || parsed.as_ref().is_some_and(|d| s.wants_data(d)))
             .map(|s| Arc::from(s.id.as_str()))
             .collect()
     }
+}
+
+/// The subscriptions of `set` an event goes to: type patterns, then payload filters (the
+/// data parsed once, and only when a subscription that wants the type has a filter; data
+/// that does not parse passes no filter). The one fan-out rule, for publishes, inbound
+/// events and replays alike.
+pub fn fan_out<'a>(
+    set: impl IntoIterator<Item = &'a Arc<Subscription>>,
+    event_type: &str,
+    data: &str,
+) -> Vec<&'a Arc<Subscription>> {
+    let wanted: Vec<&Arc<Subscription>> = set.into_iter().filter(|s| s.wants(event_type)).collect();
+    let parsed = if wanted.iter().any(|s| s.filter.is_some()) {
+        serde_json::from_str::<serde_json::Value>(data).ok()
+    } else {
+        None
+    };
+    wanted
+        .into_iter()
+        .filter(|s| s.filter.is_none() || parsed.as_ref().is_some_and(|d| s.wants_data(d)))
+        .collect()
 }

@@ -1,0 +1,154 @@
+//! Deliveries: the filtered list (and the attempts under way), one delivery, its attempts,
+//! and an operator's retry and cancel.
+
+use hyper::StatusCode;
+
+use super::dto::{AttemptView, DeliveryView, ListResponse};
+use super::error::ApiError;
+use super::{
+    ApiState, Resp, check_params, invalid_query, json_of, paging, priority_param, query, time_param,
+};
+use crate::model::DeliveryStatus;
+use crate::operations;
+use crate::storage::inspect::DeliveryFilter;
+use crate::storage::writer::{CancelOutcome, RetryOutcome};
+
+fn delivery_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::not_found(format!("no delivery with id {id:?}")))
+}
+
+pub fn get(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
+    let did = delivery_id(id)?;
+    let Some(d) = st.store.delivery(did)? else {
+        return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
+    };
+    json_of(StatusCode::OK, &st.delivery_view(did, &d))
+}
+
+pub fn attempts(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiError> {
+    let did = delivery_id(id)?;
+    if st.store.delivery(did)?.is_none() {
+        return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
+    }
+    let q = query(req);
+    super::check_params(&q, &["limit", "cursor"])?;
+    let (limit, cursor) = paging(&q)?;
+    let attempts: Vec<_> = st
+        .store
+        .attempts(did)?
+        .into_iter()
+        .filter(|(n, _)| cursor.is_none_or(|c| u64::from(*n) > c))
+        .take(limit.saturating_add(1))
+        .collect();
+    let more = attempts.len() > limit;
+    let items: Vec<_> = attempts
+        .iter()
+        .take(limit)
+        .map(|(n, a)| AttemptView::new(*n, a))
+        .collect();
+    let next_cursor = if more {
+        items.last().map(|a| a.n.to_string())
+    } else {
+        None
+    };
+    json_of(StatusCode::OK, &ListResponse { items, next_cursor })
+}
+
+pub fn list(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
+    let q = query(req);
+    check_params(
+        &q,
+        &[
+            "status",
+            "subscription",
+            "event_type",
+            "since",
+            "until",
+            "limit",
+            "cursor",
+            "priority",
+        ],
+    )?;
+    let (limit, cursor) = paging(&q)?;
+    let status = match q.get("status") {
+        None => None,
+        Some(s) => Some(DeliveryStatus::parse(s).ok_or_else(|| {
+            invalid_query(format!(
+                "status must be one of {}",
+                DeliveryStatus::ALL.map(DeliveryStatus::as_str).join(", ")
+            ))
+        })?),
+    };
+    let filter = DeliveryFilter {
+        status,
+        subscription: q.get("subscription").cloned(),
+        event_type: q.get("event_type").cloned(),
+        since: time_param(&q, "since")?,
+        until: time_param(&q, "until")?,
+        priority: priority_param(&q)?,
+    };
+    let page = if filter.status == Some(DeliveryStatus::InFlight) {
+        operations::attempts_under_way(&st.store, &st.attempting, &filter, cursor, limit)?
+    } else {
+        st.store.list_deliveries(&filter, cursor, limit)?
+    };
+    let items: Vec<_> = page
+        .items
+        .iter()
+        .map(|(id, d)| st.delivery_view(*id, d))
+        .collect();
+    json_of(
+        StatusCode::OK,
+        &ListResponse {
+            items,
+            next_cursor: page.next.map(|n| n.to_string()),
+        },
+    )
+}
+
+pub async fn retry(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
+    let did = delivery_id(id)?;
+    let Some(current) = st.store.delivery(did)? else {
+        return Err(ApiError::not_found(format!("no delivery with id {id:?}")));
+    };
+    if st.registry.get(&current.subscription).is_none()
+        && !crate::callbacks::is_callback(&current.subscription)
+    {
+        return Err(ApiError::conflict(format!(
+            "subscription {:?} of delivery {did} no longer exists; nothing would attempt it",
+            current.subscription
+        )));
+    }
+    let outcome = st.writer.retry_deliveries(vec![did], None).await?;
+    match outcome.into_iter().next() {
+        Some(RetryOutcome::Scheduled(d)) => {
+            tracing::info!(delivery = did, "delivery retried by an operator");
+            json_of(StatusCode::OK, &DeliveryView::new(did, &d))
+        }
+        Some(RetryOutcome::NotAllowed(d)) => Err(ApiError::conflict(format!(
+            "delivery {did} is {}; only a delivery not yet succeeded can be retried",
+            d.status.as_str()
+        ))),
+        _ => Err(ApiError::not_found(format!("no delivery with id {id:?}"))),
+    }
+}
+
+pub async fn cancel(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
+    let did = delivery_id(id)?;
+    let outcome = st
+        .writer
+        .cancel_deliveries(vec![did], Some("cancelled by an operator".into()))
+        .await?;
+    match outcome.into_iter().next() {
+        Some(CancelOutcome::Cancelled(d)) => {
+            tracing::info!(delivery = did, "delivery cancelled by an operator");
+            json_of(StatusCode::OK, &DeliveryView::new(did, &d))
+        }
+        Some(CancelOutcome::NotAllowed(d)) => Err(ApiError::conflict(format!(
+            "delivery {did} is already {}; only pending or retrying deliveries can be cancelled",
+            d.status.as_str()
+        ))),
+        _ => Err(ApiError::not_found(format!("no delivery with id {id:?}"))),
+    }
+}
