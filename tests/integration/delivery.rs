@@ -5,21 +5,24 @@ use std::time::Duration;
 use base64::Engine;
 use serde_json::{Value, json};
 
+use crate::support::config::{Config, SECRET, Sub};
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::{Daemon, eventually, verify_signature, wait_delivery};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SECRET2: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A subscription with fast retries (5 attempts, 20-100 ms apart) and `extra` settings.
 fn sub(id: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[subscriptions]]\nid = \"{id}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\nretry = {{ max_attempts = 5, initial = \"20ms\", max = \"100ms\" }}\n{extra}\n"
-    )
+    Sub::new(id, url)
+        .retry(5, "20ms", "100ms")
+        .with_toml(extra)
+        .to_toml()
 }
 
+/// A daemon config that may deliver to loopback, with these subscriptions.
 fn config(subs: &str) -> String {
-    format!("[delivery]\nallow_private_networks = true\n\n{subs}")
+    format!("{}\n{subs}", Config::new().private_networks().to_toml())
 }
 
 /// Waits for the first attempt of the event's delivery and checks the guard refused it
@@ -96,10 +99,11 @@ async fn delivers_a_signed_standard_webhook() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_sends_one_signature_per_secret() {
     let rx = Receiver::start().await;
-    let cfg = config(&format!(
-        "[[subscriptions]]\nid = \"r\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\", \"{SECRET2}\"]\n",
-        rx.url("/")
-    ));
+    let cfg = config(
+        &Sub::new("r", &rx.url("/"))
+            .set("secrets", vec![SECRET, SECRET2])
+            .to_toml(),
+    );
     let d = Daemon::start(&cfg);
     let ev = d.publish("a", json!(1)).await;
     let got = rx.wait_for(1, WAIT).await;
@@ -279,14 +283,19 @@ async fn private_address_literals_are_refused_at_creation_unless_allowed() {
     // In the file: the daemon does not start, and says where.
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("dispatchd.toml");
-    std::fs::write(&file, sub("s", &rx.url("/"), "")).unwrap();
+    let text = sub("s", &rx.url("/"), "");
+    std::fs::write(&file, &text).unwrap();
+    let url_line = text
+        .lines()
+        .position(|l| l.starts_with("url ="))
+        .map_or(0, |i| i + 1);
     let mut cmd = crate::support::bin();
     cmd.arg("check-config").arg(&file);
     let out = crate::support::run_bounded(cmd, WAIT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("dispatchd.toml:3: subscriptions[0].url"),
+        err.contains(&format!("dispatchd.toml:{url_line}: subscriptions[0].url")),
         "{err}"
     );
     assert!(err.contains("allow_private_networks"), "{err}");
@@ -314,11 +323,14 @@ async fn private_address_literals_are_refused_at_creation_unless_allowed() {
 async fn breaker_opens_defers_probes_and_closes() {
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(503));
-    let extra = "max_in_flight = 1\nretry = { max_attempts = 50, initial = \"10ms\", max = \"20ms\" }\nbreaker = { failure_threshold = 3, cooldown = \"700ms\" }";
-    let cfg = config(&format!(
-        "[[subscriptions]]\nid = \"b\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n{extra}\n",
-        rx.url("/")
-    ));
+    let cfg = config(
+        &Sub::new("b", &rx.url("/"))
+            .set("max_in_flight", 1)
+            .retry(50, "10ms", "20ms")
+            .set("breaker.failure_threshold", 3)
+            .set("breaker.cooldown", "700ms")
+            .to_toml(),
+    );
     let d = Daemon::start(&cfg);
     let ev = d.publish("a", json!({})).await;
     // Three failures trip the breaker; the fourth request is the half-open probe.
@@ -468,13 +480,17 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
 /// is 2s, retries come every 20-40 ms and the breaker never opens. `rev` goes into a header,
 /// so a reload with another `rev` changes the subscription (and restarts its task).
 fn failing_config(url: &str, rev: u32) -> String {
-    format!(
-        "[delivery]\nallow_private_networks = true\nauto_disable_after = \"2s\"\n\n\
-         [[subscriptions]]\nid = \"flaky\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
-         headers = {{ \"X-Rev\" = \"{rev}\" }}\n\
-         retry = {{ max_attempts = 100000, initial = \"20ms\", max = \"40ms\" }}\n\
-         breaker = {{ failure_threshold = 100000, min_requests = 100000 }}\n"
-    )
+    Config::new()
+        .private_networks()
+        .set("delivery.auto_disable_after", "2s")
+        .subscription(
+            Sub::new("flaky", url)
+                .set("headers.X-Rev", rev.to_string())
+                .retry(100_000, "20ms", "40ms")
+                .set("breaker.failure_threshold", 100_000)
+                .set("breaker.min_requests", 100_000),
+        )
+        .to_toml()
 }
 
 fn auto_disabled(v: &Value) -> bool {
@@ -597,13 +613,15 @@ async fn a_subscription_created_again_starts_a_new_failing_clock() {
 async fn a_subscription_failing_for_the_auto_disable_period_is_disabled() {
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(500));
-    let cfg = format!(
-        "[delivery]\nallow_private_networks = true\nauto_disable_after = \"300ms\"\n\n\
-         [[subscriptions]]\nid = \"flaky\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
-         retry = {{ max_attempts = 1000, initial = \"20ms\", max = \"50ms\" }}\n\
-         breaker = {{ failure_threshold = 1000 }}\n",
-        rx.url("/")
-    );
+    let cfg = Config::new()
+        .private_networks()
+        .set("delivery.auto_disable_after", "300ms")
+        .subscription(
+            Sub::new("flaky", &rx.url("/"))
+                .retry(1000, "20ms", "50ms")
+                .set("breaker.failure_threshold", 1000),
+        )
+        .to_toml();
     let d = Daemon::start(&cfg);
     d.publish("a", json!({})).await;
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -638,10 +656,11 @@ async fn ed25519_signatures_verify_with_the_public_key_the_api_shows() {
     let rx = Receiver::start().await;
     let seed = [7u8; 32];
     let secret = format!("whsk_{}", STANDARD.encode(seed));
-    let cfg = config(&format!(
-        "[[subscriptions]]\nid = \"ed\"\nurl = \"{}\"\nsecrets = [\"{secret}\"]\n",
-        rx.url("/")
-    ));
+    let cfg = config(
+        &Sub::new("ed", &rx.url("/"))
+            .set("secrets", vec![secret.as_str()])
+            .to_toml(),
+    );
     let d = Daemon::start(&cfg);
     let (status, subs) = d.get("/v1/subscriptions").await;
     assert_eq!(status, 200, "{subs}");
@@ -727,11 +746,12 @@ async fn an_attempt_under_way_shows_as_in_flight() {
 async fn fifo_order_holds_across_a_restart() {
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500)]);
-    let cfg = config(&format!(
-        "[[subscriptions]]\nid = \"f\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
-         ordering = \"fifo\"\nretry = {{ max_attempts = 5, initial = \"10s\", max = \"10s\" }}\n",
-        rx.url("/")
-    ));
+    let cfg = config(
+        &Sub::new("f", &rx.url("/"))
+            .set("ordering", "fifo")
+            .retry(5, "10s", "10s")
+            .to_toml(),
+    );
     let mut d = Daemon::start(&cfg);
     let tmp = d.keep_dir();
     let dir = d.dir.clone();

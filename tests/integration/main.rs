@@ -3,6 +3,7 @@
 mod support;
 
 mod backup;
+mod cli;
 mod compat;
 mod config;
 mod delivery;

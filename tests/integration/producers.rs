@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::support::config::Sub;
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::{Daemon, eventually, verify_signature};
 
@@ -75,10 +76,12 @@ async fn a_single_secret_is_shorthand_for_a_list_of_one() {
 #[tokio::test]
 async fn the_rate_limiter_lets_its_burst_through_and_counts_who_waits() {
     let rx = Receiver::start().await;
-    let d = daemon(&format!(
-        "[[subscriptions]]\nid = \"paced\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\nrate_limit = \"4/s\"\nrate_limit_burst = 3\n",
-        rx.url("/hook")
-    ));
+    let d = daemon(
+        &Sub::new("paced", &rx.url("/hook"))
+            .set("rate_limit", "4/s")
+            .set("rate_limit_burst", 3)
+            .to_toml(),
+    );
     let items: Vec<Value> = (0..7)
         .map(|n| json!({"type": "t", "data": {"n": n}}))
         .collect();
@@ -133,10 +136,10 @@ async fn burst_and_probes_are_validated() {
 
 /// A subscription to `url` with fast retries: `attempts` in all, 10-20 ms apart.
 fn sub(id: &str, url: &str, attempts: u32, extra: &str) -> String {
-    format!(
-        "[[subscriptions]]\nid = \"{id}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
-         retry = {{ max_attempts = {attempts}, initial = \"10ms\", max = \"20ms\" }}\n{extra}\n"
-    )
+    Sub::new(id, url)
+        .retry(i64::from(attempts), "10ms", "20ms")
+        .with_toml(extra)
+        .to_toml()
 }
 
 /// The value of a gauge or counter with this label set, 0 when absent.
@@ -302,11 +305,10 @@ async fn an_event_is_cancelled_whole_and_its_attempts_are_listed_newest_first() 
         &[
             sub("ok", &ok.url("/"), 3, ""),
             sub("flaky", &flaky.url("/"), 5, ""),
-            format!(
-                "[[subscriptions]]\nid = \"later\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
-                 timeout = \"1s\"\nretry = {{ max_attempts = 3, initial = \"1h\", max = \"1h\" }}\n",
-                slow.url("/")
-            ),
+            Sub::new("later", &slow.url("/"))
+                .set("timeout", "1s")
+                .retry(3, "1h", "1h")
+                .to_toml(),
         ]
         .concat(),
     );
@@ -681,11 +683,13 @@ async fn a_callback_is_delivered_signed_with_its_own_secret_and_refused_where_it
 async fn an_operator_action_sends_a_probe_through_an_open_breaker() {
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500), Reply::Status(500)]);
-    let d = daemon(&format!(
-        "[[subscriptions]]\nid = \"b\"\nurl = \"{}\"\nsecrets = [\"{SECRET}\"]\n\
-         retry = {{ max_attempts = 1 }}\nbreaker = {{ failure_threshold = 1, cooldown = \"1h\" }}\n",
-        rx.url("/")
-    ));
+    let d = daemon(
+        &Sub::new("b", &rx.url("/"))
+            .set("retry.max_attempts", 1)
+            .set("breaker.failure_threshold", 1)
+            .set("breaker.cooldown", "1h")
+            .to_toml(),
+    );
     d.publish("t", json!({"n": 1})).await;
     let dead = eventually("the first delivery dead", || async {
         let (_, l) = d.get("/v1/dead-letters").await;
