@@ -32,3 +32,4 @@ pub mod swap;
 mod testrng;
 pub mod tls;
 pub mod units;
+pub mod wire;

@@ -104,7 +104,7 @@ fn publish_response(p: &Published) -> Result<(StatusCode, Vec<u8>), ApiError> {
         } => (
             StatusCode::ACCEPTED,
             serde_json::to_vec(&PublishResponse {
-                id,
+                id: id.into(),
                 seq: *seq,
                 deliveries: *deliveries,
                 duplicate: false,
@@ -118,7 +118,7 @@ fn publish_response(p: &Published) -> Result<(StatusCode, Vec<u8>), ApiError> {
         } => (
             StatusCode::OK,
             serde_json::to_vec(&PublishResponse {
-                id: &event.id,
+                id: event.id.as_str().into(),
                 seq: *seq,
                 deliveries: *deliveries,
                 duplicate: true,
@@ -310,7 +310,7 @@ pub fn attempts(st: &ApiState, req: &super::Req, id: &str) -> Result<Resp, ApiEr
         .iter()
         .map(|a| EventAttemptView {
             delivery_id: a.delivery.to_string(),
-            subscription: &a.subscription,
+            subscription: a.subscription.as_str().into(),
             attempt: AttemptView::new(a.n, &a.attempt),
         })
         .collect();
@@ -351,7 +351,7 @@ pub fn batch(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
     json_of(
         StatusCode::OK,
         &BatchView {
-            id,
+            id: id.into(),
             created_at: crate::model::rfc3339(b.created_at),
             events: b.seqs.len(),
             total_deliveries: counts.total(),

@@ -92,7 +92,7 @@ impl ApiState {
     ) -> dto::DeliveryView<'a> {
         let mut v = dto::DeliveryView::new(id, d);
         if !d.status.is_terminal() && self.attempting.contains(id) {
-            v.status = crate::model::DeliveryStatus::InFlight.as_str();
+            v.status = crate::model::DeliveryStatus::InFlight.as_str().into();
         }
         v
     }

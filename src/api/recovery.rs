@@ -16,6 +16,7 @@ use crate::model::{parse_time, rfc3339};
 use crate::operations;
 use crate::storage::inspect::DeadFilter;
 use crate::subscriptions::TypePattern;
+use crate::wire::DeadLetterView;
 
 /// `POST /v1/replay` body: one selector (an event id, a time range or a seq range), optionally
 /// narrowed to one subscription and to event type patterns.
@@ -138,14 +139,6 @@ pub async fn replay(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
             events: Some(done.events),
         },
     )
-}
-
-/// A dead letter: the delivery and when it was dead-lettered.
-#[derive(Debug, Serialize)]
-pub struct DeadLetterView<'a> {
-    #[serde(flatten)]
-    pub delivery: DeliveryView<'a>,
-    pub dead_at: String,
 }
 
 pub fn dead_letters(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::cli::{
@@ -17,6 +18,7 @@ use crate::cli::{
     EventsCommand, Paging, ReloadArgs, ReplayArgs, SubscriptionsArgs, SubscriptionsCommand,
 };
 use crate::config::{self, Overrides, Scope};
+use crate::wire;
 
 /// Where the daemon is when nothing says otherwise (the built-in listen address).
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -350,30 +352,44 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn print_list(page: &Value, headers: &[&str], row: impl Fn(&Value) -> Vec<String>) {
-    let rows: Vec<Vec<String>> = page["items"]
-        .as_array()
-        .map(|a| a.iter().map(&row).collect())
-        .unwrap_or_default();
+/// An answer read as the API's own type (`wire`).
+fn typed<T: DeserializeOwned>(v: &Value) -> Result<T> {
+    T::deserialize(v).map_err(|e| OpsError::Other(format!("unexpected answer from the API: {e}")))
+}
+
+/// A value, or `-` for none.
+fn or_dash(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// A page of the API's `T`s as a table, one row each.
+fn print_list<T: DeserializeOwned>(
+    page: &Value,
+    headers: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<()> {
+    let page: wire::Page<T> = typed(page)?;
+    let rows: Vec<Vec<String>> = page.items.iter().map(&row).collect();
     if rows.is_empty() {
         println!("(none)");
     } else {
         print!("{}", table(headers, &rows));
     }
-    if let Some(c) = page["next_cursor"].as_str() {
+    if let Some(c) = page.next_cursor {
         eprintln!("more: --cursor {c}");
     }
+    Ok(())
 }
 
-fn delivery_row(d: &Value) -> Vec<String> {
+fn delivery_row(d: &wire::DeliveryView<'_>) -> Vec<String> {
     vec![
-        text(&d["id"]),
-        text(&d["event_id"]),
-        text(&d["subscription"]),
-        text(&d["status"]),
-        text(&d["attempts"]),
-        text(&d["next_attempt_at"]),
-        clip(&text(&d["last_error"]), ERROR_WIDTH),
+        d.id.clone(),
+        d.event_id.to_string(),
+        d.subscription.to_string(),
+        d.status.to_string(),
+        d.attempts.to_string(),
+        or_dash(d.next_attempt_at.as_ref()),
+        clip(&or_dash(d.last_error.as_ref()), ERROR_WIDTH),
     ]
 }
 
@@ -388,25 +404,18 @@ const DELIVERY_HEADERS: &[&str] = &[
 ];
 
 /// Delivery counts by status on one line: `pending 1, in_flight 0, …`.
-fn counts(v: &Value) -> String {
-    [
-        "pending",
-        "in_flight",
-        "retrying",
-        "succeeded",
-        "dead",
-        "cancelled",
-    ]
-    .iter()
-    .map(|k| format!("{k} {}", text(&v[*k])))
-    .collect::<Vec<_>>()
-    .join(", ")
+fn counts(c: &wire::StatusCounts) -> String {
+    format!(
+        "pending {}, in_flight {}, retrying {}, succeeded {}, dead {}, cancelled {}",
+        c.pending, c.in_flight, c.retrying, c.succeeded, c.dead, c.cancelled
+    )
 }
 
-fn print_fields(v: &Value, keys: &[&str]) {
-    let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
-    for k in keys {
-        println!("{k:width$}  {}", text(&v[*k]));
+/// Named values, one per line, aligned.
+fn print_fields(fields: &[(&str, String)]) {
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in fields {
+        println!("{k:width$}  {v}");
     }
 }
 
@@ -435,15 +444,19 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&page);
                 } else {
-                    print_list(&page, &["SEQ", "ID", "TYPE", "SOURCE", "RECEIVED"], |e| {
-                        vec![
-                            text(&e["seq"]),
-                            text(&e["id"]),
-                            text(&e["type"]),
-                            text(&e["source"]),
-                            text(&e["received_at"]),
-                        ]
-                    });
+                    print_list(
+                        &page,
+                        &["SEQ", "ID", "TYPE", "SOURCE", "RECEIVED"],
+                        |e: &wire::EventView<'_>| {
+                            vec![
+                                e.seq.to_string(),
+                                e.id.to_string(),
+                                e.event_type.to_string(),
+                                or_dash(e.source.as_ref()),
+                                e.received_at.clone(),
+                            ]
+                        },
+                    )?;
                 }
             }
             EventsCommand::Show { id } => {
@@ -452,26 +465,27 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&json!({"event": e, "deliveries": d["items"]}));
                 } else {
-                    print_fields(
-                        &e,
-                        &[
-                            "id",
-                            "seq",
-                            "type",
-                            "source",
-                            "received_at",
-                            "idempotency_key",
-                            "priority",
-                            "batch_id",
-                        ],
-                    );
+                    let ev: wire::EventView<'static> = typed(&e)?;
+                    print_fields(&[
+                        ("id", ev.id.to_string()),
+                        ("seq", ev.seq.to_string()),
+                        ("type", ev.event_type.to_string()),
+                        ("source", or_dash(ev.source.as_ref())),
+                        ("received_at", ev.received_at.clone()),
+                        ("idempotency_key", or_dash(ev.idempotency_key.as_ref())),
+                        ("priority", ev.priority.to_string()),
+                        ("batch_id", or_dash(ev.batch_id.as_ref())),
+                    ]);
+                    let data: Value = serde_json::from_str(ev.data.get()).unwrap_or(Value::Null);
                     println!(
                         "data\n{}",
-                        serde_json::to_string_pretty(&e["data"]).unwrap_or_default()
+                        serde_json::to_string_pretty(&data).unwrap_or_default()
                     );
-                    println!("deliveries {}", counts(&e["deliveries"]));
+                    if let Some(c) = &ev.deliveries {
+                        println!("deliveries {}", counts(c));
+                    }
                     println!();
-                    print_list(&d, DELIVERY_HEADERS, delivery_row);
+                    print_list(&d, DELIVERY_HEADERS, delivery_row)?;
                 }
             }
             EventsCommand::Attempts { id, paging } => {
@@ -495,17 +509,17 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                             "STATUS",
                             "ERROR",
                         ],
-                        |a| {
+                        |a: &wire::EventAttemptView<'_>| {
                             vec![
-                                text(&a["started_at"]),
-                                text(&a["delivery_id"]),
-                                text(&a["subscription"]),
-                                text(&a["n"]),
-                                text(&a["status_code"]),
-                                text(&a["error"]),
+                                a.attempt.started_at.clone(),
+                                a.delivery_id.clone(),
+                                a.subscription.to_string(),
+                                a.attempt.n.to_string(),
+                                or_dash(a.attempt.status_code),
+                                or_dash(a.attempt.error.as_ref()),
                             ]
                         },
-                    );
+                    )?;
                 }
             }
             EventsCommand::Cancel { id } => {
@@ -526,11 +540,15 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&b);
                 } else {
-                    print_fields(
-                        &b,
-                        &["id", "created_at", "events", "total_deliveries", "done"],
-                    );
-                    println!("deliveries {}", counts(&b["deliveries"]));
+                    let b: wire::BatchView<'static> = typed(&b)?;
+                    print_fields(&[
+                        ("id", b.id.to_string()),
+                        ("created_at", b.created_at.clone()),
+                        ("events", b.events.to_string()),
+                        ("total_deliveries", b.total_deliveries.to_string()),
+                        ("done", b.done.to_string()),
+                    ]);
+                    println!("deliveries {}", counts(&b.deliveries));
                 }
             }
         }
@@ -562,7 +580,7 @@ pub fn deliveries(a: &DeliveriesArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&page);
                 } else {
-                    print_list(&page, DELIVERY_HEADERS, delivery_row);
+                    print_list(&page, DELIVERY_HEADERS, delivery_row)?;
                 }
             }
             DeliveriesCommand::Show { id } => {
@@ -573,35 +591,33 @@ pub fn deliveries(a: &DeliveriesArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&json!({"delivery": d, "attempts": at["items"]}));
                 } else {
-                    print_fields(
-                        &d,
-                        &[
-                            "id",
-                            "event_id",
-                            "subscription",
-                            "status",
-                            "attempts",
-                            "next_attempt_at",
-                            "last_error",
-                            "created_at",
-                            "updated_at",
-                        ],
-                    );
+                    let d: wire::DeliveryView<'static> = typed(&d)?;
+                    print_fields(&[
+                        ("id", d.id.clone()),
+                        ("event_id", d.event_id.to_string()),
+                        ("subscription", d.subscription.to_string()),
+                        ("status", d.status.to_string()),
+                        ("attempts", d.attempts.to_string()),
+                        ("next_attempt_at", or_dash(d.next_attempt_at.as_ref())),
+                        ("last_error", or_dash(d.last_error.as_ref())),
+                        ("created_at", d.created_at.clone()),
+                        ("updated_at", d.updated_at.clone()),
+                    ]);
                     println!();
                     print_list(
                         &at,
                         &["N", "STARTED", "MS", "STATUS", "ERROR", "RESPONSE"],
-                        |a| {
+                        |a: &wire::AttemptView<'_>| {
                             vec![
-                                text(&a["n"]),
-                                text(&a["started_at"]),
-                                text(&a["duration_ms"]),
-                                text(&a["status_code"]),
-                                text(&a["error"]),
-                                clip(&text(&a["response_body"]), 40),
+                                a.n.to_string(),
+                                a.started_at.clone(),
+                                a.duration_ms.to_string(),
+                                or_dash(a.status_code),
+                                or_dash(a.error.as_ref()),
+                                clip(&a.response_body, 40),
                             ]
                         },
-                    );
+                    )?;
                 }
             }
             DeliveriesCommand::Retry { id } | DeliveriesCommand::Cancel { id } => {
@@ -615,12 +631,13 @@ pub fn deliveries(a: &DeliveriesArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&d);
                 } else {
+                    let d: wire::DeliveryView<'static> = typed(&d)?;
                     println!(
                         "delivery {}: {} (attempts {}, next attempt {})",
-                        text(&d["id"]),
-                        text(&d["status"]),
-                        text(&d["attempts"]),
-                        text(&d["next_attempt_at"])
+                        d.id,
+                        d.status,
+                        d.attempts,
+                        or_dash(d.next_attempt_at.as_ref())
                     );
                 }
             }
@@ -697,17 +714,18 @@ pub fn dead_letters(a: &DeadLettersArgs) -> ExitCode {
                             "DEAD AT",
                             "LAST ERROR",
                         ],
-                        |d| {
+                        |d: &wire::DeadLetterView<'_>| {
+                            let l = &d.delivery;
                             vec![
-                                text(&d["id"]),
-                                text(&d["event_id"]),
-                                text(&d["subscription"]),
-                                text(&d["attempts"]),
-                                text(&d["dead_at"]),
-                                clip(&text(&d["last_error"]), ERROR_WIDTH),
+                                l.id.clone(),
+                                l.event_id.to_string(),
+                                l.subscription.to_string(),
+                                l.attempts.to_string(),
+                                d.dead_at.clone(),
+                                clip(&or_dash(l.last_error.as_ref()), ERROR_WIDTH),
                             ]
                         },
-                    );
+                    )?;
                 }
             }
             DeadLettersCommand::Redrive {
@@ -735,44 +753,34 @@ pub fn dead_letters(a: &DeadLettersArgs) -> ExitCode {
     })
 }
 
-fn subscription_row(s: &Value) -> Vec<String> {
-    let state = if s["paused"] == true {
+fn subscription_row(s: &wire::SubscriptionView<'_>) -> Vec<String> {
+    let state = if s.paused {
         "paused"
-    } else if s["enabled"] == true {
+    } else if s.enabled {
         "active"
     } else {
         "disabled"
     };
-    let types = s["event_types"]
-        .as_array()
-        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
-        .unwrap_or_default();
-    let secrets = s["secrets"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| format!("…{}", text(&x["last4"])))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
+    let secrets: Vec<String> = s.secrets.iter().map(|x| format!("…{}", x.last4)).collect();
     vec![
-        text(&s["id"]),
-        text(&s["source"]),
+        s.id.to_string(),
+        s.source.to_string(),
         state.into(),
-        text(&s["url"]),
-        types,
-        secrets,
+        s.url.clone(),
+        s.event_types.join(","),
+        secrets.join(" "),
     ]
 }
 
 const SUBSCRIPTION_HEADERS: &[&str] = &["ID", "SOURCE", "STATE", "URL", "EVENT TYPES", "SECRETS"];
 
-fn print_subscription(s: &Value) {
-    print!("{}", table(SUBSCRIPTION_HEADERS, &[subscription_row(s)]));
-    if !s["filter"].is_null() {
-        println!("filter: {}", s["filter"]);
+fn print_subscription(v: &Value) -> Result<()> {
+    let s: wire::SubscriptionView<'static> = typed(v)?;
+    print!("{}", table(SUBSCRIPTION_HEADERS, &[subscription_row(&s)]));
+    if let Some(f) = &s.filter {
+        println!("filter: {f}");
     }
+    Ok(())
 }
 
 /// The body of `subscriptions create`: the file's definition with the flags on top.
@@ -866,8 +874,9 @@ pub fn subscriptions(a: &SubscriptionsArgs) -> ExitCode {
         let show = |v: &Value| {
             if c.json {
                 c.print_json(v);
+                Ok(())
             } else {
-                print_subscription(v);
+                print_subscription(v)
             }
         };
         match &a.command {
@@ -876,16 +885,16 @@ pub fn subscriptions(a: &SubscriptionsArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&page);
                 } else {
-                    print_list(&page, SUBSCRIPTION_HEADERS, subscription_row);
+                    print_list(&page, SUBSCRIPTION_HEADERS, subscription_row)?;
                 }
             }
             SubscriptionsCommand::Show { id } => {
-                show(&c.get(&format!("/v1/subscriptions/{}", enc(id))).await?);
+                show(&c.get(&format!("/v1/subscriptions/{}", enc(id))).await?)?;
             }
             cmd @ SubscriptionsCommand::Create { .. } => {
                 let body = create_body(cmd)?;
                 let s = c.post("/v1/subscriptions", Some(&body)).await?;
-                show(&s);
+                show(&s)?;
                 if !c.json
                     && let Some(secret) = s["secret"].as_str()
                 {
@@ -917,7 +926,7 @@ pub fn subscriptions(a: &SubscriptionsArgs) -> ExitCode {
                 show(
                     &c.post(&format!("/v1/subscriptions/{}/{action}", enc(id)), None)
                         .await?,
-                );
+                )?;
             }
             SubscriptionsCommand::Rotate { id, secret, grace } => {
                 let mut body = Map::new();
@@ -936,7 +945,7 @@ pub fn subscriptions(a: &SubscriptionsArgs) -> ExitCode {
                 if c.json {
                     c.print_json(&r);
                 } else {
-                    print_subscription(&r["subscription"]);
+                    print_subscription(&r["subscription"])?;
                     println!("new signing secret: {}", text(&r["secret"]));
                     println!(
                         "the previous secrets keep signing until {}",
