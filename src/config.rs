@@ -18,7 +18,7 @@ use crate::model::valid_id;
 use crate::subscriptions::spec::{
     RawSubscription, SubscriptionDefaults, refuse_forbidden_destination, subscription_from_raw,
 };
-use crate::subscriptions::{Subscription, SubscriptionSource};
+use crate::subscriptions::spec::{Subscription, SubscriptionSource};
 pub use crate::units::{ByteSize, HumanDuration, Tolerance};
 
 /// A configuration problem, with where it is when it comes from a file.

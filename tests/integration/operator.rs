@@ -47,37 +47,23 @@ pub(crate) fn sub_n(id: &str, url: &str, attempts: u32, extra: &str) -> String {
 }
 
 async fn get(d: &Daemon, path: &str) -> (u16, Value) {
-    d.send(d.http.get(d.url(path)).bearer_auth(ADMIN)).await
+    d.with_token(ADMIN).get(path).await
 }
 
 async fn post(d: &Daemon, path: &str, body: Value) -> (u16, Value) {
-    d.send(
-        d.http
-            .post(d.url(path))
-            .bearer_auth(ADMIN)
-            .header("content-type", "application/json")
-            .body(body.to_string()),
-    )
-    .await
+    d.with_token(ADMIN).post(path, &body).await
 }
 
 async fn post_empty(d: &Daemon, path: &str) -> (u16, Value) {
-    d.send(d.http.post(d.url(path)).bearer_auth(ADMIN)).await
+    d.with_token(ADMIN).post_empty(path).await
 }
 
 async fn put(d: &Daemon, path: &str, body: Value) -> (u16, Value) {
-    d.send(
-        d.http
-            .put(d.url(path))
-            .bearer_auth(ADMIN)
-            .header("content-type", "application/json")
-            .body(body.to_string()),
-    )
-    .await
+    d.with_token(ADMIN).put(path, &body).await
 }
 
 async fn delete(d: &Daemon, path: &str) -> (u16, Value) {
-    d.send(d.http.delete(d.url(path)).bearer_auth(ADMIN)).await
+    d.with_token(ADMIN).delete(path).await
 }
 
 /// Publishes one event with the publish token; returns the answer (asserting 202).

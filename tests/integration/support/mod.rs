@@ -241,6 +241,57 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Requests that carry this bearer token.
+    pub fn with_token<'a>(&'a self, token: &'a str) -> Authed<'a> {
+        Authed { d: self, token }
+    }
+}
+
+/// A client of one daemon with a bearer token: each call answers the status and the JSON
+/// body (Null when empty or not JSON).
+pub struct Authed<'a> {
+    d: &'a Daemon,
+    token: &'a str,
+}
+
+impl Authed<'_> {
+    fn json(&self, req: reqwest::RequestBuilder, body: &Value) -> reqwest::RequestBuilder {
+        req.bearer_auth(self.token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let d = self.d;
+        d.send(d.http.get(d.url(path)).bearer_auth(self.token))
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let d = self.d;
+        d.send(self.json(d.http.post(d.url(path)), body)).await
+    }
+
+    /// A POST without a body.
+    pub async fn post_empty(&self, path: &str) -> (u16, Value) {
+        let d = self.d;
+        d.send(d.http.post(d.url(path)).bearer_auth(self.token))
+            .await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        let d = self.d;
+        d.send(self.json(d.http.put(d.url(path)), body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let d = self.d;
+        d.send(d.http.delete(d.url(path)).bearer_auth(self.token))
+            .await
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
