@@ -65,6 +65,21 @@ pub struct Conn {
     pub json: bool,
 }
 
+/// The time window and priority of a list (events by when they were received, deliveries by
+/// when they were made).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Window {
+    /// At or after (RFC 3339 or unix seconds).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before (RFC 3339 or unix seconds).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only this priority: high, normal or low.
+    #[arg(long)]
+    pub priority: Option<String>,
+}
+
 /// Paging of list commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Paging {
@@ -97,15 +112,8 @@ pub enum EventsCommand {
         /// Only this source.
         #[arg(long)]
         source: Option<String>,
-        /// Received at or after (RFC 3339 or unix seconds).
-        #[arg(long)]
-        since: Option<String>,
-        /// Received before (RFC 3339 or unix seconds).
-        #[arg(long)]
-        until: Option<String>,
-        /// Only this priority: high, normal or low.
-        #[arg(long)]
-        priority: Option<String>,
+        #[command(flatten)]
+        window: Window,
         #[command(flatten)]
         paging: Paging,
     },
@@ -143,15 +151,8 @@ pub enum DeliveriesCommand {
         /// The type of the delivery's event.
         #[arg(long)]
         event_type: Option<String>,
-        /// Created at or after (RFC 3339 or unix seconds).
-        #[arg(long)]
-        since: Option<String>,
-        /// Created before (RFC 3339 or unix seconds).
-        #[arg(long)]
-        until: Option<String>,
-        /// Only this priority: high, normal or low.
-        #[arg(long)]
-        priority: Option<String>,
+        #[command(flatten)]
+        window: Window,
         #[command(flatten)]
         paging: Paging,
     },

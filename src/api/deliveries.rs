@@ -8,7 +8,7 @@ use super::error::ApiError;
 use super::{
     ApiState, Resp, check_params, invalid_query, json_of, paging, priority_param, query, time_param,
 };
-use crate::model::DeliveryStatus;
+use crate::model::{DeliveryId, DeliveryStatus};
 use crate::operations;
 use crate::storage::inspect::DeliveryFilter;
 use crate::storage::writer::{CancelOutcome, RetryOutcome};
@@ -98,13 +98,7 @@ pub fn list(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
         .iter()
         .map(|(id, d)| st.delivery_view(*id, d))
         .collect();
-    json_of(
-        StatusCode::OK,
-        &ListResponse {
-            items,
-            next_cursor: page.next.map(|n| n.to_string()),
-        },
-    )
+    super::json_page(items, page.next)
 }
 
 pub async fn retry(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
@@ -121,17 +115,14 @@ pub async fn retry(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
         )));
     }
     let outcome = st.writer.retry_deliveries(vec![did], None).await?;
-    match outcome.into_iter().next() {
-        Some(RetryOutcome::Scheduled(d)) => {
-            tracing::info!(delivery = did, "delivery retried by an operator");
-            json_of(StatusCode::OK, &DeliveryView::new(did, &d))
-        }
-        Some(RetryOutcome::NotAllowed(d)) => Err(ApiError::conflict(format!(
-            "delivery {did} is {}; only a delivery not yet succeeded can be retried",
-            d.status.as_str()
-        ))),
-        _ => Err(ApiError::not_found(format!("no delivery with id {id:?}"))),
-    }
+    let done = outcome.into_iter().next().and_then(|o| match o {
+        RetryOutcome::Scheduled(d) => Some(Ok(d)),
+        RetryOutcome::NotAllowed(d) => Some(Err(d)),
+        RetryOutcome::NotFound => None,
+    });
+    answer(did, done, "retried", |status| {
+        format!("delivery {did} is {status}; only a delivery not yet succeeded can be retried")
+    })
 }
 
 pub async fn cancel(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
@@ -140,15 +131,32 @@ pub async fn cancel(st: &ApiState, id: &str) -> Result<Resp, ApiError> {
         .writer
         .cancel_deliveries(vec![did], Some("cancelled by an operator".into()))
         .await?;
-    match outcome.into_iter().next() {
-        Some(CancelOutcome::Cancelled(d)) => {
-            tracing::info!(delivery = did, "delivery cancelled by an operator");
+    let done = outcome.into_iter().next().and_then(|o| match o {
+        CancelOutcome::Cancelled(d) => Some(Ok(d)),
+        CancelOutcome::NotAllowed(d) => Some(Err(d)),
+        CancelOutcome::NotFound => None,
+    });
+    answer(did, done, "cancelled", |status| {
+        format!(
+            "delivery {did} is already {status}; only pending or retrying deliveries can be cancelled"
+        )
+    })
+}
+
+/// What an operator's action on one delivery did: the delivery as it is now; 409 with
+/// `refused(status)` when its status did not allow it; 404 when there is no such delivery.
+fn answer(
+    did: DeliveryId,
+    done: Option<Result<crate::model::Delivery, crate::model::Delivery>>,
+    verb: &str,
+    refused: impl Fn(&str) -> String,
+) -> Result<Resp, ApiError> {
+    match done {
+        Some(Ok(d)) => {
+            tracing::info!(delivery = did, "delivery {verb} by an operator");
             json_of(StatusCode::OK, &DeliveryView::new(did, &d))
         }
-        Some(CancelOutcome::NotAllowed(d)) => Err(ApiError::conflict(format!(
-            "delivery {did} is already {}; only pending or retrying deliveries can be cancelled",
-            d.status.as_str()
-        ))),
-        _ => Err(ApiError::not_found(format!("no delivery with id {id:?}"))),
+        Some(Err(d)) => Err(ApiError::conflict(refused(d.status.as_str()))),
+        None => Err(ApiError::not_found(format!("no delivery with id {did}"))),
     }
 }

@@ -247,13 +247,7 @@ pub fn list(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
         .map(|(seq, e)| EventView::new(*seq, e))
         .collect::<Result<Vec<_>, _>>()
         .map_err(ApiError::internal)?;
-    json_of(
-        StatusCode::OK,
-        &ListResponse {
-            items,
-            next_cursor: page.next.map(|n| n.to_string()),
-        },
-    )
+    super::json_page(items, page.next)
 }
 
 pub fn get(st: &ApiState, id: &str) -> Result<Resp, ApiError> {

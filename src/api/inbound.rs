@@ -117,14 +117,19 @@ pub async fn ingest(st: &ApiState, req: super::Req, source: &str) -> Result<Resp
         callback: None,
     };
     let receipt = NewReceipt {
-        source: src.id.clone(),
-        method,
-        headers: kept_headers(&headers),
-        body: body.to_vec(),
-        received_at,
-        scheme: src.scheme_name().to_string(),
-        signed_timestamp: verified.timestamp,
-        delivery_id: inbound.delivery_id,
+        receipt: crate::model::Receipt {
+            source: src.id.clone(),
+            method,
+            headers: kept_headers(&headers),
+            body: body.to_vec(),
+            received_at,
+            scheme: src.scheme_name().to_string(),
+            signed_timestamp: verified.timestamp,
+            delivery_id: inbound.delivery_id,
+            // Filled in by the writer once the event is stored.
+            event_id: String::new(),
+            event_seq: 0,
+        },
         fingerprint: src.fingerprint_window.map(|w| {
             (
                 crate::model::body_fingerprint(&body),

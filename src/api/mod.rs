@@ -434,6 +434,17 @@ pub fn invalid_query(msg: impl Into<String>) -> ApiError {
 }
 
 /// `limit` (1..=1000, default 100) and `cursor` of a list request.
+/// A page of a list: its items and the cursor of the next page, 200.
+pub fn json_page<T: serde::Serialize>(items: Vec<T>, next: Option<u64>) -> Result<Resp, ApiError> {
+    json_of(
+        StatusCode::OK,
+        &dto::ListResponse {
+            items,
+            next_cursor: next.map(|n| n.to_string()),
+        },
+    )
+}
+
 /// Refuses query parameters a route does not know.
 pub fn check_params(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
     for k in q.keys() {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::dto::{DeliveryView, ListResponse};
+use super::dto::DeliveryView;
 use super::error::ApiError;
 use super::{
     ApiState, Resp, check_params, json_of, optional_json, paging, parse_json, query, read_body,
@@ -158,13 +158,7 @@ pub fn dead_letters(st: &ApiState, req: &super::Req) -> Result<Resp, ApiError> {
             dead_at: rfc3339(d.dead_at),
         })
         .collect();
-    json_of(
-        StatusCode::OK,
-        &ListResponse {
-            items,
-            next_cursor: page.next.map(|n| n.to_string()),
-        },
-    )
+    super::json_page(items, page.next)
 }
 
 /// `POST /v1/dead-letters/redrive` body: `{}` for all, or narrowed.

@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 
 use crate::cli::{
     Conn, DeadLettersArgs, DeadLettersCommand, DeliveriesArgs, DeliveriesCommand, EventsArgs,
-    EventsCommand, Paging, ReloadArgs, ReplayArgs, SubscriptionsArgs, SubscriptionsCommand,
+    EventsCommand, Paging, ReloadArgs, ReplayArgs, SubscriptionsArgs, SubscriptionsCommand, Window,
 };
 use crate::config::{self, Overrides, Scope};
 use crate::wire;
@@ -252,6 +252,24 @@ impl Client {
         }
     }
 
+    /// A list as the user asked: the API's JSON, or a table of the API's `T`s.
+    async fn show_page<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        params: Vec<(&str, String)>,
+        paging: &Paging,
+        headers: &[&str],
+        row: impl Fn(&T) -> Vec<String>,
+    ) -> Result<()> {
+        let page = self.list(path, params, paging).await?;
+        if self.json {
+            self.print_json(&page);
+            Ok(())
+        } else {
+            print_list(&page, headers, row)
+        }
+    }
+
     fn print_json(&self, v: &Value) {
         println!(
             "{}",
@@ -292,6 +310,15 @@ where
 
 fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The query parameters of a list's `--since`, `--until` and `--priority`.
+fn window_params(w: &Window) -> Vec<(&'static str, String)> {
+    let mut p = Vec::new();
+    opt(&mut p, "since", &w.since);
+    opt(&mut p, "until", &w.until);
+    opt(&mut p, "priority", &w.priority);
+    p
 }
 
 fn opt(params: &mut Vec<(&'static str, String)>, name: &'static str, v: &Option<String>) {
@@ -429,35 +456,28 @@ pub fn events(a: &EventsArgs) -> ExitCode {
             EventsCommand::List {
                 event_type,
                 source,
-                since,
-                until,
-                priority,
+                window,
                 paging,
             } => {
-                let mut p = Vec::new();
+                let mut p = window_params(window);
                 opt(&mut p, "type", event_type);
                 opt(&mut p, "source", source);
-                opt(&mut p, "since", since);
-                opt(&mut p, "until", until);
-                opt(&mut p, "priority", priority);
-                let page = c.list("/v1/events", p, paging).await?;
-                if c.json {
-                    c.print_json(&page);
-                } else {
-                    print_list(
-                        &page,
-                        &["SEQ", "ID", "TYPE", "SOURCE", "RECEIVED"],
-                        |e: &wire::EventView<'_>| {
-                            vec![
-                                e.seq.to_string(),
-                                e.id.to_string(),
-                                e.event_type.to_string(),
-                                or_dash(e.source.as_ref()),
-                                e.received_at.clone(),
-                            ]
-                        },
-                    )?;
-                }
+                c.show_page(
+                    "/v1/events",
+                    p,
+                    paging,
+                    &["SEQ", "ID", "TYPE", "SOURCE", "RECEIVED"],
+                    |e: &wire::EventView<'_>| {
+                        vec![
+                            e.seq.to_string(),
+                            e.id.to_string(),
+                            e.event_type.to_string(),
+                            or_dash(e.source.as_ref()),
+                            e.received_at.clone(),
+                        ]
+                    },
+                )
+                .await?;
             }
             EventsCommand::Show { id } => {
                 let e = c.get(&format!("/v1/events/{}", enc(id))).await?;
@@ -489,38 +509,30 @@ pub fn events(a: &EventsArgs) -> ExitCode {
                 }
             }
             EventsCommand::Attempts { id, paging } => {
-                let page = c
-                    .list(
-                        &format!("/v1/events/{}/attempts", enc(id)),
-                        Vec::new(),
-                        paging,
-                    )
-                    .await?;
-                if c.json {
-                    c.print_json(&page);
-                } else {
-                    print_list(
-                        &page,
-                        &[
-                            "STARTED",
-                            "DELIVERY",
-                            "SUBSCRIPTION",
-                            "N",
-                            "STATUS",
-                            "ERROR",
-                        ],
-                        |a: &wire::EventAttemptView<'_>| {
-                            vec![
-                                a.attempt.started_at.clone(),
-                                a.delivery_id.clone(),
-                                a.subscription.to_string(),
-                                a.attempt.n.to_string(),
-                                or_dash(a.attempt.status_code),
-                                or_dash(a.attempt.error.as_ref()),
-                            ]
-                        },
-                    )?;
-                }
+                c.show_page(
+                    &format!("/v1/events/{}/attempts", enc(id)),
+                    Vec::new(),
+                    paging,
+                    &[
+                        "STARTED",
+                        "DELIVERY",
+                        "SUBSCRIPTION",
+                        "N",
+                        "STATUS",
+                        "ERROR",
+                    ],
+                    |a: &wire::EventAttemptView<'_>| {
+                        vec![
+                            a.attempt.started_at.clone(),
+                            a.delivery_id.clone(),
+                            a.subscription.to_string(),
+                            a.attempt.n.to_string(),
+                            or_dash(a.attempt.status_code),
+                            or_dash(a.attempt.error.as_ref()),
+                        ]
+                    },
+                )
+                .await?;
             }
             EventsCommand::Cancel { id } => {
                 let r = c
@@ -564,24 +576,15 @@ pub fn deliveries(a: &DeliveriesArgs) -> ExitCode {
                 status,
                 subscription,
                 event_type,
-                since,
-                until,
-                priority,
+                window,
                 paging,
             } => {
-                let mut p = Vec::new();
+                let mut p = window_params(window);
                 opt(&mut p, "status", status);
                 opt(&mut p, "subscription", subscription);
                 opt(&mut p, "event_type", event_type);
-                opt(&mut p, "since", since);
-                opt(&mut p, "until", until);
-                opt(&mut p, "priority", priority);
-                let page = c.list("/v1/deliveries", p, paging).await?;
-                if c.json {
-                    c.print_json(&page);
-                } else {
-                    print_list(&page, DELIVERY_HEADERS, delivery_row)?;
-                }
+                c.show_page("/v1/deliveries", p, paging, DELIVERY_HEADERS, delivery_row)
+                    .await?;
             }
             DeliveriesCommand::Show { id } => {
                 let d = c.get(&format!("/v1/deliveries/{}", enc(id))).await?;
@@ -700,33 +703,31 @@ pub fn dead_letters(a: &DeadLettersArgs) -> ExitCode {
                 let mut p = Vec::new();
                 opt(&mut p, "subscription", subscription);
                 opt(&mut p, "since", since);
-                let page = c.list("/v1/dead-letters", p, paging).await?;
-                if c.json {
-                    c.print_json(&page);
-                } else {
-                    print_list(
-                        &page,
-                        &[
-                            "ID",
-                            "EVENT",
-                            "SUBSCRIPTION",
-                            "ATTEMPTS",
-                            "DEAD AT",
-                            "LAST ERROR",
-                        ],
-                        |d: &wire::DeadLetterView<'_>| {
-                            let l = &d.delivery;
-                            vec![
-                                l.id.clone(),
-                                l.event_id.to_string(),
-                                l.subscription.to_string(),
-                                l.attempts.to_string(),
-                                d.dead_at.clone(),
-                                clip(&or_dash(l.last_error.as_ref()), ERROR_WIDTH),
-                            ]
-                        },
-                    )?;
-                }
+                c.show_page(
+                    "/v1/dead-letters",
+                    p,
+                    paging,
+                    &[
+                        "ID",
+                        "EVENT",
+                        "SUBSCRIPTION",
+                        "ATTEMPTS",
+                        "DEAD AT",
+                        "LAST ERROR",
+                    ],
+                    |d: &wire::DeadLetterView<'_>| {
+                        let l = &d.delivery;
+                        vec![
+                            l.id.clone(),
+                            l.event_id.to_string(),
+                            l.subscription.to_string(),
+                            l.attempts.to_string(),
+                            d.dead_at.clone(),
+                            clip(&or_dash(l.last_error.as_ref()), ERROR_WIDTH),
+                        ]
+                    },
+                )
+                .await?;
             }
             DeadLettersCommand::Redrive {
                 subscription,

@@ -638,36 +638,16 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::metrics::Metrics;
+
     use crate::model::Attempt;
-    use crate::storage::writer::{self, AttemptRecord, NewEvent, Next, WriterConfig};
+    use crate::storage::writer::{self, AttemptRecord, NewEvent, Next};
 
     const TYPES: [&str; 3] = ["order.created", "order.paid", "rare"];
     const SUBS: [&str; 3] = ["a", "b", "c"];
 
     /// A store with 300 events fanned out to 1-3 subscriptions each, and a mix of outcomes.
     async fn filled() -> (tempfile::TempDir, Store) {
-        let dir = match tempfile::tempdir() {
-            Ok(d) => d,
-            Err(e) => panic!("{e}"),
-        };
-        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20, 1 << 20) {
-            Ok(s) => s,
-            Err(e) => panic!("{e}"),
-        };
-        let metrics = match Metrics::new() {
-            Ok(m) => Arc::new(m),
-            Err(e) => panic!("{e}"),
-        };
-        let cfg = WriterConfig {
-            max_batch: 16,
-            queue: 64,
-            clock: crate::clock::Clock::system(),
-        };
-        let (w, join) = match writer::spawn(store.clone(), cfg, metrics, None) {
-            Ok(x) => x,
-            Err(e) => panic!("{e}"),
-        };
+        let (dir, store, w, join) = writer::testing::open(16);
         for chunk in 0..6u64 {
             let events = (0..50u64)
                 .map(|j| {

@@ -113,6 +113,17 @@ pub struct SubscriptionRecord {
     pub updated_at: Micros,
 }
 
+impl SubscriptionRecord {
+    /// The secrets that still sign at `now` (those rotated out stop at their expiry).
+    pub fn active_secrets(&self, now: Micros) -> Vec<String> {
+        self.secrets
+            .iter()
+            .filter(|s| s.expires_at.is_none_or(|t| t > now))
+            .map(|s| s.secret.clone())
+            .collect()
+    }
+}
+
 /// A signing secret of an API subscription. One with an expiry is on its way out after a
 /// rotation: it keeps signing until then.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -76,19 +76,14 @@ pub enum Published {
     },
 }
 
-/// An inbound provider request to keep as a receipt beside the event made from it.
+/// An inbound provider request to keep as a receipt beside the event made from it: the
+/// receipt as it will be stored (the writer fills in `event_id` and `event_seq`), and how
+/// replays of its body are caught.
 #[derive(Debug, Clone)]
 pub struct NewReceipt {
-    pub source: String,
-    pub method: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub received_at: Micros,
-    pub scheme: String,
-    pub signed_timestamp: Option<i64>,
-    /// The provider's delivery id: a later request with the same id in the same source is a
-    /// duplicate. `None` turns de-duplication off for this request.
-    pub delivery_id: Option<String>,
+    /// Its `delivery_id` is the provider's: a later request with the same id in the same
+    /// source is a duplicate; `None` turns de-duplication by id off for this request.
+    pub receipt: crate::model::Receipt,
     /// Replay detection by content: the body's fingerprint (`model::body_fingerprint`) and
     /// the receipt time before which an earlier receipt of it no longer counts.
     pub fingerprint: Option<(String, Micros)>,
@@ -733,14 +728,18 @@ impl Writer {
     fn ingest_one(
         &mut self,
         t: &mut Tables<'_>,
-        receipt: NewReceipt,
+        new: NewReceipt,
         event: NewEvent,
         fx: &mut Effects,
     ) -> Result<Ingested, StoreError> {
-        if let Some(did) = &receipt.delivery_id {
+        let NewReceipt {
+            receipt: mut record,
+            fingerprint,
+        } = new;
+        if let Some(did) = &record.delivery_id {
             let known = t
                 .receipt_ids
-                .get((receipt.source.as_str(), did.as_str()))?
+                .get((record.source.as_str(), did.as_str()))?
                 .map(|g| g.value());
             if let Some(receipt_id) = known {
                 let Some(v) = t.receipts.get(receipt_id)? else {
@@ -756,10 +755,10 @@ impl Writer {
                 });
             }
         }
-        if let Some((fp, not_before)) = &receipt.fingerprint {
+        if let Some((fp, not_before)) = &fingerprint {
             let known = t
                 .receipt_ids
-                .get((receipt.source.as_str(), fp.as_str()))?
+                .get((record.source.as_str(), fp.as_str()))?
                 .map(|g| g.value());
             if let Some(receipt_id) = known
                 && let Some(v) = t.receipts.get(receipt_id)?
@@ -788,24 +787,14 @@ impl Writer {
                     )));
                 }
             };
-        let record = crate::model::Receipt {
-            source: receipt.source,
-            method: receipt.method,
-            headers: receipt.headers,
-            body: receipt.body,
-            received_at: receipt.received_at,
-            scheme: receipt.scheme,
-            signed_timestamp: receipt.signed_timestamp,
-            delivery_id: receipt.delivery_id,
-            event_id: event_id.clone(),
-            event_seq: seq,
-        };
+        record.event_id = event_id.clone();
+        record.event_seq = seq;
         insert_record(&mut t.receipts, receipt_id, &record)?;
         if let Some(did) = &record.delivery_id {
             t.receipt_ids
                 .insert((record.source.as_str(), did.as_str()), receipt_id)?;
         }
-        if let Some((fp, _)) = &receipt.fingerprint {
+        if let Some((fp, _)) = &fingerprint {
             t.receipt_ids
                 .insert((record.source.as_str(), fp.as_str()), receipt_id)?;
         }
@@ -1096,5 +1085,50 @@ impl<'t> Tables<'t> {
             subscriptions: txn.open_table(SUBSCRIPTIONS)?,
             batches: txn.open_table(BATCHES)?,
         })
+    }
+}
+
+/// What the storage tests share: a writer over a fresh database, and events to publish.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use super::{NewEvent, WriterConfig, WriterHandle, spawn};
+    use crate::metrics::Metrics;
+    use crate::storage::Store;
+
+    /// A writer (taking up to `max_batch` commands per commit) over a new database file in a
+    /// temp dir, on the system clock, with no due-sink; and the writer thread.
+    pub fn open(
+        max_batch: usize,
+    ) -> (
+        tempfile::TempDir,
+        Store,
+        WriterHandle,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("dispatchd.redb"), 1 << 20, 1 << 20).unwrap();
+        let cfg = WriterConfig {
+            max_batch,
+            queue: 64,
+            clock: crate::clock::Clock::system(),
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (w, join) = spawn(store.clone(), cfg, metrics, None).unwrap();
+        (dir, store, w, join)
+    }
+
+    /// `n` events `e0`, `e1`, … of type `t`, each to these subscriptions.
+    pub fn events(n: usize, subscriptions: &[&str]) -> Vec<NewEvent> {
+        (0..n)
+            .map(|i| NewEvent {
+                id: format!("e{i}"),
+                event_type: "t".into(),
+                data: "{}".into(),
+                subscriptions: subscriptions.iter().map(|s| Arc::from(*s)).collect(),
+                ..NewEvent::default()
+            })
+            .collect()
     }
 }

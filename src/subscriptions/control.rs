@@ -205,12 +205,7 @@ impl Control {
                 return self.unusable(id, "", "the stored definition is not a JSON object".into());
             }
         };
-        let secrets: Vec<String> = rec
-            .secrets
-            .iter()
-            .filter(|s| s.expires_at.is_none_or(|t| t > now))
-            .map(|s| s.secret.clone())
-            .collect();
+        let secrets = rec.active_secrets(now);
         match self.validate(&spec, &secrets) {
             Ok(s) => s,
             Err(errs) => {
@@ -495,12 +490,7 @@ impl Control {
                 })
                 .collect();
         }
-        let active: Vec<String> = rec
-            .secrets
-            .iter()
-            .filter(|s| s.expires_at.is_none_or(|t| t > now))
-            .map(|s| s.secret.clone())
-            .collect();
+        let active = rec.active_secrets(now);
         let sub = self
             .validate(&spec, &active)
             .map_err(ControlError::Invalid)?;
@@ -833,62 +823,41 @@ pub fn hangups() -> Option<tokio::signal::unix::Signal> {
 /// delivery defaults subscriptions inherit and the replay cap are applied; the listener,
 /// storage, engine and logging are set up once at start.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut v = Vec::new();
-    let mut check = |differs: bool, key: &'static str| {
-        if differs {
-            v.push(key);
-        }
-    };
-    check(new.listen != old.listen, "server.listen");
-    check(new.data_dir != old.data_dir, "storage.data_dir");
-    check(
-        new.tls.is_some() != old.tls.is_some(),
-        "server.tls (turning HTTPS on or off)",
-    );
-    check(
-        new.limits.max_connections != old.limits.max_connections,
-        "server.max_connections",
-    );
-    check(
-        new.limits.header_read_timeout != old.limits.header_read_timeout
-            || new.limits.body_read_timeout != old.limits.body_read_timeout
-            || new.limits.response_write_timeout != old.limits.response_write_timeout,
-        "server timeouts",
-    );
-    check(new.max_body != old.max_body, "server.max_body");
-    check(new.max_batch != old.max_batch, "server.max_batch");
-    check(
-        new.shutdown_timeout != old.shutdown_timeout,
-        "server.shutdown_timeout",
-    );
-    check(new.callbacks != old.callbacks, "delivery.callbacks");
-    check(new.retention != old.retention, "storage.retention");
-    check(new.commit_batch != old.commit_batch, "storage.commit_batch");
-    check(new.cache_size != old.cache_size, "storage.cache_size");
-    check(new.journal_size != old.journal_size, "storage.journal_size");
-    check(
-        new.sweep_interval != old.sweep_interval,
-        "storage.sweep_interval",
-    );
-    check(
-        new.allow_private_networks != old.allow_private_networks,
-        "delivery.allow_private_networks",
-    );
-    check(
-        new.max_response_body != old.max_response_body,
-        "delivery.max_response_body",
-    );
-    check(
-        new.scheduler_horizon != old.scheduler_horizon,
-        "delivery.scheduler_horizon",
-    );
-    check(
-        new.auto_disable_after != old.auto_disable_after,
-        "delivery.auto_disable_after",
-    );
-    check(new.log_format != old.log_format, "log.format");
-    check(new.log_level != old.log_level, "log.level");
-    v
+    // Each setting only a restart applies, by the key the file writes it under.
+    macro_rules! changed {
+        ($($field:ident).+ => $key:literal) => {
+            (new.$($field).+ != old.$($field).+).then_some($key)
+        };
+    }
+    let tls =
+        (new.tls.is_some() != old.tls.is_some()).then_some("server.tls (turning HTTPS on or off)");
+    [
+        changed!(listen => "server.listen"),
+        changed!(data_dir => "storage.data_dir"),
+        tls,
+        changed!(limits.max_connections => "server.max_connections"),
+        changed!(limits.header_read_timeout => "server.header_read_timeout"),
+        changed!(limits.body_read_timeout => "server.body_read_timeout"),
+        changed!(limits.response_write_timeout => "server.response_write_timeout"),
+        changed!(max_body => "server.max_body"),
+        changed!(max_batch => "server.max_batch"),
+        changed!(shutdown_timeout => "server.shutdown_timeout"),
+        changed!(callbacks => "delivery.callbacks"),
+        changed!(retention => "storage.retention"),
+        changed!(commit_batch => "storage.commit_batch"),
+        changed!(cache_size => "storage.cache_size"),
+        changed!(journal_size => "storage.journal_size"),
+        changed!(sweep_interval => "storage.sweep_interval"),
+        changed!(allow_private_networks => "delivery.allow_private_networks"),
+        changed!(max_response_body => "delivery.max_response_body"),
+        changed!(scheduler_horizon => "delivery.scheduler_horizon"),
+        changed!(auto_disable_after => "delivery.auto_disable_after"),
+        changed!(log_format => "log.format"),
+        changed!(log_level => "log.level"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Reloads the config file on every SIGHUP until `stop` resolves. A refused reload is logged

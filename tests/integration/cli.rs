@@ -330,18 +330,8 @@ async fn operator_commands_talk_to_a_running_daemon() {
     assert_eq!(usage.status.code(), Some(2), "{}", stderr(&usage));
 
     // A batch, by id.
-    let (s, b) = d
-        .send(
-            d.http
-                .post(d.url("/v1/events/batch"))
-                .bearer_auth(PUBLISH)
-                .header("content-type", "application/json")
-                .body(
-                    json!({"events": [{"type": "x", "data": {}}, {"type": "y", "data": {}}]})
-                        .to_string(),
-                ),
-        )
-        .await;
+    let batch = json!({"events": [{"type": "x", "data": {}}, {"type": "y", "data": {}}]});
+    let (s, b) = d.with_token(PUBLISH).post("/v1/events/batch", &batch).await;
     assert_eq!(s, 202, "{b}");
     let bid = str_of(&b, "batch_id");
     let v = cli_json(

@@ -122,40 +122,41 @@ fn check_config_accepts_a_valid_file() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
+/// Writes `text` to `name` in `tmp`, runs `check-config` on it and asserts it is refused
+/// (exit 2); answers the file and what was printed.
+fn refused(tmp: &tempfile::TempDir, name: &str, text: &str) -> (std::path::PathBuf, String) {
+    let file = tmp.path().join(name);
+    write(&file, text);
+    let out = check_config(&file);
+    let stderr = self::text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    (file, stderr)
+}
+
 #[test]
 fn check_config_names_file_line_and_unknown_key() {
     let tmp = tempdir();
-    let file = tmp.path().join("unknown.toml");
-    write(
-        &file,
+    let (file, stderr) = refused(
+        &tmp,
+        "unknown.toml",
         "# comment\n[server]\nlisten = \"127.0.0.1:0\"\n\n[storage]\nretention = \"7d\"\nbogus_key = 1\n",
     );
-    let out = check_config(&file);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     let prefix = format!("{}:7:", file.display());
     assert!(stderr.contains(&prefix), "want {prefix:?} in: {stderr}");
     assert!(stderr.contains("storage.bogus_key"), "stderr: {stderr}");
 
     // A misspelt top-level table.
-    let file = tmp.path().join("top.toml");
-    write(
-        &file,
+    let (file, stderr) = refused(
+        &tmp,
+        "top.toml",
         "[server]\nmax_batch = 5\n\n[delivry]\ntimeout = \"5s\"\n",
     );
-    let out = check_config(&file);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     let prefix = format!("{}:4:", file.display());
     assert!(stderr.contains(&prefix), "want {prefix:?} in: {stderr}");
     assert!(stderr.contains("delivry"), "stderr: {stderr}");
 
     // Broken TOML.
-    let file = tmp.path().join("syntax.toml");
-    write(&file, "[server]\nlisten = \"127.0.0.1:0\n");
-    let out = check_config(&file);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let (file, stderr) = refused(&tmp, "syntax.toml", "[server]\nlisten = \"127.0.0.1:0\n");
     assert!(
         stderr.contains(&format!("{}:2:", file.display())),
         "stderr: {stderr}"
@@ -176,15 +177,12 @@ fn check_config_names_file_line_and_unknown_key() {
 
 fn check_config_names_unknown_key_in_array_of_tables() {
     let tmp = tempdir();
-    let file = tmp.path().join("sub.toml");
-    write(
-        &file,
+    let (file, stderr) = refused(
+        &tmp,
+        "sub.toml",
         "[[subscriptions]]\nid = \"crm\"\nurl = \"https://crm.example.com/hooks\"\n\
          secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\nbogus = 1\n",
     );
-    let out = check_config(&file);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(
         stderr.contains(&format!("{}:", file.display())),
         "stderr: {stderr}"
@@ -202,14 +200,11 @@ fn check_config_names_unknown_key_in_array_of_tables() {
 #[test]
 fn check_config_names_a_bad_duration() {
     let tmp = tempdir();
-    let file = tmp.path().join("dur.toml");
-    write(
-        &file,
+    let (file, stderr) = refused(
+        &tmp,
+        "dur.toml",
         "[delivery]\nmax_attempts = 3\ntimeout = \"thirty\"\n",
     );
-    let out = check_config(&file);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("delivery.timeout"), "stderr: {stderr}");
     assert!(
         stderr.contains(&format!("{}:3:", file.display())),
@@ -218,14 +213,11 @@ fn check_config_names_a_bad_duration() {
     assert!(stderr.contains("thirty"), "stderr: {stderr}");
 
     // Every problem of a file is reported, not only the first.
-    let file = tmp.path().join("many.toml");
-    write(
-        &file,
+    let (_, stderr) = refused(
+        &tmp,
+        "many.toml",
         "[server]\nmax_batch = 0\n\n[auth]\ntokens = [ { token = \"short\", scopes = [\"root\"] } ]\n",
     );
-    let out = check_config(&file);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     for key in [
         "server.max_batch",
         "auth.tokens[0].token",
@@ -239,11 +231,11 @@ fn check_config_names_a_bad_duration() {
 
 fn validation_errors_name_the_line() {
     let tmp = tempdir();
-    let file = tmp.path().join("zero.toml");
-    write(&file, "[delivery]\nmax_attempts = 3\ntimeout = \"0s\"\n");
-    let out = check_config(&file);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let (file, stderr) = refused(
+        &tmp,
+        "zero.toml",
+        "[delivery]\nmax_attempts = 3\ntimeout = \"0s\"\n",
+    );
     assert!(stderr.contains("delivery.timeout"), "stderr: {stderr}");
     assert!(
         stderr.contains(&format!("{}:3:", file.display())),

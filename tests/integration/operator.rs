@@ -68,15 +68,8 @@ async fn delete(d: &Daemon, path: &str) -> (u16, Value) {
 
 /// Publishes one event with the publish token; returns the answer (asserting 202).
 pub(crate) async fn publish(d: &Daemon, event_type: &str, data: Value) -> Value {
-    let (s, body) = d
-        .send(
-            d.http
-                .post(d.url("/v1/events"))
-                .bearer_auth(PUBLISH)
-                .header("content-type", "application/json")
-                .body(json!({"type": event_type, "data": data}).to_string()),
-        )
-        .await;
+    let body = json!({"type": event_type, "data": data});
+    let (s, body) = d.with_token(PUBLISH).post("/v1/events", &body).await;
     assert_eq!(s, 202, "publish failed: {body}");
     body
 }

@@ -336,34 +336,15 @@ mod tests {
     use redb::ReadableTableMetadata;
 
     use super::*;
-    use crate::metrics::Metrics;
+
     use crate::model::Attempt;
     use crate::storage::Store;
     use crate::storage::schema::*;
-    use crate::storage::writer::{self, AttemptRecord, NewEvent, Next, WriterConfig};
+    use crate::storage::writer::{self, AttemptRecord, Next};
 
     fn open() -> (tempfile::TempDir, Store, WriterHandle) {
-        let dir = match tempfile::tempdir() {
-            Ok(d) => d,
-            Err(e) => panic!("{e}"),
-        };
-        let store = match Store::open(&dir.path().join("t.redb"), 1 << 20, 1 << 20) {
-            Ok(s) => s,
-            Err(e) => panic!("{e}"),
-        };
-        let metrics = match Metrics::new() {
-            Ok(m) => Arc::new(m),
-            Err(e) => panic!("{e}"),
-        };
-        let cfg = WriterConfig {
-            max_batch: 8,
-            queue: 64,
-            clock: crate::clock::Clock::system(),
-        };
-        match writer::spawn(store.clone(), cfg, metrics, None) {
-            Ok((w, _join)) => (dir, store, w),
-            Err(e) => panic!("{e}"),
-        }
+        let (dir, store, w, _join) = writer::testing::open(8);
+        (dir, store, w)
     }
 
     /// Every index row agrees with the delivery records, and no row is left over.
@@ -430,18 +411,7 @@ mod tests {
     #[tokio::test]
     async fn the_failing_mark_follows_the_attempts() {
         let (_dir, store, w) = open();
-        let events = (0..2)
-            .map(|i| NewEvent {
-                id: format!("e{i}"),
-                event_type: "t".into(),
-                source: None,
-                data: "{}".into(),
-                idempotency_key: None,
-                subscriptions: vec![Arc::from("a"), Arc::from("b")],
-                ..NewEvent::default()
-            })
-            .collect();
-        if let Err(e) = w.publish(events).await {
+        if let Err(e) = w.publish(writer::testing::events(2, &["a", "b"])).await {
             panic!("{e}");
         }
         let retry = Next::Retry { at: i64::MAX / 2 };
@@ -523,18 +493,7 @@ mod tests {
     #[tokio::test]
     async fn operator_writes_keep_every_index_in_step() {
         let (_dir, store, w) = open();
-        let events = (0..4)
-            .map(|i| NewEvent {
-                id: format!("e{i}"),
-                event_type: "t".into(),
-                source: None,
-                data: "{}".into(),
-                idempotency_key: None,
-                subscriptions: vec![Arc::from("a"), Arc::from("b")],
-                ..NewEvent::default()
-            })
-            .collect();
-        if let Err(e) = w.publish(events).await {
+        if let Err(e) = w.publish(writer::testing::events(4, &["a", "b"])).await {
             panic!("{e}");
         }
         // 1..=8: make 1, 2 dead, 3 retrying, 4 succeeded; 5..8 stay pending.

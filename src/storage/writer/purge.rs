@@ -220,11 +220,10 @@ fn points_at(found: Option<u64>, want: u64) -> bool {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::{AttemptRecord, NewEvent, Next, WriterConfig, spawn};
+    use super::super::{AttemptRecord, NewEvent, Next};
     use super::*;
-    use crate::metrics::Metrics;
+
     use crate::model::{Attempt, now_micros};
-    use crate::storage::Store;
 
     fn event(n: u32) -> NewEvent {
         NewEvent {
@@ -256,19 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_decides_again_and_removes_everything_hanging_off_an_event() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&tmp.path().join("dispatchd.redb"), 1 << 20, 1 << 20).unwrap();
-        let (w, thread) = spawn(
-            store.clone(),
-            WriterConfig {
-                max_batch: 16,
-                queue: 16,
-                clock: crate::clock::Clock::system(),
-            },
-            Arc::new(Metrics::new().unwrap()),
-            None,
-        )
-        .unwrap();
+        let (tmp, store, w, thread) = super::super::testing::open(16);
         w.publish_batch(vec![event(1), event(2)], "bat_1".into())
             .await
             .unwrap();
