@@ -5,6 +5,7 @@ pub mod backup;
 mod expiry;
 pub mod inspect;
 pub mod journal;
+pub mod postgres;
 pub mod recovery;
 pub mod schema;
 pub mod writer;

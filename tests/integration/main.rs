@@ -13,6 +13,7 @@ mod inbound;
 mod ingest;
 mod operator;
 mod packaging;
+mod postgres;
 mod producers;
 mod retention;
 mod server;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod config;
+pub mod postgres;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};

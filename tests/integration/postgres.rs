@@ -1,0 +1,119 @@
+//! Cluster mode's PostgreSQL schema against a real server: migrations apply once when nodes
+//! start together, again is a no-op, and a database of a newer schema is refused.
+
+use dispatchd::storage::postgres::migrate::{self, MigrateError, SCHEMA_VERSION};
+
+use crate::support::postgres::Postgres;
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => panic!("connect {url}: {e}"),
+    };
+    tokio::spawn(conn);
+    client
+}
+
+/// Three nodes migrating one empty database at once: exactly one applies the schema (the
+/// others wait on the advisory lock and find it done), every table is there, and migrating
+/// again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_migrate_once() {
+    let pg = Postgres::start();
+    pg.create_db("nodes").await;
+    let url = pg.url("nodes");
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let url = url.clone();
+        runs.push(tokio::spawn(async move {
+            let mut c = connect(&url).await;
+            migrate::migrate(&mut c).await
+        }));
+    }
+    let mut froms = Vec::new();
+    for r in runs {
+        match r.await {
+            Ok(Ok(m)) => {
+                assert_eq!(m.to, SCHEMA_VERSION);
+                froms.push(m.from);
+            }
+            other => panic!("migration failed: {other:?}"),
+        }
+    }
+    froms.sort_unstable();
+    assert_eq!(
+        froms,
+        vec![0, SCHEMA_VERSION, SCHEMA_VERSION],
+        "applied once"
+    );
+
+    let c = connect(&url).await;
+    let tables: Vec<String> = match c
+        .query(
+            "SELECT table_name::text FROM information_schema.tables
+             WHERE table_schema = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => panic!("{e}"),
+    };
+    for t in [
+        "attempts",
+        "batches",
+        "deliveries",
+        "destination_leases",
+        "dispatchd_meta",
+        "events",
+        "nodes",
+        "receipt_ids",
+        "receipts",
+        "subscription_state",
+        "subscriptions",
+    ] {
+        assert!(tables.iter().any(|x| x == t), "{t} missing: {tables:?}");
+    }
+    let mut c = c;
+    match migrate::migrate(&mut c).await {
+        Ok(m) => assert_eq!((m.from, m.to), (SCHEMA_VERSION, SCHEMA_VERSION)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A database a newer dispatchd migrated is refused, with both versions named, and left as
+/// it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused() {
+    let pg = Postgres::start();
+    pg.create_db("newer").await;
+    let mut c = connect(&pg.url("newer")).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let newer = SCHEMA_VERSION + 5;
+    if let Err(e) = c
+        .execute(
+            "UPDATE dispatchd_meta SET value = $1 WHERE key = 'schema_version'",
+            &[&newer.to_string()],
+        )
+        .await
+    {
+        panic!("{e}");
+    }
+    match migrate::migrate(&mut c).await {
+        Err(e @ MigrateError::TooNew { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("schema version {newer}"))
+                    && msg.contains(&SCHEMA_VERSION.to_string()),
+                "{msg}"
+            );
+        }
+        other => panic!("a newer schema was accepted: {other:?}"),
+    }
+    match migrate::version(&c).await {
+        Ok(v) => assert_eq!(v, newer, "left as it was"),
+        Err(e) => panic!("{e}"),
+    }
+}
