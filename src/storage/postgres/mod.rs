@@ -1,6 +1,8 @@
 //! The PostgreSQL backend of cluster mode (`../shared/CLUSTER.md`, issue 17), under
 //! construction: so far its schema, as versioned SQL migrations embedded in the binary and
-//! applied under an advisory lock. Nothing in the daemon uses it yet; `storage.backend` is
-//! not a setting until the backend serves.
+//! applied under an advisory lock (`migrate`), and group-commit publishing with idempotency
+//! across nodes (`writer`). Nothing in the daemon uses it yet; `storage.backend` is not a
+//! setting until the backend serves.
 
 pub mod migrate;
+pub mod writer;

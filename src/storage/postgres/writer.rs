@@ -1,0 +1,238 @@
+//! Group commit on PostgreSQL: one writer task per node takes every publish waiting, applies
+//! them in one transaction with multi-row statements (events, then their deliveries, each one
+//! `INSERT … SELECT FROM unnest(…)`), commits, and only then answers each sender. A 2xx
+//! therefore means the event and all its deliveries are committed, as on the embedded
+//! backend.
+//!
+//! Idempotency holds across nodes: event ids and idempotency keys are unique in the table,
+//! and a row that conflicts is skipped (`ON CONFLICT DO NOTHING`). When two nodes publish the
+//! same id at once, PostgreSQL makes the second insert wait for the first transaction; once
+//! that commits the second finds the row and answers it as a duplicate.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{Event, Seq};
+use crate::storage::writer::{NewEvent, Published};
+
+/// Publishes taken into one transaction at most.
+const MAX_BATCH: usize = 1024;
+
+#[derive(Debug, Error, Clone)]
+pub enum PgWriteError {
+    #[error("database: {0}")]
+    Db(String),
+    #[error("the writer has stopped")]
+    Stopped,
+}
+
+impl From<tokio_postgres::Error> for PgWriteError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PgWriteError::Db(e.to_string())
+    }
+}
+
+struct Publish {
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<Vec<Published>, PgWriteError>>,
+}
+
+/// Sends publishes to the node's writer task.
+#[derive(Clone)]
+pub struct PgWriterHandle {
+    tx: mpsc::Sender<Publish>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl PgWriterHandle {
+    /// Appends events with their deliveries; resolves after the commit.
+    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<Published>, PgWriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Publish { events, reply })
+            .await
+            .map_err(|_| PgWriteError::Stopped)?;
+        rx.await.map_err(|_| PgWriteError::Stopped)?
+    }
+
+    /// Transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Starts the writer task over its own connection.
+pub fn spawn(client: tokio_postgres::Client) -> PgWriterHandle {
+    let (tx, rx) = mpsc::channel(65_536);
+    let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    tokio::spawn(run(client, rx, commits.clone()));
+    PgWriterHandle { tx, commits }
+}
+
+async fn run(
+    mut client: tokio_postgres::Client,
+    mut rx: mpsc::Receiver<Publish>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let events: Vec<&NewEvent> = batch.iter().flat_map(|p| p.events.iter()).collect();
+        match commit(&mut client, &events).await {
+            Ok(mut out) => {
+                commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The answers in the order the events came, handed back per sender.
+                for p in batch {
+                    let rest = out.split_off(p.events.len().min(out.len()));
+                    let mine = std::mem::replace(&mut out, rest);
+                    drop(p.reply.send(Ok(mine)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "publish transaction failed; nothing of it was stored");
+                for p in batch {
+                    drop(p.reply.send(Err(e.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction: the new events (duplicates skipped), their deliveries, commit.
+async fn commit(
+    client: &mut tokio_postgres::Client,
+    events: &[&NewEvent],
+) -> Result<Vec<Published>, PgWriteError> {
+    let now = crate::clock::now_micros();
+    let tx = client.transaction().await?;
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let sources: Vec<Option<&str>> = events.iter().map(|e| e.source.as_deref()).collect();
+    let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    let keys: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.idempotency_key.as_deref())
+        .collect();
+    let priorities: Vec<i16> = events
+        .iter()
+        .map(|e| i16::from(e.priority.rank()))
+        .collect();
+    let ordinals: Vec<i32> = (0..events.len())
+        .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+        .collect();
+    // In the order given, so seqs follow it; conflicting rows (an id or key already stored,
+    // or repeated within this batch) are skipped.
+    let inserted = tx
+        .query(
+            "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key, priority)
+             SELECT id, t, s, d, $6, k, p
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $7::smallint[], $8::int[])
+                  AS x(id, t, s, d, k, p, ord)
+             ORDER BY ord
+             ON CONFLICT DO NOTHING
+             RETURNING seq, id",
+            &[&ids, &types, &sources, &data, &keys, &now, &priorities, &ordinals],
+        )
+        .await?;
+    let mut created: std::collections::HashMap<String, Seq> = inserted
+        .iter()
+        .map(|r| {
+            let seq: i64 = r.get(0);
+            (r.get::<_, String>(1), u64::try_from(seq).unwrap_or(0))
+        })
+        .collect();
+    // Their deliveries, all in one statement.
+    let (mut d_seq, mut d_event, mut d_type, mut d_sub, mut d_prio) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut answered: Vec<Option<(Seq, u32)>> = Vec::with_capacity(events.len());
+    for e in events {
+        match created.remove(&e.id) {
+            Some(seq) => {
+                for s in &e.subscriptions {
+                    d_seq.push(i64::try_from(seq).unwrap_or(i64::MAX));
+                    d_event.push(e.id.as_str());
+                    d_type.push(e.event_type.as_str());
+                    d_sub.push(&**s);
+                    d_prio.push(i16::from(e.priority.rank()));
+                }
+                answered.push(Some((
+                    seq,
+                    u32::try_from(e.subscriptions.len()).unwrap_or(0),
+                )));
+            }
+            None => answered.push(None),
+        }
+    }
+    if !d_seq.is_empty() {
+        tx.execute(
+            "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
+                                     attempts, next_attempt_at, created_at, updated_at, origin, priority)
+             SELECT seq, id, t, sub, 0, 0, $6, $6, $6, 0, p
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::smallint[])
+                  AS x(seq, id, t, sub, p)",
+            &[&d_seq, &d_event, &d_type, &d_sub, &d_prio, &now],
+        )
+        .await?;
+    }
+    // Duplicates answer the event already stored (by id, or by idempotency key).
+    let mut out = Vec::with_capacity(events.len());
+    for (e, a) in events.iter().zip(answered) {
+        match a {
+            Some((seq, deliveries)) => out.push(Published::Created {
+                seq,
+                id: e.id.clone(),
+                deliveries,
+            }),
+            None => out.push(duplicate(&tx, e).await?),
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// The stored event a skipped one duplicates, with its delivery count.
+async fn duplicate(
+    tx: &tokio_postgres::Transaction<'_>,
+    e: &NewEvent,
+) -> Result<Published, PgWriteError> {
+    let row = tx
+        .query_one(
+            "SELECT seq, id, event_type, source, data, received_at, idempotency_key, priority,
+                    (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
+             FROM events
+             WHERE id = $1 OR ($2::text IS NOT NULL AND idempotency_key = $2)
+             ORDER BY seq LIMIT 1",
+            &[&e.id, &e.idempotency_key],
+        )
+        .await?;
+    let seq: i64 = row.get(0);
+    let prio: i16 = row.get(7);
+    let deliveries: i64 = row.get(8);
+    let event = Event {
+        id: row.get(1),
+        event_type: row.get(2),
+        source: row.get(3),
+        data: row.get(4),
+        received_at: row.get(5),
+        idempotency_key: row.get(6),
+        receipt: None,
+        priority: crate::model::Priority::ALL
+            .into_iter()
+            .find(|p| i16::from(p.rank()) == prio)
+            .unwrap_or_default(),
+        batch: None,
+        callback: None,
+    };
+    Ok(Published::Duplicate {
+        seq: u64::try_from(seq).unwrap_or(0),
+        event: Box::new(event),
+        deliveries: u32::try_from(deliveries).unwrap_or(u32::MAX),
+    })
+}
