@@ -251,3 +251,87 @@ async fn group_commit_and_idempotency_across_nodes() {
         );
     }
 }
+
+/// Leases across nodes (the clock passed in, so minutes pass in a test): two nodes share the
+/// destinations between them, disjoint and about evenly; when one stops heartbeating the
+/// other takes its destinations once their lease ends, each with a new epoch, and the dead
+/// node's epoch no longer holds (its late writes are fenced off); a node that joins later
+/// gets its share; a node that releases at shutdown hands its leases over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_spread_move_on_death_fence_and_rebalance() {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use dispatchd::storage::postgres::leases;
+    let pg = Postgres::start();
+    pg.create_db("leases").await;
+    let mut c = connect(&pg.url("leases")).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let lease = Duration::from_secs(10);
+    let sec = 1_000_000i64;
+    let t0 = 1_700_000_000 * sec;
+    let dests: Vec<String> = (0..40).map(|i| format!("sub-{i}")).collect();
+    let round = |node: &'static str, now: i64| {
+        let (c, dests) = (&c, &dests);
+        async move {
+            match leases::balance(c, node, dests, now, lease).await {
+                Ok(b) => b,
+                Err(e) => panic!("{node}: {e}"),
+            }
+        }
+    };
+    let keys = |b: &leases::Balance| b.held.keys().cloned().collect::<HashSet<String>>();
+
+    // A alone takes everything; B appears, A gives up B's share, B takes it.
+    let a = round("node-a", t0).await;
+    assert_eq!(a.held.len(), 40);
+    let b = round("node-b", t0 + sec).await;
+    assert!(b.held.is_empty(), "still A's: {:?}", b.held);
+    let a = round("node-a", t0 + 2 * sec).await;
+    let b = round("node-b", t0 + 3 * sec).await;
+    let (ka, kb) = (keys(&a), keys(&b));
+    assert!(ka.is_disjoint(&kb));
+    assert_eq!(ka.len() + kb.len(), 40);
+    assert!(
+        ka.len() >= 10 && kb.len() >= 10,
+        "{} / {}",
+        ka.len(),
+        kb.len()
+    );
+    assert_eq!(a.released.len(), kb.len());
+
+    // B dies. Before its leases end A cannot take them; after, it takes them all.
+    let a2 = round("node-a", t0 + 5 * sec).await;
+    assert_eq!(keys(&a2), ka, "B's leases still run");
+    let after = t0 + 3 * sec + 10 * sec + sec;
+    let a3 = round("node-a", after).await;
+    assert_eq!(a3.held.len(), 40, "{:?}", a3.held.len());
+    for d in &kb {
+        let old = b.held[d].epoch;
+        let new = a3.held[d].epoch;
+        assert_eq!(new, old + 1, "{d}: a new epoch");
+        let fenced = leases::holds(&c, d, "node-b", old, after).await;
+        assert!(matches!(fenced, Ok(false)), "B's epoch still holds {d}");
+        let owns = leases::holds(&c, d, "node-a", new, after).await;
+        assert!(matches!(owns, Ok(true)), "A does not hold {d}");
+    }
+
+    // C joins later and gets its share; then A shuts down and hands everything to C.
+    let c1 = round("node-c", after + sec).await;
+    assert!(c1.held.is_empty());
+    let a4 = round("node-a", after + 2 * sec).await;
+    let c2 = round("node-c", after + 3 * sec).await;
+    assert_eq!(keys(&a4).len() + keys(&c2).len(), 40);
+    assert!(c2.held.len() >= 10, "C's share: {}", c2.held.len());
+    assert_eq!(c2.taken.len(), c2.held.len());
+    match leases::release_all(&c, "node-a").await {
+        Ok(n) => assert_eq!(n as usize, 40 - c2.held.len()),
+        Err(e) => panic!("{e}"),
+    }
+    // A left the cluster: C takes everything at its next round, not a lease period later.
+    let c3 = round("node-c", after + 4 * sec).await;
+    assert_eq!(c3.held.len(), 40);
+    assert_eq!(c3.taken.len(), 40 - c2.held.len());
+}
