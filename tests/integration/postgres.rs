@@ -335,3 +335,62 @@ async fn leases_spread_move_on_death_fence_and_rebalance() {
     assert_eq!(c3.held.len(), 40);
     assert_eq!(c3.taken.len(), 40 - c2.held.len());
 }
+
+/// New deliveries reach the node that listens as soon as their transaction commits (one
+/// notification per destination with work, none for a publish with no deliveries), and a
+/// scan of due deliveries finds them for the destinations asked about and no others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
+    use std::time::Duration;
+
+    use dispatchd::storage::postgres::{notify, writer};
+    let pg = Postgres::start();
+    pg.create_db("notify").await;
+    let url = pg.url("notify");
+    let mut c = connect(&url).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let mut heard = match notify::listen(&url).await {
+        Ok(rx) => rx,
+        Err(e) => panic!("{e}"),
+    };
+    let node_b = writer::spawn(connect(&url).await);
+    let published = node_b
+        .publish(vec![
+            event("n-1", None, &["crm", "erp"]),
+            event("n-2", None, &["crm"]),
+            event("n-3", None, &[]),
+        ])
+        .await;
+    assert!(published.is_ok(), "{published:?}");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match tokio::time::timeout(Duration::from_secs(30), heard.recv()).await {
+            Ok(Some(d)) => got.push(d),
+            other => panic!("no notification: {other:?} (got {got:?})"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec!["crm", "erp"], "one per destination with work");
+
+    let now = dispatchd::clock::now_micros() + 1;
+    let due = match notify::due(&c, &["crm"], now, 100).await {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(due.len(), 2, "{due:?}");
+    assert!(due.iter().all(|d| d.destination == "crm"));
+    assert!(
+        due.windows(2)
+            .all(|w| (w[0].at, w[0].delivery) <= (w[1].at, w[1].delivery))
+    );
+    let none = match notify::due(&c, &["crm"], 0, 100).await {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(
+        none.is_empty(),
+        "nothing is due before it was made: {none:?}"
+    );
+}

@@ -180,6 +180,8 @@ async fn commit(
             &[&d_seq, &d_event, &d_type, &d_sub, &d_prio, &now],
         )
         .await?;
+        // Delivered to listeners when this commits, never if it rolls back.
+        super::notify::announce(&tx, &d_sub).await?;
     }
     // Duplicates answer the event already stored (by id, or by idempotency key).
     let mut out = Vec::with_capacity(events.len());

@@ -1,0 +1,103 @@
+//! How new work reaches the node that owns its destination: LISTEN/NOTIFY as the fast path,
+//! a scan of due deliveries as the correctness path.
+//!
+//! The transaction that makes deliveries notifies `dispatchd_due` with each destination's
+//! id; PostgreSQL delivers a notification only when that transaction commits, and never for
+//! one that rolls back. A node listens and hands what it hears to the destinations it holds.
+//! A notification can still be lost (a dropped connection, a node that restarts), and some
+//! PostgreSQL-compatible databases have no NOTIFY at all: every node also scans its held
+//! destinations' due deliveries periodically (`due`), so a lost notification only costs
+//! latency.
+
+use std::future::poll_fn;
+
+use tokio::sync::mpsc;
+
+use crate::model::{DeliveryId, Micros};
+
+/// The channel new deliveries are announced on; the payload is the destination's id.
+pub const CHANNEL: &str = "dispatchd_due";
+
+/// Announces, within the caller's transaction, that these destinations have new work.
+pub async fn announce(
+    tx: &impl tokio_postgres::GenericClient,
+    destinations: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "SELECT pg_notify($1, d) FROM (SELECT DISTINCT unnest($2::text[]) AS d) x",
+        &[&CHANNEL, &destinations],
+    )
+    .await
+    .map(drop)
+}
+
+/// Listens on its own connection to `url`; answers the destinations announced, as they
+/// come. The channel closes when the connection ends (the caller reconnects; its scans cover
+/// the gap).
+pub async fn listen(url: &str) -> Result<mpsc::UnboundedReceiver<String>, tokio_postgres::Error> {
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let heard = tx.clone();
+    // Drives the connection: queries' answers, and the notifications they do not ask for.
+    tokio::spawn(async move {
+        while let Some(msg) = poll_fn(|cx| conn.poll_message(cx)).await {
+            match msg {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if heard.send(n.payload().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the notification connection ended");
+                    return;
+                }
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // The session (and its LISTEN) lasts while someone receives.
+    tokio::spawn(async move {
+        tx.closed().await;
+        drop(client);
+    });
+    Ok(rx)
+}
+
+/// One due delivery found by a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub delivery: DeliveryId,
+    pub destination: String,
+    pub at: Micros,
+    pub priority: i16,
+}
+
+/// The deliveries of these destinations due by `until`, earliest first, at most `limit`.
+pub async fn due(
+    c: &impl tokio_postgres::GenericClient,
+    destinations: &[&str],
+    until: Micros,
+    limit: i64,
+) -> Result<Vec<Due>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT id, subscription, next_attempt_at, priority FROM deliveries
+             WHERE subscription = ANY($1::text[]) AND next_attempt_at <= $2
+             ORDER BY next_attempt_at, id LIMIT $3",
+            &[&destinations, &until, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Due {
+            delivery: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+            destination: r.get(1),
+            at: r.get(2),
+            priority: r.get(3),
+        })
+        .collect())
+}
