@@ -394,3 +394,115 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
         "nothing is due before it was made: {none:?}"
     );
 }
+
+/// Outcomes are recorded under the lease: the holder's are committed (the attempt appended,
+/// the delivery moved on); once another node has taken the destination over, the old
+/// holder's outcomes are refused whole and change nothing, while the new holder's go in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dispatchd::model::{Attempt, DeliveryStatus};
+    use dispatchd::storage::postgres::{leases, writer};
+    use dispatchd::storage::writer::{AttemptRecord, Next, Published};
+    let pg = Postgres::start();
+    pg.create_db("fence").await;
+    let url = pg.url("fence");
+    let mut c = connect(&url).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let w = writer::spawn(connect(&url).await);
+    match w
+        .publish(vec![event("f-1", None, &["crm"])])
+        .await
+        .as_deref()
+    {
+        Ok([Published::Created { .. }]) => {}
+        other => panic!("{other:?}"),
+    }
+    let delivery: i64 = match c
+        .query_one("SELECT id FROM deliveries WHERE event_id = 'f-1'", &[])
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(e) => panic!("{e}"),
+    };
+    let lease = Duration::from_secs(10);
+    let dests = vec!["crm".to_string()];
+    let now = dispatchd::clock::now_micros();
+    let a = match leases::balance(&c, "node-a", &dests, now, lease).await {
+        Ok(b) => b.held["crm"].epoch,
+        Err(e) => panic!("{e}"),
+    };
+    let outcome = |status: u16, next: Next| AttemptRecord {
+        delivery: u64::try_from(delivery).unwrap_or(0),
+        subscription: Arc::from("crm"),
+        attempt: Attempt {
+            started_at: dispatchd::clock::now_micros(),
+            duration_us: 1000,
+            status_code: Some(status),
+            error: None,
+            response_body: String::new(),
+        },
+        error: (status >= 500).then(|| format!("HTTP {status}")),
+        next,
+    };
+    let mut ca = connect(&url).await;
+    let retry_at = now + 60_000_000;
+    let r = writer::record_attempts(
+        &mut ca,
+        ("crm", "node-a", a),
+        &[outcome(503, Next::Retry { at: retry_at })],
+    )
+    .await;
+    assert!(matches!(r, Ok(writer::Recorded::Committed)), "{r:?}");
+    let retrying = i16::from(DeliveryStatus::Retrying.code());
+    assert_eq!(state(&c, delivery).await, (retrying, 1, 1));
+
+    // Node B takes over once A's lease has ended (A stopped heartbeating).
+    let later = now + 3 * 10_000_000;
+    let b = match leases::balance(&c, "node-b", &dests, later, lease).await {
+        Ok(b) => b.held["crm"].epoch,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(b, a + 1);
+    let late = writer::record_attempts(
+        &mut ca,
+        ("crm", "node-a", a),
+        &[outcome(200, Next::Succeeded)],
+    )
+    .await;
+    assert!(matches!(late, Ok(writer::Recorded::Fenced)), "{late:?}");
+    assert_eq!(
+        state(&c, delivery).await,
+        (retrying, 1, 1),
+        "the fenced outcome changed nothing"
+    );
+    let mut cb = connect(&url).await;
+    let r = writer::record_attempts(
+        &mut cb,
+        ("crm", "node-b", b),
+        &[outcome(200, Next::Succeeded)],
+    )
+    .await;
+    assert!(matches!(r, Ok(writer::Recorded::Committed)), "{r:?}");
+    let succeeded = i16::from(DeliveryStatus::Succeeded.code());
+    assert_eq!(state(&c, delivery).await, (succeeded, 2, 2));
+}
+
+/// A delivery's status, attempt count, and attempts kept.
+async fn state(c: &tokio_postgres::Client, delivery: i64) -> (i16, i32, i64) {
+    match c
+        .query_one(
+            "SELECT status, attempts, (SELECT count(*) FROM attempts WHERE delivery = $1)
+             FROM deliveries WHERE id = $1",
+            &[&delivery],
+        )
+        .await
+    {
+        Ok(r) => (r.get(0), r.get(1), r.get(2)),
+        Err(e) => panic!("{e}"),
+    }
+}

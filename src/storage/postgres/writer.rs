@@ -238,3 +238,95 @@ async fn duplicate(
         deliveries: u32::try_from(deliveries).unwrap_or(u32::MAX),
     })
 }
+
+/// What recording a destination's outcomes came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Every outcome is committed.
+    Committed,
+    /// The node no longer holds the destination's lease under that epoch: nothing was
+    /// written, and the node must drop the destination.
+    Fenced,
+}
+
+/// Records a destination's attempt outcomes in one transaction, fenced by its lease: the
+/// transaction first checks (and share-locks) that `node` still holds `destination` under
+/// `epoch`, so a node that lost its lease — a pause, a partition — writes nothing. As on the
+/// embedded backend, each attempt is appended and its delivery moves on (succeeded, retrying
+/// at its next time, or dead) unless it was made terminal meanwhile (cancelled while in
+/// flight): then only the attempt is kept.
+pub async fn record_attempts(
+    client: &mut tokio_postgres::Client,
+    (destination, node, epoch): (&str, &str, i64),
+    records: &[crate::storage::writer::AttemptRecord],
+) -> Result<Recorded, PgWriteError> {
+    use crate::storage::writer::Next;
+    let now = crate::clock::now_micros();
+    let tx = client.transaction().await?;
+    if !super::leases::holds(&tx, destination, node, epoch, now).await? {
+        tx.rollback().await?;
+        return Ok(Recorded::Fenced);
+    }
+    for r in records {
+        let id = i64::try_from(r.delivery).unwrap_or(i64::MAX);
+        // The next attempt's number, and the delivery locked against a concurrent operator.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT attempts, status FROM deliveries WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?
+        else {
+            tracing::warn!(
+                delivery = r.delivery,
+                "attempt for an unknown delivery ignored"
+            );
+            continue;
+        };
+        let n: i32 = row.get::<_, i32>(0) + 1;
+        let status: i16 = row.get(1);
+        let a = &r.attempt;
+        tx.execute(
+            "INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error, response_body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &id,
+                &n,
+                &a.started_at,
+                &i64::try_from(a.duration_us).unwrap_or(i64::MAX),
+                &a.status_code.map(i32::from),
+                &a.error,
+                &a.response_body,
+            ],
+        )
+        .await?;
+        let terminal = crate::model::DeliveryStatus::from_code(u8::try_from(status).unwrap_or(0))
+            .is_some_and(crate::model::DeliveryStatus::is_terminal);
+        use crate::model::DeliveryStatus as S;
+        let (new_status, next_at, dead_at): (i16, Option<i64>, Option<i64>) = match r.next {
+            _ if terminal => (status, None, None),
+            Next::Succeeded => (i16::from(S::Succeeded.code()), None, None),
+            Next::Retry { at } => (i16::from(S::Retrying.code()), Some(at), None),
+            Next::Dead => (i16::from(S::Dead.code()), None, Some(now)),
+        };
+        tx.execute(
+            "UPDATE deliveries SET attempts = $2, status = $3, next_attempt_at = $4,
+                    last_error = CASE WHEN $7 THEN last_error ELSE $5 END,
+                    updated_at = $6, dead_at = COALESCE($8, dead_at)
+             WHERE id = $1",
+            &[
+                &id,
+                &n,
+                &new_status,
+                &next_at,
+                &r.error,
+                &now,
+                &terminal,
+                &dead_at,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Recorded::Committed)
+}
