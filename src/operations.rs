@@ -42,12 +42,22 @@ pub struct Replayed {
     pub events: u64,
 }
 
-/// Makes new deliveries of the selected events to `targets` (those of their subscriptions
-/// whose patterns and filters want them; with `patterns`, only events of those types).
+/// Which destinations a replay makes deliveries for.
+pub struct Targets<'a> {
+    /// Subscriptions: each gets the events its patterns and filters want.
+    pub subscriptions: &'a [Arc<Subscription>],
+    /// Also each event's own callback, to its host's destination.
+    pub callbacks: bool,
+    /// Only the callbacks to this host's destination (`callback:…`).
+    pub callback_host: Option<&'a str>,
+}
+
+/// Makes new deliveries of the selected events to the targets (with `patterns`, only events
+/// of those types).
 pub async fn replay(
     store: &Store,
     writer: &WriterHandle,
-    targets: &[Arc<Subscription>],
+    targets: Targets<'_>,
     patterns: Option<&[TypePattern]>,
     selection: Selection,
 ) -> Result<Replayed, OpError> {
@@ -58,8 +68,15 @@ pub async fn replay(
         if patterns.is_some_and(|ps| !ps.iter().any(|p| p.matches(&e.event_type))) {
             return;
         }
-        for s in fan_out(targets, &e.event_type, &e.data) {
+        for s in fan_out(targets.subscriptions, &e.event_type, &e.data) {
             pending.push((seq, Arc::from(s.id.as_str())));
+        }
+        let callback = e.callback.as_ref().filter(|_| targets.callbacks);
+        if let Some(url) = callback.and_then(|c| reqwest::Url::parse(&c.url).ok()) {
+            let id = crate::callbacks::destination_id(&url);
+            if targets.callback_host.is_none_or(|h| h == &*id) {
+                pending.push((seq, id));
+            }
         }
     };
     let mut made = 0u64;

@@ -107,7 +107,13 @@ pub async fn replay(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
         return Err(invalid_replay("event_types, when given, needs a pattern"));
     }
     let subs = st.registry.snapshot();
+    // A callback host's destination (`callback:…`) replays events' own callbacks.
+    let callbacks = r
+        .subscription
+        .as_deref()
+        .is_none_or(crate::callbacks::is_callback);
     let targets: Vec<_> = match &r.subscription {
+        Some(id) if crate::callbacks::is_callback(id) => Vec::new(),
         Some(id) => {
             let Some(s) = subs.iter().find(|s| &s.id == id) else {
                 return Err(ApiError::not_found(format!(
@@ -127,7 +133,14 @@ pub async fn replay(st: &ApiState, req: super::Req) -> Result<Resp, ApiError> {
     let done = operations::replay(
         &st.store,
         &st.writer,
-        &targets,
+        operations::Targets {
+            subscriptions: &targets,
+            callbacks,
+            callback_host: r
+                .subscription
+                .as_deref()
+                .filter(|s| crate::callbacks::is_callback(s)),
+        },
         patterns.as_deref(),
         selection,
     )

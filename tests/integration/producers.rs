@@ -643,6 +643,16 @@ async fn a_callback_is_delivered_signed_with_its_own_secret_and_refused_where_it
         .await;
     assert_eq!(dl["items"].as_array().map(Vec::len), Some(1), "{dl}");
     assert_eq!(dl["items"][0]["status"], "succeeded", "{dl}");
+    // Replayable: the event again to its callback, by event or by the callback's host.
+    for body in [
+        json!({"event_id": event_id}),
+        json!({"event_id": event_id, "subscription": host}),
+    ] {
+        let (s, r) = d.post("/v1/replay", &body).await;
+        assert_eq!((s, r["deliveries"].as_u64()), (200, Some(1)), "{body}: {r}");
+    }
+    let again = rx.wait_for(3, WAIT).await;
+    assert!(again.iter().all(|r| r.path == "/cb"), "{again:?}");
 
     // Refusals store nothing.
     let guarded = Daemon::start(
