@@ -506,3 +506,114 @@ async fn state(c: &tokio_postgres::Client, delivery: i64) -> (i16, i32, i64) {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// An inbound provider request is stored once across nodes: the same delivery id received
+/// by two nodes at once, or again later, is one receipt and one event; a body's fingerprint
+/// counts within its window and not after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_receipts_are_stored_once_across_nodes() {
+    use dispatchd::model::Receipt;
+    use dispatchd::storage::postgres::writer;
+    use dispatchd::storage::writer::{Ingested, NewReceipt};
+    let pg = Postgres::start();
+    pg.create_db("inbound").await;
+    let url = pg.url("inbound");
+    let mut c = connect(&url).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let receipt =
+        |delivery: Option<&str>, body: &str, fp: Option<(&str, i64)>, at: i64| NewReceipt {
+            receipt: Receipt {
+                source: "github".into(),
+                method: "POST".into(),
+                headers: vec![("x-github-event".into(), "push".into())],
+                body: body.as_bytes().to_vec(),
+                received_at: at,
+                scheme: "github".into(),
+                signed_timestamp: None,
+                delivery_id: delivery.map(str::to_string),
+                event_id: String::new(),
+                event_seq: 0,
+            },
+            fingerprint: fp.map(|(f, nb)| (f.to_string(), nb)),
+        };
+    let now = dispatchd::clock::now_micros();
+    let (mut a, mut b) = (connect(&url).await, connect(&url).await);
+    for round in 0..5 {
+        let did = format!("delivery-{round}");
+        let (ra, rb) = tokio::join!(
+            writer::ingest(
+                &mut a,
+                receipt(Some(&did), "{}", None, now),
+                event(&format!("in-a-{round}"), None, &["crm"])
+            ),
+            writer::ingest(
+                &mut b,
+                receipt(Some(&did), "{}", None, now),
+                event(&format!("in-b-{round}"), None, &["crm"])
+            ),
+        );
+        let created = [&ra, &rb]
+            .iter()
+            .filter(|r| matches!(r, Ok(Ingested::Created { .. })))
+            .count();
+        let dups = [&ra, &rb]
+            .iter()
+            .filter(|r| matches!(r, Ok(Ingested::Duplicate { .. })))
+            .count();
+        assert_eq!((created, dups), (1, 1), "{ra:?} {rb:?}");
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM receipts WHERE delivery_id = $1",
+                &did
+            )
+            .await,
+            1
+        );
+    }
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM events WHERE id LIKE $1", "in-%").await,
+        5
+    );
+
+    // Fingerprints: a repeat within the window is a duplicate; one after it is new.
+    let fp = "body sha256:abc";
+    let first = writer::ingest(
+        &mut a,
+        receipt(None, "{\"a\":1}", Some((fp, now - 1_000)), now),
+        event("fp-1", None, &["crm"]),
+    )
+    .await;
+    assert!(matches!(first, Ok(Ingested::Created { .. })), "{first:?}");
+    let again = writer::ingest(
+        &mut b,
+        receipt(None, "{\"a\":1}", Some((fp, now - 1_000)), now + 10),
+        event("fp-2", None, &["crm"]),
+    )
+    .await;
+    assert!(
+        matches!(again, Ok(Ingested::Duplicate { ref event_id, .. }) if event_id == "fp-1"),
+        "{again:?}"
+    );
+    let later = now + 86_400_000_000;
+    let past_window = writer::ingest(
+        &mut b,
+        receipt(None, "{\"a\":1}", Some((fp, later - 1_000)), later),
+        event("fp-3", None, &["crm"]),
+    )
+    .await;
+    assert!(
+        matches!(past_window, Ok(Ingested::Created { .. })),
+        "{past_window:?}"
+    );
+    // The event points at its receipt and the receipt at its event.
+    let linked = count(
+        &c,
+        "SELECT count(*) FROM events e JOIN receipts r ON r.id = e.receipt AND r.event_seq = e.seq WHERE e.id = $1",
+        "fp-3",
+    )
+    .await;
+    assert_eq!(linked, 1);
+}

@@ -110,8 +110,21 @@ async fn commit(
     client: &mut tokio_postgres::Client,
     events: &[&NewEvent],
 ) -> Result<Vec<Published>, PgWriteError> {
-    let now = crate::clock::now_micros();
     let tx = client.transaction().await?;
+    let out = insert_events(&tx, events, None).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Writes events (those not stored yet) with their deliveries, announces the destinations
+/// that got work, and answers each event's outcome in order. `receipt` names the inbound
+/// receipt the events came from.
+async fn insert_events(
+    tx: &tokio_postgres::Transaction<'_>,
+    events: &[&NewEvent],
+    receipt: Option<i64>,
+) -> Result<Vec<Published>, PgWriteError> {
+    let now = crate::clock::now_micros();
     let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let sources: Vec<Option<&str>> = events.iter().map(|e| e.source.as_deref()).collect();
@@ -131,14 +144,14 @@ async fn commit(
     // or repeated within this batch) are skipped.
     let inserted = tx
         .query(
-            "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key, priority)
-             SELECT id, t, s, d, $6, k, p
+            "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key, priority, receipt)
+             SELECT id, t, s, d, $6, k, p, $9
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $7::smallint[], $8::int[])
                   AS x(id, t, s, d, k, p, ord)
              ORDER BY ord
              ON CONFLICT DO NOTHING
              RETURNING seq, id",
-            &[&ids, &types, &sources, &data, &keys, &now, &priorities, &ordinals],
+            &[&ids, &types, &sources, &data, &keys, &now, &priorities, &ordinals, &receipt],
         )
         .await?;
     let mut created: std::collections::HashMap<String, Seq> = inserted
@@ -181,7 +194,7 @@ async fn commit(
         )
         .await?;
         // Delivered to listeners when this commits, never if it rolls back.
-        super::notify::announce(&tx, &d_sub).await?;
+        super::notify::announce(tx, &d_sub).await?;
     }
     // Duplicates answer the event already stored (by id, or by idempotency key).
     let mut out = Vec::with_capacity(events.len());
@@ -192,10 +205,9 @@ async fn commit(
                 id: e.id.clone(),
                 deliveries,
             }),
-            None => out.push(duplicate(&tx, e).await?),
+            None => out.push(duplicate(tx, e).await?),
         }
     }
-    tx.commit().await?;
     Ok(out)
 }
 
@@ -329,4 +341,104 @@ pub async fn record_attempts(
     }
     tx.commit().await?;
     Ok(Recorded::Committed)
+}
+
+/// Stores an inbound provider request as a receipt with the event made from it (and its
+/// deliveries), in one transaction, unless the source has seen it: by the provider's
+/// delivery id, or by the body's fingerprint while the earlier receipt is within the window.
+/// Two nodes receiving the same delivery at once store it once: the second's claim on the
+/// de-duplication key waits for the first transaction and then finds the key taken.
+pub async fn ingest(
+    client: &mut tokio_postgres::Client,
+    new: crate::storage::writer::NewReceipt,
+    event: NewEvent,
+) -> Result<crate::storage::writer::Ingested, PgWriteError> {
+    use crate::storage::writer::Ingested;
+    let r = &new.receipt;
+    let tx = client.transaction().await?;
+    let headers = serde_json::to_string(&r.headers).map_err(|e| PgWriteError::Db(e.to_string()))?;
+    let receipt_id: i64 = tx
+        .query_one(
+            "INSERT INTO receipts (source, method, headers, body, received_at, scheme,
+                                   signed_timestamp, delivery_id, event_id, event_seq)
+             VALUES ($1, $2, $3::text::jsonb, $4, $5, $6, $7, $8, $9, 0) RETURNING id",
+            &[
+                &r.source,
+                &r.method,
+                &headers,
+                &r.body,
+                &r.received_at,
+                &r.scheme,
+                &r.signed_timestamp,
+                &r.delivery_id,
+                &event.id,
+            ],
+        )
+        .await?
+        .get(0);
+    // Claim the de-duplication keys; a key held by a receipt that still counts wins.
+    let claims: Vec<(&str, Option<crate::model::Micros>)> = r
+        .delivery_id
+        .iter()
+        .map(|d| (d.as_str(), None))
+        .chain(
+            new.fingerprint
+                .iter()
+                .map(|(fp, nb)| (fp.as_str(), Some(*nb))),
+        )
+        .collect();
+    for (key, not_before) in claims {
+        let claimed = tx
+            .query_opt(
+                "INSERT INTO receipt_ids (source, key, receipt) VALUES ($1, $2, $3)
+                 ON CONFLICT (source, key) DO UPDATE SET receipt = excluded.receipt
+                 WHERE $4::bigint IS NOT NULL
+                   AND (SELECT received_at FROM receipts WHERE id = receipt_ids.receipt) < $4
+                 RETURNING receipt",
+                &[&r.source, &key, &receipt_id, &not_before],
+            )
+            .await?;
+        if claimed.is_none() {
+            let seen = tx
+                .query_one(
+                    "SELECT r.id, r.event_id FROM receipt_ids k JOIN receipts r ON r.id = k.receipt
+                     WHERE k.source = $1 AND k.key = $2",
+                    &[&r.source, &key],
+                )
+                .await?;
+            tx.rollback().await?;
+            let id: i64 = seen.get(0);
+            return Ok(Ingested::Duplicate {
+                receipt_id: u64::try_from(id).unwrap_or(0),
+                event_id: seen.get(1),
+            });
+        }
+    }
+    let out = insert_events(&tx, &[&event], Some(receipt_id)).await?;
+    let Some(Published::Created {
+        seq,
+        id,
+        deliveries,
+    }) = out.into_iter().next()
+    else {
+        // Callers mint a fresh event id and no idempotency key: a clash is a bug.
+        tx.rollback().await?;
+        return Err(PgWriteError::Db(format!(
+            "inbound event id {} collides with a stored event",
+            event.id
+        )));
+    };
+    let seq_db = i64::try_from(seq).unwrap_or(i64::MAX);
+    tx.execute(
+        "UPDATE receipts SET event_seq = $2 WHERE id = $1",
+        &[&receipt_id, &seq_db],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Ingested::Created {
+        receipt_id: u64::try_from(receipt_id).unwrap_or(0),
+        seq,
+        event_id: id,
+        deliveries,
+    })
 }
