@@ -617,3 +617,152 @@ async fn inbound_receipts_are_stored_once_across_nodes() {
     .await;
     assert_eq!(linked, 1);
 }
+
+/// Operator writes keep the embedded backend's rules: a retry makes a dead delivery due now
+/// with its attempts kept and refuses a succeeded one; a redrive (only dead) leaves others
+/// alone; a cancel stops a live delivery and refuses a terminal one; replay makes new
+/// deliveries of stored events and skips events that are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_writes_follow_the_embedded_rules() {
+    use std::sync::Arc;
+
+    use dispatchd::model::{Attempt, DeliveryStatus, Origin};
+    use dispatchd::storage::postgres::{leases, operator, writer};
+    use dispatchd::storage::writer::{AttemptRecord, CancelOutcome, Next, RetryOutcome};
+    let pg = Postgres::start();
+    pg.create_db("operator").await;
+    let url = pg.url("operator");
+    let mut c = connect(&url).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let w = writer::spawn(connect(&url).await);
+    if let Err(e) = w
+        .publish(vec![
+            event("o-1", None, &["crm"]),
+            event("o-2", None, &["crm"]),
+            event("o-3", None, &["crm"]),
+        ])
+        .await
+    {
+        panic!("{e}");
+    }
+    let ids: Vec<u64> = match c.query("SELECT id FROM deliveries ORDER BY id", &[]).await {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+            .collect(),
+        Err(e) => panic!("{e}"),
+    };
+    // 1 dies, 2 succeeds, 3 stays pending: recorded under a lease, as a node would.
+    let now = dispatchd::clock::now_micros();
+    let epoch = match leases::balance(
+        &c,
+        "node-a",
+        &["crm".to_string()],
+        now,
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    {
+        Ok(b) => b.held["crm"].epoch,
+        Err(e) => panic!("{e}"),
+    };
+    let rec = |id: u64, status: u16, next: Next| AttemptRecord {
+        delivery: id,
+        subscription: Arc::from("crm"),
+        attempt: Attempt {
+            started_at: now,
+            duration_us: 1,
+            status_code: Some(status),
+            error: None,
+            response_body: String::new(),
+        },
+        error: None,
+        next,
+    };
+    let mut ca = connect(&url).await;
+    let r = writer::record_attempts(
+        &mut ca,
+        ("crm", "node-a", epoch),
+        &[
+            rec(ids[0], 500, Next::Dead),
+            rec(ids[1], 200, Next::Succeeded),
+        ],
+    )
+    .await;
+    assert!(matches!(r, Ok(writer::Recorded::Committed)), "{r:?}");
+
+    let mut co = connect(&url).await;
+    // Redrive touches only the dead one.
+    let redrive = operator::retry_deliveries(&mut co, &ids, Some(DeliveryStatus::Dead)).await;
+    match redrive.as_deref() {
+        Ok(
+            [
+                RetryOutcome::Scheduled(d),
+                RetryOutcome::NotAllowed(s),
+                RetryOutcome::NotAllowed(p),
+            ],
+        ) => {
+            assert_eq!((d.status, d.attempts), (DeliveryStatus::Retrying, 1));
+            assert_eq!(s.status, DeliveryStatus::Succeeded);
+            assert_eq!(p.status, DeliveryStatus::Pending);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM deliveries WHERE dead_at IS NOT NULL AND event_id = $1",
+            "o-1"
+        )
+        .await,
+        0
+    );
+    let retry = operator::retry_deliveries(&mut co, &[ids[1], 999_999], None).await;
+    assert!(
+        matches!(
+            retry.as_deref(),
+            Ok([RetryOutcome::NotAllowed(_), RetryOutcome::NotFound])
+        ),
+        "{retry:?}"
+    );
+    let cancel =
+        operator::cancel_deliveries(&mut co, &[ids[2], ids[1]], Some("by an operator")).await;
+    match cancel.as_deref() {
+        Ok([CancelOutcome::Cancelled(d), CancelOutcome::NotAllowed(_)]) => {
+            assert_eq!(d.last_error.as_deref(), Some("by an operator"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Replay: events 1 and 3 to erp, and an event that does not exist.
+    let seqs: Vec<u64> = match c
+        .query(
+            "SELECT seq FROM events WHERE id IN ('o-1', 'o-3') ORDER BY seq",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+            .collect(),
+        Err(e) => panic!("{e}"),
+    };
+    let made = operator::create_deliveries(
+        &mut co,
+        &[(seqs[0], "erp"), (seqs[1], "erp"), (999_999, "erp")],
+        Origin::Replay,
+    )
+    .await;
+    assert!(matches!(made, Ok(2)), "{made:?}");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM deliveries WHERE subscription = $1 AND origin = 1 AND status = 0",
+            "erp"
+        )
+        .await,
+        2
+    );
+}

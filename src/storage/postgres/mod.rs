@@ -8,4 +8,5 @@
 pub mod leases;
 pub mod migrate;
 pub mod notify;
+pub mod operator;
 pub mod writer;

@@ -1,0 +1,184 @@
+//! Operator writes on PostgreSQL, with the embedded backend's rules: retry (a delivery not
+//! yet succeeded, or only dead ones for a redrive, is due now, its attempt count kept),
+//! cancel (a delivery not yet terminal is never attempted again), and new deliveries of
+//! stored events (replay, redrive). Each runs in one transaction, locks the rows it changes
+//! (`FOR UPDATE`, so an attempt being recorded for them waits or is waited for), and
+//! announces the destinations that got work, so their owners hear at commit.
+
+use crate::model::{Delivery, DeliveryId, DeliveryStatus, Origin, Priority, Seq};
+use crate::storage::writer::{CancelOutcome, RetryOutcome};
+
+use super::writer::PgWriteError;
+
+const DELIVERY_COLUMNS: &str = "id, event_seq, event_id, subscription, status, attempts, \
+     next_attempt_at, last_error, created_at, updated_at, origin, priority";
+
+fn delivery(row: &tokio_postgres::Row) -> (DeliveryId, Delivery) {
+    let code = |c: i16| u8::try_from(c).unwrap_or(u8::MAX);
+    let id: i64 = row.get(0);
+    let seq: i64 = row.get(1);
+    let attempts: i32 = row.get(5);
+    let d = Delivery {
+        event_seq: u64::try_from(seq).unwrap_or(0),
+        event_id: row.get(2),
+        subscription: row.get(3),
+        status: DeliveryStatus::from_code(code(row.get(4))).unwrap_or(DeliveryStatus::Pending),
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        next_attempt_at: row.get(6),
+        last_error: row.get(7),
+        created_at: row.get(8),
+        updated_at: row.get(9),
+        origin: match row.get::<_, i16>(10) {
+            1 => Origin::Replay,
+            2 => Origin::Redrive,
+            _ => Origin::Publish,
+        },
+        priority: Priority::ALL
+            .into_iter()
+            .find(|p| i16::from(p.rank()) == row.get::<_, i16>(11))
+            .unwrap_or_default(),
+    };
+    (u64::try_from(id).unwrap_or(0), d)
+}
+
+async fn locked(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: DeliveryId,
+) -> Result<Option<Delivery>, PgWriteError> {
+    let id = i64::try_from(id).unwrap_or(i64::MAX);
+    let row = tx
+        .query_opt(
+            &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = $1 FOR UPDATE"),
+            &[&id],
+        )
+        .await?;
+    Ok(row.as_ref().map(|r| delivery(r).1))
+}
+
+/// Makes these deliveries due now (only those of status `only`, when given; never a
+/// succeeded one), keeping their attempt counts.
+pub async fn retry_deliveries(
+    client: &mut tokio_postgres::Client,
+    ids: &[DeliveryId],
+    only: Option<DeliveryStatus>,
+) -> Result<Vec<RetryOutcome>, PgWriteError> {
+    let now = crate::clock::now_micros();
+    let tx = client.transaction().await?;
+    let mut out = Vec::with_capacity(ids.len());
+    let mut woken = Vec::new();
+    for &id in ids {
+        let Some(mut d) = locked(&tx, id).await? else {
+            out.push(RetryOutcome::NotFound);
+            continue;
+        };
+        let allowed = match only {
+            Some(st) => d.status == st,
+            None => d.status != DeliveryStatus::Succeeded,
+        };
+        if !allowed {
+            out.push(RetryOutcome::NotAllowed(d));
+            continue;
+        }
+        d.status = if d.attempts == 0 {
+            DeliveryStatus::Pending
+        } else {
+            DeliveryStatus::Retrying
+        };
+        d.next_attempt_at = Some(now);
+        d.updated_at = now;
+        tx.execute(
+            "UPDATE deliveries SET status = $2, next_attempt_at = $3, updated_at = $3,
+                    dead_at = NULL WHERE id = $1",
+            &[
+                &i64::try_from(id).unwrap_or(i64::MAX),
+                &i16::from(d.status.code()),
+                &now,
+            ],
+        )
+        .await?;
+        woken.push(d.subscription.clone());
+        out.push(RetryOutcome::Scheduled(d));
+    }
+    let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
+    super::notify::announce(&tx, &woken).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Cancels these deliveries unless already terminal; `reason` becomes their last error.
+pub async fn cancel_deliveries(
+    client: &mut tokio_postgres::Client,
+    ids: &[DeliveryId],
+    reason: Option<&str>,
+) -> Result<Vec<CancelOutcome>, PgWriteError> {
+    let now = crate::clock::now_micros();
+    let tx = client.transaction().await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for &id in ids {
+        let Some(mut d) = locked(&tx, id).await? else {
+            out.push(CancelOutcome::NotFound);
+            continue;
+        };
+        if d.status.is_terminal() {
+            out.push(CancelOutcome::NotAllowed(d));
+            continue;
+        }
+        d.status = DeliveryStatus::Cancelled;
+        d.next_attempt_at = None;
+        d.updated_at = now;
+        if let Some(r) = reason {
+            d.last_error = Some(r.to_string());
+        }
+        tx.execute(
+            "UPDATE deliveries SET status = $2, next_attempt_at = NULL, updated_at = $3,
+                    last_error = COALESCE($4, last_error) WHERE id = $1",
+            &[
+                &i64::try_from(id).unwrap_or(i64::MAX),
+                &i16::from(DeliveryStatus::Cancelled.code()),
+                &now,
+                &reason,
+            ],
+        )
+        .await?;
+        out.push(CancelOutcome::Cancelled(d));
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// New deliveries, due now, of stored events to destinations (replay, redrive); events
+/// removed meanwhile are skipped. Answers how many were made.
+pub async fn create_deliveries(
+    client: &mut tokio_postgres::Client,
+    items: &[(Seq, &str)],
+    origin: Origin,
+) -> Result<u64, PgWriteError> {
+    let now = crate::clock::now_micros();
+    let origin: i16 = match origin {
+        Origin::Publish => 0,
+        Origin::Replay => 1,
+        Origin::Redrive => 2,
+    };
+    let seqs: Vec<i64> = items
+        .iter()
+        .map(|(s, _)| i64::try_from(*s).unwrap_or(i64::MAX))
+        .collect();
+    let subs: Vec<&str> = items.iter().map(|(_, d)| *d).collect();
+    let tx = client.transaction().await?;
+    let made = tx
+        .query(
+            "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
+                                     attempts, next_attempt_at, created_at, updated_at, origin, priority)
+             SELECT e.seq, e.id, e.event_type, x.sub, 0, 0, $3, $3, $3, $4, e.priority
+             FROM unnest($1::bigint[], $2::text[]) AS x(seq, sub)
+             JOIN events e ON e.seq = x.seq
+             RETURNING subscription",
+            &[&seqs, &subs, &now, &origin],
+        )
+        .await?;
+    let woken: Vec<String> = made.iter().map(|r| r.get(0)).collect();
+    let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
+    super::notify::announce(&tx, &woken).await?;
+    tx.commit().await?;
+    Ok(made.len() as u64)
+}
