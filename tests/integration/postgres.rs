@@ -766,3 +766,110 @@ async fn operator_writes_follow_the_embedded_rules() {
         2
     );
 }
+
+/// Retention removes old events whose deliveries are all terminal, with their deliveries and
+/// attempts, keeps events with live work, and runs on one node at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_sweeps_on_one_node_and_keeps_live_work() {
+    use std::sync::Arc;
+
+    use dispatchd::model::Attempt;
+    use dispatchd::storage::postgres::{leases, retention, writer};
+    use dispatchd::storage::writer::{AttemptRecord, Next};
+    let pg = Postgres::start();
+    pg.create_db("retention").await;
+    let url = pg.url("retention");
+    let mut c = connect(&url).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let w = writer::spawn(connect(&url).await);
+    if let Err(e) = w
+        .publish(vec![
+            event("r-1", None, &["crm"]),
+            event("r-2", None, &["crm"]),
+            event("r-3", None, &[]),
+        ])
+        .await
+    {
+        panic!("{e}");
+    }
+    let first: i64 = match c
+        .query_one("SELECT id FROM deliveries WHERE event_id = 'r-1'", &[])
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(e) => panic!("{e}"),
+    };
+    let now = dispatchd::clock::now_micros();
+    let epoch = match leases::balance(
+        &c,
+        "node-a",
+        &["crm".to_string()],
+        now,
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    {
+        Ok(b) => b.held["crm"].epoch,
+        Err(e) => panic!("{e}"),
+    };
+    let done = AttemptRecord {
+        delivery: u64::try_from(first).unwrap_or(0),
+        subscription: Arc::from("crm"),
+        attempt: Attempt {
+            started_at: now,
+            duration_us: 1,
+            status_code: Some(200),
+            error: None,
+            response_body: String::new(),
+        },
+        error: None,
+        next: Next::Succeeded,
+    };
+    let mut ca = connect(&url).await;
+    let r = writer::record_attempts(&mut ca, ("crm", "node-a", epoch), &[done]).await;
+    assert!(matches!(r, Ok(writer::Recorded::Committed)), "{r:?}");
+
+    // Another node is sweeping: this one skips.
+    let holder = connect(&url).await;
+    if let Err(e) = holder
+        .execute("SELECT pg_advisory_lock($1)", &[&0x7265_7461_696e_i64])
+        .await
+    {
+        panic!("{e}");
+    }
+    let cutoff = now + 3_600_000_000;
+    let skipped = retention::sweep(&mut c, cutoff, 100).await;
+    assert!(
+        matches!(skipped, Ok(retention::Swept::Skipped)),
+        "{skipped:?}"
+    );
+    if let Err(e) = holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&0x7265_7461_696e_i64])
+        .await
+    {
+        panic!("{e}");
+    }
+    let swept = retention::sweep(&mut c, cutoff, 100).await;
+    assert!(
+        matches!(swept, Ok(retention::Swept::Removed(2))),
+        "{swept:?}"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM events WHERE id = $1", "r-2").await,
+        1,
+        "live work kept"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM events WHERE id LIKE $1", "r-%").await,
+        1
+    );
+    let left = count(
+        &c,
+        "SELECT count(*) FROM attempts WHERE delivery::text = $1",
+        &first.to_string(),
+    )
+    .await;
+    assert_eq!(left, 0, "attempts went with their delivery");
+}

@@ -9,4 +9,5 @@ pub mod leases;
 pub mod migrate;
 pub mod notify;
 pub mod operator;
+pub mod retention;
 pub mod writer;

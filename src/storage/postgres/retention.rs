@@ -1,0 +1,79 @@
+//! Retention on PostgreSQL: old events go with everything hanging off them once all their
+//! deliveries are terminal, on one node at a time. A sweep takes a session advisory lock
+//! without waiting; a node that does not get it skips the sweep (another node is sweeping).
+
+/// The advisory lock key retention sweeps take (`retain` in ASCII, beside the migration's).
+const LOCK_KEY: i64 = 0x7265_7461_696e;
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swept {
+    /// Another node holds the sweep.
+    Skipped,
+    /// Events removed (their deliveries, attempts, receipts and batches with them).
+    Removed(u64),
+}
+
+/// Removes up to `limit` events received before `cutoff` whose deliveries are all terminal
+/// and last changed before `cutoff`, in one transaction: deliveries and attempts go by
+/// cascade, receipts and de-duplication keys with their events, batches with their events.
+pub async fn sweep(
+    client: &mut tokio_postgres::Client,
+    cutoff: crate::model::Micros,
+    limit: i64,
+) -> Result<Swept, tokio_postgres::Error> {
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+        .await?
+        .get(0);
+    if !got {
+        return Ok(Swept::Skipped);
+    }
+    let result = remove(client, cutoff, limit).await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await;
+    let n = result?;
+    unlocked?;
+    Ok(Swept::Removed(n))
+}
+
+async fn remove(
+    client: &mut tokio_postgres::Client,
+    cutoff: crate::model::Micros,
+    limit: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // Decided inside the transaction, rows locked: an operator's retry that lands between a
+    // read and this write keeps its event.
+    let gone = tx
+        .query(
+            "WITH doomed AS (
+                 SELECT e.seq FROM events e
+                 WHERE e.received_at < $1
+                   AND NOT EXISTS (
+                       SELECT 1 FROM deliveries d
+                       WHERE d.event_seq = e.seq
+                         AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $1))
+                 ORDER BY e.seq
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+             DELETE FROM events e USING doomed
+             WHERE e.seq = doomed.seq
+             RETURNING e.receipt, e.batch",
+            &[&cutoff, &limit],
+        )
+        .await?;
+    let receipts: Vec<i64> = gone.iter().filter_map(|r| r.get(0)).collect();
+    let batches: Vec<String> = gone.iter().filter_map(|r| r.get(1)).collect();
+    if !receipts.is_empty() {
+        tx.execute("DELETE FROM receipts WHERE id = ANY($1)", &[&receipts])
+            .await?;
+    }
+    if !batches.is_empty() {
+        tx.execute("DELETE FROM batches WHERE id = ANY($1)", &[&batches])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(gone.len() as u64)
+}
