@@ -325,6 +325,7 @@ impl ServeArgs {
         let overrides = Overrides::from_env().then(Overrides {
             listen: self.listen.clone(),
             data_dir: self.data_dir.clone(),
+            postgres_url: None,
         });
         let mut config = config::load(self.config.as_deref(), &overrides)?;
         config.systemd = config::SystemdEnv::from_env();

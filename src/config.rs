@@ -88,6 +88,31 @@ pub struct RawConfig {
     pub log: RawLog,
     pub subscriptions: Vec<Spanned<RawSubscription>>,
     pub sources: Vec<Spanned<RawSource>>,
+    /// Cluster mode (`storage.backend = "postgres"`): this node's name and its leases.
+    pub cluster: RawCluster,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCluster {
+    /// This node's name among the nodes sharing the database [default: host name and a
+    /// random suffix].
+    pub node_id: Option<String>,
+    /// How long a destination lease lasts unrenewed: a dead node's destinations move after it.
+    pub lease: HumanDuration,
+    /// How often a node scans its destinations' due deliveries (the path that does not rely
+    /// on notifications).
+    pub scan_interval: HumanDuration,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            lease: HumanDuration(Duration::from_secs(10)),
+            scan_interval: HumanDuration(Duration::from_secs(2)),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +166,12 @@ pub struct RawStorage {
     pub journal_size: ByteSize,
     /// How often the retention sweeper looks for expired events.
     pub sweep_interval: HumanDuration,
+    /// `redb` (the default: one file in `data_dir`) or `postgres` (cluster mode).
+    pub backend: String,
+    /// The PostgreSQL database of cluster mode (env `DISPATCHD_POSTGRES_URL`).
+    pub postgres_url: Option<String>,
+    /// Connections each node opens to PostgreSQL.
+    pub postgres_pool: usize,
 }
 
 impl Default for RawStorage {
@@ -152,6 +183,9 @@ impl Default for RawStorage {
             cache_size: ByteSize(64 << 20),
             journal_size: ByteSize(4 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(60)),
+            backend: "redb".into(),
+            postgres_url: None,
+            postgres_pool: 16,
         }
     }
 }
@@ -348,6 +382,49 @@ pub struct Config {
     /// The environment and flag values that won over the file: a reload reads the file again
     /// under the same ones.
     pub overrides: Overrides,
+    /// Where the daemon keeps its state.
+    pub backend: Backend,
+}
+
+/// The storage backend: the embedded redb file (default) or PostgreSQL (cluster mode).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    Redb,
+    Postgres(PostgresSettings),
+}
+
+/// Cluster mode's database and this node's part in it.
+#[derive(Clone, PartialEq)]
+pub struct PostgresSettings {
+    pub url: String,
+    pub pool: usize,
+    pub node_id: String,
+    pub lease: Duration,
+    pub scan_interval: Duration,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("PostgresSettings")
+            .field("pool", &self.pool)
+            .field("node_id", &self.node_id)
+            .field("lease", &self.lease)
+            .field("scan_interval", &self.scan_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A node name for a node that was given none: its host name and a random suffix.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into());
+    // One suffix per process, so a reload of a file without `node_id` names the same node.
+    static SUFFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    format!("{host}-{:08x}", SUFFIX.get_or_init(rand::random::<u32>))
 }
 
 impl Config {
@@ -362,6 +439,8 @@ impl Config {
 pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
+    /// `DISPATCHD_POSTGRES_URL`: kept out of the file, where a password would be written down.
+    pub postgres_url: Option<String>,
 }
 
 /// What systemd tells a `Type=notify` service through its environment.
@@ -401,6 +480,9 @@ impl Overrides {
             data_dir: std::env::var_os("DISPATCHD_DATA_DIR")
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
+            postgres_url: std::env::var("DISPATCHD_POSTGRES_URL")
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 
@@ -409,6 +491,7 @@ impl Overrides {
         Self {
             listen: other.listen.or(self.listen),
             data_dir: other.data_dir.or(self.data_dir),
+            postgres_url: other.postgres_url.or(self.postgres_url),
         }
     }
 }
@@ -646,6 +729,76 @@ pub fn validate(
         .data_dir
         .clone()
         .unwrap_or_else(|| raw.storage.data_dir.clone());
+    let backend = match raw.storage.backend.as_str() {
+        "redb" => Backend::Redb,
+        "postgres" => {
+            let url = overrides
+                .postgres_url
+                .clone()
+                .or_else(|| raw.storage.postgres_url.clone());
+            let url = match url {
+                Some(u) if u.parse::<tokio_postgres::Config>().is_ok() => u,
+                Some(_) => {
+                    c.err(
+                        None,
+                        "storage.postgres_url",
+                        "is not a PostgreSQL connection URL",
+                    );
+                    String::new()
+                }
+                None => {
+                    c.err(
+                        None,
+                        "storage.postgres_url",
+                        "is required with backend = \"postgres\" (or set DISPATCHD_POSTGRES_URL)",
+                    );
+                    String::new()
+                }
+            };
+            if raw.storage.postgres_pool < 2 || raw.storage.postgres_pool > 1000 {
+                c.err(None, "storage.postgres_pool", "must be between 2 and 1000");
+            }
+            let lease = raw.cluster.lease.0;
+            if lease < Duration::from_secs(1) || lease > Duration::from_secs(3600) {
+                c.err(None, "cluster.lease", "must be between 1s and 1h");
+            }
+            let scan = raw.cluster.scan_interval.0;
+            if scan < Duration::from_millis(100) || scan > Duration::from_secs(600) {
+                c.err(
+                    None,
+                    "cluster.scan_interval",
+                    "must be between 100ms and 10m",
+                );
+            }
+            let node_id = match &raw.cluster.node_id {
+                Some(n) if n.is_empty() || n.len() > 200 || n.chars().any(char::is_control) => {
+                    c.err(
+                        None,
+                        "cluster.node_id",
+                        "must be 1 to 200 printable characters",
+                    );
+                    String::new()
+                }
+                Some(n) => n.clone(),
+                None => default_node_id(),
+            };
+            Backend::Postgres(PostgresSettings {
+                url,
+                pool: raw.storage.postgres_pool,
+                node_id,
+                lease,
+                scan_interval: scan,
+            })
+        }
+        other => {
+            c.err(
+                None,
+                "storage.backend",
+                format!("must be \"redb\" or \"postgres\", not {other:?}"),
+            );
+            Backend::Redb
+        }
+    };
 
     let mut tokens = Vec::new();
     for (i, t) in raw.auth.tokens.iter().enumerate() {
@@ -854,6 +1007,7 @@ pub fn validate(
         sweep_interval: raw.storage.sweep_interval.0,
         systemd: SystemdEnv::default(),
         overrides: overrides.clone(),
+        backend,
     })
 }
 
@@ -1014,6 +1168,7 @@ retry = { max_attempts = 8, initial = "5s", max = "1h" }
         let o = Overrides {
             listen: Some("127.0.0.1:0".into()),
             data_dir: Some(PathBuf::from("/tmp/x")),
+            postgres_url: None,
         };
         let c = match validate(raw, "", None, &o) {
             Ok(c) => c,

@@ -45,15 +45,6 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // The outbound client's TLS stack uses ring, like the rest of the crypto here.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let db_path = config.db_path();
-    let store = {
-        let path = db_path.clone();
-        let (cache, journal) = (config.cache_size, config.journal_size);
-        tokio::task::spawn_blocking(move || Store::open(&path, cache, journal))
-            .await
-            .context("store opening task failed")?
-            .with_context(|| format!("cannot open database {}", db_path.display()))?
-    };
     let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
     let attempting = Arc::new(crate::delivery::attempting::Attempting::default());
     let (sched_tx, sched_rx) = mpsc::unbounded_channel();
@@ -62,17 +53,8 @@ pub async fn run(
     let (due_tx, mut due_rx) = mpsc::unbounded_channel();
     // One clock for the delivery loop: writer, scheduler, destination tasks, attempts.
     let clock = crate::clock::Clock::system();
-    let (writer, writer_thread) = writer::spawn(
-        store.clone(),
-        WriterConfig {
-            max_batch: config.commit_batch,
-            queue: 65_536,
-            clock: clock.clone(),
-        },
-        metrics.clone(),
-        Some(due_tx),
-    )
-    .context("cannot start the writer")?;
+    let storage = open_storage(&config, &metrics, &clock, due_tx).await?;
+    let (store, writer) = (storage.store.clone(), storage.writer.clone());
     // Commits' due times reach the scheduler through its own channel.
     let forward = sched_tx.clone();
     tokio::spawn(async move {
@@ -104,6 +86,7 @@ pub async fn run(
             disables: disables_tx,
             clock: clock.clone(),
             send: crate::delivery::worker::http_attempts(),
+            leases: storage.shared.as_ref().map(|s| s.leases.clone()),
         },
         writer.clone(),
         metrics.clone(),
@@ -175,8 +158,9 @@ pub async fn run(
     });
 
     tracing::info!(
-        data = %db_path.display(),
-        events = store.event_count().unwrap_or(0),
+        backend = store.backend(),
+        data = %storage.location,
+        events = store.embedded().and_then(|s| s.event_count().ok()),
         subscriptions = state.registry.snapshot().len(),
         https = state.tls.is_some(),
         "listening on {addr}"
@@ -184,25 +168,74 @@ pub async fn run(
     // Upkeep beside the API: retention sweeps, healing after I/O failures, systemd's notify
     // protocol. Dropping `upkeep_stop` stops them.
     let (upkeep_stop, upkeep_rx) = tokio::sync::watch::channel(());
-    let mut upkeep = vec![
-        tokio::spawn(
-            crate::retention::Sweeper::new(
-                store.clone(),
-                writer.clone(),
-                metrics.clone(),
-                crate::retention::RetentionConfig {
-                    retention: config.retention,
-                    interval: config.sweep_interval,
+    let mut upkeep = Vec::new();
+    // Cluster mode's lease loop stops after the destinations, so their last outcomes are
+    // recorded under the leases before the other nodes take them.
+    let (leases_stop, leases_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut leases_task = None;
+    match (&store, &storage.shared, &config.backend) {
+        (crate::storage::Store::Embedded(embedded), _, _) => {
+            upkeep.push(tokio::spawn(
+                crate::retention::Sweeper::new(
+                    embedded.clone(),
+                    writer.clone(),
+                    metrics.clone(),
+                    crate::retention::RetentionConfig {
+                        retention: config.retention,
+                        interval: config.sweep_interval,
+                    },
+                )
+                .run(stopped(upkeep_rx.clone())),
+            ));
+            if let Some(w) = writer.embedded() {
+                upkeep.push(tokio::spawn(crate::storage::recovery::heal(
+                    w.clone(),
+                    std::time::Duration::from_secs(1),
+                    stopped(upkeep_rx.clone()),
+                )));
+            }
+        }
+        (_, Some(shared), crate::config::Backend::Postgres(pg)) => {
+            use crate::storage::postgres::cluster;
+            let registry = state.registry.clone();
+            let refresher = control.clone();
+            let node = Arc::new(cluster::Node {
+                shared: shared.clone(),
+                lease: pg.lease,
+                scan_interval: pg.scan_interval,
+                horizon: config.scheduler_horizon,
+                scheduler: supervisor.scheduler(),
+                destinations: Box::new(move || {
+                    registry.snapshot().iter().map(|s| s.id.clone()).collect()
+                }),
+                refresh: Box::new(move || {
+                    let c = refresher.clone();
+                    Box::pin(async move {
+                        if let Err(e) = c.refresh().await {
+                            tracing::warn!(error = %e, "cannot reload subscriptions from the database");
+                        }
+                    })
+                }),
+            });
+            leases_task = Some(tokio::spawn(cluster::run_leases(
+                node.clone(),
+                async move {
+                    let _ = leases_stopped.await;
                 },
-            )
-            .run(stopped(upkeep_rx.clone())),
-        ),
-        tokio::spawn(crate::storage::recovery::heal(
-            writer.clone(),
-            std::time::Duration::from_secs(1),
-            stopped(upkeep_rx.clone()),
-        )),
-    ];
+            )));
+            upkeep.push(tokio::spawn(cluster::run_feed(
+                node,
+                stopped(upkeep_rx.clone()),
+            )));
+            upkeep.push(tokio::spawn(cluster::run_retention(
+                shared.clone(),
+                config.retention,
+                config.sweep_interval,
+                stopped(upkeep_rx.clone()),
+            )));
+        }
+        _ => {}
+    }
     let notifier = crate::notify::Notifier::from_env(&config.systemd).map(Arc::new);
     if let Some(n) = &notifier {
         n.ready(&format!("listening on {addr}"));
@@ -263,15 +296,133 @@ pub async fn run(
     let _ = disables_stop.send(());
     let _ = disables_task.await;
 
+    let _ = leases_stop.send(());
+    if let Some(t) = leases_task {
+        let _ = t.await;
+    }
+
     writer.stop();
     drop(writer);
-    tokio::task::spawn_blocking(move || writer_thread.join())
-        .await
-        .context("writer join task failed")?
-        .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    if let Some(thread) = storage.writer_thread {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("writer join task failed")?
+            .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    }
     drop(store);
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// The backend the daemon runs on, opened, with its writer started.
+struct Storage {
+    store: Store,
+    writer: crate::storage::writer::WriterHandle,
+    /// The embedded backend's writer thread.
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// Cluster mode: what the node's parts share.
+    shared: Option<crate::storage::postgres::Shared>,
+    /// Where the data is, for the log: the redb file, or the database (no password).
+    location: String,
+}
+
+async fn open_storage(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    clock: &crate::clock::Clock,
+    due_tx: crate::storage::writer::DueSink,
+) -> anyhow::Result<Storage> {
+    match &config.backend {
+        crate::config::Backend::Redb => {
+            let db_path = config.db_path();
+            let store = {
+                let path = db_path.clone();
+                let (cache, journal) = (config.cache_size, config.journal_size);
+                tokio::task::spawn_blocking(move || Store::open(&path, cache, journal))
+                    .await
+                    .context("store opening task failed")?
+                    .with_context(|| format!("cannot open database {}", db_path.display()))?
+            };
+            let (writer, thread) = writer::spawn(
+                store.clone(),
+                WriterConfig {
+                    max_batch: config.commit_batch,
+                    queue: 65_536,
+                    clock: clock.clone(),
+                },
+                metrics.clone(),
+                Some(due_tx),
+            )
+            .context("cannot start the writer")?;
+            Ok(Storage {
+                store,
+                writer,
+                writer_thread: Some(thread),
+                shared: None,
+                location: db_path.display().to_string(),
+            })
+        }
+        crate::config::Backend::Postgres(pg) => {
+            use crate::storage::postgres;
+            let location = database_name(&pg.url);
+            let pool = postgres::pool(&pg.url, pg.pool)
+                .with_context(|| format!("cannot use PostgreSQL database {location}"))?;
+            {
+                let mut c = pool
+                    .get()
+                    .await
+                    .with_context(|| format!("cannot connect to PostgreSQL database {location}"))?;
+                let m = postgres::migrate::migrate(&mut c)
+                    .await
+                    .with_context(|| format!("cannot migrate PostgreSQL database {location}"))?;
+                tracing::info!(from = m.from, to = m.to, "database schema ready");
+                if postgres::migrate::commits_may_be_lost(&c)
+                    .await
+                    .unwrap_or(false)
+                {
+                    tracing::warn!(
+                        "PostgreSQL runs with synchronous_commit = off: a crash of the database server can lose commits dispatchd acknowledged"
+                    );
+                }
+            }
+            let shared = postgres::Shared {
+                pool,
+                url: Arc::from(pg.url.as_str()),
+                node: Arc::from(pg.node_id.as_str()),
+                leases: Arc::default(),
+                metrics: metrics.clone(),
+            };
+            tracing::info!(node = %pg.node_id, lease = ?pg.lease, "cluster mode: PostgreSQL backend");
+            Ok(Storage {
+                store: Store::Postgres(postgres::PgStore::new(shared.clone())),
+                writer: crate::storage::writer::WriterHandle::Postgres(
+                    postgres::writer::PgWriter::spawn(shared.clone(), Some(due_tx)),
+                ),
+                writer_thread: None,
+                shared: Some(shared),
+                location,
+            })
+        }
+    }
+}
+
+/// A PostgreSQL URL as it may be logged: host, port and database, never the password.
+fn database_name(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_default();
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!("{host}:{port}/{}", c.get_dbname().unwrap_or("postgres"))
+        }
+        Err(_) => "(unparsable URL)".into(),
+    }
 }
 
 /// Resolves once the `watch::Sender` of `rx` is dropped: the upkeep tasks' stop signal.

@@ -35,6 +35,14 @@ pub struct Metrics {
     pub table_rows: IntGaugeVec,
     pub retention_last_sweep: IntGauge,
     pub retention_removed: IntCounterVec,
+    /// Cluster mode: destination leases this node holds.
+    pub cluster_leases_held: IntGauge,
+    /// Cluster mode: leases this node took or lost.
+    pub cluster_lease_changes: IntCounter,
+    /// Cluster mode: from a delivery made on another node to its owner's scan.
+    pub cluster_notify_lag: Histogram,
+    /// Cluster mode: failed database operations.
+    pub cluster_db_errors: IntCounter,
 }
 
 macro_rules! register {
@@ -151,7 +159,7 @@ impl Metrics {
                 r,
                 HistogramVec::new(
                     HistogramOpts::new("delivery_attempt_seconds", "Duration of delivery attempts")
-                        .buckets(latency),
+                        .buckets(latency.clone()),
                     &["subscription"]
                 )
             ),
@@ -279,6 +287,37 @@ impl Metrics {
                         "Rows removed by retention, by table"
                     ),
                     &["table"]
+                )
+            ),
+            cluster_leases_held: register!(
+                r,
+                IntGauge::new(
+                    "cluster_leases_held",
+                    "Destination leases this node holds (cluster mode)"
+                )
+            ),
+            cluster_lease_changes: register!(
+                r,
+                IntCounter::new(
+                    "cluster_lease_changes_total",
+                    "Destination leases this node took or lost (cluster mode)"
+                )
+            ),
+            cluster_notify_lag: register!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cluster_notify_lag_seconds",
+                        "From a delivery made on another node to its owner hearing of it (cluster mode)"
+                    )
+                    .buckets(latency.clone())
+                )
+            ),
+            cluster_db_errors: register!(
+                r,
+                IntCounter::new(
+                    "cluster_database_errors_total",
+                    "Failed database operations (cluster mode)"
                 )
             ),
             registry: r,

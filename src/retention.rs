@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::model::{Micros, now_micros};
-use crate::storage::Store;
 use crate::storage::writer::{Purged, WriteError, WriterHandle};
 
 /// Events proposed to the writer per purge command: small, so one commit stays short.
@@ -34,7 +33,7 @@ pub struct RetentionConfig {
 
 /// The sweeper task's state.
 pub struct Sweeper {
-    store: Store,
+    store: crate::storage::embedded::Store,
     writer: WriterHandle,
     metrics: Arc<Metrics>,
     cfg: RetentionConfig,
@@ -42,7 +41,7 @@ pub struct Sweeper {
 
 impl Sweeper {
     pub fn new(
-        store: Store,
+        store: crate::storage::embedded::Store,
         writer: WriterHandle,
         metrics: Arc<Metrics>,
         cfg: RetentionConfig,

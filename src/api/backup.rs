@@ -25,7 +25,14 @@ pub const SCHEMA_HEADER: &str = "x-dispatchd-schema-version";
 
 /// `GET /v1/admin/backup`.
 pub async fn backup(st: &ApiState) -> Result<Resp, ApiError> {
-    let store = st.store.clone();
+    let Some(store) = st.store.embedded().cloned() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_supported_on_postgres",
+            "backups are of the embedded redb file; this daemon runs on PostgreSQL: back it up \
+             with PostgreSQL's own tools (pg_dump, pg_basebackup, a managed service's snapshots)",
+        ));
+    };
     let snap = match tokio::task::spawn_blocking(move || snapshot(&store)).await {
         Ok(Ok(s)) => s,
         Ok(Err(SnapshotError::Busy)) => {

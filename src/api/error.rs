@@ -105,7 +105,18 @@ impl From<crate::auth::Denied> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        match e {
+            // The cluster's database is away: a read failing is not a bug of ours.
+            StoreError::Postgres(cause) => {
+                tracing::error!(error = %cause, "read failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "the database cannot be read now; retry later",
+                )
+            }
+            e => ApiError::internal(e),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ pub async fn readyz(st: &ApiState) -> Resp {
         );
     }
     // After a failed commit, readiness proves the database writable again before saying yes.
-    let writable = st.writer.health.ok()
+    let writable = st.writer.healthy()
         || matches!(
             tokio::time::timeout(Duration::from_secs(2), st.writer.probe()).await,
             Ok(Ok(()))

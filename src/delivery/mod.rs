@@ -78,6 +78,12 @@ impl Router {
 
 impl Dispatch for Router {
     fn dispatch(&mut self, job: Job) -> Result<(), Job> {
+        // Cluster mode: a destination held by another node is that node's to run.
+        if let Some(sup) = self.supervisor.upgrade()
+            && sup.env.lease(&job.subscription).is_none()
+        {
+            return Ok(());
+        }
         let mut route = self.route(&job.subscription);
         if route.is_none()
             && crate::callbacks::is_callback(&job.subscription)

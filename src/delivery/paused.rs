@@ -163,6 +163,7 @@ impl Rig {
                     disables: disables_tx,
                     clock: clock.clone(),
                     send,
+                    leases: None,
                 },
                 writer.clone(),
                 metrics.clone(),

@@ -144,6 +144,19 @@ pub struct WorkerEnv {
     pub clock: crate::clock::Clock,
     /// Sends one attempt: `attempt::run` (tests give a scripted endpoint instead).
     pub send: SendAttempt,
+    /// Cluster mode: the leases this node holds. A destination task starts attempts only
+    /// while its lease is held; `None` (one node) holds everything.
+    pub leases: Option<Arc<crate::storage::postgres::Leases>>,
+}
+
+impl WorkerEnv {
+    /// The epoch of this node's lease on `destination`: `Some(0)` with no cluster.
+    pub fn lease(&self, destination: &str) -> Option<i64> {
+        match &self.leases {
+            None => Some(0),
+            Some(l) => l.epoch(destination),
+        }
+    }
 }
 
 /// Sends attempt `n` of a job to its destination and classifies what came back.
@@ -198,6 +211,8 @@ pub struct Worker {
     enabled: bool,
     wake_at: Option<Instant>,
     depth: Arc<Depth>,
+    /// The lease epoch this task last ran under (cluster mode).
+    epoch: Option<i64>,
 }
 
 impl Worker {
@@ -253,6 +268,7 @@ impl Worker {
             blocked_by,
             enabled,
             wake_at: None,
+            epoch: Some(0),
             depth,
         }
     }
@@ -386,6 +402,9 @@ impl Worker {
             self.queue.clear();
             return;
         }
+        if !self.leased() {
+            return;
+        }
         // One read transaction for the whole run of attempts started here.
         let mut snap: Option<Snapshot> = None;
         while !self.queue.is_empty() && self.has_room() {
@@ -454,6 +473,32 @@ impl Worker {
             self.tasks
                 .spawn((self.env.send)(dest, job, n, event), started);
         }
+    }
+
+    /// Cluster mode: whether this node holds the destination's lease. Without it the queue is
+    /// dropped (the owner has the rows); on a lease newly taken a FIFO subscription finds its
+    /// head again, since the previous owner moved it on meanwhile.
+    fn leased(&mut self) -> bool {
+        let epoch = self.env.lease(&self.dest.sub_id);
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            if epoch.is_some() && self.dest.sub.ordering == Ordering::Fifo {
+                self.blocked_by = self
+                    .env
+                    .store
+                    .first_live_delivery(&self.dest.sub_id)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read the head of a FIFO subscription");
+                        None
+                    });
+            }
+        }
+        if epoch.is_none() {
+            self.queue.clear();
+            self.parked.clear();
+            return false;
+        }
+        true
     }
 
     /// The number of the attempt to make and the event to send; None when the job is stale

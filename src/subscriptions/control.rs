@@ -834,6 +834,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     [
         changed!(listen => "server.listen"),
         changed!(data_dir => "storage.data_dir"),
+        changed!(backend => "storage.backend, storage.postgres_url, storage.postgres_pool or [cluster]"),
         tls,
         changed!(limits.max_connections => "server.max_connections"),
         changed!(limits.header_read_timeout => "server.header_read_timeout"),
@@ -1008,6 +1009,7 @@ mod tests {
         let flags = config::Overrides {
             listen: Some("127.0.0.1:0".into()),
             data_dir: Some("/srv/flag".into()),
+            postgres_url: None,
         };
         assert_eq!(
             restart_needed(&loaded(start, &flags), &loaded(edited, &flags)),

@@ -5,6 +5,37 @@ use dispatchd::storage::postgres::migrate::{self, MigrateError, SCHEMA_VERSION};
 
 use crate::support::postgres::Postgres;
 
+/// A node's writer on `url`, holding no leases (every new delivery is announced).
+fn pg_writer(url: &str) -> dispatchd::storage::writer::WriterHandle {
+    use dispatchd::storage::postgres;
+    let pool = match postgres::pool(url, 4) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    let metrics = match dispatchd::metrics::Metrics::new() {
+        Ok(m) => std::sync::Arc::new(m),
+        Err(e) => panic!("{e}"),
+    };
+    let shared = postgres::Shared {
+        pool,
+        url: std::sync::Arc::from(url),
+        node: std::sync::Arc::from("test-node"),
+        leases: Default::default(),
+        metrics,
+    };
+    dispatchd::storage::writer::WriterHandle::Postgres(postgres::writer::PgWriter::spawn(
+        shared, None,
+    ))
+}
+
+/// Transactions a writer's group-commit task committed.
+fn commits(w: &dispatchd::storage::writer::WriterHandle) -> u64 {
+    match w {
+        dispatchd::storage::writer::WriterHandle::Postgres(p) => p.commits(),
+        dispatchd::storage::writer::WriterHandle::Embedded(_) => 0,
+    }
+}
+
 async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, conn) = match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
         Ok(c) => c,
@@ -142,7 +173,6 @@ async fn count(c: &tokio_postgres::Client, sql: &str, id: &str) -> i64 {
 /// and the other node answers it as a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_and_idempotency_across_nodes() {
-    use dispatchd::storage::postgres::writer;
     use dispatchd::storage::writer::Published;
     let pg = Postgres::start();
     pg.create_db("publish").await;
@@ -151,8 +181,8 @@ async fn group_commit_and_idempotency_across_nodes() {
     if let Err(e) = migrate::migrate(&mut c).await {
         panic!("{e}");
     }
-    let a = writer::spawn(connect(&url).await);
-    let b = writer::spawn(connect(&url).await);
+    let a = pg_writer(&url);
+    let b = pg_writer(&url);
 
     let mut calls = Vec::new();
     for i in 0..200 {
@@ -183,9 +213,9 @@ async fn group_commit_and_idempotency_across_nodes() {
     seqs.dedup();
     assert_eq!(seqs.len(), 200, "every publish its own seq");
     assert!(
-        a.commits() < 200,
+        commits(&a) < 200,
         "{} commits for 200 publishes",
-        a.commits()
+        commits(&a)
     );
     assert_eq!(
         count(
@@ -343,7 +373,7 @@ async fn leases_spread_move_on_death_fence_and_rebalance() {
 async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
     use std::time::Duration;
 
-    use dispatchd::storage::postgres::{notify, writer};
+    use dispatchd::storage::postgres::notify;
     let pg = Postgres::start();
     pg.create_db("notify").await;
     let url = pg.url("notify");
@@ -355,7 +385,7 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
         Ok(rx) => rx,
         Err(e) => panic!("{e}"),
     };
-    let node_b = writer::spawn(connect(&url).await);
+    let node_b = pg_writer(&url);
     let published = node_b
         .publish(vec![
             event("n-1", None, &["crm", "erp"]),
@@ -371,6 +401,13 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
             other => panic!("no notification: {other:?} (got {got:?})"),
         }
     }
+    let mut got: Vec<String> = got
+        .into_iter()
+        .map(|h| {
+            assert_eq!(h.channel, notify::CHANNEL);
+            h.payload
+        })
+        .collect();
     got.sort();
     assert_eq!(got, vec!["crm", "erp"], "one per destination with work");
 
@@ -413,7 +450,7 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
     if let Err(e) = migrate::migrate(&mut c).await {
         panic!("{e}");
     }
-    let w = writer::spawn(connect(&url).await);
+    let w = pg_writer(&url);
     match w
         .publish(vec![event("f-1", None, &["crm"])])
         .await
@@ -513,7 +550,6 @@ async fn state(c: &tokio_postgres::Client, delivery: i64) -> (i16, i32, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_receipts_are_stored_once_across_nodes() {
     use dispatchd::model::Receipt;
-    use dispatchd::storage::postgres::writer;
     use dispatchd::storage::writer::{Ingested, NewReceipt};
     let pg = Postgres::start();
     pg.create_db("inbound").await;
@@ -539,17 +575,15 @@ async fn inbound_receipts_are_stored_once_across_nodes() {
             fingerprint: fp.map(|(f, nb)| (f.to_string(), nb)),
         };
     let now = dispatchd::clock::now_micros();
-    let (mut a, mut b) = (connect(&url).await, connect(&url).await);
+    let (w_a, w_b) = (pg_writer(&url), pg_writer(&url));
     for round in 0..5 {
         let did = format!("delivery-{round}");
         let (ra, rb) = tokio::join!(
-            writer::ingest(
-                &mut a,
+            w_a.ingest(
                 receipt(Some(&did), "{}", None, now),
                 event(&format!("in-a-{round}"), None, &["crm"])
             ),
-            writer::ingest(
-                &mut b,
+            w_b.ingest(
                 receipt(Some(&did), "{}", None, now),
                 event(&format!("in-b-{round}"), None, &["crm"])
             ),
@@ -580,30 +614,30 @@ async fn inbound_receipts_are_stored_once_across_nodes() {
 
     // Fingerprints: a repeat within the window is a duplicate; one after it is new.
     let fp = "body sha256:abc";
-    let first = writer::ingest(
-        &mut a,
-        receipt(None, "{\"a\":1}", Some((fp, now - 1_000)), now),
-        event("fp-1", None, &["crm"]),
-    )
-    .await;
+    let first = w_a
+        .ingest(
+            receipt(None, "{\"a\":1}", Some((fp, now - 1_000)), now),
+            event("fp-1", None, &["crm"]),
+        )
+        .await;
     assert!(matches!(first, Ok(Ingested::Created { .. })), "{first:?}");
-    let again = writer::ingest(
-        &mut b,
-        receipt(None, "{\"a\":1}", Some((fp, now - 1_000)), now + 10),
-        event("fp-2", None, &["crm"]),
-    )
-    .await;
+    let again = w_b
+        .ingest(
+            receipt(None, "{\"a\":1}", Some((fp, now - 1_000)), now + 10),
+            event("fp-2", None, &["crm"]),
+        )
+        .await;
     assert!(
         matches!(again, Ok(Ingested::Duplicate { ref event_id, .. }) if event_id == "fp-1"),
         "{again:?}"
     );
     let later = now + 86_400_000_000;
-    let past_window = writer::ingest(
-        &mut b,
-        receipt(None, "{\"a\":1}", Some((fp, later - 1_000)), later),
-        event("fp-3", None, &["crm"]),
-    )
-    .await;
+    let past_window = w_b
+        .ingest(
+            receipt(None, "{\"a\":1}", Some((fp, later - 1_000)), later),
+            event("fp-3", None, &["crm"]),
+        )
+        .await;
     assert!(
         matches!(past_window, Ok(Ingested::Created { .. })),
         "{past_window:?}"
@@ -636,7 +670,7 @@ async fn operator_writes_follow_the_embedded_rules() {
     if let Err(e) = migrate::migrate(&mut c).await {
         panic!("{e}");
     }
-    let w = writer::spawn(connect(&url).await);
+    let w = pg_writer(&url);
     if let Err(e) = w
         .publish(vec![
             event("o-1", None, &["crm"]),
@@ -783,7 +817,7 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
     if let Err(e) = migrate::migrate(&mut c).await {
         panic!("{e}");
     }
-    let w = writer::spawn(connect(&url).await);
+    let w = pg_writer(&url);
     if let Err(e) = w
         .publish(vec![
             event("r-1", None, &["crm"]),

@@ -640,7 +640,7 @@ mod tests {
     use super::*;
 
     use crate::model::Attempt;
-    use crate::storage::writer::{self, AttemptRecord, NewEvent, Next};
+    use crate::storage::embedded::writer::{self, AttemptRecord, NewEvent, Next};
 
     const TYPES: [&str; 3] = ["order.created", "order.paid", "rare"];
     const SUBS: [&str; 3] = ["a", "b", "c"];

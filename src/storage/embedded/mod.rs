@@ -44,6 +44,12 @@ pub enum StoreError {
     InUse(String),
     #[error("commit journal: {0}")]
     Journal(#[from] journal::JournalError),
+    /// The PostgreSQL backend's database failed or could not be reached.
+    #[error("database: {0}")]
+    Postgres(String),
+    /// Asked of a backend that does not have it (a redb-only tool on PostgreSQL).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 macro_rules! from_redb {

@@ -249,7 +249,7 @@ pub async fn heal(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Store;
+    use crate::storage::embedded::Store;
 
     #[test]
     fn reopen_keeps_committed_data_and_readers_carry_on() {

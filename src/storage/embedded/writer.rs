@@ -943,7 +943,7 @@ fn record_attempt(
 /// What one subscription's attempts, in the order they are recorded, do to its failing mark
 /// (`schema::failing_key`: since when every attempt has failed, which auto-disable reads).
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Streak {
+pub(crate) enum Streak {
     /// The last attempt succeeded.
     Ended,
     /// A success, then failures from this time on.
@@ -953,7 +953,7 @@ enum Streak {
 }
 
 /// The streaks a command's attempts leave, one per run of attempts of one subscription.
-fn streaks(records: &[AttemptRecord]) -> Vec<(Arc<str>, Streak)> {
+pub(crate) fn streaks(records: &[AttemptRecord]) -> Vec<(Arc<str>, Streak)> {
     records
         .chunk_by(|a, b| a.subscription == b.subscription)
         .filter_map(|run| {
@@ -1095,7 +1095,7 @@ pub(crate) mod testing {
 
     use super::{NewEvent, WriterConfig, WriterHandle, spawn};
     use crate::metrics::Metrics;
-    use crate::storage::Store;
+    use crate::storage::embedded::Store;
 
     /// A writer (taking up to `max_batch` commands per commit) over a new database file in a
     /// temp dir, on the system clock, with no due-sink; and the writer thread.

@@ -18,6 +18,27 @@ use crate::model::{DeliveryId, Micros};
 /// The channel new deliveries are announced on; the payload is the destination's id.
 pub const CHANNEL: &str = "dispatchd_due";
 
+/// The channel changes to the subscriptions created over the API (and their switches) are
+/// announced on; the payload is the subscription's id. Every node reloads its set.
+pub const SUBSCRIPTIONS: &str = "dispatchd_subscriptions";
+
+/// Announces, within the caller's transaction (or at once), that subscription `id` changed.
+pub async fn subscriptions_changed(
+    c: &impl tokio_postgres::GenericClient,
+    id: &str,
+) -> Result<(), tokio_postgres::Error> {
+    c.execute("SELECT pg_notify($1, $2)", &[&SUBSCRIPTIONS, &id])
+        .await
+        .map(drop)
+}
+
+/// A notification heard: its channel and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heard {
+    pub channel: String,
+    pub payload: String,
+}
+
 /// Announces, within the caller's transaction, that these destinations have new work.
 pub async fn announce(
     tx: &impl tokio_postgres::GenericClient,
@@ -34,10 +55,10 @@ pub async fn announce(
     .map(drop)
 }
 
-/// Listens on its own connection to `url`; answers the destinations announced, as they
-/// come. The channel closes when the connection ends (the caller reconnects; its scans cover
+/// Listens on its own connection to `url` to both channels; answers what is announced, as it
+/// comes. The channel closes when the connection ends (the caller reconnects; its scans cover
 /// the gap).
-pub async fn listen(url: &str) -> Result<mpsc::UnboundedReceiver<String>, tokio_postgres::Error> {
+pub async fn listen(url: &str) -> Result<mpsc::UnboundedReceiver<Heard>, tokio_postgres::Error> {
     let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let heard = tx.clone();
@@ -46,7 +67,11 @@ pub async fn listen(url: &str) -> Result<mpsc::UnboundedReceiver<String>, tokio_
         while let Some(msg) = poll_fn(|cx| conn.poll_message(cx)).await {
             match msg {
                 Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if heard.send(n.payload().to_string()).is_err() {
+                    let h = Heard {
+                        channel: n.channel().to_string(),
+                        payload: n.payload().to_string(),
+                    };
+                    if heard.send(h).is_err() {
                         return;
                     }
                 }
@@ -58,7 +83,9 @@ pub async fn listen(url: &str) -> Result<mpsc::UnboundedReceiver<String>, tokio_
             }
         }
     });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {SUBSCRIPTIONS}"))
+        .await?;
     // The session (and its LISTEN) lasts while someone receives.
     tokio::spawn(async move {
         tx.closed().await;

@@ -1,21 +1,32 @@
-//! Group commit on PostgreSQL: one writer task per node takes every publish waiting, applies
-//! them in one transaction with multi-row statements (events, then their deliveries, each one
-//! `INSERT … SELECT FROM unnest(…)`), commits, and only then answers each sender. A 2xx
-//! therefore means the event and all its deliveries are committed, as on the embedded
-//! backend.
+//! Writes on PostgreSQL. Publishing keeps group commit: one writer task per node takes every
+//! publish waiting, applies them in one transaction with multi-row statements (events, then
+//! their deliveries, each one `INSERT … SELECT FROM unnest(…)`), commits, and only then
+//! answers each sender. A 2xx therefore means the event and all its deliveries are
+//! committed, as on the embedded backend. The other writes (attempt outcomes, operator
+//! actions, inbound receipts, subscriptions) each run in a transaction of their own on a
+//! pooled connection: they come from many tasks at once and PostgreSQL runs them side by side.
 //!
 //! Idempotency holds across nodes: event ids and idempotency keys are unique in the table,
 //! and a row that conflicts is skipped (`ON CONFLICT DO NOTHING`). When two nodes publish the
 //! same id at once, PostgreSQL makes the second insert wait for the first transaction; once
 //! that commits the second finds the row and answers it as a duplicate.
+//!
+//! New deliveries reach their destination's owner at commit: this node's scheduler directly
+//! for the destinations it holds, a NOTIFY for the others (`notify`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{Event, Seq};
-use crate::storage::writer::{NewEvent, Published};
+use super::Shared;
+use crate::model::{DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
+use crate::storage::schema::SubscriptionRecord;
+use crate::storage::writer::{
+    AttemptRecord, CancelOutcome, Due, DueSink, Ingested, NewEvent, NewReceipt, Published,
+    RetryOutcome, SubscriptionState, WriteError,
+};
 
 /// Publishes taken into one transaction at most.
 const MAX_BATCH: usize = 1024;
@@ -34,109 +45,462 @@ impl From<tokio_postgres::Error> for PgWriteError {
     }
 }
 
+impl From<deadpool_postgres::PoolError> for PgWriteError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        PgWriteError::Db(e.to_string())
+    }
+}
+
+impl From<PgWriteError> for WriteError {
+    fn from(e: PgWriteError) -> Self {
+        match e {
+            PgWriteError::Db(m) => WriteError::Storage(m),
+            PgWriteError::Stopped => WriteError::Stopped,
+        }
+    }
+}
+
 struct Publish {
     events: Vec<NewEvent>,
+    batch: Option<String>,
     reply: oneshot::Sender<Result<Vec<Published>, PgWriteError>>,
 }
 
-/// Sends publishes to the node's writer task.
+/// The writes of one node on the cluster's database; cheap to clone.
 #[derive(Clone)]
-pub struct PgWriterHandle {
+pub struct PgWriter {
     tx: mpsc::Sender<Publish>,
-    commits: Arc<std::sync::atomic::AtomicU64>,
+    shared: Shared,
+    /// True after a failed transaction, false again after the next good one.
+    failed: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
+    due: Option<DueSink>,
+    commits: Arc<AtomicU64>,
 }
 
-impl PgWriterHandle {
-    /// Appends events with their deliveries; resolves after the commit.
-    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<Published>, PgWriteError> {
+impl PgWriter {
+    /// Starts the group-commit task; `due` hears the deliveries this node's commits make for
+    /// the destinations it holds.
+    pub fn spawn(shared: Shared, due: Option<DueSink>) -> Self {
+        let (tx, rx) = mpsc::channel(65_536);
+        let w = PgWriter {
+            tx,
+            shared,
+            failed: Arc::default(),
+            stopped: Arc::default(),
+            due,
+            commits: Arc::default(),
+        };
+        tokio::spawn(w.clone().run(rx));
+        w
+    }
+
+    pub fn healthy(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Transactions committed by the group-commit task so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Refuses writes from now on; publishes already queued are still committed.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    fn outcome<T>(&self, r: Result<T, PgWriteError>) -> Result<T, WriteError> {
+        match &r {
+            Ok(_) => self.failed.store(false, Ordering::Relaxed),
+            Err(PgWriteError::Db(e)) => {
+                self.failed.store(true, Ordering::Relaxed);
+                self.shared.metrics.cluster_db_errors.inc();
+                self.shared.metrics.commit_failures.inc();
+                tracing::warn!(error = %e, "database write failed");
+            }
+            Err(PgWriteError::Stopped) => {}
+        }
+        r.map_err(WriteError::from)
+    }
+
+    fn open(&self) -> Result<(), WriteError> {
+        if self.stopped.load(Ordering::Relaxed) {
+            Err(WriteError::Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Appends events with their deliveries (stamped with `batch` and kept as one, when
+    /// given); resolves after the commit.
+    pub async fn publish(
+        &self,
+        events: Vec<NewEvent>,
+        batch: Option<String>,
+    ) -> Result<Vec<Published>, WriteError> {
+        self.open()?;
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Publish { events, reply })
-            .await
-            .map_err(|_| PgWriteError::Stopped)?;
-        rx.await.map_err(|_| PgWriteError::Stopped)?
+            .try_send(Publish {
+                events,
+                batch,
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
+            })?;
+        rx.await
+            .map_err(|_| WriteError::Stopped)?
+            .map_err(WriteError::from)
     }
 
-    /// Transactions committed so far.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// Starts the writer task over its own connection.
-pub fn spawn(client: tokio_postgres::Client) -> PgWriterHandle {
-    let (tx, rx) = mpsc::channel(65_536);
-    let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    tokio::spawn(run(client, rx, commits.clone()));
-    PgWriterHandle { tx, commits }
-}
-
-async fn run(
-    mut client: tokio_postgres::Client,
-    mut rx: mpsc::Receiver<Publish>,
-    commits: Arc<std::sync::atomic::AtomicU64>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        let events: Vec<&NewEvent> = batch.iter().flat_map(|p| p.events.iter()).collect();
-        match commit(&mut client, &events).await {
-            Ok(mut out) => {
-                commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // The answers in the order the events came, handed back per sender.
-                for p in batch {
-                    let rest = out.split_off(p.events.len().min(out.len()));
-                    let mine = std::mem::replace(&mut out, rest);
-                    drop(p.reply.send(Ok(mine)));
+    async fn run(self, mut rx: mpsc::Receiver<Publish>) {
+        let mut conn: Option<deadpool_postgres::Object> = None;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "publish transaction failed; nothing of it was stored");
-                for p in batch {
-                    drop(p.reply.send(Err(e.clone())));
+            let started = crate::clock::Instant::now();
+            let result = match conn.take() {
+                Some(c) => Ok(c),
+                None => self.shared.pool.get().await.map_err(PgWriteError::from),
+            };
+            let result = match result {
+                Ok(mut c) => {
+                    let r = commit(&mut c, &batch, &self.shared).await;
+                    if r.is_ok() {
+                        conn = Some(c);
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match self.outcome(result) {
+                Ok((mut out, due)) => {
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    let m = &self.shared.metrics;
+                    m.durable_seconds.observe(started.elapsed().as_secs_f64());
+                    let stored = out
+                        .iter()
+                        .filter(|p| matches!(p, Published::Created { .. }))
+                        .count();
+                    m.events_stored.inc_by(stored as u64);
+                    if let Some(sink) = &self.due
+                        && !due.is_empty()
+                    {
+                        let _ = sink.send(due);
+                    }
+                    // The answers in the order the events came, handed back per sender.
+                    for p in batch {
+                        let rest = out.split_off(p.events.len().min(out.len()));
+                        let mine = std::mem::replace(&mut out, rest);
+                        drop(p.reply.send(Ok(mine)));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "publish transaction failed; nothing of it was stored");
+                    let e = match e {
+                        WriteError::Stopped => PgWriteError::Stopped,
+                        other => PgWriteError::Db(other.to_string()),
+                    };
+                    for p in batch {
+                        drop(p.reply.send(Err(e.clone())));
+                    }
                 }
             }
         }
     }
+
+    /// Stores an inbound receipt with its event and deliveries in one transaction.
+    pub async fn ingest(&self, new: NewReceipt, event: NewEvent) -> Result<Ingested, WriteError> {
+        self.open()?;
+        let r = async {
+            let mut c = self.shared.pool.get().await?;
+            ingest(&mut c, new, event, &self.shared).await
+        }
+        .await;
+        let (ingested, due) = self.outcome(r)?;
+        self.hand_over(due);
+        Ok(ingested)
+    }
+
+    fn hand_over(&self, due: Vec<Due>) {
+        if let Some(sink) = &self.due
+            && !due.is_empty()
+        {
+            let _ = sink.send(due);
+        }
+    }
+
+    /// Records one destination's finished attempts, fenced by this node's lease on it.
+    pub async fn record_attempts(&self, records: Vec<AttemptRecord>) -> Result<(), WriteError> {
+        self.open()?;
+        let mut by_dest: Vec<(Arc<str>, Vec<AttemptRecord>)> = Vec::new();
+        for r in records {
+            match by_dest.iter_mut().find(|(d, _)| *d == r.subscription) {
+                Some((_, v)) => v.push(r),
+                None => by_dest.push((r.subscription.clone(), vec![r])),
+            }
+        }
+        for (dest, records) in by_dest {
+            let Some(epoch) = self.shared.leases.epoch(&dest) else {
+                return Err(WriteError::Storage(format!(
+                    "this node no longer holds destination {dest}"
+                )));
+            };
+            let r = async {
+                let mut c = self.shared.pool.get().await?;
+                record_attempts(&mut c, (&dest, &self.shared.node, epoch), &records).await
+            }
+            .await;
+            match self.outcome(r)? {
+                Recorded::Committed => {}
+                Recorded::Fenced => {
+                    self.shared.leases.lost(&dest);
+                    return Err(WriteError::Storage(format!(
+                        "the lease on destination {dest} moved to another node; its outcomes                          were not recorded here"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a scheduled delivery's due time without spending an attempt.
+    pub async fn reschedule(
+        &self,
+        delivery: DeliveryId,
+        subscription: Arc<str>,
+        at: Micros,
+    ) -> Result<(), WriteError> {
+        self.open()?;
+        let r = async {
+            let c = self.shared.pool.get().await?;
+            let row = c
+                .query_opt(
+                    "UPDATE deliveries SET next_attempt_at = $2, updated_at = $3
+                     WHERE id = $1 AND next_attempt_at IS NOT NULL
+                     RETURNING attempts, priority",
+                    &[
+                        &i64::try_from(delivery).unwrap_or(i64::MAX),
+                        &at,
+                        &crate::clock::now_micros(),
+                    ],
+                )
+                .await?;
+            Ok::<_, PgWriteError>(row.map(|r| (r.get::<_, i32>(0), r.get::<_, i16>(1))))
+        }
+        .await;
+        if let Some((attempts, prio)) = self.outcome(r)? {
+            self.hand_over(vec![Due {
+                at,
+                delivery,
+                subscription,
+                event: None,
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                priority: super::reads::priority(prio),
+                operator: false,
+            }]);
+        }
+        Ok(())
+    }
+
+    /// Persists a subscription's switch; a switch starts the failure count afresh.
+    pub async fn set_subscription_state(
+        &self,
+        id: String,
+        state: SubscriptionState,
+    ) -> Result<(), WriteError> {
+        self.open()?;
+        let r = async {
+            let c = self.shared.pool.get().await?;
+            c.execute(
+                "INSERT INTO subscription_state (id, enabled, reason, changed_at, failing_since)
+                 VALUES ($1, $2, $3, $4, NULL)
+                 ON CONFLICT (id) DO UPDATE SET enabled = excluded.enabled,
+                     reason = excluded.reason, changed_at = excluded.changed_at,
+                     failing_since = NULL",
+                &[&id, &state.enabled, &state.reason, &state.changed_at],
+            )
+            .await?;
+            super::notify::subscriptions_changed(&**c, &id).await?;
+            Ok(())
+        }
+        .await;
+        self.outcome(r)
+    }
+
+    /// Proves the database answers.
+    pub async fn probe(&self) -> Result<(), WriteError> {
+        let r = async {
+            let c = self.shared.pool.get().await?;
+            c.execute("SELECT 1", &[]).await?;
+            Ok(())
+        }
+        .await;
+        self.outcome(r)
+    }
+
+    pub async fn retry_deliveries(
+        &self,
+        ids: Vec<DeliveryId>,
+        only: Option<DeliveryStatus>,
+    ) -> Result<Vec<RetryOutcome>, WriteError> {
+        self.open()?;
+        let r = async {
+            let mut c = self.shared.pool.get().await?;
+            super::operator::retry_deliveries(&mut c, &ids, only).await
+        }
+        .await;
+        self.outcome(r)
+    }
+
+    pub async fn cancel_deliveries(
+        &self,
+        ids: Vec<DeliveryId>,
+        reason: Option<String>,
+    ) -> Result<Vec<CancelOutcome>, WriteError> {
+        self.open()?;
+        let r = async {
+            let mut c = self.shared.pool.get().await?;
+            super::operator::cancel_deliveries(&mut c, &ids, reason.as_deref()).await
+        }
+        .await;
+        self.outcome(r)
+    }
+
+    pub async fn create_deliveries(
+        &self,
+        items: Vec<(Seq, Arc<str>)>,
+        origin: Origin,
+    ) -> Result<u32, WriteError> {
+        self.open()?;
+        let r = async {
+            let mut c = self.shared.pool.get().await?;
+            let items: Vec<(Seq, &str)> = items.iter().map(|(s, d)| (*s, &**d)).collect();
+            super::operator::create_deliveries(&mut c, &items, origin).await
+        }
+        .await;
+        Ok(u32::try_from(self.outcome(r)?).unwrap_or(u32::MAX))
+    }
+
+    pub async fn put_subscription(
+        &self,
+        id: String,
+        record: &SubscriptionRecord,
+    ) -> Result<(), WriteError> {
+        self.open()?;
+        let json = serde_json::to_string(record).map_err(|e| WriteError::Storage(e.to_string()))?;
+        let r = async {
+            let c = self.shared.pool.get().await?;
+            c.execute(
+                "INSERT INTO subscriptions (id, record) VALUES ($1, $2::text::jsonb)
+                 ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                &[&id, &json],
+            )
+            .await?;
+            super::notify::subscriptions_changed(&**c, &id).await?;
+            Ok(())
+        }
+        .await;
+        self.outcome(r)
+    }
+
+    pub async fn delete_subscription(&self, id: String) -> Result<bool, WriteError> {
+        self.open()?;
+        let r = async {
+            let mut c = self.shared.pool.get().await?;
+            let tx = c.transaction().await?;
+            let n = tx
+                .execute("DELETE FROM subscriptions WHERE id = $1", &[&id])
+                .await?;
+            tx.execute("DELETE FROM subscription_state WHERE id = $1", &[&id])
+                .await?;
+            super::notify::subscriptions_changed(&*tx, &id).await?;
+            tx.commit().await?;
+            Ok(n > 0)
+        }
+        .await;
+        self.outcome(r)
+    }
 }
 
-/// One transaction: the new events (duplicates skipped), their deliveries, commit.
+/// One transaction: the new events of every publish (duplicates skipped), their
+/// deliveries, the batches, commit. Answers each event's outcome in order, and the
+/// deliveries made for destinations this node holds.
 async fn commit(
     client: &mut tokio_postgres::Client,
-    events: &[&NewEvent],
-) -> Result<Vec<Published>, PgWriteError> {
+    batch: &[Publish],
+    shared: &Shared,
+) -> Result<(Vec<Published>, Vec<Due>), PgWriteError> {
     let tx = client.transaction().await?;
-    let out = insert_events(&tx, events, None).await?;
+    let events: Vec<(&NewEvent, Option<&str>)> = batch
+        .iter()
+        .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
+        .collect();
+    let (out, due) = insert_events(&tx, &events, None, shared).await?;
+    // Each batch keeps the seqs of its events, new or duplicate, sorted.
+    let mut at = 0;
+    for p in batch {
+        let mine = out.get(at..at + p.events.len()).unwrap_or_default();
+        at += p.events.len();
+        if let Some(id) = &p.batch {
+            let mut seqs: Vec<i64> = mine
+                .iter()
+                .map(|o| match o {
+                    Published::Created { seq, .. } | Published::Duplicate { seq, .. } => {
+                        i64::try_from(*seq).unwrap_or(i64::MAX)
+                    }
+                })
+                .collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            tx.execute(
+                "INSERT INTO batches (id, created_at, seqs) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO NOTHING",
+                &[id, &crate::clock::now_micros(), &seqs],
+            )
+            .await?;
+        }
+    }
     tx.commit().await?;
-    Ok(out)
+    Ok((out, due))
 }
 
 /// Writes events (those not stored yet) with their deliveries, announces the destinations
-/// that got work, and answers each event's outcome in order. `receipt` names the inbound
-/// receipt the events came from.
+/// held elsewhere that got work, and answers each event's outcome in order with the
+/// deliveries made for destinations this node holds. `receipt` names the inbound receipt
+/// the events came from.
 async fn insert_events(
     tx: &tokio_postgres::Transaction<'_>,
-    events: &[&NewEvent],
+    events: &[(&NewEvent, Option<&str>)],
     receipt: Option<i64>,
-) -> Result<Vec<Published>, PgWriteError> {
+    shared: &Shared,
+) -> Result<(Vec<Published>, Vec<Due>), PgWriteError> {
     let now = crate::clock::now_micros();
-    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-    let sources: Vec<Option<&str>> = events.iter().map(|e| e.source.as_deref()).collect();
-    let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    let ids: Vec<&str> = events.iter().map(|(e, _)| e.id.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|(e, _)| e.event_type.as_str()).collect();
+    let sources: Vec<Option<&str>> = events.iter().map(|(e, _)| e.source.as_deref()).collect();
+    let data: Vec<&str> = events.iter().map(|(e, _)| e.data.as_str()).collect();
     let keys: Vec<Option<&str>> = events
         .iter()
-        .map(|e| e.idempotency_key.as_deref())
+        .map(|(e, _)| e.idempotency_key.as_deref())
         .collect();
     let priorities: Vec<i16> = events
         .iter()
-        .map(|e| i16::from(e.priority.rank()))
+        .map(|(e, _)| i16::from(e.priority.rank()))
         .collect();
+    let batches: Vec<Option<&str>> = events.iter().map(|(_, b)| *b).collect();
+    let callbacks: Vec<Option<String>> = events
+        .iter()
+        .map(|(e, _)| e.callback.as_ref().map(serde_json::to_string).transpose())
+        .collect::<Result<_, _>>()
+        .map_err(|e| PgWriteError::Db(e.to_string()))?;
     let ordinals: Vec<i32> = (0..events.len())
         .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
         .collect();
@@ -144,14 +508,28 @@ async fn insert_events(
     // or repeated within this batch) are skipped.
     let inserted = tx
         .query(
-            "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key, priority, receipt)
-             SELECT id, t, s, d, $6, k, p, $9
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $7::smallint[], $8::int[])
-                  AS x(id, t, s, d, k, p, ord)
+            "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
+                                 priority, receipt, batch, callback)
+             SELECT id, t, s, d, $6, k, p, $9, b, c::jsonb
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $7::smallint[], $8::int[], $10::text[], $11::text[])
+                  AS x(id, t, s, d, k, p, ord, b, c)
              ORDER BY ord
              ON CONFLICT DO NOTHING
              RETURNING seq, id",
-            &[&ids, &types, &sources, &data, &keys, &now, &priorities, &ordinals, &receipt],
+            &[
+                &ids,
+                &types,
+                &sources,
+                &data,
+                &keys,
+                &now,
+                &priorities,
+                &ordinals,
+                &receipt,
+                &batches,
+                &callbacks,
+            ],
         )
         .await?;
     let mut created: std::collections::HashMap<String, Seq> = inserted
@@ -162,18 +540,39 @@ async fn insert_events(
         })
         .collect();
     // Their deliveries, all in one statement.
-    let (mut d_seq, mut d_event, mut d_type, mut d_sub, mut d_prio) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut d_seq, mut d_event, mut d_type, mut d_sub, mut d_prio, mut d_ord) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let mut answered: Vec<Option<(Seq, u32)>> = Vec::with_capacity(events.len());
-    for e in events {
+    let mut fresh: Vec<Arc<Event>> = Vec::new();
+    for (e, b) in events {
         match created.remove(&e.id) {
             Some(seq) => {
+                let i = i32::try_from(fresh.len()).unwrap_or(i32::MAX);
+                fresh.push(Arc::new(Event {
+                    id: e.id.clone(),
+                    event_type: e.event_type.clone(),
+                    source: e.source.clone(),
+                    data: e.data.clone(),
+                    received_at: now,
+                    idempotency_key: e.idempotency_key.clone(),
+                    receipt: receipt.and_then(|r| u64::try_from(r).ok()),
+                    priority: e.priority,
+                    batch: b.map(str::to_string),
+                    callback: e.callback.clone(),
+                }));
                 for s in &e.subscriptions {
                     d_seq.push(i64::try_from(seq).unwrap_or(i64::MAX));
                     d_event.push(e.id.as_str());
                     d_type.push(e.event_type.as_str());
                     d_sub.push(&**s);
                     d_prio.push(i16::from(e.priority.rank()));
+                    d_ord.push(i);
                 }
                 answered.push(Some((
                     seq,
@@ -183,22 +582,56 @@ async fn insert_events(
             None => answered.push(None),
         }
     }
+    let mut due = Vec::new();
     if !d_seq.is_empty() {
-        tx.execute(
-            "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
-                                     attempts, next_attempt_at, created_at, updated_at, origin, priority)
-             SELECT seq, id, t, sub, 0, 0, $6, $6, $6, 0, p
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::smallint[])
-                  AS x(seq, id, t, sub, p)",
-            &[&d_seq, &d_event, &d_type, &d_sub, &d_prio, &now],
-        )
-        .await?;
+        let made = tx
+            .query(
+                "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
+                                         attempts, next_attempt_at, created_at, updated_at,
+                                         origin, priority)
+                 SELECT seq, id, t, sub, 0, 0, $6, $6, $6, 0, p
+                 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::smallint[])
+                      AS x(seq, id, t, sub, p)
+                 RETURNING id, event_seq, subscription",
+                &[&d_seq, &d_event, &d_type, &d_sub, &d_prio, &now],
+            )
+            .await?;
+        // Matched back by (event, destination), which is unique among the rows made.
+        let made_for: std::collections::HashMap<(i64, &str), (i32, i16)> = d_seq
+            .iter()
+            .zip(&d_sub)
+            .zip(d_ord.iter().zip(&d_prio))
+            .map(|((seq, sub), (ord, prio))| ((*seq, *sub), (*ord, *prio)))
+            .collect();
+        let mut elsewhere: Vec<&str> = Vec::new();
+        for row in &made {
+            let seq: i64 = row.get(1);
+            let sub: &str = row.get(2);
+            let Some(((_, sub), (ord, prio))) = made_for.get_key_value(&(seq, sub)) else {
+                continue;
+            };
+            if shared.leases.holds(sub) {
+                due.push(Due {
+                    at: now,
+                    delivery: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                    subscription: Arc::from(*sub),
+                    event: usize::try_from(*ord)
+                        .ok()
+                        .and_then(|o| fresh.get(o).cloned()),
+                    attempts: 0,
+                    priority: super::reads::priority(*prio),
+                    operator: false,
+                });
+            } else {
+                elsewhere.push(sub);
+            }
+        }
         // Delivered to listeners when this commits, never if it rolls back.
-        super::notify::announce(tx, &d_sub).await?;
+        super::notify::announce(tx, &elsewhere).await?;
     }
     // Duplicates answer the event already stored (by id, or by idempotency key).
     let mut out = Vec::with_capacity(events.len());
-    for (e, a) in events.iter().zip(answered) {
+    for ((e, _), a) in events.iter().zip(answered) {
         match a {
             Some((seq, deliveries)) => out.push(Published::Created {
                 seq,
@@ -208,7 +641,7 @@ async fn insert_events(
             None => out.push(duplicate(tx, e).await?),
         }
     }
-    Ok(out)
+    Ok((out, due))
 }
 
 /// The stored event a skipped one duplicates, with its delivery count.
@@ -218,34 +651,21 @@ async fn duplicate(
 ) -> Result<Published, PgWriteError> {
     let row = tx
         .query_one(
-            "SELECT seq, id, event_type, source, data, received_at, idempotency_key, priority,
-                    (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
-             FROM events
-             WHERE id = $1 OR ($2::text IS NOT NULL AND idempotency_key = $2)
-             ORDER BY seq LIMIT 1",
+            &format!(
+                "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
+                 FROM events
+                 WHERE id = $1 OR ($2::text IS NOT NULL AND idempotency_key = $2)
+                 ORDER BY seq LIMIT 1",
+                super::reads::EVENT_COLUMNS
+            ),
             &[&e.id, &e.idempotency_key],
         )
         .await?;
-    let seq: i64 = row.get(0);
-    let prio: i16 = row.get(7);
-    let deliveries: i64 = row.get(8);
-    let event = Event {
-        id: row.get(1),
-        event_type: row.get(2),
-        source: row.get(3),
-        data: row.get(4),
-        received_at: row.get(5),
-        idempotency_key: row.get(6),
-        receipt: None,
-        priority: crate::model::Priority::ALL
-            .into_iter()
-            .find(|p| i16::from(p.rank()) == prio)
-            .unwrap_or_default(),
-        batch: None,
-        callback: None,
-    };
+    let (seq, event) =
+        super::reads::event_row(&row).map_err(|e| PgWriteError::Db(e.to_string()))?;
+    let deliveries: i64 = row.get(11);
     Ok(Published::Duplicate {
-        seq: u64::try_from(seq).unwrap_or(0),
+        seq,
         event: Box::new(event),
         deliveries: u32::try_from(deliveries).unwrap_or(u32::MAX),
     })
@@ -266,11 +686,11 @@ pub enum Recorded {
 /// `epoch`, so a node that lost its lease — a pause, a partition — writes nothing. As on the
 /// embedded backend, each attempt is appended and its delivery moves on (succeeded, retrying
 /// at its next time, or dead) unless it was made terminal meanwhile (cancelled while in
-/// flight): then only the attempt is kept.
+/// flight): then only the attempt is kept. Two statements whatever the number of outcomes.
 pub async fn record_attempts(
     client: &mut tokio_postgres::Client,
     (destination, node, epoch): (&str, &str, i64),
-    records: &[crate::storage::writer::AttemptRecord],
+    records: &[AttemptRecord],
 ) -> Result<Recorded, PgWriteError> {
     use crate::storage::writer::Next;
     let now = crate::clock::now_micros();
@@ -279,65 +699,101 @@ pub async fn record_attempts(
         tx.rollback().await?;
         return Ok(Recorded::Fenced);
     }
+    let mut ids = Vec::with_capacity(records.len());
+    let (mut started, mut dur, mut code, mut err, mut body) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut summary, mut kind, mut next_at) = (Vec::new(), Vec::new(), Vec::new());
     for r in records {
-        let id = i64::try_from(r.delivery).unwrap_or(i64::MAX);
-        // The next attempt's number, and the delivery locked against a concurrent operator.
-        let Some(row) = tx
-            .query_opt(
-                "SELECT attempts, status FROM deliveries WHERE id = $1 FOR UPDATE",
-                &[&id],
-            )
-            .await?
-        else {
-            tracing::warn!(
-                delivery = r.delivery,
-                "attempt for an unknown delivery ignored"
-            );
-            continue;
-        };
-        let n: i32 = row.get::<_, i32>(0) + 1;
-        let status: i16 = row.get(1);
         let a = &r.attempt;
-        tx.execute(
-            "INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error, response_body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &id,
-                &n,
-                &a.started_at,
-                &i64::try_from(a.duration_us).unwrap_or(i64::MAX),
-                &a.status_code.map(i32::from),
-                &a.error,
-                &a.response_body,
-            ],
-        )
-        .await?;
-        let terminal = crate::model::DeliveryStatus::from_code(u8::try_from(status).unwrap_or(0))
-            .is_some_and(crate::model::DeliveryStatus::is_terminal);
-        use crate::model::DeliveryStatus as S;
-        let (new_status, next_at, dead_at): (i16, Option<i64>, Option<i64>) = match r.next {
-            _ if terminal => (status, None, None),
-            Next::Succeeded => (i16::from(S::Succeeded.code()), None, None),
-            Next::Retry { at } => (i16::from(S::Retrying.code()), Some(at), None),
-            Next::Dead => (i16::from(S::Dead.code()), None, Some(now)),
+        ids.push(i64::try_from(r.delivery).unwrap_or(i64::MAX));
+        started.push(a.started_at);
+        dur.push(i64::try_from(a.duration_us).unwrap_or(i64::MAX));
+        code.push(a.status_code.map(i32::from));
+        err.push(a.error.as_deref());
+        body.push(a.response_body.as_str());
+        summary.push(r.error.as_deref());
+        let (k, at): (i16, Option<i64>) = match r.next {
+            Next::Succeeded => (0, None),
+            Next::Retry { at } => (1, Some(at)),
+            Next::Dead => (2, None),
         };
-        tx.execute(
-            "UPDATE deliveries SET attempts = $2, status = $3, next_attempt_at = $4,
-                    last_error = CASE WHEN $7 THEN last_error ELSE $5 END,
-                    updated_at = $6, dead_at = COALESCE($8, dead_at)
-             WHERE id = $1",
-            &[
-                &id,
-                &n,
-                &new_status,
-                &next_at,
-                &r.error,
-                &now,
-                &terminal,
-                &dead_at,
-            ],
-        )
-        .await?;
+        kind.push(k);
+        next_at.push(at);
+    }
+    use DeliveryStatus as S;
+    let terminal: Vec<i16> = [S::Succeeded, S::Dead, S::Cancelled]
+        .iter()
+        .map(|s| i16::from(s.code()))
+        .collect();
+    // Each delivery moves on (locked by the UPDATE against a concurrent operator), and its
+    // attempt is appended under the number the UPDATE gave it.
+    tx.execute(
+        "WITH r AS (
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
+                                  $5::text[], $6::text[], $7::text[], $8::smallint[],
+                                  $9::bigint[])
+                 AS x(id, started, dur, code, err, body, summary, kind, next_at)
+         ), moved AS (
+             UPDATE deliveries d SET
+                 attempts = d.attempts + 1,
+                 status = CASE WHEN d.status = ANY($10::smallint[]) THEN d.status
+                               WHEN r.kind = 0 THEN $11::smallint
+                               WHEN r.kind = 1 THEN $12::smallint
+                               ELSE $13::smallint END,
+                 next_attempt_at = CASE WHEN d.status = ANY($10::smallint[]) THEN NULL
+                                        WHEN r.kind = 1 THEN r.next_at ELSE NULL END,
+                 last_error = CASE WHEN d.status = ANY($10::smallint[]) THEN d.last_error
+                                   ELSE r.summary END,
+                 updated_at = $14,
+                 dead_at = CASE WHEN NOT d.status = ANY($10::smallint[]) AND r.kind = 2
+                                THEN $14 ELSE d.dead_at END
+             FROM r WHERE d.id = r.id
+             RETURNING d.id, d.attempts
+         )
+         INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error,
+                               response_body)
+         SELECT moved.id, moved.attempts, r.started, r.dur, r.code, r.err, r.body
+         FROM moved JOIN r ON r.id = moved.id",
+        &[
+            &ids,
+            &started,
+            &dur,
+            &code,
+            &err,
+            &body,
+            &summary,
+            &kind,
+            &next_at,
+            &terminal,
+            &i16::from(S::Succeeded.code()),
+            &i16::from(S::Retrying.code()),
+            &i16::from(S::Dead.code()),
+            &now,
+        ],
+    )
+    .await?;
+    // Auto-disable's clock, kept as the embedded backend keeps it.
+    for (sub, streak) in crate::storage::embedded::writer::streaks(records) {
+        use crate::storage::embedded::writer::Streak;
+        let (sql, since): (&str, Option<Micros>) = match streak {
+            Streak::Ended => (
+                "UPDATE subscription_state SET failing_since = NULL
+                 WHERE id = $1 AND failing_since IS NOT NULL AND $2::bigint IS NULL",
+                None,
+            ),
+            Streak::Restarted(t) => (
+                "INSERT INTO subscription_state (id, failing_since) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET failing_since = excluded.failing_since",
+                Some(t),
+            ),
+            Streak::Failing(t) => (
+                "INSERT INTO subscription_state (id, failing_since) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE
+                 SET failing_since = COALESCE(subscription_state.failing_since, excluded.failing_since)",
+                Some(t),
+            ),
+        };
+        tx.execute(sql, &[&&*sub, &since]).await?;
     }
     tx.commit().await?;
     Ok(Recorded::Committed)
@@ -350,10 +806,10 @@ pub async fn record_attempts(
 /// de-duplication key waits for the first transaction and then finds the key taken.
 pub async fn ingest(
     client: &mut tokio_postgres::Client,
-    new: crate::storage::writer::NewReceipt,
+    new: NewReceipt,
     event: NewEvent,
-) -> Result<crate::storage::writer::Ingested, PgWriteError> {
-    use crate::storage::writer::Ingested;
+    shared: &Shared,
+) -> Result<(Ingested, Vec<Due>), PgWriteError> {
     let r = &new.receipt;
     let tx = client.transaction().await?;
     let headers = serde_json::to_string(&r.headers).map_err(|e| PgWriteError::Db(e.to_string()))?;
@@ -377,7 +833,7 @@ pub async fn ingest(
         .await?
         .get(0);
     // Claim the de-duplication keys; a key held by a receipt that still counts wins.
-    let claims: Vec<(&str, Option<crate::model::Micros>)> = r
+    let claims: Vec<(&str, Option<Micros>)> = r
         .delivery_id
         .iter()
         .map(|d| (d.as_str(), None))
@@ -408,13 +864,16 @@ pub async fn ingest(
                 .await?;
             tx.rollback().await?;
             let id: i64 = seen.get(0);
-            return Ok(Ingested::Duplicate {
-                receipt_id: u64::try_from(id).unwrap_or(0),
-                event_id: seen.get(1),
-            });
+            return Ok((
+                Ingested::Duplicate {
+                    receipt_id: u64::try_from(id).unwrap_or(0),
+                    event_id: seen.get(1),
+                },
+                Vec::new(),
+            ));
         }
     }
-    let out = insert_events(&tx, &[&event], Some(receipt_id)).await?;
+    let (out, due) = insert_events(&tx, &[(&event, None)], Some(receipt_id), shared).await?;
     let Some(Published::Created {
         seq,
         id,
@@ -435,10 +894,13 @@ pub async fn ingest(
     )
     .await?;
     tx.commit().await?;
-    Ok(Ingested::Created {
-        receipt_id: u64::try_from(receipt_id).unwrap_or(0),
-        seq,
-        event_id: id,
-        deliveries,
-    })
+    Ok((
+        Ingested::Created {
+            receipt_id: u64::try_from(receipt_id).unwrap_or(0),
+            seq,
+            event_id: id,
+            deliveries,
+        },
+        due,
+    ))
 }

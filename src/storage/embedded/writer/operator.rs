@@ -338,9 +338,9 @@ mod tests {
     use super::*;
 
     use crate::model::Attempt;
-    use crate::storage::Store;
+    use crate::storage::embedded::Store;
+    use crate::storage::embedded::writer::{self, AttemptRecord, Next};
     use crate::storage::schema::*;
-    use crate::storage::writer::{self, AttemptRecord, Next};
 
     fn open() -> (tempfile::TempDir, Store, WriterHandle) {
         let (dir, store, w, _join) = writer::testing::open(8);

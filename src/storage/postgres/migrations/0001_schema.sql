@@ -88,20 +88,20 @@ CREATE TABLE receipt_ids (
     PRIMARY KEY (source, key)
 );
 
--- Subscriptions created over the API (the config file's live in each node's file).
+-- Subscriptions created over the API (the config file's live in each node's file): the
+-- record as the embedded backend keeps it (definition, secrets with expiry, times).
 CREATE TABLE subscriptions (
-    id         text   PRIMARY KEY,
-    spec       jsonb  NOT NULL,
-    secrets    jsonb  NOT NULL,  -- [{secret, added_at, expires_at}]
-    created_at bigint NOT NULL,
-    updated_at bigint NOT NULL
+    id     text  PRIMARY KEY,
+    record jsonb NOT NULL
 );
+-- Run-time switches (pause, 410 Gone, auto-disable) and auto-disable's clock. A row may
+-- hold only the clock (enabled NULL): a subscription failing with no switch set.
 CREATE TABLE subscription_state (
     id            text    PRIMARY KEY,
-    enabled       boolean NOT NULL,
+    enabled       boolean,
     reason        text,
-    changed_at    bigint  NOT NULL,
-    failing_since bigint  -- auto-disable's clock, kept with the attempts
+    changed_at    bigint,
+    failing_since bigint
 );
 
 -- Cluster membership and destination ownership.

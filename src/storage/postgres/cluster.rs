@@ -1,0 +1,373 @@
+//! A node's part in the cluster: which destinations it runs, and how their work reaches it.
+//!
+//! - `Leases` is this node's view of the leases it holds (destination → epoch). The
+//!   scheduler loads only their deliveries, the router hands jobs only to their tasks, a
+//!   destination task starts attempts only while its lease is held, and the writer records
+//!   outcomes only under the epoch held (checked again in the recording transaction).
+//! - `run_leases` heartbeats and balances every third of the lease period (see
+//!   `leases::balance`); a node that cannot reach the database for a whole lease period
+//!   drops every lease it had, since another node may hold them by then.
+//! - `run_feed` is how work reaches the scheduler: NOTIFY for deliveries made on other
+//!   nodes (fast path), a scan of the held destinations' due deliveries every
+//!   `scan_interval` and on every lease taken (correctness path: a lost notification costs
+//!   latency, nothing else), and subscription changes made on other nodes (reload).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::{Shared, leases};
+use crate::model::{Micros, micros};
+use crate::scheduler::driver::Msg;
+use crate::storage::writer::Due;
+
+/// The leases this node holds, by destination, with their epochs.
+#[derive(Debug, Default)]
+pub struct Leases {
+    held: RwLock<HashMap<String, i64>>,
+}
+
+impl Leases {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, i64>> {
+        self.held.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, i64>> {
+        self.held.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn holds(&self, destination: &str) -> bool {
+        self.read().contains_key(destination)
+    }
+
+    pub fn epoch(&self, destination: &str) -> Option<i64> {
+        self.read().get(destination).copied()
+    }
+
+    pub fn held_ids(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// A recording transaction found the lease gone: the destination stops here at once.
+    pub fn lost(&self, destination: &str) {
+        if self.write().remove(destination).is_some() {
+            tracing::warn!(destination, "lease lost to another node");
+        }
+    }
+
+    /// Puts a balance round's result in force; answers what was gained and what was lost.
+    fn replace(&self, now: HashMap<String, i64>) -> (Vec<String>, Vec<String>) {
+        let mut held = self.write();
+        let gained = now
+            .iter()
+            .filter(|(d, e)| held.get(*d) != Some(e))
+            .map(|(d, _)| d.clone())
+            .collect();
+        let lost = held
+            .keys()
+            .filter(|d| !now.contains_key(*d))
+            .cloned()
+            .collect();
+        *held = now;
+        (gained, lost)
+    }
+}
+
+/// What the lease and feed loops need from the rest of the daemon.
+pub struct Node {
+    pub shared: Shared,
+    pub lease: Duration,
+    pub scan_interval: Duration,
+    /// How far ahead scans read due deliveries (the scheduler's horizon).
+    pub horizon: Duration,
+    pub scheduler: mpsc::UnboundedSender<Msg>,
+    /// The destinations there are: subscriptions in force (callback hosts with work are
+    /// found in the database).
+    pub destinations: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Reloads the subscriptions from the database (another node changed them).
+    pub refresh: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
+}
+
+/// Rows one scan reads at most.
+const SCAN_LIMIT: i64 = 10_000;
+
+/// Heartbeats and balances leases until `stop`; then gives every lease up, so the other
+/// nodes take this node's destinations at their next round.
+pub async fn run_leases(node: Arc<Node>, stop: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stop);
+    let every = (node.lease / 3).max(Duration::from_millis(100));
+    let mut last_ok: Option<crate::clock::Instant> = None;
+    loop {
+        match balance_once(&node).await {
+            Ok(()) => last_ok = Some(crate::clock::Instant::now()),
+            Err(e) => {
+                node.shared.metrics.cluster_db_errors.inc();
+                tracing::warn!(error = %e, "cannot renew destination leases");
+                // Another node may hold them once they expire: stop running them first.
+                if last_ok.is_none_or(|t| t.elapsed() >= node.lease.mul_f64(0.9)) {
+                    let (_, lost) = node.shared.leases.replace(HashMap::new());
+                    if !lost.is_empty() {
+                        tracing::warn!(
+                            leases = lost.len(),
+                            "database unreachable for a lease period: gave up every lease"
+                        );
+                        node.shared
+                            .metrics
+                            .cluster_lease_changes
+                            .inc_by(lost.len() as u64);
+                    }
+                    node.shared.metrics.cluster_leases_held.set(0);
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = &mut stop => break,
+        }
+    }
+    node.shared.leases.replace(HashMap::new());
+    let released = async {
+        let c = node.shared.pool.get().await.map_err(|e| e.to_string())?;
+        leases::release_all(&c, &node.shared.node)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), released).await {
+        Ok(Ok(n)) => tracing::info!(leases = n, "left the cluster"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot give up leases; they expire instead"),
+        Err(_) => tracing::warn!("giving up leases timed out; they expire instead"),
+    }
+}
+
+async fn balance_once(node: &Node) -> Result<(), String> {
+    let c = node.shared.pool.get().await.map_err(|e| e.to_string())?;
+    let mut destinations = (node.destinations)();
+    // Callback hosts are destinations while they have work.
+    let callbacks = c
+        .query(
+            "SELECT DISTINCT subscription FROM deliveries
+             WHERE next_attempt_at IS NOT NULL AND subscription LIKE 'callback:%'",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    destinations.extend(callbacks.iter().map(|r| r.get::<_, String>(0)));
+    destinations.sort();
+    destinations.dedup();
+    let now = crate::clock::now_micros();
+    let b = leases::balance(&c, &node.shared.node, &destinations, now, node.lease)
+        .await
+        .map_err(|e| e.to_string())?;
+    let held: HashMap<String, i64> = b.held.into_iter().map(|(d, h)| (d, h.epoch)).collect();
+    let (gained, lost) = node.shared.leases.replace(held);
+    let m = &node.shared.metrics;
+    m.cluster_leases_held
+        .set(i64::try_from(node.shared.leases.len()).unwrap_or(i64::MAX));
+    if !gained.is_empty() || !lost.is_empty() {
+        m.cluster_lease_changes
+            .inc_by((gained.len() + lost.len()) as u64);
+        tracing::info!(
+            taken = gained.len(),
+            gone = lost.len(),
+            held = node.shared.leases.len(),
+            "destination leases changed"
+        );
+    }
+    if !gained.is_empty() {
+        drop(c);
+        scan(node, &gained, false).await?;
+    }
+    Ok(())
+}
+
+/// Reads the due deliveries of `destinations` (those still held) and hands them to the
+/// scheduler, which keeps each once.
+async fn scan(node: &Node, destinations: &[String], notified: bool) -> Result<usize, String> {
+    let held: Vec<&str> = destinations
+        .iter()
+        .map(String::as_str)
+        .filter(|d| node.shared.leases.holds(d))
+        .collect();
+    if held.is_empty() {
+        return Ok(0);
+    }
+    let c = node.shared.pool.get().await.map_err(|e| e.to_string())?;
+    let now = crate::clock::now_micros();
+    let until = now.saturating_add(micros(node.horizon));
+    let rows = super::notify::due(&**c, &held, until, SCAN_LIMIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let n = rows.len();
+    let mut names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut due = Vec::with_capacity(n);
+    for r in rows {
+        if notified && r.at <= now {
+            // How long a delivery made on another node took to reach its owner.
+            let lag = Duration::from_micros(u64::try_from(now - r.at).unwrap_or(0));
+            node.shared
+                .metrics
+                .cluster_notify_lag
+                .observe(lag.as_secs_f64());
+        }
+        let sub = names
+            .entry(r.destination.clone())
+            .or_insert_with(|| Arc::from(r.destination.as_str()))
+            .clone();
+        due.push(Due {
+            at: r.at,
+            delivery: r.delivery,
+            subscription: sub,
+            event: None,
+            attempts: 0,
+            priority: super::reads::priority(r.priority),
+            operator: false,
+        });
+    }
+    if !due.is_empty() {
+        let _ = node.scheduler.send(Msg::Due(due));
+    }
+    Ok(n)
+}
+
+/// Feeds the scheduler from notifications and periodic scans, and reloads subscriptions
+/// changed elsewhere, until `stop`.
+pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut heard: Option<mpsc::UnboundedReceiver<super::notify::Heard>> = None;
+    let mut next_scan = tokio::time::Instant::now();
+    let mut next_listen = tokio::time::Instant::now();
+    let mut next_refresh = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if heard.is_none() && tokio::time::Instant::now() >= next_listen {
+            match super::notify::listen(&node.shared.url).await {
+                Ok(rx) => {
+                    heard = Some(rx);
+                    // What was announced while nobody listened is found by a scan.
+                    next_scan = tokio::time::Instant::now();
+                }
+                Err(e) => {
+                    node.shared.metrics.cluster_db_errors.inc();
+                    tracing::warn!(error = %e, "cannot listen for notifications; scans only");
+                    next_listen = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= next_scan {
+            let held = node.shared.leases.held_ids();
+            if let Err(e) = scan(&node, &held, false).await {
+                node.shared.metrics.cluster_db_errors.inc();
+                tracing::warn!(error = %e, "cannot scan due deliveries");
+            }
+            next_scan = tokio::time::Instant::now() + node.scan_interval;
+        }
+        if tokio::time::Instant::now() >= next_refresh {
+            (node.refresh)().await;
+            next_refresh = tokio::time::Instant::now() + Duration::from_secs(10);
+        }
+        let wake = next_scan.min(next_refresh).min(if heard.is_none() {
+            next_listen
+        } else {
+            next_scan
+        });
+        let got = async {
+            match heard.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            h = got => match h {
+                Some(first) => {
+                    // Notifications come in bursts: take what has arrived, then scan once.
+                    let mut due: HashSet<String> = HashSet::new();
+                    let mut subs = false;
+                    let mut take = |h: super::notify::Heard| {
+                        if h.channel == super::notify::SUBSCRIPTIONS {
+                            subs = true;
+                        } else if node.shared.leases.holds(&h.payload) {
+                            due.insert(h.payload);
+                        }
+                    };
+                    take(first);
+                    if let Some(rx) = heard.as_mut() {
+                        while let Ok(h) = rx.try_recv() {
+                            take(h);
+                        }
+                    }
+                    if subs {
+                        (node.refresh)().await;
+                    }
+                    if !due.is_empty() {
+                        let due: Vec<String> = due.into_iter().collect();
+                        if let Err(e) = scan(&node, &due, true).await {
+                            node.shared.metrics.cluster_db_errors.inc();
+                            tracing::warn!(error = %e, "cannot scan notified destinations");
+                        }
+                    }
+                }
+                None => {
+                    tracing::warn!("notification connection lost; reconnecting");
+                    heard = None;
+                    next_listen = tokio::time::Instant::now() + Duration::from_millis(500);
+                }
+            },
+            () = tokio::time::sleep_until(wake) => {}
+            () = &mut stop => break,
+        }
+    }
+}
+
+/// Retention on the cluster: every `interval`, sweeps what is older than `retention`, on
+/// one node at a time (`retention::sweep`).
+pub async fn run_retention(
+    shared: Shared,
+    retention: Duration,
+    interval: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = &mut stop => return,
+        }
+        let cutoff: Micros = crate::clock::now_micros().saturating_sub(micros(retention));
+        loop {
+            let swept = async {
+                let mut c = shared.pool.get().await.map_err(|e| e.to_string())?;
+                super::retention::sweep(&mut c, cutoff, 1000)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match swept {
+                Ok(super::retention::Swept::Removed(n)) => {
+                    shared
+                        .metrics
+                        .retention_removed
+                        .with_label_values(&["events"])
+                        .inc_by(n);
+                    if n < 1000 {
+                        break;
+                    }
+                }
+                Ok(super::retention::Swept::Skipped) => break,
+                Err(e) => {
+                    shared.metrics.cluster_db_errors.inc();
+                    tracing::warn!(error = %e, "retention sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+}
