@@ -1163,6 +1163,41 @@ retry = { max_attempts = 8, initial = "5s", max = "1h" }
     }
 
     #[test]
+    fn the_backend_is_redb_unless_postgres_is_asked_for_with_a_url() {
+        assert_eq!(parse_ok("").backend, Backend::Redb);
+        let e = errors("[storage]\nbackend = \"mysql\"\n");
+        assert!(e.contains("storage.backend") && e.contains("mysql"), "{e}");
+        let e = errors("[storage]\nbackend = \"postgres\"\n");
+        assert!(e.contains("storage.postgres_url"), "{e}");
+        assert!(e.contains("DISPATCHD_POSTGRES_URL"), "{e}");
+        let e = errors(
+            "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://h/db\"\n\
+             [cluster]\nlease = \"100ms\"\nscan_interval = \"1h\"\n",
+        );
+        assert!(
+            e.contains("cluster.lease") && e.contains("cluster.scan_interval"),
+            "{e}"
+        );
+        let c = parse_ok(
+            "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://u:pw@h:5433/db\"\n\
+             [cluster]\nnode_id = \"node-a\"\nlease = \"5s\"\n",
+        );
+        match &c.backend {
+            Backend::Postgres(p) => {
+                assert_eq!(p.node_id, "node-a");
+                assert_eq!(p.lease, Duration::from_secs(5));
+                assert_eq!(p.pool, 16);
+                // The password never reaches a log line through Debug.
+                assert!(!format!("{p:?}").contains("pw"), "{p:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without a node id, one is made up once per process: a reload names the same node.
+        let text = "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://h/db\"\n";
+        assert_eq!(parse_ok(text).backend, parse_ok(text).backend);
+    }
+
+    #[test]
     fn overrides_win() {
         let raw = RawConfig::default();
         let o = Overrides {
