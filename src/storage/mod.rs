@@ -35,6 +35,9 @@ pub enum Store {
 }
 
 /// A run of reads by a destination task (one read transaction on the embedded backend).
+/// Made once per run of attempts and dropped after it: the size of the embedded variant
+/// costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Snapshot {
     Embedded(embedded::Snapshot),
     Postgres(postgres::reads::PgSnapshot),

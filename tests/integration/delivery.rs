@@ -1,5 +1,6 @@
 //! The delivery engine end to end: a real receiver on 127.0.0.1.
 
+use crate::support::backend::Backend;
 use std::time::Duration;
 
 use base64::Engine;
@@ -53,10 +54,9 @@ fn id_of(v: &Value) -> String {
 }
 
 #[allow(clippy::disallowed_methods)] // the test's own clock, outside the daemon
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivers_a_signed_standard_webhook() {
+async fn delivers_a_signed_standard_webhook(b: Backend) {
     let rx = Receiver::start().await;
-    let d = Daemon::start(&config(&sub(
+    let d = b.start(&config(&sub(
         "crm",
         &rx.url("/hook"),
         "headers = { \"X-Api-Key\" = \"k-123\" }",
@@ -120,11 +120,10 @@ async fn rotation_sends_one_signature_per_secret() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_until_the_receiver_recovers() {
+async fn retries_until_the_receiver_recovers(b: Backend) {
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500), Reply::Status(503)]);
-    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "")));
+    let d = b.start(&config(&sub("s", &rx.url("/"), "")));
     let ev = d.publish("a.b", json!({})).await;
     let got = rx.wait_for(3, WAIT).await;
     let ids: Vec<_> = got.iter().map(|r| r.header("webhook-id")).collect();
@@ -147,11 +146,10 @@ async fn retries_until_the_receiver_recovers() {
     assert_eq!(codes, vec![json!(500), json!(503), json!(200)]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_after_max_attempts() {
+async fn dead_letters_after_max_attempts(b: Backend) {
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(500));
-    let d = Daemon::start(&config(&sub(
+    let d = b.start(&config(&sub(
         "s",
         &rx.url("/"),
         "breaker = { failure_threshold = 100 }",
@@ -163,8 +161,7 @@ async fn dead_letters_after_max_attempts() {
     assert_eq!(rx.received().len(), 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wildcards_fan_out_to_matching_subscriptions_only() {
+async fn wildcards_fan_out_to_matching_subscriptions_only(b: Backend) {
     let rx = Receiver::start().await;
     let subs = [
         sub("orders", &rx.url("/orders"), "event_types = [\"order.*\"]"),
@@ -172,7 +169,7 @@ async fn wildcards_fan_out_to_matching_subscriptions_only() {
         sub("all", &rx.url("/all"), "event_types = [\"*\"]"),
     ]
     .join("\n");
-    let d = Daemon::start(&config(&subs));
+    let d = b.start(&config(&subs));
     let a = d.publish("order.created", json!({})).await;
     assert_eq!(a["deliveries"], 2);
     let b = d.publish("invoice.paid", json!({})).await;
@@ -201,11 +198,10 @@ async fn wildcards_fan_out_to_matching_subscriptions_only() {
     assert_eq!(pairs, want);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn honours_retry_after_on_429() {
+async fn honours_retry_after_on_429(b: Backend) {
     let rx = Receiver::start().await;
     rx.script([Reply::WithHeaders(429, vec![("retry-after", "1".into())])]);
-    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "")));
+    let d = b.start(&config(&sub("s", &rx.url("/"), "")));
     let ev = d.publish("a", json!({})).await;
     let got = rx.wait_for(2, WAIT).await;
     let gap = got[1].at.duration_since(got[0].at);
@@ -213,11 +209,10 @@ async fn honours_retry_after_on_429() {
     wait_delivery(&d, &id_of(&ev), "succeeded").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gone_disables_the_subscription() {
+async fn gone_disables_the_subscription(b: Backend) {
     let rx = Receiver::start().await;
     rx.script([Reply::Status(410)]);
-    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "")));
+    let d = b.start(&config(&sub("s", &rx.url("/"), "")));
     let ev = d.publish("a", json!({})).await;
     let dl = wait_delivery(&d, &id_of(&ev), "dead").await;
     assert_eq!(dl["attempts"], 1);
@@ -241,11 +236,10 @@ async fn gone_disables_the_subscription() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timeout_is_retried() {
+async fn a_timeout_is_retried(b: Backend) {
     let rx = Receiver::start().await;
     rx.script([Reply::Hang]);
-    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "timeout = \"300ms\"")));
+    let d = b.start(&config(&sub("s", &rx.url("/"), "timeout = \"300ms\"")));
     let ev = d.publish("a", json!({})).await;
     let dl = wait_delivery(&d, &id_of(&ev), "succeeded").await;
     assert_eq!(dl["attempts"], 2);
@@ -259,11 +253,10 @@ async fn a_timeout_is_retried() {
     assert_eq!(attempts["items"][1]["status_code"], 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifo_keeps_event_order_under_retries() {
+async fn fifo_keeps_event_order_under_retries(b: Backend) {
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500), Reply::Status(500)]);
-    let d = Daemon::start(&config(&sub("f", &rx.url("/"), "ordering = \"fifo\"")));
+    let d = b.start(&config(&sub("f", &rx.url("/"), "ordering = \"fifo\"")));
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(id_of(&d.publish("a", json!({"i": i})).await));
@@ -319,8 +312,7 @@ async fn private_address_literals_are_refused_at_creation_unless_allowed() {
     assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn breaker_opens_defers_probes_and_closes() {
+async fn breaker_opens_defers_probes_and_closes(b: Backend) {
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(503));
     let cfg = config(
@@ -331,7 +323,7 @@ async fn breaker_opens_defers_probes_and_closes() {
             .set("breaker.cooldown", "700ms")
             .to_toml(),
     );
-    let d = Daemon::start(&cfg);
+    let d = b.start(&cfg);
     let ev = d.publish("a", json!({})).await;
     // Three failures trip the breaker; the fourth request is the half-open probe.
     let got = rx.wait_for(4, WAIT).await;
@@ -354,11 +346,10 @@ async fn breaker_opens_defers_probes_and_closes() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_in_flight_bounds_the_requests_an_endpoint_sees_at_once() {
+async fn max_in_flight_bounds_the_requests_an_endpoint_sees_at_once(b: Backend) {
     let rx = Receiver::start().await;
     rx.set_default(Reply::Delay(Duration::from_millis(150), 200));
-    let d = Daemon::start(&config(&sub("s", &rx.url("/"), "max_in_flight = 3")));
+    let d = b.start(&config(&sub("s", &rx.url("/"), "max_in_flight = 3")));
     // Twelve deliveries due at once, from one batch.
     let events: Vec<Value> = (0..12)
         .map(|i| json!({"type": "t", "data": {"i": i}}))
@@ -375,13 +366,12 @@ async fn max_in_flight_bounds_the_requests_an_endpoint_sees_at_once() {
     assert_eq!(rx.most_concurrent(), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_mid_delivery_loses_nothing() {
+async fn crash_mid_delivery_loses_nothing(b: Backend) {
     let rx = Receiver::start().await;
     // Slow enough that the backlog outlives the crash: 4 in flight, 100 ms each.
     rx.set_default(Reply::Delay(Duration::from_millis(100), 200));
     let cfg = config(&sub("s", &rx.url("/"), "max_in_flight = 4"));
-    let mut d = Daemon::start(&cfg);
+    let mut d = b.start(&cfg);
     let tmp = d.keep_dir();
     let dir = d.dir.clone();
     // Publishers keep going while the daemon is killed; only acknowledged ids count.
@@ -428,7 +418,7 @@ async fn crash_mid_delivery_loses_nothing() {
         ids.iter().any(|i| !before.contains(i)),
         "everything was delivered before the crash; the test proves nothing"
     );
-    let d2 = Daemon::start_in(&dir, &cfg);
+    let d2 = b.start_in(&dir, &cfg);
     rx.wait_until(
         Duration::from_secs(60),
         "every acknowledged event id",
@@ -452,12 +442,11 @@ async fn names_resolving_to_private_addresses_are_refused() {
     assert_refused_without_a_request(&d, &rx, &id_of(&ev)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
+async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it(b: Backend) {
     let rx = Receiver::start().await;
     rx.set_default(Reply::Delay(Duration::from_millis(700), 200));
     let cfg = config(&sub("s", &rx.url("/"), ""));
-    let mut d = Daemon::start(&cfg);
+    let mut d = b.start(&cfg);
     let tmp = d.keep_dir();
     let dir = d.dir.clone();
     let ev = d.publish("a", json!({})).await;
@@ -465,7 +454,7 @@ async fn sigterm_lets_the_attempt_in_flight_finish_and_records_it() {
     // The receiver is still holding the request when the daemon is asked to stop.
     let status = d.terminate();
     assert!(status.success(), "exit: {status:?}\n{}", d.logs());
-    let d2 = Daemon::start_in(&dir, &cfg);
+    let d2 = b.start_in(&dir, &cfg);
     let dl = wait_delivery(&d2, &id_of(&ev), "succeeded").await;
     assert_eq!(
         dl["attempts"], 1,
@@ -501,13 +490,12 @@ fn auto_disabled(v: &Value) -> bool {
 /// changed by reload (which gives it a new destination task), after every attempt or two
 /// still disables a subscription whose every attempt fails, `auto_disable_after` after its
 /// first failure (give or take a restart).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_disable_counts_across_restarts_and_subscription_changes() {
+async fn auto_disable_counts_across_restarts_and_subscription_changes(b: Backend) {
     const PERIOD: Duration = Duration::from_secs(2);
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(500));
     let mut rev = 0;
-    let mut d = Daemon::start(&failing_config(&rx.url("/"), rev));
+    let mut d = b.start(&failing_config(&rx.url("/"), rev));
     let tmp = d.keep_dir();
     d.publish("a", json!({})).await;
     let first = rx.wait_for(1, WAIT).await[0].at;
@@ -532,7 +520,7 @@ async fn auto_disable_counts_across_restarts_and_subscription_changes() {
         let cfg = failing_config(&rx.url("/"), rev);
         if rev % 2 == 0 {
             d.terminate();
-            d = Daemon::start_in(&d.dir.clone(), &cfg);
+            d = b.start_in(&d.dir.clone(), &cfg);
             restarts += 1;
         } else {
             std::fs::write(d.dir.join("dispatchd.toml"), cfg).unwrap();
@@ -555,7 +543,7 @@ async fn auto_disable_counts_across_restarts_and_subscription_changes() {
     );
     // Disabled for good: a restart keeps it so, and new events no longer fan out to it.
     d.terminate();
-    let d = Daemon::start_in(&d.dir.clone(), &failing_config(&rx.url("/"), rev));
+    let d = b.start_in(&d.dir.clone(), &failing_config(&rx.url("/"), rev));
     let (_, sub) = d.get("/v1/subscriptions/flaky").await;
     assert!(auto_disabled(&sub), "{sub}");
     let next = d.publish("a", json!({})).await;
@@ -742,8 +730,7 @@ async fn an_attempt_under_way_shows_as_in_flight() {
 
 /// FIFO order holds across a restart: a newer delivery that is due does not overtake an
 /// older one waiting for its retry, though it reaches the destination task first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifo_order_holds_across_a_restart() {
+async fn fifo_order_holds_across_a_restart(b: Backend) {
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500)]);
     let cfg = config(
@@ -752,7 +739,7 @@ async fn fifo_order_holds_across_a_restart() {
             .retry(5, "10s", "10s")
             .to_toml(),
     );
-    let mut d = Daemon::start(&cfg);
+    let mut d = b.start(&cfg);
     let tmp = d.keep_dir();
     let dir = d.dir.clone();
     let first = id_of(&d.publish("a", json!({"n": 1})).await);
@@ -763,8 +750,25 @@ async fn fifo_order_holds_across_a_restart() {
     assert!(status.success(), "{status:?}\n{}", d.logs());
     drop(d);
 
-    let d = Daemon::start_in(&dir, &cfg);
+    let d = b.start_in(&dir, &cfg);
     let order = rx.wait_for_successes(2, WAIT).await;
     assert_eq!(order, vec![first, second], "{}", d.logs());
     drop(tmp);
 }
+
+crate::both!(
+    delivers_a_signed_standard_webhook,
+    retries_until_the_receiver_recovers,
+    dead_letters_after_max_attempts,
+    wildcards_fan_out_to_matching_subscriptions_only,
+    honours_retry_after_on_429,
+    gone_disables_the_subscription,
+    a_timeout_is_retried,
+    fifo_keeps_event_order_under_retries,
+    breaker_opens_defers_probes_and_closes,
+    max_in_flight_bounds_the_requests_an_endpoint_sees_at_once,
+    crash_mid_delivery_loses_nothing,
+    sigterm_lets_the_attempt_in_flight_finish_and_records_it,
+    auto_disable_counts_across_restarts_and_subscription_changes,
+    fifo_order_holds_across_a_restart,
+);

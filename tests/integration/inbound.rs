@@ -5,6 +5,7 @@
 //! Requests are signed here with the `hmac` and `sha2` crates, independently of the daemon's
 //! `ring`-based verification.
 
+use crate::support::backend::Backend;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -447,15 +448,13 @@ async fn exercise(d: &Daemon, s: &Scheme) {
     );
 }
 
-#[tokio::test]
-async fn inbound_github_scheme() {
-    let d = Daemon::start(&config(""));
+async fn inbound_github_scheme(b: Backend) {
+    let d = b.start(&config(""));
     exercise(&d, &GITHUB).await;
 }
 
-#[tokio::test]
-async fn inbound_stripe_scheme() {
-    let d = Daemon::start(&config(""));
+async fn inbound_stripe_scheme(b: Backend) {
+    let d = b.start(&config(""));
     exercise(&d, &STRIPE).await;
     // Stripe sends one v1 per active secret during its own rotation: any match is enough.
     let t = now().to_string();
@@ -544,8 +543,7 @@ async fn inbound_generic_hmac_base64_with_timestamp() {
     assert_refused("moved timestamp", &got, 401, "bad_signature");
 }
 
-#[tokio::test]
-async fn inbound_github_published_vector_fans_out_with_a_readable_receipt() {
+async fn inbound_github_published_vector_fans_out_with_a_readable_receipt(b: Backend) {
     let rx = Receiver::start().await;
     let cfg = config(&format!(
         r#"
@@ -557,7 +555,7 @@ secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
 "#,
         rx.url("/hook")
     ));
-    let d = Daemon::start(&cfg);
+    let d = b.start(&cfg);
     let mut headers = github_doc_headers();
     headers.push(h("User-Agent", "GitHub-Hookshot/044aadd"));
     // A credential that has no business here: never kept.
@@ -660,9 +658,8 @@ fn github_doc_headers() -> Headers {
     ]
 }
 
-#[tokio::test]
-async fn inbound_refusals_store_nothing() {
-    let d = Daemon::start(&config(""));
+async fn inbound_refusals_store_nothing(b: Backend) {
+    let d = b.start(&config(""));
     // Unknown source.
     let got = ingest(&d, "nope", &[], b"{}".to_vec()).await;
     assert_refused("unknown source", &got, 404, "not_found");
@@ -842,12 +839,11 @@ async fn github(d: &Daemon, source: &str, delivery: &str, body: &[u8]) -> (u16, 
 /// GitHub signs only the body: the same signed body sent again under a new delivery id, or
 /// claiming another event type, is a replay, answered as a duplicate and stored nowhere.
 /// With `dedup = "delivery-id"` the source trusts the delivery id alone.
-#[tokio::test]
-async fn a_signed_github_body_replayed_under_a_new_delivery_id_is_a_duplicate() {
+async fn a_signed_github_body_replayed_under_a_new_delivery_id_is_a_duplicate(b: Backend) {
     let cfg = config(&format!(
         "[[sources]]\nid = \"gh-by-id\"\nscheme = \"github\"\nsecrets = [\"{NEW}\"]\ndedup = \"delivery-id\"\n"
     ));
-    let d = Daemon::start(&cfg);
+    let d = b.start(&cfg);
     let body = (GITHUB.body)("", 7);
     let first = github(&d, "gh", "delivery-1", &body).await;
     assert_eq!(first.0, 202, "{}", first.1);
@@ -892,12 +888,11 @@ async fn hmac_hex(d: &Daemon, id: &str, body: &[u8]) -> (u16, Value) {
 
 /// Fingerprints are kept in the database (a restart does not forget them), are on by default
 /// for `hmac-sha256` without a timestamp, and stop counting once their window has passed.
-#[tokio::test]
-async fn body_fingerprints_survive_a_restart_and_count_for_their_window_only() {
+async fn body_fingerprints_survive_a_restart_and_count_for_their_window_only(b: Backend) {
     let cfg = config(&format!(
         "[[sources]]\nid = \"gh-short\"\nscheme = \"github\"\nsecrets = [\"{NEW}\"]\ndedup_window = \"2s\"\n"
     ));
-    let mut d = Daemon::start(&cfg);
+    let mut d = b.start(&cfg);
     let tmp = d.keep_dir();
     let dup = |r: &(u16, Value)| r.0 == 200 && r.1["duplicate"] == true;
     let body = (GITHUB.body)("", 1);
@@ -909,7 +904,7 @@ async fn body_fingerprints_survive_a_restart_and_count_for_their_window_only() {
     assert!(dup(&replayed), "{}", replayed.1);
 
     d.terminate();
-    let d = Daemon::start_in(&d.dir.clone(), &cfg);
+    let d = b.start_in(&d.dir.clone(), &cfg);
     let replayed = github(&d, "gh", "delivery-2", &body).await;
     assert!(dup(&replayed), "after a restart: {}", replayed.1);
     let replayed = hmac_hex(&d, "request-3", &shop).await;
@@ -942,3 +937,12 @@ async fn body_fingerprints_survive_a_restart_and_count_for_their_window_only() {
     drop(d);
     drop(tmp);
 }
+
+crate::both!(
+    inbound_github_scheme,
+    inbound_stripe_scheme,
+    inbound_refusals_store_nothing,
+    a_signed_github_body_replayed_under_a_new_delivery_id_is_a_duplicate,
+    body_fingerprints_survive_a_restart_and_count_for_their_window_only,
+    inbound_github_published_vector_fans_out_with_a_readable_receipt,
+);

@@ -1,5 +1,6 @@
 //! Publishing and reading events: the durable event log and its ingest API.
 
+use crate::support::backend::Backend;
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -240,9 +241,8 @@ async fn missing_ids(d: &Daemon, all: &[String]) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // publish and read back
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_then_read_back() {
-    let d = Daemon::start("");
+async fn publish_then_read_back(b: Backend) {
+    let d = b.start("");
     let r = d.publish("order.created", json!({"n": 1})).await;
     let id = r["id"].as_str().unwrap_or_default().to_string();
     assert!(id.starts_with("evt_"), "{r}");
@@ -252,9 +252,8 @@ async fn publish_then_read_back() {
     assert_eq!(ev["data"], json!({"n": 1}));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_keeps_fields_and_given_id() {
-    let d = Daemon::start("");
+async fn publish_keeps_fields_and_given_id(b: Backend) {
+    let d = b.start("");
     let data = json!({"order": {"id": 42, "lines": [1, 2.5, "x", null, true]}, "note": "é✓"});
     let (status, r) = d
         .post(
@@ -300,9 +299,8 @@ async fn publish_keeps_fields_and_given_id() {
 // ---------------------------------------------------------------------------------------------
 // duplicates
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_id_returns_the_original() {
-    let d = Daemon::start("");
+async fn duplicate_id_returns_the_original(b: Backend) {
+    let d = b.start("");
     let (s1, r1) = d
         .post(
             "/v1/events",
@@ -337,9 +335,8 @@ async fn duplicate_id_returns_the_original() {
     assert_eq!(ids(&all), vec!["dup-1"], "only one event stored: {all:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_idempotency_key_returns_the_original() {
-    let d = Daemon::start("");
+async fn duplicate_idempotency_key_returns_the_original(b: Backend) {
+    let d = b.start("");
     let send = |key: &'static str, body: Value| {
         d.send(
             d.http
@@ -396,9 +393,8 @@ async fn duplicate_idempotency_key_returns_the_original() {
     assert_eq!(list_all(&d, "").await.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicates_inside_one_batch() {
-    let d = Daemon::start("");
+async fn duplicates_inside_one_batch(b: Backend) {
+    let d = b.start("");
     let (status, r) = d
         .post(
             "/v1/events/batch",
@@ -466,9 +462,8 @@ async fn duplicates_inside_one_batch() {
 // ---------------------------------------------------------------------------------------------
 // batches
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_publishes_in_order() {
-    let d = Daemon::start("[server]\nmax_batch = 5\n");
+async fn batch_publishes_in_order(b: Backend) {
+    let d = b.start("[server]\nmax_batch = 5\n");
     d.publish("before", json!(0)).await;
     let events: Vec<Value> = (0..5)
         .map(|i| json!({"id": format!("batch-{i}"), "type": format!("t{i}"), "source": "src", "data": {"i": i}}))
@@ -499,9 +494,8 @@ async fn batch_publishes_in_order() {
     assert_eq!(seqs(&all[1..]), s, "the list shows the batch in seq order");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_with_an_invalid_item_stores_nothing() {
-    let d = Daemon::start("[server]\nmax_batch = 5\n");
+async fn batch_with_an_invalid_item_stores_nothing(b: Backend) {
+    let d = b.start("[server]\nmax_batch = 5\n");
     d.publish("before", json!(0)).await;
     let good = |i: usize| json!({"id": format!("good-{i}"), "type": "ok", "data": i});
     let bad_items = [
@@ -628,9 +622,8 @@ async fn empty_and_oversized_batches_are_refused() {
 // ---------------------------------------------------------------------------------------------
 // bad input
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
-    let d = Daemon::start("[server]\nmax_body = \"2KiB\"\n");
+async fn bad_input_gets_a_json_4xx_and_changes_nothing(b: Backend) {
+    let d = b.start("[server]\nmax_body = \"2KiB\"\n");
     d.publish("seed", json!({"n": 1})).await;
     let before = list_all(&d, "").await;
     let stored_before = metric(&metrics_text(&d).await, "dispatchd_events_stored_total");
@@ -884,9 +877,8 @@ async fn event_with_id_batch_can_be_read_back() {
 // ---------------------------------------------------------------------------------------------
 // listing
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_filters_by_type_and_source() {
-    let d = Daemon::start("");
+async fn list_filters_by_type_and_source(b: Backend) {
+    let d = b.start("");
     let specs = [
         ("a", Some("s1")),
         ("b", Some("s1")),
@@ -948,9 +940,8 @@ async fn list_filters_by_type_and_source() {
     assert_eq!(seen, expect(&|t, _| t == "a"), "paged type=a");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_since_is_inclusive_and_until_exclusive() {
-    let d = Daemon::start("");
+async fn list_since_is_inclusive_and_until_exclusive(b: Backend) {
+    let d = b.start("");
     let mut evs = Vec::new();
     for i in 0..5 {
         let (status, r) = d
@@ -1034,9 +1025,8 @@ async fn list_since_accepts_rfc3339_offsets() {
     assert_eq!(body["items"].as_array().map(Vec::len), Some(1), "{body}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pagination_returns_everything_once_while_publishing() {
-    let d = Daemon::start("");
+async fn pagination_returns_everything_once_while_publishing(b: Backend) {
+    let d = b.start("");
     let mut expected = Vec::new();
     for i in 0..25 {
         let (status, r) = d
@@ -1443,28 +1433,27 @@ async fn join_stream(
     (failed, unexpected)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_events_survive_sigkill() {
-    survive_sigkill("", "").await;
+async fn acknowledged_events_survive_sigkill(b: Backend) {
+    survive_sigkill(&b, "", "").await;
 }
 
 const NO_JOURNAL: &str = "[storage]\njournal_size = 0\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_sigkill_without_the_journal() {
-    survive_sigkill(NO_JOURNAL, NO_JOURNAL).await;
+    survive_sigkill(&Backend::Redb, NO_JOURNAL, NO_JOURNAL).await;
 }
 
 /// A crash with the journal on, then a start with it off: the journal is still replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_left_by_a_crash_is_replayed_when_the_journal_is_turned_off() {
-    survive_sigkill("", NO_JOURNAL).await;
+    survive_sigkill(&Backend::Redb, "", NO_JOURNAL).await;
 }
 
 /// Publishes, kills the daemon (started with config `first`) with SIGKILL mid-stream, starts
 /// it again with config `restart` and finds every acknowledged event.
-async fn survive_sigkill(first: &str, restart: &str) {
-    let mut d = Daemon::start(first);
+async fn survive_sigkill(b: &Backend, first: &str, restart: &str) {
+    let mut d = b.start(first);
     let Some(tmp) = d.keep_dir() else {
         panic!("the daemon has no temp dir");
     };
@@ -1482,7 +1471,7 @@ async fn survive_sigkill(first: &str, restart: &str) {
     acked.extend(streamed);
     drop(d);
 
-    let d = Daemon::start_in(&dir, restart);
+    let d = b.start_in(&dir, restart);
     let missing = missing_ids(&d, &acked).await;
     assert!(
         missing.is_empty(),
@@ -1518,9 +1507,8 @@ async fn survive_sigkill(first: &str, restart: &str) {
     drop(tmp);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_exits_zero_and_restart_keeps_everything() {
-    let mut d = Daemon::start("");
+async fn sigterm_drains_exits_zero_and_restart_keeps_everything(b: Backend) {
+    let mut d = b.start("");
     let Some(tmp) = d.keep_dir() else {
         panic!("the daemon has no temp dir");
     };
@@ -1561,7 +1549,7 @@ async fn sigterm_drains_exits_zero_and_restart_keeps_everything() {
     acked.extend(streamed);
     drop(d);
 
-    let d = Daemon::start_in(&dir, "");
+    let d = b.start_in(&dir, "");
     let missing = missing_ids(&d, &acked).await;
     assert!(
         missing.is_empty(),
@@ -1645,3 +1633,19 @@ async fn newer_schema_version_refuses_to_start() {
     }
     drop(tmp);
 }
+
+crate::both!(
+    acknowledged_events_survive_sigkill,
+    publish_then_read_back,
+    publish_keeps_fields_and_given_id,
+    duplicate_id_returns_the_original,
+    duplicate_idempotency_key_returns_the_original,
+    duplicates_inside_one_batch,
+    batch_publishes_in_order,
+    batch_with_an_invalid_item_stores_nothing,
+    bad_input_gets_a_json_4xx_and_changes_nothing,
+    list_filters_by_type_and_source,
+    list_since_is_inclusive_and_until_exclusive,
+    pagination_returns_everything_once_while_publishing,
+    sigterm_drains_exits_zero_and_restart_keeps_everything,
+);

@@ -1,5 +1,9 @@
 //! Integration tests: the real `dispatchd` binary over real sockets on 127.0.0.1.
 
+// Test code, as `allow-unwrap-in-tests` has it for `#[test]` functions: the behaviour tests
+// written once for both backends are plain `async fn`s that `both!` calls.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod backup;

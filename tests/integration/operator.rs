@@ -3,6 +3,7 @@
 //! resume, rotation, payload filters), config reload (HTTP and SIGHUP), the OpenAPI document,
 //! auth scopes on every operator route, and the `dispatchd` operator commands.
 
+use crate::support::backend::Backend;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -237,8 +238,7 @@ async fn every_operator_route_needs_an_admin_token() {
 // ---------------------------------------------------------------------------------------------
 // the delivery list
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivery_list_filters_by_status_subscription_type_and_time() {
+async fn delivery_list_filters_by_status_subscription_type_and_time(b: Backend) {
     let good = Receiver::start().await;
     let bad = Receiver::start().await;
     bad.set_default(Reply::Status(500));
@@ -247,7 +247,7 @@ async fn delivery_list_filters_by_status_subscription_type_and_time() {
         sub_n("bad", &bad.url("/"), 1, "event_types = [\"order.*\"]"),
     ]
     .concat();
-    let d = Daemon::start(&config("", &subs));
+    let d = b.start(&config("", &subs));
     // Batch A: two orders. Batch B: one order, two signups.
     publish(&d, "order.created", json!({"n": 1})).await;
     publish(&d, "order.created", json!({"n": 2})).await;
@@ -358,10 +358,9 @@ async fn delivery_list_filters_by_status_subscription_type_and_time() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn pagination_returns_every_row_exactly_once_while_events_arrive() {
+async fn pagination_returns_every_row_exactly_once_while_events_arrive(b: Backend) {
     let rx = Receiver::start().await;
-    let d = Arc::new(Daemon::start(&config("", &sub("s", &rx.url("/"), ""))));
+    let d = Arc::new(b.start(&config("", &sub("s", &rx.url("/"), ""))));
     let batch: Vec<Value> = (0..100)
         .map(|i| json!({"type": "order.created", "data": {"i": i}}))
         .collect();
@@ -462,8 +461,7 @@ async fn pagination_returns_every_row_exactly_once_while_events_arrive() {
 // ---------------------------------------------------------------------------------------------
 // retry, cancel
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_and_cancel_single_deliveries() {
+async fn retry_and_cancel_single_deliveries(b: Backend) {
     let flaky = Receiver::start().await;
     flaky.set_default(Reply::Status(500));
     let slow = Receiver::start().await;
@@ -477,7 +475,7 @@ async fn retry_and_cancel_single_deliveries() {
         sub_n("flaky", &flaky.url("/"), 1, "event_types = [\"f\"]"),
         sub("slow", &slow.url("/"), "event_types = [\"s\"]")
     );
-    let d = Daemon::start(&config("", &subs));
+    let d = b.start(&config("", &subs));
 
     let ev = publish(&d, "f", json!({})).await;
     let dead = wait_count(&d, "subscription=flaky&status=dead", 1).await;
@@ -553,8 +551,7 @@ async fn retry_and_cancel_single_deliveries() {
 // ---------------------------------------------------------------------------------------------
 // dead letters
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redrive_delivers_dead_letters_once_the_receiver_recovers() {
+async fn redrive_delivers_dead_letters_once_the_receiver_recovers(b: Backend) {
     let down = Receiver::start().await;
     down.set_default(Reply::Status(503));
     let other = Receiver::start().await;
@@ -563,7 +560,7 @@ async fn redrive_delivers_dead_letters_once_the_receiver_recovers() {
         sub_n("down", &down.url("/"), 2, ""),
         sub("other", &other.url("/"), "event_types = [\"never.*\"]")
     );
-    let d = Daemon::start(&config("", &subs));
+    let d = b.start(&config("", &subs));
     let mut events = BTreeSet::new();
     for i in 0..5 {
         let ev = publish(&d, "order.created", json!({"i": i})).await;
@@ -655,8 +652,7 @@ async fn redrive_delivers_dead_letters_once_the_receiver_recovers() {
 // ---------------------------------------------------------------------------------------------
 // replay
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_by_time_range_makes_exactly_the_expected_deliveries() {
+async fn replay_by_time_range_makes_exactly_the_expected_deliveries(b: Backend) {
     let ra = Receiver::start().await;
     let rb = Receiver::start().await;
     let rc = Receiver::start().await;
@@ -670,7 +666,7 @@ async fn replay_by_time_range_makes_exactly_the_expected_deliveries() {
         sub("off", &rc.url("/"), "enabled = false"),
     ]
     .concat();
-    let d = Daemon::start(&config("replay_max_events = 5", &subs));
+    let d = b.start(&config("replay_max_events = 5", &subs));
     let mut ev = Vec::new();
     for (t, total) in [
         ("order.created", 500),
@@ -804,13 +800,12 @@ async fn replay_by_time_range_makes_exactly_the_expected_deliveries() {
 // ---------------------------------------------------------------------------------------------
 // subscriptions
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscriptions_over_the_api() {
+async fn subscriptions_over_the_api(b: Backend) {
     let r1 = Receiver::start().await;
     let r2 = Receiver::start().await;
     let r3 = Receiver::start().await;
     let text = config("", &sub("cfg", &r1.url("/"), "event_types = [\"cfg.*\"]"));
-    let mut d = Daemon::start(&text);
+    let mut d = b.start(&text);
 
     let (s, raw) = d
         .send(d.http.get(d.url("/v1/subscriptions")).bearer_auth(ADMIN))
@@ -982,7 +977,7 @@ async fn subscriptions_over_the_api() {
     // Stored: a restart keeps it.
     let keep = d.keep_dir();
     d.terminate();
-    let d = Daemon::start_in(&d.dir, &text);
+    let d = b.start_in(&d.dir, &text);
     let _keep = keep;
     let after = ok(get(&d, "/v1/subscriptions/api").await, "after restart");
     assert_eq!(after["url"], r3.url("/new"));
@@ -1011,8 +1006,7 @@ async fn subscriptions_over_the_api() {
     assert_eq!(ev4["deliveries"], 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_holds_deliveries_across_restarts_and_resume_sends_them() {
+async fn pause_holds_deliveries_across_restarts_and_resume_sends_them(b: Backend) {
     let rp = Receiver::start().await;
     let rq = Receiver::start().await;
     let text = config(
@@ -1023,7 +1017,7 @@ async fn pause_holds_deliveries_across_restarts_and_resume_sends_them() {
             sub("q", &rq.url("/"), "")
         ),
     );
-    let mut d = Daemon::start(&text);
+    let mut d = b.start(&text);
 
     // An attempt in flight when the pause comes finishes and is recorded.
     rp.script([Reply::Delay(Duration::from_millis(800), 200)]);
@@ -1052,7 +1046,7 @@ async fn pause_holds_deliveries_across_restarts_and_resume_sends_them() {
 
     let keep = d.keep_dir();
     d.terminate();
-    let d = Daemon::start_in(&d.dir, &text);
+    let d = b.start_in(&d.dir, &text);
     let _keep = keep;
     let shown = ok(get(&d, "/v1/subscriptions/p").await, "after restart");
     assert_eq!(shown["paused"], true, "{shown}");
@@ -1077,10 +1071,9 @@ async fn pause_holds_deliveries_across_restarts_and_resume_sends_them() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotation_signs_with_both_secrets_until_the_grace_period_ends() {
+async fn rotation_signs_with_both_secrets_until_the_grace_period_ends(b: Backend) {
     let rx = Receiver::start().await;
-    let d = Daemon::start(&config("", ""));
+    let d = b.start(&config("", ""));
     let (s, c) = post(
         &d,
         "/v1/subscriptions",
@@ -1432,3 +1425,14 @@ async fn reload_applies_token_changes_at_once_over_http_and_sighup() {
     let published = publish_with(NEW_ADMIN).await;
     assert_eq!(published.0, 202, "{}", published.1);
 }
+
+crate::both!(
+    delivery_list_filters_by_status_subscription_type_and_time,
+    pagination_returns_every_row_exactly_once_while_events_arrive,
+    retry_and_cancel_single_deliveries,
+    redrive_delivers_dead_letters_once_the_receiver_recovers,
+    replay_by_time_range_makes_exactly_the_expected_deliveries,
+    subscriptions_over_the_api,
+    pause_holds_deliveries_across_restarts_and_resume_sends_them,
+    rotation_signs_with_both_secrets_until_the_grace_period_ends,
+);

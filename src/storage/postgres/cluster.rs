@@ -185,14 +185,25 @@ async fn balance_once(node: &Node) -> Result<(), String> {
     }
     if !gained.is_empty() {
         drop(c);
-        scan(node, &gained, false).await?;
+        scan(node, &gained, Scan::Periodic).await?;
     }
     Ok(())
 }
 
+/// Why a scan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Periodic, or a lease taken: the correctness path.
+    Periodic,
+    /// A notification of new work made on some node.
+    Notified,
+    /// A notification of an operator's retry: its deliveries go now.
+    Operator,
+}
+
 /// Reads the due deliveries of `destinations` (those still held) and hands them to the
 /// scheduler, which keeps each once.
-async fn scan(node: &Node, destinations: &[String], notified: bool) -> Result<usize, String> {
+async fn scan(node: &Node, destinations: &[String], why: Scan) -> Result<usize, String> {
     let held: Vec<&str> = destinations
         .iter()
         .map(String::as_str)
@@ -211,7 +222,7 @@ async fn scan(node: &Node, destinations: &[String], notified: bool) -> Result<us
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
     let mut due = Vec::with_capacity(n);
     for r in rows {
-        if notified && r.at <= now {
+        if why == Scan::Notified && r.at <= now {
             // How long a delivery made on another node took to reach its owner.
             let lag = Duration::from_micros(u64::try_from(now - r.at).unwrap_or(0));
             node.shared
@@ -230,7 +241,7 @@ async fn scan(node: &Node, destinations: &[String], notified: bool) -> Result<us
             event: None,
             attempts: 0,
             priority: super::reads::priority(r.priority),
-            operator: false,
+            operator: why == Scan::Operator && r.at <= now,
         });
     }
     if !due.is_empty() {
@@ -264,7 +275,7 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
         }
         if tokio::time::Instant::now() >= next_scan {
             let held = node.shared.leases.held_ids();
-            if let Err(e) = scan(&node, &held, false).await {
+            if let Err(e) = scan(&node, &held, Scan::Periodic).await {
                 node.shared.metrics.cluster_db_errors.inc();
                 tracing::warn!(error = %e, "cannot scan due deliveries");
             }
@@ -290,10 +301,15 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                 Some(first) => {
                     // Notifications come in bursts: take what has arrived, then scan once.
                     let mut due: HashSet<String> = HashSet::new();
+                    let mut asked: HashSet<String> = HashSet::new();
                     let mut subs = false;
                     let mut take = |h: super::notify::Heard| {
                         if h.channel == super::notify::SUBSCRIPTIONS {
                             subs = true;
+                        } else if let Some(d) = h.payload.strip_prefix(super::notify::OPERATOR) {
+                            if node.shared.leases.holds(d) {
+                                asked.insert(d.to_string());
+                            }
                         } else if node.shared.leases.holds(&h.payload) {
                             due.insert(h.payload);
                         }
@@ -307,9 +323,12 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                     if subs {
                         (node.refresh)().await;
                     }
-                    if !due.is_empty() {
-                        let due: Vec<String> = due.into_iter().collect();
-                        if let Err(e) = scan(&node, &due, true).await {
+                    for (set, why) in [(due, Scan::Notified), (asked, Scan::Operator)] {
+                        if set.is_empty() {
+                            continue;
+                        }
+                        let set: Vec<String> = set.into_iter().collect();
+                        if let Err(e) = scan(&node, &set, why).await {
                             node.shared.metrics.cluster_db_errors.inc();
                             tracing::warn!(error = %e, "cannot scan notified destinations");
                         }
@@ -358,6 +377,10 @@ pub async fn run_retention(
                         .with_label_values(&["events"])
                         .inc_by(n);
                     if n < 1000 {
+                        shared
+                            .metrics
+                            .retention_last_sweep
+                            .set(crate::clock::now_micros() / 1_000_000);
                         break;
                     }
                 }

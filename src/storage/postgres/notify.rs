@@ -18,6 +18,10 @@ use crate::model::{DeliveryId, Micros};
 /// The channel new deliveries are announced on; the payload is the destination's id.
 pub const CHANNEL: &str = "dispatchd_due";
 
+/// A payload on `CHANNEL` that starts with this names a destination an operator asked for
+/// attempts of (retry, redrive): they go now, even through an open breaker's cooldown.
+pub const OPERATOR: &str = "operator:";
+
 /// The channel changes to the subscriptions created over the API (and their switches) are
 /// announced on; the payload is the subscription's id. Every node reloads its set.
 pub const SUBSCRIPTIONS: &str = "dispatchd_subscriptions";

@@ -100,6 +100,13 @@ pub async fn retry_deliveries(
         out.push(RetryOutcome::Scheduled(d));
     }
     let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
+    // An operator's retry goes now, through an open breaker's cooldown, on whichever node
+    // runs the destination: the announcement says so.
+    let woken: Vec<String> = woken
+        .iter()
+        .map(|d| format!("{}{d}", super::notify::OPERATOR))
+        .collect();
+    let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
     super::notify::announce(&tx, &woken).await?;
     tx.commit().await?;
     Ok(out)

@@ -51,6 +51,8 @@ async fn remove(
             "WITH doomed AS (
                  SELECT e.seq FROM events e
                  WHERE e.received_at < $1
+                   -- The newest event stays, as on the embedded backend.
+                   AND e.seq < (SELECT max(seq) FROM events)
                    AND NOT EXISTS (
                        SELECT 1 FROM deliveries d
                        WHERE d.event_seq = e.seq
@@ -67,8 +69,12 @@ async fn remove(
     let receipts: Vec<i64> = gone.iter().filter_map(|r| r.get(0)).collect();
     let batches: Vec<String> = gone.iter().filter_map(|r| r.get(1)).collect();
     if !receipts.is_empty() {
-        tx.execute("DELETE FROM receipts WHERE id = ANY($1)", &[&receipts])
-            .await?;
+        // The newest receipt stays, as on the embedded backend.
+        tx.execute(
+            "DELETE FROM receipts WHERE id = ANY($1) AND id < (SELECT max(id) FROM receipts)",
+            &[&receipts],
+        )
+        .await?;
     }
     if !batches.is_empty() {
         tx.execute("DELETE FROM batches WHERE id = ANY($1)", &[&batches])

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod config;
 pub mod postgres;
 pub mod receiver;
