@@ -8,6 +8,7 @@ mod support;
 
 mod backup;
 mod cli;
+mod cluster;
 mod compat;
 mod config;
 mod delivery;

@@ -116,18 +116,31 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
+        let pg = Postgres {
+            _dir: dir,
+            bin,
+            data,
+            port: free_port(),
+        };
+        pg.resume();
+        pg
+    }
+
+    /// Starts the server (again) on its data directory and port.
+    pub fn resume(&self) {
+        let dir = self._dir.path();
         let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
-            dir.path().display()
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            self.port,
+            dir.display()
         );
-        let mut start = program(&bin, "pg_ctl");
+        let mut start = program(&self.bin, "pg_ctl");
         start
             .arg("-D")
-            .arg(&data)
+            .arg(&self.data)
             .args(["-o", &options, "-w", "-t", "60"])
             .arg("-l")
-            .arg(dir.path().join("server.log"))
+            .arg(dir.join("server.log"))
             .arg("start");
         let out = run_bounded(start, WAIT);
         assert!(
@@ -135,14 +148,18 @@ impl Postgres {
             "postgres did not start: {}{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default()
+            std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
         );
-        Postgres {
-            _dir: dir,
-            bin,
-            data,
-            port,
-        }
+    }
+
+    /// Stops the server (fast shutdown: clients are cut off), keeping its data.
+    pub fn pause(&self) {
+        let mut stop = program(&self.bin, "pg_ctl");
+        stop.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"]);
+        let out = run_bounded(stop, WAIT);
+        assert!(out.status.success(), "pg_ctl stop: {out:?}");
     }
 
     /// The URL of database `db` (created by `create_db`), as the daemon's superuser.
