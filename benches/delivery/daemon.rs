@@ -4,7 +4,7 @@
 use super::*;
 
 /// Config file for one run. Listen address and data directory come from the command line.
-pub(crate) fn config_text(opts: &Options, url: &str, backlog: bool) -> String {
+pub(crate) fn config_text(opts: &Options, url: &str, backlog: bool, node: usize) -> String {
     let mut t = String::new();
     if backlog || opts.batch() > 1 {
         t.push_str(&format!(
@@ -12,7 +12,7 @@ pub(crate) fn config_text(opts: &Options, url: &str, backlog: bool) -> String {
             opts.batch()
         ));
     }
-    if opts.cache_size.is_some() || opts.journal_size.is_some() {
+    if opts.postgres_url.is_none() && (opts.cache_size.is_some() || opts.journal_size.is_some()) {
         t.push_str("[storage]\n");
         if let Some(c) = &opts.cache_size {
             t.push_str(&format!("cache_size = \"{c}\"\n"));
@@ -21,6 +21,12 @@ pub(crate) fn config_text(opts: &Options, url: &str, backlog: bool) -> String {
             t.push_str(&format!("journal_size = \"{j}\"\n"));
         }
         t.push('\n');
+    }
+    if let Some(pg) = &opts.postgres_url {
+        t.push_str(&format!(
+            "[storage]\nbackend = \"postgres\"\npostgres_url = \"{pg}\"\n\n\
+             [cluster]\nnode_id = \"bench-node-{node}\"\n\n"
+        ));
     }
     t.push_str("[delivery]\nallow_private_networks = true\n\n");
     t.push_str(&format!(
@@ -75,12 +81,33 @@ pub(crate) async fn start_daemon(work: &Workdir) -> Result<Daemon> {
 /// Writes the mode's config with the subscription pointing at `url`, starts the daemon,
 /// waits until it is ready, and prints the run's title and setup.
 pub(crate) async fn start_run(opts: &Options, url: &str) -> Result<(Workdir, Daemon)> {
-    let work = Workdir::new(&config_text(opts, url, opts.mode == Mode::Backlog))?;
+    let work = Workdir::new(&config_text(opts, url, opts.mode == Mode::Backlog, 0))?;
     let daemon = start_daemon(&work).await?;
     wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
     println!("dispatchd delivery benchmark: {}", opts.mode.name());
     print_setup(opts, &work, url);
     Ok((work, daemon))
+}
+
+/// Cluster mode: nodes 1.. beside the first, on the same database.
+pub(crate) async fn start_more_nodes(
+    opts: &Options,
+    url: &str,
+) -> Result<Vec<(Workdir, Daemon)>> {
+    let mut out = Vec::new();
+    for node in 1..opts.nodes {
+        let work = Workdir::new(&config_text(opts, url, false, node))?;
+        let daemon = start_daemon(&work).await?;
+        wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
+        out.push((work, daemon));
+    }
+    if opts.nodes > 1 {
+        println!(
+            "  cluster: {} nodes on one PostgreSQL database, publishers spread round-robin",
+            opts.nodes
+        );
+    }
+    Ok(out)
 }
 
 /// SIGTERM, wait, and insist on a clean exit; returns how long it took.

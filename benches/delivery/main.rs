@@ -149,7 +149,11 @@ usage: cargo bench --bench delivery -- [throughput|latency|backlog] [options]
   --max-in-flight N    the subscription's max_in_flight (default: 256, backlog 64)
   --cache-size SIZE    storage.cache_size for the daemon (default: the daemon's default)
   --journal-size SIZE  storage.journal_size for the daemon (default: the daemon's default)
-  --wait-secs N        backlog: bound on publishing + waiting for the attempts (default 1200)";
+  --wait-secs N        backlog: bound on publishing + waiting for the attempts (default 1200)
+  --postgres-url URL   cluster mode: run the daemon on this PostgreSQL database (an empty
+                       one; benches/cluster.sh starts a server and makes one per run)
+  --nodes N            cluster mode: daemons sharing the database, publishers spread over
+                       them round-robin (default 1)";
 
 /// The subscription's secret; the receiver verifies signatures with it.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -206,6 +210,10 @@ struct Options {
     cache_size: Option<String>,
     journal_size: Option<String>,
     wait_secs: u64,
+    /// Cluster mode: the database every node shares.
+    postgres_url: Option<String>,
+    /// Cluster mode: how many nodes.
+    nodes: usize,
 }
 
 impl Mode {
@@ -277,6 +285,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         cache_size: None,
         journal_size: None,
         wait_secs: 1200,
+        postgres_url: None,
+        nodes: 1,
     };
     let mut mode_seen = false;
     common::args::parse(args, USAGE, |flag, value| {
@@ -313,10 +323,30 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--cache-size" => o.cache_size = Some(size(flag, value()?, "64MiB")?),
             "--journal-size" => o.journal_size = Some(size(flag, value()?, "4MiB")?),
             "--wait-secs" => o.wait_secs = positive(flag, &value()?)?,
+            "--postgres-url" => {
+                let v = value()?;
+                if v.contains('"') || v.contains('\\') {
+                    bail!("--postgres-url: no quotes or backslashes");
+                }
+                o.postgres_url = Some(v);
+            }
+            "--nodes" => {
+                let n = positive(flag, &value()?)?;
+                if n > 8 {
+                    bail!("--nodes: at most 8");
+                }
+                o.nodes = usize::try_from(n)?;
+            }
             _ => return Ok(false),
         }
         Ok(true)
     })?;
+    if o.nodes > 1 && o.postgres_url.is_none() {
+        bail!("--nodes: more than one node needs --postgres-url");
+    }
+    if o.nodes > 1 && o.mode == Mode::Backlog {
+        bail!("--nodes: the backlog mode runs one node");
+    }
     if o.mode == Mode::Latency && o.batch() > 1 {
         bail!("--batch: latency publishes one event per request");
     }

@@ -31,7 +31,7 @@ impl PubStats {
 /// Runs `conns` publishing connections until the window ends: closed loops, or paced by
 /// `pace` = (common start, period per connection).
 pub(crate) async fn run_publishers(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     conns: usize,
     body_bytes: usize,
     batch: usize,
@@ -41,6 +41,9 @@ pub(crate) async fn run_publishers(
     let sent = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for id in 0..conns {
+        let Some(&addr) = addrs.get(id % addrs.len().max(1)) else {
+            bail!("no daemon to publish to");
+        };
         // Staggered so the connections do not all send on the same millisecond.
         let ticker = pace.map(|(start, period)| {
             let offset = period.mul_f64(id as f64 / conns as f64);

@@ -9,6 +9,8 @@ pub(crate) struct Run {
     pub(crate) daemon: Daemon,
     /// Holds the config and data directory for as long as the daemon runs.
     _work: Workdir,
+    /// Cluster mode: the other nodes.
+    others: Vec<(Workdir, Daemon)>,
 }
 
 /// One window of publishing and what reached the receiver.
@@ -27,10 +29,12 @@ impl Run {
     pub(crate) async fn start(opts: &Options) -> Result<Self> {
         let receiver = Receiver::start().await?;
         let (work, daemon) = start_run(opts, &receiver.url()).await?;
+        let others = start_more_nodes(opts, &receiver.url()).await?;
         Ok(Self {
             receiver,
             daemon,
             _work: work,
+            others,
         })
     }
 
@@ -47,8 +51,11 @@ impl Run {
         let t0 = Instant::now();
         let window = Window::after_warmup(t0, Duration::from_secs(opts.seconds()));
         let sampler = WindowSampler::spawn(self.daemon.addr, self.daemon.pid(), window);
+        let addrs: Vec<SocketAddr> = std::iter::once(self.daemon.addr)
+            .chain(self.others.iter().map(|(_, d)| d.addr))
+            .collect();
         let pubs = run_publishers(
-            self.daemon.addr,
+            &addrs,
             opts.connections(),
             opts.body_bytes,
             batch,
@@ -84,6 +91,9 @@ impl Run {
 
     /// The machine note, the daemon's log, a clean stop, and the receiver's.
     pub(crate) async fn finish(self) -> Result<()> {
+        for (_, d) in self.others {
+            stop_daemon(d).await?;
+        }
         finish(self.daemon).await?;
         self.receiver.stop();
         Ok(())

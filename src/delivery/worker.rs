@@ -112,6 +112,16 @@ impl Queue {
         Some(job)
     }
 
+    /// The ids of the first `n` jobs in the order they may go, and whether each has its
+    /// event at hand.
+    fn first(&self, n: usize) -> Vec<(DeliveryId, bool)> {
+        self.order
+            .iter()
+            .take(n)
+            .filter_map(|(_, id)| self.jobs.get(id).map(|j| (*id, j.event.is_some())))
+            .collect()
+    }
+
     fn pop_first(&mut self) -> Option<Job> {
         let (_, id) = self.order.pop_first()?;
         self.jobs.remove(&id)
@@ -405,12 +415,13 @@ impl Worker {
         if !self.leased() {
             return;
         }
-        // One read transaction for the whole run of attempts started here.
+        // One read transaction for the whole run of attempts started here (on PostgreSQL,
+        // one query for the jobs that can start now).
         let mut snap: Option<Snapshot> = None;
         while !self.queue.is_empty() && self.has_room() {
             let snap = match &snap {
                 Some(s) => s,
-                None => match self.env.store.snapshot() {
+                None => match self.env.store.snapshot_for(&self.wanted()) {
                     Ok(s) => snap.insert(s),
                     Err(e) => {
                         tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read deliveries");
@@ -473,6 +484,27 @@ impl Worker {
             self.tasks
                 .spawn((self.env.send)(dest, job, n, event), started);
         }
+    }
+
+    /// The deliveries the next run of attempts may read: the jobs that can start now, and
+    /// the FIFO head; with whether their events are needed.
+    fn wanted(&self) -> Vec<(DeliveryId, bool)> {
+        let room = match self.dest.sub.ordering {
+            Ordering::Fifo => 1,
+            Ordering::Unordered => {
+                (self.dest.sub.max_in_flight as usize).saturating_sub(self.tasks.len())
+            }
+        };
+        let mut ids: Vec<(DeliveryId, bool)> = self
+            .queue
+            .first(room)
+            .into_iter()
+            .map(|(id, has_event)| (id, !has_event))
+            .collect();
+        if let Some(head) = self.blocked_by {
+            ids.push((head, false));
+        }
+        ids
     }
 
     /// Cluster mode: whether this node holds the destination's lease. Without it the queue is

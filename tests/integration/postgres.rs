@@ -36,6 +36,18 @@ fn commits(w: &dispatchd::storage::writer::WriterHandle) -> u64 {
     }
 }
 
+/// A pooled connection, as the writer uses.
+async fn pooled(url: &str) -> deadpool_postgres::Object {
+    let pool = match dispatchd::storage::postgres::pool(url, 2) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    match pool.get().await {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
 async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, conn) = match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
         Ok(c) => c,
@@ -486,7 +498,7 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
         error: (status >= 500).then(|| format!("HTTP {status}")),
         next,
     };
-    let mut ca = connect(&url).await;
+    let mut ca = pooled(&url).await;
     let retry_at = now + 60_000_000;
     let r = writer::record_attempts(
         &mut ca,
@@ -517,7 +529,7 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
         (retrying, 1, 1),
         "the fenced outcome changed nothing"
     );
-    let mut cb = connect(&url).await;
+    let mut cb = pooled(&url).await;
     let r = writer::record_attempts(
         &mut cb,
         ("crm", "node-b", b),
@@ -715,7 +727,7 @@ async fn operator_writes_follow_the_embedded_rules() {
         error: None,
         next,
     };
-    let mut ca = connect(&url).await;
+    let mut ca = pooled(&url).await;
     let r = writer::record_attempts(
         &mut ca,
         ("crm", "node-a", epoch),
@@ -863,7 +875,7 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
         error: None,
         next: Next::Succeeded,
     };
-    let mut ca = connect(&url).await;
+    let mut ca = pooled(&url).await;
     let r = writer::record_attempts(&mut ca, ("crm", "node-a", epoch), &[done]).await;
     assert!(matches!(r, Ok(writer::Recorded::Committed)), "{r:?}");
 

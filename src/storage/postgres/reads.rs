@@ -638,16 +638,70 @@ fn attempt_row(r: &tokio_postgres::Row, at: usize) -> Attempt {
     }
 }
 
-/// The worker's view of a run of attempts: deliveries and events read as asked.
-#[derive(Clone)]
-pub struct PgSnapshot(pub PgStore);
+/// The worker's view of a run of attempts: the deliveries (and events) it asked for, read
+/// in one query up front; anything else is read when asked.
+pub struct PgSnapshot {
+    store: PgStore,
+    deliveries: std::collections::HashMap<DeliveryId, Delivery>,
+    events: std::collections::HashMap<Seq, Event>,
+}
+
+impl PgStore {
+    /// Reads deliveries `ids` at once, with the events of those marked.
+    pub fn prefetch(&self, ids: &[(DeliveryId, bool)]) -> Result<PgSnapshot, StoreError> {
+        let mut snap = PgSnapshot {
+            store: self.clone(),
+            deliveries: Default::default(),
+            events: Default::default(),
+        };
+        if ids.is_empty() {
+            return Ok(snap);
+        }
+        let all: Vec<i64> = ids.iter().map(|(i, _)| db_id(*i)).collect();
+        let with_event: Vec<i64> = ids
+            .iter()
+            .filter(|(_, e)| *e)
+            .map(|(i, _)| db_id(*i))
+            .collect();
+        let rows = self.rows(
+            &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ANY($1)"),
+            &[&all],
+        )?;
+        snap.deliveries = rows.iter().map(delivery_row).collect();
+        if !with_event.is_empty() {
+            let columns = EVENT_COLUMNS
+                .split(", ")
+                .map(|c| format!("e.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let rows = self.rows(
+                &format!(
+                    "SELECT {columns} FROM events e
+                     WHERE e.seq IN (SELECT event_seq FROM deliveries WHERE id = ANY($1))"
+                ),
+                &[&with_event],
+            )?;
+            for r in &rows {
+                let (seq, e) = event_row(r)?;
+                snap.events.insert(seq, e);
+            }
+        }
+        Ok(snap)
+    }
+}
 
 impl PgSnapshot {
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
-        self.0.delivery(id)
+        match self.deliveries.get(&id) {
+            Some(d) => Ok(Some(d.clone())),
+            None => self.store.delivery(id),
+        }
     }
 
     pub fn event_by_seq(&self, seq: Seq) -> Result<Option<Event>, StoreError> {
-        self.0.event_by_seq(seq)
+        match self.events.get(&seq) {
+            Some(e) => Ok(Some(e.clone())),
+            None => self.store.event_by_seq(seq),
+        }
     }
 }

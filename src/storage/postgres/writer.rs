@@ -66,10 +66,57 @@ struct Publish {
     reply: oneshot::Sender<Result<Vec<Published>, PgWriteError>>,
 }
 
+/// One destination's finished attempts, to record under the lease epoch held.
+struct Record {
+    destination: Arc<str>,
+    epoch: i64,
+    records: Vec<AttemptRecord>,
+    reply: oneshot::Sender<Result<Recorded, PgWriteError>>,
+}
+
+/// What the group-commit task takes: publishes and attempt outcomes share its transactions,
+/// as they share the embedded writer's.
+enum Cmd {
+    Publish(Publish),
+    Record(Record),
+}
+
+impl Cmd {
+    fn fail(self, e: PgWriteError) {
+        match self {
+            Cmd::Publish(p) => drop(p.reply.send(Err(e))),
+            Cmd::Record(r) => drop(r.reply.send(Err(e))),
+        }
+    }
+}
+
+/// A transaction of the group-commit task.
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+/// Runs `sql` (prepared once per connection) and answers its rows.
+async fn q(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
+    let st = tx.prepare_cached(sql).await?;
+    Ok(tx.query(&st, params).await?)
+}
+
+/// Runs `sql` (prepared once per connection) and answers the rows it changed.
+async fn x(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, PgWriteError> {
+    let st = tx.prepare_cached(sql).await?;
+    Ok(tx.execute(&st, params).await?)
+}
+
 /// The writes of one node on the cluster's database; cheap to clone.
 #[derive(Clone)]
 pub struct PgWriter {
-    tx: mpsc::Sender<Publish>,
+    tx: mpsc::Sender<Cmd>,
     shared: Shared,
     /// True after a failed transaction, false again after the next good one.
     failed: Arc<AtomicBool>,
@@ -141,11 +188,11 @@ impl PgWriter {
         self.open()?;
         let (reply, rx) = oneshot::channel();
         self.tx
-            .try_send(Publish {
+            .try_send(Cmd::Publish(Publish {
                 events,
                 batch,
                 reply,
-            })
+            }))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
@@ -155,7 +202,7 @@ impl PgWriter {
             .map_err(WriteError::from)
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Publish>) {
+    async fn run(self, mut rx: mpsc::Receiver<Cmd>) {
         let mut conn: Option<deadpool_postgres::Object> = None;
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
@@ -165,6 +212,13 @@ impl PgWriter {
                     Err(_) => break,
                 }
             }
+            let (mut publishes, mut records) = (Vec::new(), Vec::new());
+            for c in batch {
+                match c {
+                    Cmd::Publish(p) => publishes.push(p),
+                    Cmd::Record(r) => records.push(r),
+                }
+            }
             let started = crate::clock::Instant::now();
             let result = match conn.take() {
                 Some(c) => Ok(c),
@@ -172,7 +226,7 @@ impl PgWriter {
             };
             let result = match result {
                 Ok(mut c) => {
-                    let r = commit(&mut c, &batch, &self.shared).await;
+                    let r = commit(&mut c, &publishes, &records, &self.shared).await;
                     if r.is_ok() {
                         conn = Some(c);
                     }
@@ -181,7 +235,7 @@ impl PgWriter {
                 Err(e) => Err(e),
             };
             match self.outcome(result) {
-                Ok((mut out, due)) => {
+                Ok((mut out, due, fenced)) => {
                     self.commits.fetch_add(1, Ordering::Relaxed);
                     let m = &self.shared.metrics;
                     m.durable_seconds.observe(started.elapsed().as_secs_f64());
@@ -196,20 +250,31 @@ impl PgWriter {
                         let _ = sink.send(due);
                     }
                     // The answers in the order the events came, handed back per sender.
-                    for p in batch {
+                    for p in publishes {
                         let rest = out.split_off(p.events.len().min(out.len()));
                         let mine = std::mem::replace(&mut out, rest);
                         drop(p.reply.send(Ok(mine)));
                     }
+                    for r in records {
+                        let answer = if fenced.contains(&r.destination) {
+                            Recorded::Fenced
+                        } else {
+                            Recorded::Committed
+                        };
+                        drop(r.reply.send(Ok(answer)));
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "publish transaction failed; nothing of it was stored");
+                    tracing::error!(error = %e, "write transaction failed; nothing of it was stored");
                     let e = match e {
                         WriteError::Stopped => PgWriteError::Stopped,
                         other => PgWriteError::Db(other.to_string()),
                     };
-                    for p in batch {
-                        drop(p.reply.send(Err(e.clone())));
+                    for c in publishes.into_iter().map(Cmd::Publish) {
+                        c.fail(e.clone());
+                    }
+                    for c in records.into_iter().map(Cmd::Record) {
+                        c.fail(e.clone());
                     }
                 }
             }
@@ -253,11 +318,19 @@ impl PgWriter {
                     "this node no longer holds destination {dest}"
                 )));
             };
-            let r = async {
-                let mut c = self.shared.pool.get().await?;
-                record_attempts(&mut c, (&dest, &self.shared.node, epoch), &records).await
-            }
-            .await;
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .try_send(Cmd::Record(Record {
+                    destination: dest.clone(),
+                    epoch,
+                    records,
+                    reply,
+                }))
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
+                    mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
+                })?;
+            let r = rx.await.map_err(|_| WriteError::Stopped)?;
             match self.outcome(r)? {
                 Recorded::Committed => {}
                 Recorded::Fenced => {
@@ -431,19 +504,25 @@ impl PgWriter {
 }
 
 /// One transaction: the new events of every publish (duplicates skipped), their
-/// deliveries, the batches, commit. Answers each event's outcome in order, and the
-/// deliveries made for destinations this node holds.
+/// deliveries, the batches, and the attempt outcomes of the destinations still held under
+/// their epochs; commit. Answers each event's outcome in order, the deliveries made for
+/// destinations this node holds, and the destinations whose outcomes were fenced off.
 async fn commit(
-    client: &mut tokio_postgres::Client,
+    client: &mut deadpool_postgres::Object,
     batch: &[Publish],
+    records: &[Record],
     shared: &Shared,
-) -> Result<(Vec<Published>, Vec<Due>), PgWriteError> {
+) -> Result<(Vec<Published>, Vec<Due>, Vec<Arc<str>>), PgWriteError> {
     let tx = client.transaction().await?;
     let events: Vec<(&NewEvent, Option<&str>)> = batch
         .iter()
         .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
         .collect();
-    let (out, due) = insert_events(&tx, &events, None, shared).await?;
+    let (out, due) = if events.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        insert_events(&tx, &events, None, shared).await?
+    };
     // Each batch keeps the seqs of its events, new or duplicate, sorted.
     let mut at = 0;
     for p in batch {
@@ -460,7 +539,8 @@ async fn commit(
                 .collect();
             seqs.sort_unstable();
             seqs.dedup();
-            tx.execute(
+            x(
+                &tx,
                 "INSERT INTO batches (id, created_at, seqs) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO NOTHING",
                 &[id, &crate::clock::now_micros(), &seqs],
@@ -468,8 +548,21 @@ async fn commit(
             .await?;
         }
     }
+    let fenced = if records.is_empty() {
+        Vec::new()
+    } else {
+        let groups: Vec<(&str, i64, &[AttemptRecord])> = records
+            .iter()
+            .map(|r| (&*r.destination, r.epoch, r.records.as_slice()))
+            .collect();
+        apply_records(&tx, &shared.node, &groups)
+            .await?
+            .into_iter()
+            .map(Arc::from)
+            .collect()
+    };
     tx.commit().await?;
-    Ok((out, due))
+    Ok((out, due, fenced))
 }
 
 /// Writes events (those not stored yet) with their deliveries, announces the destinations
@@ -477,7 +570,7 @@ async fn commit(
 /// deliveries made for destinations this node holds. `receipt` names the inbound receipt
 /// the events came from.
 async fn insert_events(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Tx<'_>,
     events: &[(&NewEvent, Option<&str>)],
     receipt: Option<i64>,
     shared: &Shared,
@@ -506,8 +599,8 @@ async fn insert_events(
         .collect();
     // In the order given, so seqs follow it; conflicting rows (an id or key already stored,
     // or repeated within this batch) are skipped.
-    let inserted = tx
-        .query(
+    let inserted = q(
+            tx,
             "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
                                  priority, receipt, batch, callback)
              SELECT id, t, s, d, $6, k, p, $9, b, c::jsonb
@@ -584,8 +677,8 @@ async fn insert_events(
     }
     let mut due = Vec::new();
     if !d_seq.is_empty() {
-        let made = tx
-            .query(
+        let made = q(
+                tx,
                 "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
                                          attempts, next_attempt_at, created_at, updated_at,
                                          origin, priority)
@@ -627,7 +720,7 @@ async fn insert_events(
             }
         }
         // Delivered to listeners when this commits, never if it rolls back.
-        super::notify::announce(tx, &elsewhere).await?;
+        super::notify::announce(&**tx, &elsewhere).await?;
     }
     // Duplicates answer the event already stored (by id, or by idempotency key).
     let mut out = Vec::with_capacity(events.len());
@@ -646,11 +739,11 @@ async fn insert_events(
 
 /// The stored event a skipped one duplicates, with its delivery count.
 async fn duplicate(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Tx<'_>,
     e: &NewEvent,
 ) -> Result<Published, PgWriteError> {
-    let row = tx
-        .query_one(
+    let row = q(
+            tx,
             &format!(
                 "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
                  FROM events
@@ -661,8 +754,14 @@ async fn duplicate(
             &[&e.id, &e.idempotency_key],
         )
         .await?;
+    let Some(row) = row.first() else {
+        return Err(PgWriteError::Db(format!(
+            "event {} was neither stored nor found",
+            e.id
+        )));
+    };
     let (seq, event) =
-        super::reads::event_row(&row).map_err(|e| PgWriteError::Db(e.to_string()))?;
+        super::reads::event_row(row).map_err(|e| PgWriteError::Db(e.to_string()))?;
     let deliveries: i64 = row.get(11);
     Ok(Published::Duplicate {
         seq,
@@ -686,24 +785,68 @@ pub enum Recorded {
 /// `epoch`, so a node that lost its lease — a pause, a partition — writes nothing. As on the
 /// embedded backend, each attempt is appended and its delivery moves on (succeeded, retrying
 /// at its next time, or dead) unless it was made terminal meanwhile (cancelled while in
-/// flight): then only the attempt is kept. Two statements whatever the number of outcomes.
+/// flight): then only the attempt is kept. The writer does the same for many destinations
+/// in its group-commit transactions.
 pub async fn record_attempts(
-    client: &mut tokio_postgres::Client,
+    client: &mut deadpool_postgres::Object,
     (destination, node, epoch): (&str, &str, i64),
     records: &[AttemptRecord],
 ) -> Result<Recorded, PgWriteError> {
+    let tx = client.transaction().await?;
+    let fenced = apply_records(&tx, node, &[(destination, epoch, records)]).await?;
+    if fenced.is_empty() {
+        tx.commit().await?;
+        Ok(Recorded::Committed)
+    } else {
+        tx.rollback().await?;
+        Ok(Recorded::Fenced)
+    }
+}
+
+/// Within `tx`: checks (and share-locks, so a takeover waits for this transaction) which of
+/// the destinations `node` still holds under the epoch given, records the outcomes of those,
+/// two statements for all of them, and answers the destinations fenced off (nothing of
+/// theirs is written).
+async fn apply_records(
+    tx: &Tx<'_>,
+    node: &str,
+    groups: &[(&str, i64, &[AttemptRecord])],
+) -> Result<Vec<String>, PgWriteError> {
     use crate::storage::writer::Next;
     let now = crate::clock::now_micros();
-    let tx = client.transaction().await?;
-    if !super::leases::holds(&tx, destination, node, epoch, now).await? {
-        tx.rollback().await?;
-        return Ok(Recorded::Fenced);
+    let dests: Vec<&str> = groups.iter().map(|g| g.0).collect();
+    let epochs: Vec<i64> = groups.iter().map(|g| g.1).collect();
+    let held: std::collections::HashSet<String> = q(
+        tx,
+        "SELECT l.destination FROM destination_leases l
+         JOIN unnest($1::text[], $2::bigint[]) AS x(d, e)
+           ON l.destination = x.d AND l.epoch = x.e
+         WHERE l.owner = $3 AND l.expires_at >= $4
+         FOR SHARE OF l",
+        &[&dests, &epochs, &node, &now],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    let fenced: Vec<String> = dests
+        .iter()
+        .filter(|d| !held.contains(**d))
+        .map(|d| d.to_string())
+        .collect();
+    let records: Vec<&AttemptRecord> = groups
+        .iter()
+        .filter(|g| held.contains(g.0))
+        .flat_map(|g| g.2.iter())
+        .collect();
+    if records.is_empty() {
+        return Ok(fenced);
     }
     let mut ids = Vec::with_capacity(records.len());
     let (mut started, mut dur, mut code, mut err, mut body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut summary, mut kind, mut next_at) = (Vec::new(), Vec::new(), Vec::new());
-    for r in records {
+    for r in &records {
         let a = &r.attempt;
         ids.push(i64::try_from(r.delivery).unwrap_or(i64::MAX));
         started.push(a.started_at);
@@ -727,7 +870,8 @@ pub async fn record_attempts(
         .collect();
     // Each delivery moves on (locked by the UPDATE against a concurrent operator), and its
     // attempt is appended under the number the UPDATE gave it.
-    tx.execute(
+    x(
+        tx,
         "WITH r AS (
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
                                   $5::text[], $6::text[], $7::text[], $8::smallint[],
@@ -773,30 +917,54 @@ pub async fn record_attempts(
     )
     .await?;
     // Auto-disable's clock, kept as the embedded backend keeps it.
-    for (sub, streak) in crate::storage::embedded::writer::streaks(records) {
+    let owned: Vec<AttemptRecord> = records.into_iter().cloned().collect();
+    let (mut ended, mut restarted, mut restarted_at, mut failing, mut failing_at) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (sub, streak) in crate::storage::embedded::writer::streaks(&owned) {
         use crate::storage::embedded::writer::Streak;
-        let (sql, since): (&str, Option<Micros>) = match streak {
-            Streak::Ended => (
-                "UPDATE subscription_state SET failing_since = NULL
-                 WHERE id = $1 AND failing_since IS NOT NULL AND $2::bigint IS NULL",
-                None,
-            ),
-            Streak::Restarted(t) => (
-                "INSERT INTO subscription_state (id, failing_since) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET failing_since = excluded.failing_since",
-                Some(t),
-            ),
-            Streak::Failing(t) => (
-                "INSERT INTO subscription_state (id, failing_since) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE
-                 SET failing_since = COALESCE(subscription_state.failing_since, excluded.failing_since)",
-                Some(t),
-            ),
-        };
-        tx.execute(sql, &[&&*sub, &since]).await?;
+        match streak {
+            Streak::Ended => ended.push(sub.to_string()),
+            Streak::Restarted(t) => {
+                restarted.push(sub.to_string());
+                restarted_at.push(t);
+            }
+            Streak::Failing(t) => {
+                failing.push(sub.to_string());
+                failing_at.push(t);
+            }
+        }
     }
-    tx.commit().await?;
-    Ok(Recorded::Committed)
+    if !ended.is_empty() {
+        x(
+            tx,
+            "UPDATE subscription_state SET failing_since = NULL
+             WHERE id = ANY($1) AND failing_since IS NOT NULL",
+            &[&ended],
+        )
+        .await?;
+    }
+    if !restarted.is_empty() {
+        x(
+            tx,
+            "INSERT INTO subscription_state (id, failing_since)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (id) DO UPDATE SET failing_since = excluded.failing_since",
+            &[&restarted, &restarted_at],
+        )
+        .await?;
+    }
+    if !failing.is_empty() {
+        x(
+            tx,
+            "INSERT INTO subscription_state (id, failing_since)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (id) DO UPDATE
+             SET failing_since = COALESCE(subscription_state.failing_since, excluded.failing_since)",
+            &[&failing, &failing_at],
+        )
+        .await?;
+    }
+    Ok(fenced)
 }
 
 /// Stores an inbound provider request as a receipt with the event made from it (and its
@@ -805,7 +973,7 @@ pub async fn record_attempts(
 /// Two nodes receiving the same delivery at once store it once: the second's claim on the
 /// de-duplication key waits for the first transaction and then finds the key taken.
 pub async fn ingest(
-    client: &mut tokio_postgres::Client,
+    client: &mut deadpool_postgres::Object,
     new: NewReceipt,
     event: NewEvent,
     shared: &Shared,

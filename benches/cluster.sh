@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Cluster-mode benchmark: ingest with delivery on the PostgreSQL backend, one node and then
+# two, against a PostgreSQL server on this machine (started here in a temp dir, default
+# settings: fsync and synchronous_commit on), a fresh database per run. Each run is the
+# delivery bench's throughput mode (64 connections, ~1 KiB events, closed loop, a real
+# receiver in the bench process), which also measures a bare hyper server with a reqwest
+# client in the same process, as the reference to quote ratios against.
+#
+#   bash benches/cluster.sh [SECONDS]        # default 10 s per run
+#
+# Not part of `cargo test`. Needs PostgreSQL's server programs (apt-get install postgresql).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN="${1:-10}"
+
+bin=""
+for d in $(command -v initdb >/dev/null 2>&1 && dirname "$(command -v initdb)") /usr/lib/postgresql/*/bin; do
+  if [ -x "$d/initdb" ]; then bin="$d"; fi
+done
+if [ -z "$bin" ]; then
+  echo "PostgreSQL server programs not found (apt-get install postgresql)" >&2
+  exit 1
+fi
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+work="$(mktemp -d /tmp/dispatchd-cluster-bench-XXXXXX)"
+[ "$(id -u)" = 0 ] && chown postgres "$work"
+port=$(( 20000 + RANDOM % 20000 ))
+cleanup() {
+  as_pg "$bin/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+as_pg "$bin/initdb" -D "$work/data" -U dispatchd --auth=trust -E UTF8 >/dev/null
+as_pg "$bin/pg_ctl" -D "$work/data" -o "-p $port -c listen_addresses=127.0.0.1 -k $work -c max_connections=200" \
+  -l "$work/server.log" -w start >/dev/null
+echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (default settings, fsync on)"
+
+cargo build --release --bench delivery >/dev/null 2>&1 || cargo build --release --bench delivery
+for nodes in 1 2; do
+  db="bench_${nodes}_nodes"
+  as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U dispatchd -d postgres -qc "CREATE DATABASE $db" >/dev/null
+  echo
+  echo "=============== $nodes node(s) ==============="
+  cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" \
+    --postgres-url "postgres://dispatchd@127.0.0.1:$port/$db" --nodes "$nodes"
+done
