@@ -112,7 +112,13 @@ pub async fn run(
         SchedulerConfig {
             horizon: config.scheduler_horizon,
             max_wheel: 200_000,
-            load_chunk: 10_000,
+            // On PostgreSQL a load is a query whose rows cross the network, and a busy
+            // destination makes the scheduler read its rows again: smaller loads.
+            load_chunk: if store.embedded().is_some() {
+                10_000
+            } else {
+                1_000
+            },
             clock: clock.clone(),
         },
         metrics.clone(),

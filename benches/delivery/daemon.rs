@@ -90,10 +90,7 @@ pub(crate) async fn start_run(opts: &Options, url: &str) -> Result<(Workdir, Dae
 }
 
 /// Cluster mode: nodes 1.. beside the first, on the same database.
-pub(crate) async fn start_more_nodes(
-    opts: &Options,
-    url: &str,
-) -> Result<Vec<(Workdir, Daemon)>> {
+pub(crate) async fn start_more_nodes(opts: &Options, url: &str) -> Result<Vec<(Workdir, Daemon)>> {
     let mut out = Vec::new();
     for node in 1..opts.nodes {
         let work = Workdir::new(&config_text(opts, url, false, node))?;

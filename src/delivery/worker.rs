@@ -30,6 +30,11 @@ pub const QUEUE_CAP: usize = 10_000;
 /// letting outcomes pile up in memory.
 pub const UNRECORDED_CAP: usize = 2_048;
 
+/// Cluster mode: how long a destination task uses a view of its deliveries read earlier.
+const CACHED_VIEW: Duration = Duration::from_millis(20);
+/// Cluster mode: queued jobs whose deliveries one read takes.
+const PREFETCH: usize = 256;
+
 /// How many jobs a destination holds, shared with the router that feeds it.
 #[derive(Debug, Default)]
 pub struct Depth {
@@ -223,6 +228,8 @@ pub struct Worker {
     depth: Arc<Depth>,
     /// The lease epoch this task last ran under (cluster mode).
     epoch: Option<i64>,
+    /// Cluster mode: the last view read for a run of attempts, and when (see `snapshot`).
+    cached: Option<(Instant, Arc<Snapshot>)>,
 }
 
 impl Worker {
@@ -279,6 +286,7 @@ impl Worker {
             enabled,
             wake_at: None,
             epoch: Some(0),
+            cached: None,
             depth,
         }
     }
@@ -339,6 +347,12 @@ impl Worker {
                     Some(WorkerMsg::Job(job)) => {
                         self.depth.received();
                         self.enqueue(job);
+                        // Everything already sent joins the queue before the next run of
+                        // attempts, which then reads their deliveries once for all of them.
+                        while let Ok(WorkerMsg::Job(job)) = self.rx.try_recv() {
+                            self.depth.received();
+                            self.enqueue(job);
+                        }
                     }
                     None => break,
                 },
@@ -417,11 +431,11 @@ impl Worker {
         }
         // One read transaction for the whole run of attempts started here (on PostgreSQL,
         // one query for the jobs that can start now).
-        let mut snap: Option<Snapshot> = None;
+        let mut snap: Option<Arc<Snapshot>> = None;
         while !self.queue.is_empty() && self.has_room() {
             let snap = match &snap {
                 Some(s) => s,
-                None => match self.env.store.snapshot_for(&self.wanted()) {
+                None => match self.snapshot() {
                     Ok(s) => snap.insert(s),
                     Err(e) => {
                         tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read deliveries");
@@ -484,6 +498,47 @@ impl Worker {
             self.tasks
                 .spawn((self.env.send)(dest, job, n, event), started);
         }
+    }
+
+    /// The reads for a run of attempts. On the embedded backend, a read transaction. On
+    /// PostgreSQL, the queued jobs' deliveries (and missing events) read in one query and
+    /// kept for a few milliseconds: attempts end one at a time, and a query per attempt
+    /// would bound a destination's rate by the database's round trip. A kept view is used
+    /// only while it has every job about to start at the due time the job carries, so a job
+    /// is never dropped as stale on an old view.
+    fn snapshot(&mut self) -> Result<Arc<Snapshot>, crate::storage::StoreError> {
+        if self.env.leases.is_none() {
+            return Ok(Arc::new(self.env.store.snapshot_for(&self.wanted())?));
+        }
+        let now = self.env.clock.now();
+        if let Some((at, s)) = &self.cached
+            && now.saturating_duration_since(*at) < CACHED_VIEW
+        {
+            let jobs: Vec<(DeliveryId, Micros, bool)> = self
+                .wanted()
+                .into_iter()
+                .filter(|(id, _)| self.queue.contains(*id))
+                .map(|(id, need_event)| {
+                    let due = self.queue.get(id).map_or(0, |j| j.due);
+                    (id, due, need_event)
+                })
+                .collect();
+            if s.covers(&jobs) {
+                return Ok(s.clone());
+            }
+        }
+        let mut ids: Vec<(DeliveryId, bool)> = self
+            .queue
+            .first(PREFETCH)
+            .into_iter()
+            .map(|(id, has_event)| (id, !has_event))
+            .collect();
+        if let Some(head) = self.blocked_by {
+            ids.push((head, false));
+        }
+        let s = Arc::new(self.env.store.snapshot_for(&ids)?);
+        self.cached = Some((now, s.clone()));
+        Ok(s)
     }
 
     /// The deliveries the next run of attempts may read: the jobs that can start now, and

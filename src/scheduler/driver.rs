@@ -138,7 +138,7 @@ impl<D: Dispatch> Scheduler<D> {
         let room = (self.cfg.max_wheel - self.wheel.len()).min(self.cfg.load_chunk);
         let rows = match self
             .store
-            .due(Bound::Included(self.loaded_until), until, room)
+            .due_jobs(Bound::Included(self.loaded_until), until, room)
         {
             Ok(r) => r,
             Err(e) => {
@@ -146,39 +146,22 @@ impl<D: Dispatch> Scheduler<D> {
                 return false;
             }
         };
-        let full = rows.len() >= room;
-        let last = rows.last().copied();
-        if !rows.is_empty() {
-            let ids: Vec<DeliveryId> = rows.iter().map(|r| r.1).collect();
-            let subs = match self.store.deliveries(&ids) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read scheduled deliveries; retrying");
-                    return false;
-                }
-            };
-            let mut by_id: std::collections::HashMap<DeliveryId, (Arc<str>, Priority)> =
-                std::collections::HashMap::with_capacity(subs.len());
-            let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
-            for (id, d) in subs {
-                let name = names
-                    .entry(d.subscription.clone())
-                    .or_insert_with(|| Arc::from(d.subscription.as_str()))
-                    .clone();
-                by_id.insert(id, (name, d.priority));
-            }
-            for (due, id) in rows {
-                if let Some((sub, priority)) = by_id.get(&id) {
-                    self.insert(Job {
-                        delivery: id,
-                        subscription: sub.clone(),
-                        due,
-                        event: None,
-                        priority: *priority,
-                        operator: false,
-                    });
-                }
-            }
+        let full = rows.read >= room;
+        let last = rows.last;
+        let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
+        for (due, id, sub, priority) in rows.jobs {
+            let sub = names
+                .entry(sub)
+                .or_insert_with_key(|s| Arc::from(s.as_str()))
+                .clone();
+            self.insert(Job {
+                delivery: id,
+                subscription: sub,
+                due,
+                event: None,
+                priority,
+                operator: false,
+            });
         }
         self.loaded_until = match (full, last) {
             (true, Some((due, id))) => (due, id.saturating_add(1)),

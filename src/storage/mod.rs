@@ -27,6 +27,14 @@ use inspect::{
 };
 use schema::{BatchRecord, SubscriptionRecord};
 
+/// One load of the scheduler: the schedule rows read (how many, the last one) and the jobs
+/// made of them (due time, delivery, destination, priority).
+pub struct DueChunk {
+    pub read: usize,
+    pub last: Option<(Micros, DeliveryId)>,
+    pub jobs: Vec<(Micros, DeliveryId, String, crate::model::Priority)>,
+}
+
 /// Reads, on whichever backend the daemon runs; cheap to clone.
 #[derive(Clone)]
 pub enum Store {
@@ -55,6 +63,15 @@ impl Snapshot {
         match self {
             Snapshot::Embedded(s) => s.event_by_seq(seq),
             Snapshot::Postgres(s) => s.event_by_seq(seq),
+        }
+    }
+
+    /// Whether this view holds each of these deliveries at the due time given (and its
+    /// event, where marked): a view read earlier may then serve them.
+    pub fn covers(&self, jobs: &[(DeliveryId, Micros, bool)]) -> bool {
+        match self {
+            Snapshot::Embedded(_) => false,
+            Snapshot::Postgres(s) => s.covers(jobs),
         }
     }
 }
@@ -120,6 +137,44 @@ impl Store {
         journal_size: u64,
     ) -> Result<Self, StoreError> {
         embedded::Store::open(path, cache_size, journal_size).map(Store::Embedded)
+    }
+
+    /// `due`, with each delivery's destination and priority: what the scheduler puts in
+    /// its wheel (one query on PostgreSQL).
+    pub fn due_jobs(
+        &self,
+        from: Bound<(Micros, DeliveryId)>,
+        until: Micros,
+        limit: usize,
+    ) -> Result<DueChunk, StoreError> {
+        match self {
+            Store::Postgres(s) => {
+                let jobs = s.due_jobs(from, until, limit)?;
+                Ok(DueChunk {
+                    read: jobs.len(),
+                    last: jobs.last().map(|j| (j.0, j.1)),
+                    jobs,
+                })
+            }
+            Store::Embedded(s) => {
+                let rows = s.due(from, until, limit)?;
+                let ids: Vec<DeliveryId> = rows.iter().map(|r| r.1).collect();
+                let mut by_id: std::collections::HashMap<DeliveryId, Delivery> =
+                    s.deliveries(&ids)?.into_iter().collect();
+                Ok(DueChunk {
+                    read: rows.len(),
+                    last: rows.last().copied(),
+                    jobs: rows
+                        .into_iter()
+                        .filter_map(|(due, id)| {
+                            by_id
+                                .remove(&id)
+                                .map(|d| (due, id, d.subscription, d.priority))
+                        })
+                        .collect(),
+                })
+            }
+        }
     }
 
     /// The embedded backend, for what only it has (its file, its journal, backups).

@@ -295,6 +295,21 @@ impl PgStore {
         until: Micros,
         limit: usize,
     ) -> Result<Vec<(Micros, DeliveryId)>, StoreError> {
+        Ok(self
+            .due_jobs(from, until, limit)?
+            .into_iter()
+            .map(|(at, id, _, _)| (at, id))
+            .collect())
+    }
+
+    /// `due`, with each delivery's destination and priority.
+    #[allow(clippy::type_complexity)]
+    pub fn due_jobs(
+        &self,
+        from: Bound<(Micros, DeliveryId)>,
+        until: Micros,
+        limit: usize,
+    ) -> Result<Vec<(Micros, DeliveryId, String, Priority)>, StoreError> {
         let held = self.shared.leases.held_ids();
         if held.is_empty() {
             return Ok(Vec::new());
@@ -306,7 +321,7 @@ impl PgStore {
         };
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self.rows(
-            "SELECT next_attempt_at, id FROM deliveries
+            "SELECT next_attempt_at, id, subscription, priority FROM deliveries
              WHERE subscription = ANY($1::text[]) AND next_attempt_at IS NOT NULL
                AND next_attempt_at < $2
                AND (next_attempt_at, id) >= ($3, $4)
@@ -314,7 +329,10 @@ impl PgStore {
              ORDER BY next_attempt_at, id LIMIT $6",
             &[&held, &until, &at, &id, &inclusive, &limit],
         )?;
-        Ok(rows.iter().map(|r| (r.get(0), seq_of(r.get(1)))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), seq_of(r.get(1)), r.get(2), priority(r.get(3))))
+            .collect())
     }
 
     /// Scheduled deliveries of the destinations this node holds.
@@ -691,6 +709,16 @@ impl PgStore {
 }
 
 impl PgSnapshot {
+    /// Whether every one of `jobs` is here at its due time (with its event, where marked).
+    pub fn covers(&self, jobs: &[(DeliveryId, Micros, bool)]) -> bool {
+        jobs.iter().all(|(id, due, need_event)| {
+            self.deliveries.get(id).is_some_and(|d| {
+                d.next_attempt_at == Some(*due)
+                    && (!need_event || self.events.contains_key(&d.event_seq))
+            })
+        })
+    }
+
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
         match self.deliveries.get(&id) {
             Some(d) => Ok(Some(d.clone())),

@@ -600,8 +600,8 @@ async fn insert_events(
     // In the order given, so seqs follow it; conflicting rows (an id or key already stored,
     // or repeated within this batch) are skipped.
     let inserted = q(
-            tx,
-            "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
+        tx,
+        "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
                                  priority, receipt, batch, callback)
              SELECT id, t, s, d, $6, k, p, $9, b, c::jsonb
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -610,21 +610,21 @@ async fn insert_events(
              ORDER BY ord
              ON CONFLICT DO NOTHING
              RETURNING seq, id",
-            &[
-                &ids,
-                &types,
-                &sources,
-                &data,
-                &keys,
-                &now,
-                &priorities,
-                &ordinals,
-                &receipt,
-                &batches,
-                &callbacks,
-            ],
-        )
-        .await?;
+        &[
+            &ids,
+            &types,
+            &sources,
+            &data,
+            &keys,
+            &now,
+            &priorities,
+            &ordinals,
+            &receipt,
+            &batches,
+            &callbacks,
+        ],
+    )
+    .await?;
     let mut created: std::collections::HashMap<String, Seq> = inserted
         .iter()
         .map(|r| {
@@ -678,17 +678,17 @@ async fn insert_events(
     let mut due = Vec::new();
     if !d_seq.is_empty() {
         let made = q(
-                tx,
-                "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
+            tx,
+            "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
                                          attempts, next_attempt_at, created_at, updated_at,
                                          origin, priority)
                  SELECT seq, id, t, sub, 0, 0, $6, $6, $6, 0, p
                  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::smallint[])
                       AS x(seq, id, t, sub, p)
                  RETURNING id, event_seq, subscription",
-                &[&d_seq, &d_event, &d_type, &d_sub, &d_prio, &now],
-            )
-            .await?;
+            &[&d_seq, &d_event, &d_type, &d_sub, &d_prio, &now],
+        )
+        .await?;
         // Matched back by (event, destination), which is unique among the rows made.
         let made_for: std::collections::HashMap<(i64, &str), (i32, i16)> = d_seq
             .iter()
@@ -738,30 +738,26 @@ async fn insert_events(
 }
 
 /// The stored event a skipped one duplicates, with its delivery count.
-async fn duplicate(
-    tx: &Tx<'_>,
-    e: &NewEvent,
-) -> Result<Published, PgWriteError> {
+async fn duplicate(tx: &Tx<'_>, e: &NewEvent) -> Result<Published, PgWriteError> {
     let row = q(
-            tx,
-            &format!(
-                "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
+        tx,
+        &format!(
+            "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
                  FROM events
                  WHERE id = $1 OR ($2::text IS NOT NULL AND idempotency_key = $2)
                  ORDER BY seq LIMIT 1",
-                super::reads::EVENT_COLUMNS
-            ),
-            &[&e.id, &e.idempotency_key],
-        )
-        .await?;
+            super::reads::EVENT_COLUMNS
+        ),
+        &[&e.id, &e.idempotency_key],
+    )
+    .await?;
     let Some(row) = row.first() else {
         return Err(PgWriteError::Db(format!(
             "event {} was neither stored nor found",
             e.id
         )));
     };
-    let (seq, event) =
-        super::reads::event_row(row).map_err(|e| PgWriteError::Db(e.to_string()))?;
+    let (seq, event) = super::reads::event_row(row).map_err(|e| PgWriteError::Db(e.to_string()))?;
     let deliveries: i64 = row.get(11);
     Ok(Published::Duplicate {
         seq,
