@@ -43,6 +43,13 @@ for nodes in 1 2; do
   as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U dispatchd -d postgres -qc "CREATE DATABASE $db" >/dev/null
   echo
   echo "=============== $nodes node(s) ==============="
+  psql_q() { as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U dispatchd -d "$db" -Atqc "$1"; }
+  lsn0=$(psql_q "SELECT pg_current_wal_lsn()")
   cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" \
     --postgres-url "postgres://dispatchd@127.0.0.1:$port/$db" --nodes "$nodes"
+  # What the database wrote for it: WAL per event (published and delivered) and table sizes.
+  events=$(psql_q "SELECT count(*) FROM events")
+  wal=$(psql_q "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn0')::bigint")
+  echo "postgresql: $events events, WAL $((wal / 1048576)) MiB, $((wal / (events > 0 ? events : 1))) bytes per event;" \
+    "database $(psql_q "SELECT pg_size_pretty(pg_database_size(current_database()))")"
 done

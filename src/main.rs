@@ -89,6 +89,15 @@ fn backup(args: &dispatchd::cli::BackupArgs) -> ExitCode {
 }
 
 fn verify_db(file: &std::path::Path) -> ExitCode {
+    let arg = file.to_string_lossy();
+    if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
+        eprintln!(
+            "dispatchd verify-db: checks the embedded backend's redb file; a PostgreSQL \
+             deployment (storage.backend = \"postgres\") is checked and backed up with \
+             PostgreSQL's own tools (pg_dump, pg_basebackup, amcheck)"
+        );
+        return ExitCode::from(2);
+    }
     match dispatchd::client::backup::verify_db(file) {
         Ok(r) => {
             println!(

@@ -352,3 +352,45 @@ async fn a_node_rides_out_a_database_outage() {
         .unwrap_or(0.0);
     assert!(errors > 0.0, "the outage was counted");
 }
+
+/// The embedded backend's tools say plainly that they are not for a PostgreSQL deployment:
+/// `backup` (and its API route) and `verify-db`, each naming PostgreSQL's own tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redb_only_tools_say_so_on_postgres() {
+    let backend = Backend::postgres();
+    let d = node(&backend, &config([]), 0);
+    let (s, r) = d.get("/v1/admin/backup").await;
+    assert_eq!(s, 409, "{r}");
+    assert_eq!(r["error"]["code"], "not_supported_on_postgres", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pg_dump"),
+        "{r}"
+    );
+
+    let url = format!("http://{}", d.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cmd = crate::support::bin();
+        cmd.args(["backup", "--url", &url, "--output"])
+            .arg(tmp.path().join("copy.redb"));
+        let backup = crate::support::run_bounded(cmd, WAIT);
+        let mut cmd = crate::support::bin();
+        cmd.args(["verify-db", "postgres://dispatchd@127.0.0.1/dispatchd"]);
+        (backup, crate::support::run_bounded(cmd, WAIT))
+    })
+    .await
+    .unwrap();
+    let (backup, verify) = out;
+    assert!(!backup.status.success());
+    let err = String::from_utf8_lossy(&backup.stderr);
+    assert!(
+        err.contains("PostgreSQL") && err.contains("pg_dump"),
+        "{err}"
+    );
+    assert_eq!(verify.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&verify.stderr);
+    assert!(err.contains("redb") && err.contains("pg_dump"), "{err}");
+}
