@@ -205,6 +205,9 @@ pub async fn run(
             use crate::storage::postgres::cluster;
             let registry = state.registry.clone();
             let refresher = control.clone();
+            let reloader = control.clone();
+            let (sources, auth, tls) =
+                (state.sources.clone(), state.auth.clone(), state.tls.clone());
             let node = Arc::new(cluster::Node {
                 shared: shared.clone(),
                 lease: pg.lease,
@@ -219,6 +222,18 @@ pub async fn run(
                     Box::pin(async move {
                         if let Err(e) = c.refresh().await {
                             tracing::warn!(error = %e, "cannot reload subscriptions from the database");
+                        }
+                    })
+                }),
+                reload: Box::new(move || {
+                    let (c, sources, auth, tls) =
+                        (reloader.clone(), sources.clone(), auth.clone(), tls.clone());
+                    Box::pin(async move {
+                        match c.reload(&sources, &auth, tls.as_deref()).await {
+                            Ok(_) => tracing::info!("configuration reloaded"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "reload refused; the old configuration stays in force")
+                            }
                         }
                     })
                 }),

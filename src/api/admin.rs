@@ -16,7 +16,11 @@ pub async fn reload(st: &ApiState) -> Result<Resp, ApiError> {
         .reload(&st.sources, &st.auth, st.tls.as_deref())
         .await
     {
-        Ok(summary) => json_of(StatusCode::OK, &summary),
+        Ok(summary) => {
+            // Cluster mode: every other node re-reads its own copy of the file too.
+            st.writer.announce_reload().await;
+            json_of(StatusCode::OK, &summary)
+        }
         Err(ReloadError::Invalid(errs)) => {
             tracing::error!(errors = %errs, "reload refused: the new configuration is invalid; the old one stays in force");
             let list: Vec<String> = errs.0.iter().map(ToString::to_string).collect();

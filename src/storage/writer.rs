@@ -170,6 +170,14 @@ impl WriterHandle {
         }
     }
 
+    /// Cluster mode: asks every node to re-read its config file (an API reload on one node
+    /// applies to all). Nothing to do on one node.
+    pub async fn announce_reload(&self) {
+        if let WriterHandle::Postgres(w) = self {
+            w.announce_reload().await;
+        }
+    }
+
     /// The embedded backend's writer, for what only it does (reopening after I/O errors).
     pub fn embedded(&self) -> Option<&super::embedded::writer::WriterHandle> {
         match self {

@@ -394,3 +394,44 @@ async fn redb_only_tools_say_so_on_postgres() {
     let err = String::from_utf8_lossy(&verify.stderr);
     assert!(err.contains("redb") && err.contains("pg_dump"), "{err}");
 }
+
+/// A reload asked of one node reloads every node (each from its own copy of the file): a
+/// subscription added to the file on both is in force on both, and events published to
+/// either reach it, whichever node runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_on_one_node_reloads_them_all() {
+    let backend = Backend::postgres();
+    let rx = Receiver::start().await;
+    let before = config([Sub::new("a", &rx.url("/a"))]);
+    let ns = nodes(&backend, &before, 2);
+    stable_owner(&backend, &["node-0", "node-1"], "a").await;
+    let after = config([Sub::new("a", &rx.url("/a")), Sub::new("b", &rx.url("/b"))]);
+    for (i, d) in ns.iter().enumerate() {
+        let text = backend.node_config(&after, &format!("node-{i}"));
+        std::fs::write(d.dir.join("dispatchd.toml"), text).unwrap();
+    }
+    let (s, r) = ns[0].post("/v1/admin/reload", &json!({})).await;
+    assert_eq!(s, 200, "{r}");
+    eventually("node-1 has reloaded", || async {
+        let (_, l) = ns[1].get("/v1/subscriptions").await;
+        let ids: Vec<&str> = l["items"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["id"].as_str())
+            .collect();
+        ids.contains(&"b").then_some(())
+    })
+    .await;
+    stable_owner(&backend, &["node-0", "node-1"], "b").await;
+    let mut ids = Vec::new();
+    for d in &ns {
+        let (s, r) = publish_to(d, json!({"type": "t", "data": {}})).await;
+        assert_eq!(s, 202, "{r}");
+        ids.push(r["id"].as_str().unwrap_or_default().to_string());
+    }
+    rx.wait_until(WAIT, "both events at /b", |r| {
+        ids.iter()
+            .all(|id| r.iter().any(|x| x.path == "/b" && webhook_id(x) == *id))
+    })
+    .await;
+}

@@ -96,6 +96,8 @@ pub struct Node {
     pub destinations: Box<dyn Fn() -> Vec<String> + Send + Sync>,
     /// Reloads the subscriptions from the database (another node changed them).
     pub refresh: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
+    /// Re-reads this node's config file (another node was asked to reload).
+    pub reload: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
 }
 
 /// Rows one scan reads at most.
@@ -303,9 +305,12 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                     let mut due: HashSet<String> = HashSet::new();
                     let mut asked: HashSet<String> = HashSet::new();
                     let mut subs = false;
+                    let mut reload = false;
                     let mut take = |h: super::notify::Heard| {
                         if h.channel == super::notify::SUBSCRIPTIONS {
                             subs = true;
+                        } else if h.channel == super::notify::RELOAD {
+                            reload |= h.payload != *node.shared.node;
                         } else if let Some(d) = h.payload.strip_prefix(super::notify::OPERATOR) {
                             if node.shared.leases.holds(d) {
                                 asked.insert(d.to_string());
@@ -320,7 +325,10 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                             take(h);
                         }
                     }
-                    if subs {
+                    if reload {
+                        tracing::info!("another node reloaded its config: reloading this node's");
+                        (node.reload)().await;
+                    } else if subs {
                         (node.refresh)().await;
                     }
                     for (set, why) in [(due, Scan::Notified), (asked, Scan::Operator)] {

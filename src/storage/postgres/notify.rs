@@ -26,6 +26,10 @@ pub const OPERATOR: &str = "operator:";
 /// announced on; the payload is the subscription's id. Every node reloads its set.
 pub const SUBSCRIPTIONS: &str = "dispatchd_subscriptions";
 
+/// The channel a node announces an API reload on (the payload is its node id): the others
+/// re-read their own config files.
+pub const RELOAD: &str = "dispatchd_reload";
+
 /// Announces, within the caller's transaction (or at once), that subscription `id` changed.
 pub async fn subscriptions_changed(
     c: &impl tokio_postgres::GenericClient,
@@ -88,7 +92,9 @@ pub async fn listen(url: &str) -> Result<mpsc::UnboundedReceiver<Heard>, tokio_p
         }
     });
     client
-        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {SUBSCRIPTIONS}"))
+        .batch_execute(&format!(
+            "LISTEN {CHANNEL}; LISTEN {SUBSCRIPTIONS}; LISTEN {RELOAD}"
+        ))
         .await?;
     // The session (and its LISTEN) lasts while someone receives.
     tokio::spawn(async move {

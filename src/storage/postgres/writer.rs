@@ -484,6 +484,24 @@ impl PgWriter {
         self.outcome(r)
     }
 
+    /// Asks every node to re-read its config file (best effort: a node that misses it
+    /// reloads on its own SIGHUP or API call).
+    pub async fn announce_reload(&self) {
+        let r = async {
+            let c = self.shared.pool.get().await?;
+            c.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&super::notify::RELOAD, &&*self.shared.node],
+            )
+            .await?;
+            Ok::<_, PgWriteError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot ask the other nodes to reload");
+        }
+    }
+
     pub async fn delete_subscription(&self, id: String) -> Result<bool, WriteError> {
         self.open()?;
         let r = async {
