@@ -531,7 +531,22 @@ async fn commit(
     records: &[Record],
     shared: &Shared,
 ) -> Result<(Vec<Published>, Vec<Due>, Vec<Arc<str>>), PgWriteError> {
+    if !batch.is_empty() && !records.is_empty() {
+        // Publishes wait for their commit to be flushed (a 2xx promises it); outcomes need
+        // not, so they go in a transaction of their own that does not wait (see below).
+        let (out, due, _) = Box::pin(commit(client, batch, &[], shared)).await?;
+        let (_, _, fenced) = Box::pin(commit(client, &[], records, shared)).await?;
+        return Ok((out, due, fenced));
+    }
     let tx = client.transaction().await?;
+    if batch.is_empty() {
+        // Only attempt outcomes: the commit does not wait for the WAL flush. They are not
+        // acknowledged to anyone; if the database server itself crashes before the flush
+        // (never when a dispatchd node dies), the last outcomes are lost and those
+        // deliveries are attempted again: at-least-once, as promised. The next flush (the
+        // next publish's commit, or the WAL writer within 200 ms) makes them durable.
+        tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
+    }
     let events: Vec<(&NewEvent, Option<&str>)> = batch
         .iter()
         .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
