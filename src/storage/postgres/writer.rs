@@ -534,8 +534,9 @@ async fn commit(
     if !batch.is_empty() && !records.is_empty() {
         // Publishes wait for their commit to be flushed (a 2xx promises it); outcomes need
         // not, so they go in a transaction of their own that does not wait (see below).
-        let (out, due, _) = Box::pin(commit(client, batch, &[], shared)).await?;
-        let (_, _, fenced) = Box::pin(commit(client, &[], records, shared)).await?;
+        let (out, mut due, _) = Box::pin(commit(client, batch, &[], shared)).await?;
+        let (_, retries, fenced) = Box::pin(commit(client, &[], records, shared)).await?;
+        due.extend(retries);
         return Ok((out, due, fenced));
     }
     let tx = client.transaction().await?;
@@ -545,13 +546,14 @@ async fn commit(
         // (never when a dispatchd node dies), the last outcomes are lost and those
         // deliveries are attempted again: at-least-once, as promised. The next flush (the
         // next publish's commit, or the WAL writer within 200 ms) makes them durable.
-        tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
     }
     let events: Vec<(&NewEvent, Option<&str>)> = batch
         .iter()
         .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
         .collect();
-    let (out, due) = if events.is_empty() {
+    let (out, mut due) = if events.is_empty() {
         (Vec::new(), Vec::new())
     } else {
         insert_events(&tx, &events, None, shared).await?
@@ -588,7 +590,7 @@ async fn commit(
             .iter()
             .map(|r| (&*r.destination, r.epoch, r.records.as_slice()))
             .collect();
-        apply_records(&tx, &shared.node, &groups)
+        apply_records(&tx, &shared.node, &groups, &mut due)
             .await?
             .into_iter()
             .map(Arc::from)
@@ -822,7 +824,8 @@ pub async fn record_attempts(
     records: &[AttemptRecord],
 ) -> Result<Recorded, PgWriteError> {
     let tx = client.transaction().await?;
-    let fenced = apply_records(&tx, node, &[(destination, epoch, records)]).await?;
+    let fenced =
+        apply_records(&tx, node, &[(destination, epoch, records)], &mut Vec::new()).await?;
     if fenced.is_empty() {
         tx.commit().await?;
         Ok(Recorded::Committed)
@@ -840,6 +843,7 @@ async fn apply_records(
     tx: &Tx<'_>,
     node: &str,
     groups: &[(&str, i64, &[AttemptRecord])],
+    due: &mut Vec<Due>,
 ) -> Result<Vec<String>, PgWriteError> {
     use crate::storage::writer::Next;
     let now = crate::clock::now_micros();
@@ -898,8 +902,9 @@ async fn apply_records(
         .map(|s| i16::from(s.code()))
         .collect();
     // Each delivery moves on (locked by the UPDATE against a concurrent operator), and its
-    // attempt is appended under the number the UPDATE gave it.
-    x(
+    // attempt is appended under the number the UPDATE gave it; the retries come back, for
+    // this node's scheduler.
+    let retries = q(
         tx,
         "WITH r AS (
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
@@ -921,12 +926,15 @@ async fn apply_records(
                  dead_at = CASE WHEN NOT d.status = ANY($10::smallint[]) AND r.kind = 2
                                 THEN $14 ELSE d.dead_at END
              FROM r WHERE d.id = r.id
-             RETURNING d.id, d.attempts
+             RETURNING d.id, d.attempts, d.next_attempt_at, d.priority, d.subscription
+         ), appended AS (
+             INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error,
+                                   response_body)
+             SELECT moved.id, moved.attempts, r.started, r.dur, r.code, r.err, r.body
+             FROM moved JOIN r ON r.id = moved.id
          )
-         INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error,
-                               response_body)
-         SELECT moved.id, moved.attempts, r.started, r.dur, r.code, r.err, r.body
-         FROM moved JOIN r ON r.id = moved.id",
+         SELECT id, attempts, next_attempt_at, priority, subscription FROM moved
+         WHERE next_attempt_at IS NOT NULL",
         &[
             &ids,
             &started,
@@ -945,6 +953,23 @@ async fn apply_records(
         ],
     )
     .await?;
+    let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
+    for r in &retries {
+        let sub: String = r.get(4);
+        let sub = names
+            .entry(sub)
+            .or_insert_with_key(|s| Arc::from(s.as_str()))
+            .clone();
+        due.push(Due {
+            at: r.get(2),
+            delivery: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+            subscription: sub,
+            event: None,
+            attempts: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
+            priority: super::reads::priority(r.get(3)),
+            operator: false,
+        });
+    }
     // Auto-disable's clock, kept as the embedded backend keeps it.
     let owned: Vec<AttemptRecord> = records.into_iter().cloned().collect();
     let (mut ended, mut restarted, mut restarted_at, mut failing, mut failing_at) =
