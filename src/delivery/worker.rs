@@ -504,8 +504,10 @@ impl Worker {
     /// PostgreSQL, the queued jobs' deliveries (and missing events) read in one query and
     /// kept for a few milliseconds: attempts end one at a time, and a query per attempt
     /// would bound a destination's rate by the database's round trip. A kept view is used
-    /// only while it has every job about to start at the due time the job carries, so a job
-    /// is never dropped as stale on an old view.
+    /// only while it has every job about to start at the due time the job carries (so a
+    /// job is never dropped as stale on an old view), and only until this task records an
+    /// outcome (so a delivery whose outcome was just recorded is never attempted again on
+    /// an old view of it).
     fn snapshot(&mut self) -> Result<Arc<Snapshot>, crate::storage::StoreError> {
         if self.env.leases.is_none() {
             return Ok(Arc::new(self.env.store.snapshot_for(&self.wanted())?));
@@ -682,6 +684,7 @@ impl Worker {
 
     /// Outcomes that did not reach the disk: their deliveries go again shortly.
     fn not_recorded(&mut self, jobs: Vec<Job>) {
+        self.cached = None;
         for job in jobs {
             self.env.attempting.end(job.delivery);
             if let Some(parked) = self.parked.remove(&job.delivery) {
@@ -696,6 +699,8 @@ impl Worker {
 
     /// Outcomes are on disk (or could not be written): the deliveries are free to go again.
     async fn recorded(&mut self, r: Recorded) {
+        // Outcomes changed rows a kept view may hold: the next run of attempts reads again.
+        self.cached = None;
         self.unrecorded = self.unrecorded.saturating_sub(r.finished.len());
         if !r.ok {
             self.not_recorded(r.finished.into_iter().map(|f| f.job).collect());
