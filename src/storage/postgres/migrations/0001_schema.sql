@@ -16,14 +16,18 @@ CREATE TABLE events (
     source          text,
     data            text        NOT NULL,  -- the producer's JSON text, verbatim
     received_at     bigint      NOT NULL,  -- micros since the epoch
-    idempotency_key text UNIQUE,
+    idempotency_key text,
     receipt         bigint,
     priority        smallint    NOT NULL DEFAULT 1,  -- 0 high, 1 normal, 2 low
     batch           text,
     callback        jsonb                  -- {url, headers, secret}
 );
 CREATE INDEX events_by_type ON events (event_type, seq);
-CREATE INDEX events_by_received ON events (received_at);
+-- Most events have no key: only those with one are indexed.
+CREATE UNIQUE INDEX events_by_idempotency_key ON events (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Receipt times grow with seq: a block range index is enough and costs next to nothing.
+CREATE INDEX events_by_received ON events USING brin (received_at);
 
 CREATE TABLE batches (
     id         text   PRIMARY KEY,
