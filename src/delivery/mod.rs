@@ -65,6 +65,8 @@ struct Route {
 pub struct Router {
     routes: Arc<Mutex<HashMap<Arc<str>, Route>>>,
     supervisor: std::sync::Weak<Supervisor>,
+    /// Cluster mode: the leases this node holds (`None`: one node, every destination).
+    leases: Option<Arc<crate::storage::postgres::Leases>>,
 }
 
 impl Router {
@@ -79,8 +81,8 @@ impl Router {
 impl Dispatch for Router {
     fn dispatch(&mut self, job: Job) -> Result<(), Job> {
         // Cluster mode: a destination held by another node is that node's to run.
-        if let Some(sup) = self.supervisor.upgrade()
-            && sup.env.lease(&job.subscription).is_none()
+        if let Some(leases) = &self.leases
+            && !leases.holds(&job.subscription)
         {
             return Ok(());
         }
@@ -136,6 +138,7 @@ impl Supervisor {
         Router {
             routes: self.routes.clone(),
             supervisor: Arc::downgrade(self),
+            leases: self.env.leases.clone(),
         }
     }
 

@@ -117,13 +117,13 @@ impl Queue {
         Some(job)
     }
 
-    /// The ids of the first `n` jobs in the order they may go, and whether each has its
-    /// event at hand.
-    fn first(&self, n: usize) -> Vec<(DeliveryId, bool)> {
+    /// The first `n` jobs in the order they may go: delivery, due time, and whether its
+    /// event has to be read.
+    fn first(&self, n: usize) -> Vec<(DeliveryId, Micros, bool)> {
         self.order
             .iter()
             .take(n)
-            .filter_map(|(_, id)| self.jobs.get(id).map(|j| (*id, j.event.is_some())))
+            .filter_map(|(_, id)| self.jobs.get(id).map(|j| (*id, j.due, j.event.is_none())))
             .collect()
     }
 
@@ -510,30 +510,20 @@ impl Worker {
     /// an old view of it).
     fn snapshot(&mut self) -> Result<Arc<Snapshot>, crate::storage::StoreError> {
         if self.env.leases.is_none() {
-            return Ok(Arc::new(self.env.store.snapshot_for(&self.wanted())?));
+            return Ok(Arc::new(self.env.store.snapshot()?));
         }
         let now = self.env.clock.now();
         if let Some((at, s)) = &self.cached
             && now.saturating_duration_since(*at) < CACHED_VIEW
+            && s.covers(&self.queue.first(self.room()))
         {
-            let jobs: Vec<(DeliveryId, Micros, bool)> = self
-                .wanted()
-                .into_iter()
-                .filter(|(id, _)| self.queue.contains(*id))
-                .map(|(id, need_event)| {
-                    let due = self.queue.get(id).map_or(0, |j| j.due);
-                    (id, due, need_event)
-                })
-                .collect();
-            if s.covers(&jobs) {
-                return Ok(s.clone());
-            }
+            return Ok(s.clone());
         }
         let mut ids: Vec<(DeliveryId, bool)> = self
             .queue
             .first(PREFETCH)
             .into_iter()
-            .map(|(id, has_event)| (id, !has_event))
+            .map(|(id, _, needs_event)| (id, needs_event))
             .collect();
         if let Some(head) = self.blocked_by {
             ids.push((head, false));
@@ -543,25 +533,14 @@ impl Worker {
         Ok(s)
     }
 
-    /// The deliveries the next run of attempts may read: the jobs that can start now, and
-    /// the FIFO head; with whether their events are needed.
-    fn wanted(&self) -> Vec<(DeliveryId, bool)> {
-        let room = match self.dest.sub.ordering {
+    /// How many attempts may start now.
+    fn room(&self) -> usize {
+        match self.dest.sub.ordering {
             Ordering::Fifo => 1,
             Ordering::Unordered => {
                 (self.dest.sub.max_in_flight as usize).saturating_sub(self.tasks.len())
             }
-        };
-        let mut ids: Vec<(DeliveryId, bool)> = self
-            .queue
-            .first(room)
-            .into_iter()
-            .map(|(id, has_event)| (id, !has_event))
-            .collect();
-        if let Some(head) = self.blocked_by {
-            ids.push((head, false));
         }
-        ids
     }
 
     /// Cluster mode: whether this node holds the destination's lease. Without it the queue is

@@ -5,41 +5,11 @@
 //! (`FOR UPDATE`, so an attempt being recorded for them waits or is waited for), and
 //! announces the destinations that got work, so their owners hear at commit.
 
-use crate::model::{Delivery, DeliveryId, DeliveryStatus, Origin, Priority, Seq};
+use crate::model::{Delivery, DeliveryId, DeliveryStatus, Origin, Seq};
 use crate::storage::writer::{CancelOutcome, RetryOutcome};
 
+use super::reads::{DELIVERY_COLUMNS, delivery_row, origin_code};
 use super::writer::PgWriteError;
-
-const DELIVERY_COLUMNS: &str = "id, event_seq, event_id, subscription, status, attempts, \
-     next_attempt_at, last_error, created_at, updated_at, origin, priority";
-
-fn delivery(row: &tokio_postgres::Row) -> (DeliveryId, Delivery) {
-    let code = |c: i16| u8::try_from(c).unwrap_or(u8::MAX);
-    let id: i64 = row.get(0);
-    let seq: i64 = row.get(1);
-    let attempts: i32 = row.get(5);
-    let d = Delivery {
-        event_seq: u64::try_from(seq).unwrap_or(0),
-        event_id: row.get(2),
-        subscription: row.get(3),
-        status: DeliveryStatus::from_code(code(row.get(4))).unwrap_or(DeliveryStatus::Pending),
-        attempts: u32::try_from(attempts).unwrap_or(0),
-        next_attempt_at: row.get(6),
-        last_error: row.get(7),
-        created_at: row.get(8),
-        updated_at: row.get(9),
-        origin: match row.get::<_, i16>(10) {
-            1 => Origin::Replay,
-            2 => Origin::Redrive,
-            _ => Origin::Publish,
-        },
-        priority: Priority::ALL
-            .into_iter()
-            .find(|p| i16::from(p.rank()) == row.get::<_, i16>(11))
-            .unwrap_or_default(),
-    };
-    (u64::try_from(id).unwrap_or(0), d)
-}
 
 async fn locked(
     tx: &tokio_postgres::Transaction<'_>,
@@ -52,7 +22,7 @@ async fn locked(
             &[&id],
         )
         .await?;
-    Ok(row.as_ref().map(|r| delivery(r).1))
+    Ok(row.as_ref().map(|r| delivery_row(r).1))
 }
 
 /// Makes these deliveries due now (only those of status `only`, when given; never a
@@ -161,11 +131,7 @@ pub async fn create_deliveries(
     origin: Origin,
 ) -> Result<u64, PgWriteError> {
     let now = crate::clock::now_micros();
-    let origin: i16 = match origin {
-        Origin::Publish => 0,
-        Origin::Replay => 1,
-        Origin::Redrive => 2,
-    };
+    let origin = origin_code(origin);
     let seqs: Vec<i64> = items
         .iter()
         .map(|(s, _)| i64::try_from(*s).unwrap_or(i64::MAX))

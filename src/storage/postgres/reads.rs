@@ -97,6 +97,14 @@ pub fn event_row(row: &tokio_postgres::Row) -> Result<(Seq, Event), StoreError> 
     ))
 }
 
+/// A page of rows read with `LIMIT limit`: a full one says where the next starts.
+fn page<T>(items: Vec<T>, limit: i64, cursor: impl Fn(&T) -> u64) -> Page<T> {
+    let next = (items.len() as i64 >= limit)
+        .then(|| items.last().map(cursor))
+        .flatten();
+    Page { items, next }
+}
+
 /// Reads on the cluster's database.
 #[derive(Clone)]
 pub struct PgStore {
@@ -222,10 +230,7 @@ impl PgStore {
             ],
         )?;
         let items = rows.iter().map(event_row).collect::<Result<Vec<_>, _>>()?;
-        let next = (items.len() as i64 >= limit)
-            .then(|| items.last().map(|(s, _)| *s))
-            .flatten();
-        Ok(Page { items, next })
+        Ok(page(items, limit, |(s, _)| *s))
     }
 
     pub fn event_delivery_ids(&self, seq: Seq) -> Result<Vec<DeliveryId>, StoreError> {
@@ -413,10 +418,7 @@ impl PgStore {
             ],
         )?;
         let items: Vec<(DeliveryId, Delivery)> = rows.iter().map(delivery_row).collect();
-        let next = (items.len() as i64 >= limit)
-            .then(|| items.last().map(|(i, _)| *i))
-            .flatten();
-        Ok(Page { items, next })
+        Ok(page(items, limit, |(i, _)| *i))
     }
 
     pub fn list_dead_letters(
@@ -454,10 +456,7 @@ impl PgStore {
                 }
             })
             .collect();
-        let next = (items.len() as i64 >= limit)
-            .then(|| items.last().map(|d| d.id))
-            .flatten();
-        Ok(Page { items, next })
+        Ok(page(items, limit, |d| d.id))
     }
 
     pub fn first_live_delivery(
