@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cluster-mode benchmark: ingest with delivery on the PostgreSQL backend, one node and then
 # two, against a PostgreSQL server on this machine (started here in a temp dir, default
-# settings: fsync and synchronous_commit on), a fresh database per run. Each run is the
+# settings apart from max_connections = 200: fsync and synchronous_commit on), a fresh
+# database per run. Each run is the
 # delivery bench's throughput mode (64 connections, ~1 KiB events, closed loop, a real
 # receiver in the bench process), which also measures a bare hyper server with a reqwest
 # client in the same process, as the reference to quote ratios against.
@@ -35,7 +36,7 @@ trap cleanup EXIT
 as_pg "$bin/initdb" -D "$work/data" -U dispatchd --auth=trust -E UTF8 >/dev/null
 as_pg "$bin/pg_ctl" -D "$work/data" -o "-p $port -c listen_addresses=127.0.0.1 -k $work -c max_connections=200" \
   -l "$work/server.log" -w start >/dev/null
-echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (default settings, fsync on)"
+echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (default settings but max_connections 200; fsync on)"
 
 cargo build --release --bench delivery >/dev/null 2>&1 || cargo build --release --bench delivery
 for nodes in 1 2; do
