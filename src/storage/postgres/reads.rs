@@ -126,7 +126,11 @@ impl PgStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let c = self.shared.pool.get().await?;
-        let stmt = c.prepare_cached(sql).await?;
+        // Planned afresh on every call, not prepared once per connection: after five runs
+        // PostgreSQL keeps a prepared statement's generic plan, and one made while a table
+        // was small (a new cluster's first seconds) scans the whole table for `id = ANY(…)`
+        // for as long as the connection lives. A custom plan sees the table as it is now.
+        let stmt = c.prepare(sql).await?;
         Ok(c.query(&stmt, params).await?)
     }
 

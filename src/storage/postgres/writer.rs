@@ -2,9 +2,12 @@
 //! publish waiting, applies them in one transaction with multi-row statements (events, then
 //! their deliveries, each one `INSERT … SELECT FROM unnest(…)`), commits, and only then
 //! answers each sender. A 2xx therefore means the event and all its deliveries are
-//! committed, as on the embedded backend. The other writes (attempt outcomes, operator
-//! actions, inbound receipts, subscriptions) each run in a transaction of their own on a
-//! pooled connection: they come from many tasks at once and PostgreSQL runs them side by side.
+//! committed, as on the embedded backend. Attempt outcomes are group-committed the same way
+//! by a second task on a connection of its own, beside the publishes rather than after them:
+//! on PostgreSQL the two need not share a transaction, and neither then waits for the other's
+//! commit. The other writes (operator actions, inbound receipts, subscriptions) each run in
+//! a transaction of their own on a pooled connection: they come from many tasks at once and
+//! PostgreSQL runs them side by side.
 //!
 //! Idempotency holds across nodes: event ids and idempotency keys are unique in the table,
 //! and a row that conflicts is skipped (`ON CONFLICT DO NOTHING`). When two nodes publish the
@@ -74,8 +77,9 @@ struct Record {
     reply: oneshot::Sender<Result<Recorded, PgWriteError>>,
 }
 
-/// What the group-commit task takes: publishes and attempt outcomes share its transactions,
-/// as they share the embedded writer's.
+/// What the group-commit tasks take. Publishes and attempt outcomes go to two tasks of their
+/// own, each with its connection, so that neither waits for the other's commit: publishes
+/// wait for the WAL flush, outcomes do not, and they touch different rows.
 enum Cmd {
     Publish(Publish),
     Record(Record),
@@ -103,6 +107,17 @@ async fn q(
     Ok(tx.query(&st, params).await?)
 }
 
+/// Runs `sql` planned for these parameters (see `PgStore::query`): for statements that join
+/// their arrays to a large table, whose plan depends on the table's size.
+async fn q_planned(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
+    let st = tx.prepare(sql).await?;
+    Ok(tx.query(&st, params).await?)
+}
+
 /// Runs `sql` (prepared once per connection) and answers the rows it changed.
 async fn x(
     tx: &Tx<'_>,
@@ -117,6 +132,8 @@ async fn x(
 #[derive(Clone)]
 pub struct PgWriter {
     tx: mpsc::Sender<Cmd>,
+    /// Attempt outcomes' group-commit task.
+    outcomes: mpsc::Sender<Cmd>,
     shared: Shared,
     /// True after a failed transaction, false again after the next good one.
     failed: Arc<AtomicBool>,
@@ -130,8 +147,10 @@ impl PgWriter {
     /// the destinations it holds.
     pub fn spawn(shared: Shared, due: Option<DueSink>) -> Self {
         let (tx, rx) = mpsc::channel(65_536);
+        let (outcomes, outcomes_rx) = mpsc::channel(65_536);
         let w = PgWriter {
             tx,
+            outcomes,
             shared,
             failed: Arc::default(),
             stopped: Arc::default(),
@@ -139,6 +158,7 @@ impl PgWriter {
             commits: Arc::default(),
         };
         tokio::spawn(w.clone().run(rx));
+        tokio::spawn(w.clone().run(outcomes_rx));
         w
     }
 
@@ -319,7 +339,7 @@ impl PgWriter {
                 )));
             };
             let (reply, rx) = oneshot::channel();
-            self.tx
+            self.outcomes
                 .try_send(Cmd::Record(Record {
                     destination: dest.clone(),
                     epoch,
@@ -774,7 +794,7 @@ async fn insert_events(
 
 /// The stored event a skipped one duplicates, with its delivery count.
 async fn duplicate(tx: &Tx<'_>, e: &NewEvent) -> Result<Published, PgWriteError> {
-    let row = q(
+    let row = q_planned(
         tx,
         &format!(
             "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
@@ -904,7 +924,7 @@ async fn apply_records(
     // Each delivery moves on (locked by the UPDATE against a concurrent operator), and its
     // attempt is appended under the number the UPDATE gave it; the retries come back, for
     // this node's scheduler.
-    let retries = q(
+    let retries = q_planned(
         tx,
         "WITH r AS (
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
