@@ -413,15 +413,20 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
             other => panic!("no notification: {other:?} (got {got:?})"),
         }
     }
-    let mut got: Vec<String> = got
+    // One per destination with work, naming its new deliveries and their due time.
+    let mut got: Vec<notify::Work> = got
         .into_iter()
         .map(|h| {
             assert_eq!(h.channel, notify::CHANNEL);
-            h.payload
+            notify::Work::parse(&h.payload)
+                .unwrap_or_else(|| panic!("not a work payload: {}", h.payload))
         })
         .collect();
-    got.sort();
-    assert_eq!(got, vec!["crm", "erp"], "one per destination with work");
+    got.sort_by(|a, b| a.destination.cmp(&b.destination));
+    let names: Vec<&str> = got.iter().map(|w| w.destination.as_str()).collect();
+    assert_eq!(names, vec!["crm", "erp"]);
+    assert_eq!(got[0].deliveries.len(), 2, "{got:?}");
+    assert_eq!(got[1].deliveries.len(), 1, "{got:?}");
 
     let now = dispatchd::clock::now_micros() + 1;
     let due = match notify::due(&c, &["crm"], now, 100).await {
@@ -430,6 +435,16 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
     };
     assert_eq!(due.len(), 2, "{due:?}");
     assert!(due.iter().all(|d| d.destination == "crm"));
+    // The scan (the correctness path) finds what the notification named.
+    let mut announced: Vec<(u64, i64)> = got[0]
+        .deliveries
+        .iter()
+        .map(|(id, _)| (*id, got[0].at))
+        .collect();
+    let mut scanned: Vec<(u64, i64)> = due.iter().map(|d| (d.delivery, d.at)).collect();
+    announced.sort_unstable();
+    scanned.sort_unstable();
+    assert_eq!(announced, scanned);
     assert!(
         due.windows(2)
             .all(|w| (w[0].at, w[0].delivery) <= (w[1].at, w[1].delivery))

@@ -252,6 +252,36 @@ async fn scan(node: &Node, destinations: &[String], why: Scan) -> Result<usize, 
     Ok(n)
 }
 
+/// Adds the deliveries a work notification names to `out`, and how long they took to get here.
+fn handed(
+    node: &Node,
+    w: super::notify::Work,
+    now: Micros,
+    names: &mut HashMap<String, Arc<str>>,
+    out: &mut Vec<Due>,
+) {
+    if w.at <= now {
+        let lag = Duration::from_micros(u64::try_from(now - w.at).unwrap_or(0));
+        node.shared
+            .metrics
+            .cluster_notify_lag
+            .observe(lag.as_secs_f64());
+    }
+    let sub = names
+        .entry(w.destination)
+        .or_insert_with_key(|d| Arc::from(d.as_str()))
+        .clone();
+    out.extend(w.deliveries.into_iter().map(|(delivery, priority)| Due {
+        at: w.at,
+        delivery,
+        subscription: sub.clone(),
+        event: None,
+        attempts: 0,
+        priority: super::reads::priority(priority),
+        operator: false,
+    }));
+}
+
 /// Feeds the scheduler from notifications and periodic scans, and reloads subscriptions
 /// changed elsewhere, until `stop`.
 pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = ()>) {
@@ -304,8 +334,11 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                     // Notifications come in bursts: take what has arrived, then scan once.
                     let mut due: HashSet<String> = HashSet::new();
                     let mut asked: HashSet<String> = HashSet::new();
+                    let mut work: Vec<Due> = Vec::new();
+                    let mut names: HashMap<String, Arc<str>> = HashMap::new();
                     let mut subs = false;
                     let mut reload = false;
+                    let now = crate::clock::now_micros();
                     let mut take = |h: super::notify::Heard| {
                         if h.channel == super::notify::SUBSCRIPTIONS {
                             subs = true;
@@ -314,6 +347,12 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                         } else if let Some(d) = h.payload.strip_prefix(super::notify::OPERATOR) {
                             if node.shared.leases.holds(d) {
                                 asked.insert(d.to_string());
+                            }
+                        } else if let Some(w) = super::notify::Work::parse(&h.payload) {
+                            // New deliveries with their ids: straight to the scheduler,
+                            // no read (the periodic scan is there for any that are lost).
+                            if node.shared.leases.holds(&w.destination) {
+                                handed(&node, w, now, &mut names, &mut work);
                             }
                         } else if node.shared.leases.holds(&h.payload) {
                             due.insert(h.payload);
@@ -324,6 +363,9 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                         while let Ok(h) = rx.try_recv() {
                             take(h);
                         }
+                    }
+                    if !work.is_empty() {
+                        let _ = node.scheduler.send(Msg::Due(work));
                     }
                     if reload {
                         tracing::info!("another node reloaded its config: reloading this node's");

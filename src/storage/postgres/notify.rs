@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::model::{DeliveryId, Micros};
 
-/// The channel new deliveries are announced on; the payload is the destination's id.
+/// The channel new deliveries are announced on; the payload is the destination's id, with
+/// the deliveries' ids when the announcing node has them (`Work`).
 pub const CHANNEL: &str = "dispatchd_due";
 
 /// A payload on `CHANNEL` that starts with this names a destination an operator asked for
@@ -47,7 +48,85 @@ pub struct Heard {
     pub payload: String,
 }
 
-/// Announces, within the caller's transaction, that these destinations have new work.
+/// Most bytes of one work notification's payload (PostgreSQL refuses over 8000).
+const PAYLOAD_MAX: usize = 7_000;
+
+/// New deliveries for one destination, all due at `at`: what a publish on one node tells
+/// the node that owns the destination, so that the owner hands them to its scheduler
+/// without reading the table. Payload: `{destination} {at} {id}:{priority},{id}:{priority}…`
+/// (destination ids hold no spaces); a payload that is only a destination id asks for a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Work {
+    pub destination: String,
+    pub at: Micros,
+    /// Delivery ids with their priority codes.
+    pub deliveries: Vec<(DeliveryId, i16)>,
+}
+
+impl Work {
+    /// The payloads that carry it, each within PostgreSQL's limit.
+    pub fn payloads(&self) -> Vec<String> {
+        let head = format!("{} {} ", self.destination, self.at);
+        let mut out = Vec::new();
+        let mut p = head.clone();
+        for (id, prio) in &self.deliveries {
+            let item = format!("{id}:{prio}");
+            if p.len() > head.len() && p.len() + 1 + item.len() > PAYLOAD_MAX {
+                out.push(std::mem::replace(&mut p, head.clone()));
+            }
+            if p.len() > head.len() {
+                p.push(',');
+            }
+            p.push_str(&item);
+        }
+        if p.len() > head.len() {
+            out.push(p);
+        }
+        out
+    }
+
+    /// Reads a payload made by `payloads`; `None` for anything else (a destination id alone,
+    /// which asks for a scan, or a payload this version does not know).
+    pub fn parse(payload: &str) -> Option<Work> {
+        let mut parts = payload.splitn(3, ' ');
+        let destination = parts.next()?.to_string();
+        let at: Micros = parts.next()?.parse().ok()?;
+        let deliveries = parts
+            .next()?
+            .split(',')
+            .map(|item| {
+                let (id, prio) = item.split_once(':')?;
+                Some((id.parse().ok()?, prio.parse().ok()?))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Work {
+            destination,
+            at,
+            deliveries,
+        })
+    }
+}
+
+/// Announces, within the caller's transaction, new deliveries for destinations held by
+/// other nodes, with their ids.
+pub async fn announce_work(
+    tx: &impl tokio_postgres::GenericClient,
+    work: &[Work],
+) -> Result<(), tokio_postgres::Error> {
+    let payloads: Vec<String> = work.iter().flat_map(Work::payloads).collect();
+    if payloads.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)",
+        &[&CHANNEL, &payloads],
+    )
+    .await
+    .map(drop)
+}
+
+/// Announces, within the caller's transaction, that these destinations have new work (the
+/// owner scans for it).
 pub async fn announce(
     tx: &impl tokio_postgres::GenericClient,
     destinations: &[&str],
@@ -137,4 +216,41 @@ pub async fn due(
             priority: r.get(3),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_payloads_round_trip_and_stay_within_the_limit() {
+        let w = Work {
+            destination: "callback:https://hooks.example.com:443".into(),
+            at: 1_764_000_000_123_456,
+            deliveries: (1..=2_000u64)
+                .map(|i| (i * 1_000_003, (i % 3) as i16))
+                .collect(),
+        };
+        let payloads = w.payloads();
+        assert!(payloads.len() > 1, "2,000 ids need more than one payload");
+        let mut back = Vec::new();
+        for p in &payloads {
+            assert!(p.len() <= PAYLOAD_MAX, "{} bytes", p.len());
+            let got = Work::parse(p).unwrap_or_else(|| panic!("unparsed: {p}"));
+            assert_eq!(got.destination, w.destination);
+            assert_eq!(got.at, w.at);
+            back.extend(got.deliveries);
+        }
+        assert_eq!(back, w.deliveries);
+        // A bare destination id (scan) or a damaged payload is not work.
+        assert_eq!(Work::parse("bench"), None);
+        assert_eq!(Work::parse("bench 12 3:x"), None);
+        assert_eq!(Work::parse("bench 12 "), None);
+        let empty = Work {
+            destination: "bench".into(),
+            at: 1,
+            deliveries: Vec::new(),
+        };
+        assert!(empty.payloads().is_empty());
+    }
 }

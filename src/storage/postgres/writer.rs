@@ -751,7 +751,8 @@ async fn insert_events(
             .zip(d_ord.iter().zip(&d_prio))
             .map(|((seq, sub), (ord, prio))| ((*seq, *sub), (*ord, *prio)))
             .collect();
-        let mut elsewhere: Vec<&str> = Vec::new();
+        let mut elsewhere: std::collections::HashMap<&str, super::notify::Work> =
+            std::collections::HashMap::new();
         for row in &made {
             let seq: i64 = row.get(1);
             let sub: &str = row.get(2);
@@ -771,11 +772,21 @@ async fn insert_events(
                     operator: false,
                 });
             } else {
-                elsewhere.push(sub);
+                let id = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+                elsewhere
+                    .entry(sub)
+                    .or_insert_with(|| super::notify::Work {
+                        destination: (*sub).to_string(),
+                        at: now,
+                        deliveries: Vec::new(),
+                    })
+                    .deliveries
+                    .push((id, *prio));
             }
         }
         // Delivered to listeners when this commits, never if it rolls back.
-        super::notify::announce(&**tx, &elsewhere).await?;
+        let elsewhere: Vec<super::notify::Work> = elsewhere.into_values().collect();
+        super::notify::announce_work(&**tx, &elsewhere).await?;
     }
     // Duplicates answer the event already stored (by id, or by idempotency key).
     let mut out = Vec::with_capacity(events.len());
