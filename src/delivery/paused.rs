@@ -402,6 +402,38 @@ async fn fifo_holds_the_line_behind_a_retrying_head() {
     rig.finish().await;
 }
 
+/// FIFO: a head handed over twice (a commit and a scan can both hand over one delivery)
+/// goes once; the stale copy found after its attempt failed leaves the head retrying in
+/// front, so a newer delivery still waits for it.
+#[tokio::test(start_paused = true)]
+async fn fifo_head_handed_over_twice_still_holds_the_line() {
+    let sub = subscription(
+        "ordering = \"fifo\"\nretry = { max_attempts = 5, initial = \"1m\", max = \"1m\" }",
+    );
+    let mut rig = Rig::new(sub, SEC * 3650 * 86_400).await;
+    rig.script([Answer::Status(500)]);
+    let due = rig.publish(2).await;
+    let (head, newer) = (due[0].clone(), due[1].clone());
+    rig.hand_over(std::slice::from_ref(&head)).await;
+    let first = rig.call().await;
+    // The same job again, while its attempt is under way or just recorded: now stale.
+    rig.hand_over(std::slice::from_ref(&head)).await;
+    let retry = rig.retry().await;
+    assert_eq!(retry.delivery, head.delivery);
+    rig.hand_over(std::slice::from_ref(&newer)).await;
+    rig.hand_over(std::slice::from_ref(&retry)).await;
+    let then = [rig.call().await, rig.call().await];
+    let order: Vec<(DeliveryId, u32)> = std::iter::once(first)
+        .chain(then)
+        .map(|c| (c.delivery, c.n))
+        .collect();
+    assert_eq!(
+        order,
+        vec![(head.delivery, 1), (head.delivery, 2), (newer.delivery, 1)]
+    );
+    rig.finish().await;
+}
+
 /// A destination whose every attempt fails is disabled once that has lasted
 /// `auto_disable_after` (5 days here, attempts an hour apart), not before.
 #[tokio::test(start_paused = true)]

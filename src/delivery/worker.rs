@@ -455,9 +455,19 @@ impl Worker {
             }
             let Some(job) = self.pick() else { return };
             let Some((n, event)) = self.load(snap, &job) else {
-                // Stale (moved on, cancelled, rescheduled): drop it.
+                // Stale (moved on, cancelled, rescheduled): drop it. A FIFO head stops
+                // holding the rest back only once it has ended: a stale copy of its job
+                // (one handed over twice, say by a commit and by a scan, and run once)
+                // leaves a head that is now retrying in place.
                 if self.blocked_by == Some(job.delivery) {
-                    self.blocked_by = None;
+                    let ended = match snap.delivery(job.delivery) {
+                        Ok(Some(d)) => d.status.is_terminal(),
+                        Ok(None) => true,
+                        Err(_) => false,
+                    };
+                    if ended {
+                        self.blocked_by = None;
+                    }
                 }
                 continue;
             };

@@ -748,11 +748,17 @@ async fn fifo_order_holds_across_a_restart(b: Backend) {
     let second = id_of(&d.publish("a", json!({"n": 2})).await);
     let status = d.terminate();
     assert!(status.success(), "{status:?}\n{}", d.logs());
+    let old = d.logs();
     drop(d);
 
     let d = b.start_in(&dir, &cfg);
     let order = rx.wait_for_successes(2, WAIT).await;
-    assert_eq!(order, vec![first, second], "{}", d.logs());
+    assert_eq!(
+        order,
+        vec![first.clone(), second.clone()],
+        "first {first}, second {second}\nbefore the restart:\n{old}\nafter:\n{}",
+        d.logs()
+    );
     drop(tmp);
 }
 
