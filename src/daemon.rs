@@ -208,6 +208,7 @@ pub async fn run(
             let reloader = control.clone();
             let (sources, auth, tls) =
                 (state.sources.clone(), state.auth.clone(), state.tls.clone());
+            let busy = Arc::downgrade(&supervisor);
             let node = Arc::new(cluster::Node {
                 shared: shared.clone(),
                 lease: pg.lease,
@@ -225,6 +226,8 @@ pub async fn run(
                         }
                     })
                 }),
+                busy: Box::new(move |d| busy.upgrade().is_some_and(|s| s.busy(d))),
+                rebalance: tokio::sync::Notify::new(),
                 reload: Box::new(move || {
                     let (c, sources, auth, tls) =
                         (reloader.clone(), sources.clone(), auth.clone(), tls.clone());

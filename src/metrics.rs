@@ -39,6 +39,8 @@ pub struct Metrics {
     pub cluster_leases_held: IntGauge,
     /// Cluster mode: leases this node took or lost.
     pub cluster_lease_changes: IntCounter,
+    /// Cluster mode: leases held while being handed over to another node.
+    pub cluster_leases_handing_over: IntGauge,
     /// Cluster mode: from a delivery made on another node to its owner's scan.
     pub cluster_notify_lag: Histogram,
     /// Cluster mode: failed database operations.
@@ -301,6 +303,14 @@ impl Metrics {
                 IntCounter::new(
                     "cluster_lease_changes_total",
                     "Destination leases this node took or lost (cluster mode)"
+                )
+            ),
+            cluster_leases_handing_over: register!(
+                r,
+                IntGauge::new(
+                    "cluster_leases_handing_over",
+                    "Destination leases this node holds only until the attempts under way end, \
+                     to hand them to the node that should run them (cluster mode)"
                 )
             ),
             cluster_notify_lag: register!(

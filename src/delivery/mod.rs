@@ -156,6 +156,15 @@ impl Supervisor {
         }
     }
 
+    /// Whether destination `id` has attempts under way or outcomes not yet recorded.
+    pub fn busy(&self, id: &str) -> bool {
+        let routes = match self.routes.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        routes.get(id).is_some_and(|r| r.depth.is_active())
+    }
+
     pub fn scheduler(&self) -> mpsc::UnboundedSender<Msg> {
         self.env.scheduler.clone()
     }

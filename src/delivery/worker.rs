@@ -42,6 +42,8 @@ pub struct Depth {
     in_channel: AtomicUsize,
     /// Queued or parked in the task.
     queued: AtomicUsize,
+    /// Attempts under way or waiting to be recorded.
+    active: AtomicUsize,
 }
 
 impl Depth {
@@ -51,6 +53,11 @@ impl Depth {
 
     fn received(&self) {
         self.in_channel.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
+
+    /// Whether the task has attempts under way or outcomes not yet recorded.
+    pub fn is_active(&self) -> bool {
+        self.active.load(AtomicOrdering::Relaxed) > 0
     }
 
     pub fn is_full(&self) -> bool {
@@ -165,11 +172,12 @@ pub struct WorkerEnv {
 }
 
 impl WorkerEnv {
-    /// The epoch of this node's lease on `destination`: `Some(0)` with no cluster.
+    /// The epoch of the lease this node runs `destination` under (`None` when it holds none,
+    /// or is handing it over): `Some(0)` with no cluster.
     pub fn lease(&self, destination: &str) -> Option<i64> {
         match &self.leases {
             None => Some(0),
-            Some(l) => l.epoch(destination),
+            Some(l) => l.running(destination),
         }
     }
 }
@@ -309,6 +317,9 @@ impl Worker {
             self.queue.len() + self.parked.len(),
             AtomicOrdering::Relaxed,
         );
+        self.depth
+            .active
+            .store(self.tasks.len() + self.unrecorded, AtomicOrdering::Relaxed);
         series.queue_depth.set(self.queue.len() as i64);
         series.in_flight.set(self.tasks.len() as i64);
         let state = match self.breaker.state(self.env.clock.now()) {
@@ -507,6 +518,10 @@ impl Worker {
             let dest = self.dest.clone();
             self.tasks
                 .spawn((self.env.send)(dest, job, n, event), started);
+            // At once, not at the next gauge update: a lease hand-over waits for this.
+            self.depth
+                .active
+                .store(self.tasks.len() + self.unrecorded, AtomicOrdering::Relaxed);
         }
     }
 

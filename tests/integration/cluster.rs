@@ -303,6 +303,84 @@ async fn a_node_started_later_takes_its_share() {
     .await;
 }
 
+/// A gauge of a node's metrics (0 when absent).
+async fn gauge(d: &Daemon, name: &str) -> u64 {
+    let m = d.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A destination that moves to a node joining the cluster is handed over without cutting
+/// off the attempt under way: the old owner stops starting attempts, keeps the lease until
+/// that attempt has ended and been recorded, then gives it up, and the new owner takes it
+/// at once and goes on. Each event reaches the endpoint once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moving_destination_finishes_its_attempt_before_the_new_owner_starts() {
+    use dispatchd::storage::postgres::leases::owner;
+    let backend = Backend::postgres();
+    let rx = Receiver::start().await;
+    let (two, three): (Vec<String>, Vec<String>) = (
+        ["node-0", "node-1"].map(String::from).to_vec(),
+        ["node-0", "node-1", "node-2"].map(String::from).to_vec(),
+    );
+    // A destination the hashing gives node-2 once it joins.
+    let dest = (0..1000)
+        .map(|i| format!("m{i}"))
+        .find(|d| owner(d, &three) == Some("node-2"))
+        .unwrap_or_default();
+    let first_owner = match owner(&dest, &two) {
+        Some("node-0") => 0,
+        _ => 1,
+    };
+    let cfg = config([Sub::new(&dest, &rx.url("/m")).set("timeout", "20s")]);
+    let mut ns = nodes(&backend, &cfg, 2);
+    settled(&ns.iter().collect::<Vec<_>>(), 1).await;
+    assert_eq!(leases(&ns[first_owner]).await, 1);
+
+    // The first event's attempt hangs at the endpoint until the gate opens.
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    rx.script([Reply::Gate(gate_rx, 200)]);
+    let (s, r) = publish_to(&ns[0], json!({"type": "t", "data": {"n": 1}})).await;
+    assert_eq!(s, 202, "{r}");
+    let first = r["id"].as_str().unwrap_or_default().to_string();
+    rx.wait_for(1, WAIT).await;
+
+    // node-2 joins: the owner hands the destination over, but holds it while the attempt
+    // is under way.
+    ns.push(node(&backend, &cfg, 2));
+    eventually("the owner to start handing over", || async {
+        (gauge(&ns[first_owner], "dispatchd_cluster_leases_handing_over").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(leases(&ns[first_owner]).await, 1, "held while handed over");
+    assert_eq!(
+        leases(&ns[2]).await,
+        0,
+        "taken while the attempt is under way"
+    );
+    let (s, r) = publish_to(&ns[1], json!({"type": "t", "data": {"n": 2}})).await;
+    assert_eq!(s, 202, "{r}");
+    let second = r["id"].as_str().unwrap_or_default().to_string();
+
+    // The attempt ends: the lease moves, and node-2 delivers the second event.
+    let _ = gate.send(true);
+    let got = rx
+        .wait_until(WAIT, "the second event", |r| {
+            r.iter().any(|x| webhook_id(x) == second)
+        })
+        .await;
+    settled(&ns.iter().collect::<Vec<_>>(), 1).await;
+    assert_eq!(leases(&ns[2]).await, 1, "node-2 runs the destination");
+    let (_, d) = ns[2].get(&format!("/v1/events/{first}/deliveries")).await;
+    assert_eq!(d["items"][0]["status"], "succeeded", "{d}");
+    assert_eq!(d["items"][0]["attempts"], 1, "{d}");
+    let times = |id: &str| got.iter().filter(|x| webhook_id(x) == id).count();
+    assert_eq!(times(&first), 1, "the first event was sent again");
+    assert_eq!(times(&second), 1);
+}
+
 /// While the database is away a node says so: `/readyz` answers 503, a publish answers 503
 /// `storage_unavailable` and stores nothing. When the database is back the node recovers by
 /// itself: ready again, publishes accepted, and the deliveries of events acknowledged before

@@ -6,7 +6,7 @@
 use crate::support::backend::Backend;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -385,13 +385,17 @@ async fn pagination_returns_every_row_exactly_once_while_events_arrive(b: Backen
     assert_eq!(before.len(), 130);
 
     // A publisher adds events while the pages are read; each page waits for one more event
-    // to be committed, so new rows really arrive between every two pages.
+    // to be committed, so new rows really arrive between every two pages. It may publish
+    // three events per page read, no more: fewer than a page holds, so every walk ends
+    // however fast the database commits.
     let published = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicBool::new(false));
+    let permits = Arc::new(tokio::sync::Semaphore::new(3));
     let publisher = {
-        let (d, published, done) = (d.clone(), published.clone(), done.clone());
+        let (d, published, permits) = (d.clone(), published.clone(), permits.clone());
         tokio::spawn(async move {
-            while !done.load(Ordering::Relaxed) {
+            // Closed once the walks are over.
+            while let Ok(p) = permits.acquire().await {
+                p.forget();
                 publish(&d, "order.created", json!({"late": true})).await;
                 published.fetch_add(1, Ordering::Relaxed);
             }
@@ -416,6 +420,7 @@ async fn pagination_returns_every_row_exactly_once_while_events_arrive(b: Backen
                 "page",
             );
             pages += 1;
+            permits.add_permits(3);
             seen.extend(
                 items(&page)
                     .iter()
@@ -451,7 +456,7 @@ async fn pagination_returns_every_row_exactly_once_while_events_arrive(b: Backen
         );
         assert!(pages > 15, "{query}: only {pages} pages");
     }
-    done.store(true, Ordering::Relaxed);
+    permits.close();
     if let Err(e) = publisher.await {
         panic!("publisher: {e}");
     }

@@ -298,7 +298,8 @@ async fn group_commit_and_idempotency_across_nodes() {
 /// destinations between them, disjoint and about evenly; when one stops heartbeating the
 /// other takes its destinations once their lease ends, each with a new epoch, and the dead
 /// node's epoch no longer holds (its late writes are fenced off); a node that joins later
-/// gets its share; a node that releases at shutdown hands its leases over at once.
+/// gets its share, handed over in two steps (kept while its attempts end, then given up);
+/// a node that releases at shutdown hands its leases over at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_spread_move_on_death_fence_and_rebalance() {
     use std::collections::HashSet;
@@ -315,40 +316,56 @@ async fn leases_spread_move_on_death_fence_and_rebalance() {
     let sec = 1_000_000i64;
     let t0 = 1_700_000_000 * sec;
     let dests: Vec<String> = (0..40).map(|i| format!("sub-{i}")).collect();
-    let round = |node: &'static str, now: i64| {
+    let round = |node: &'static str, now: i64, ready: HashSet<String>| {
         let (c, dests) = (&c, &dests);
         async move {
-            match leases::balance(c, node, dests, now, lease).await {
+            match leases::balance(c, node, dests, &ready, now, lease).await {
                 Ok(b) => b,
                 Err(e) => panic!("{node}: {e}"),
             }
         }
     };
+    let none = HashSet::new;
     let keys = |b: &leases::Balance| b.held.keys().cloned().collect::<HashSet<String>>();
 
-    // A alone takes everything; B appears, A gives up B's share, B takes it.
-    let a = round("node-a", t0).await;
+    // A alone takes everything; B appears. A first keeps B's share while handing it over
+    // (B cannot take it yet), then gives it up once ready, and B takes it.
+    let a = round("node-a", t0, none()).await;
     assert_eq!(a.held.len(), 40);
-    let b = round("node-b", t0 + sec).await;
+    let b = round("node-b", t0 + sec, none()).await;
     assert!(b.held.is_empty(), "still A's: {:?}", b.held);
-    let a = round("node-a", t0 + 2 * sec).await;
-    let b = round("node-b", t0 + 3 * sec).await;
+    let a1 = round("node-a", t0 + 2 * sec, none()).await;
+    assert_eq!(a1.held.len(), 40, "held while handed over");
+    assert!(a1.released.is_empty());
+    let moving = a1.handing_over.clone();
+    assert!(moving.len() >= 10, "B's share: {}", moving.len());
+    for d in &moving {
+        assert_eq!(
+            a1.held[d].epoch, a.held[d].epoch,
+            "{d}: renewed, same epoch"
+        );
+    }
+    let b = round("node-b", t0 + 3 * sec, none()).await;
+    assert!(
+        b.held.is_empty(),
+        "taken while A hands it over: {:?}",
+        b.held
+    );
+    let a = round("node-a", t0 + 4 * sec, moving.clone()).await;
+    assert!(a.handing_over.is_empty());
+    let b = round("node-b", t0 + 5 * sec, none()).await;
     let (ka, kb) = (keys(&a), keys(&b));
     assert!(ka.is_disjoint(&kb));
     assert_eq!(ka.len() + kb.len(), 40);
-    assert!(
-        ka.len() >= 10 && kb.len() >= 10,
-        "{} / {}",
-        ka.len(),
-        kb.len()
-    );
+    assert!(ka.len() >= 10, "{} / {}", ka.len(), kb.len());
+    assert_eq!(kb, moving);
     assert_eq!(a.released.len(), kb.len());
 
     // B dies. Before its leases end A cannot take them; after, it takes them all.
-    let a2 = round("node-a", t0 + 5 * sec).await;
+    let a2 = round("node-a", t0 + 7 * sec, none()).await;
     assert_eq!(keys(&a2), ka, "B's leases still run");
-    let after = t0 + 3 * sec + 10 * sec + sec;
-    let a3 = round("node-a", after).await;
+    let after = t0 + 5 * sec + 10 * sec + sec;
+    let a3 = round("node-a", after, none()).await;
     assert_eq!(a3.held.len(), 40, "{:?}", a3.held.len());
     for d in &kb {
         let old = b.held[d].epoch;
@@ -361,11 +378,12 @@ async fn leases_spread_move_on_death_fence_and_rebalance() {
     }
 
     // C joins later and gets its share; then A shuts down and hands everything to C.
-    let c1 = round("node-c", after + sec).await;
+    let c1 = round("node-c", after + sec, none()).await;
     assert!(c1.held.is_empty());
-    let a4 = round("node-a", after + 2 * sec).await;
-    let c2 = round("node-c", after + 3 * sec).await;
-    assert_eq!(keys(&a4).len() + keys(&c2).len(), 40);
+    let a4 = round("node-a", after + 2 * sec, none()).await;
+    let a5 = round("node-a", after + 3 * sec, a4.handing_over.clone()).await;
+    let c2 = round("node-c", after + 4 * sec, none()).await;
+    assert_eq!(keys(&a5).len() + keys(&c2).len(), 40);
     assert!(c2.held.len() >= 10, "C's share: {}", c2.held.len());
     assert_eq!(c2.taken.len(), c2.held.len());
     match leases::release_all(&c, "node-a").await {
@@ -373,7 +391,7 @@ async fn leases_spread_move_on_death_fence_and_rebalance() {
         Err(e) => panic!("{e}"),
     }
     // A left the cluster: C takes everything at its next round, not a lease period later.
-    let c3 = round("node-c", after + 4 * sec).await;
+    let c3 = round("node-c", after + 5 * sec, none()).await;
     assert_eq!(c3.held.len(), 40);
     assert_eq!(c3.taken.len(), 40 - c2.held.len());
 }
@@ -496,7 +514,8 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
     let lease = Duration::from_secs(10);
     let dests = vec!["crm".to_string()];
     let now = dispatchd::clock::now_micros();
-    let a = match leases::balance(&c, "node-a", &dests, now, lease).await {
+    let ready = std::collections::HashSet::new();
+    let a = match leases::balance(&c, "node-a", &dests, &ready, now, lease).await {
         Ok(b) => b.held["crm"].epoch,
         Err(e) => panic!("{e}"),
     };
@@ -527,7 +546,7 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
 
     // Node B takes over once A's lease has ended (A stopped heartbeating).
     let later = now + 3 * 10_000_000;
-    let b = match leases::balance(&c, "node-b", &dests, later, lease).await {
+    let b = match leases::balance(&c, "node-b", &dests, &ready, later, lease).await {
         Ok(b) => b.held["crm"].epoch,
         Err(e) => panic!("{e}"),
     };
@@ -721,6 +740,7 @@ async fn operator_writes_follow_the_embedded_rules() {
         &c,
         "node-a",
         &["crm".to_string()],
+        &std::collections::HashSet::new(),
         now,
         std::time::Duration::from_secs(60),
     )
@@ -869,6 +889,7 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
         &c,
         "node-a",
         &["crm".to_string()],
+        &std::collections::HashSet::new(),
         now,
         std::time::Duration::from_secs(60),
     )

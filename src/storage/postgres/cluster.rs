@@ -23,39 +23,75 @@ use crate::model::{Micros, micros};
 use crate::scheduler::driver::Msg;
 use crate::storage::writer::Due;
 
+/// A lease this node holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lease {
+    epoch: i64,
+    /// Being handed over since then: the hashing gives the destination to another node, so
+    /// no attempt starts here any more, and the lease is kept (renewed) only until the
+    /// attempts already under way have ended and their outcomes are recorded.
+    handing_over: Option<crate::clock::Instant>,
+}
+
 /// The leases this node holds, by destination, with their epochs.
 #[derive(Debug, Default)]
 pub struct Leases {
-    held: RwLock<HashMap<String, i64>>,
+    held: RwLock<HashMap<String, Lease>>,
 }
 
 impl Leases {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, i64>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Lease>> {
         self.held.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, i64>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Lease>> {
         self.held.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether this node runs `destination`: holds its lease and is not handing it over.
+    /// New work for it comes here; otherwise it goes to the next owner.
     pub fn holds(&self, destination: &str) -> bool {
-        self.read().contains_key(destination)
+        self.running(destination).is_some()
     }
 
+    /// The epoch of a lease this node runs the destination under (`None` while handing
+    /// it over): attempts start only under it.
+    pub fn running(&self, destination: &str) -> Option<i64> {
+        self.read()
+            .get(destination)
+            .filter(|l| l.handing_over.is_none())
+            .map(|l| l.epoch)
+    }
+
+    /// The epoch of a lease held, handed over or not: outcomes are recorded under it.
     pub fn epoch(&self, destination: &str) -> Option<i64> {
-        self.read().get(destination).copied()
+        self.read().get(destination).map(|l| l.epoch)
     }
 
+    /// The destinations this node runs.
     pub fn held_ids(&self) -> Vec<String> {
-        self.read().keys().cloned().collect()
+        self.read()
+            .iter()
+            .filter(|(_, l)| l.handing_over.is_none())
+            .map(|(d, _)| d.clone())
+            .collect()
     }
 
+    /// Leases held, those being handed over included.
     pub fn len(&self) -> usize {
         self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.read().is_empty()
+    }
+
+    /// Leases being handed over, with since when.
+    fn handing_over(&self) -> Vec<(String, crate::clock::Instant)> {
+        self.read()
+            .iter()
+            .filter_map(|(d, l)| l.handing_over.map(|t| (d.clone(), t)))
+            .collect()
     }
 
     /// A recording transaction found the lease gone: the destination stops here at once.
@@ -65,12 +101,17 @@ impl Leases {
         }
     }
 
-    /// Puts a balance round's result in force; answers what was gained and what was lost.
-    fn replace(&self, now: HashMap<String, i64>) -> (Vec<String>, Vec<String>) {
+    /// Puts a balance round's result in force: the leases held with their epochs, and which
+    /// of them are being handed over. Answers what was gained and what was lost.
+    fn replace(
+        &self,
+        now: HashMap<String, i64>,
+        handing_over: &HashSet<String>,
+    ) -> (Vec<String>, Vec<String>) {
         let mut held = self.write();
         let gained = now
             .iter()
-            .filter(|(d, e)| held.get(*d) != Some(e))
+            .filter(|(d, e)| held.get(*d).map(|l| l.epoch) != Some(**e))
             .map(|(d, _)| d.clone())
             .collect();
         let lost = held
@@ -78,7 +119,23 @@ impl Leases {
             .filter(|d| !now.contains_key(*d))
             .cloned()
             .collect();
-        *held = now;
+        let started = crate::clock::Instant::now();
+        let next = now
+            .into_iter()
+            .map(|(d, epoch)| {
+                let handing_over = handing_over
+                    .contains(&d)
+                    .then(|| held.get(&d).and_then(|l| l.handing_over).unwrap_or(started));
+                (
+                    d,
+                    Lease {
+                        epoch,
+                        handing_over,
+                    },
+                )
+            })
+            .collect();
+        *held = next;
         (gained, lost)
     }
 }
@@ -98,6 +155,10 @@ pub struct Node {
     pub refresh: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
     /// Re-reads this node's config file (another node was asked to reload).
     pub reload: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
+    /// Whether a destination has attempts under way or outcomes not yet recorded here.
+    pub busy: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Wakes the lease loop for a round now (another node gave leases up).
+    pub rebalance: tokio::sync::Notify,
 }
 
 /// Rows one scan reads at most.
@@ -117,7 +178,7 @@ pub async fn run_leases(node: Arc<Node>, stop: impl std::future::Future<Output =
                 tracing::warn!(error = %e, "cannot renew destination leases");
                 // Another node may hold them once they expire: stop running them first.
                 if last_ok.is_none_or(|t| t.elapsed() >= node.lease.mul_f64(0.9)) {
-                    let (_, lost) = node.shared.leases.replace(HashMap::new());
+                    let (_, lost) = node.shared.leases.replace(HashMap::new(), &HashSet::new());
                     if !lost.is_empty() {
                         tracing::warn!(
                             leases = lost.len(),
@@ -134,10 +195,11 @@ pub async fn run_leases(node: Arc<Node>, stop: impl std::future::Future<Output =
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
+            () = node.rebalance.notified() => {}
             () = &mut stop => break,
         }
     }
-    node.shared.leases.replace(HashMap::new());
+    node.shared.leases.replace(HashMap::new(), &HashSet::new());
     let released = async {
         let c = node.shared.pool.get().await.map_err(|e| e.to_string())?;
         leases::release_all(&c, &node.shared.node)
@@ -166,15 +228,47 @@ async fn balance_once(node: &Node) -> Result<(), String> {
     destinations.extend(callbacks.iter().map(|r| r.get::<_, String>(0)));
     destinations.sort();
     destinations.dedup();
+    // Leases being handed over are given up once their attempts have ended (and were
+    // recorded), or after a lease period at most: an attempt still under way then is cut
+    // off, and the next owner makes it again.
+    let ready: HashSet<String> = node
+        .shared
+        .leases
+        .handing_over()
+        .into_iter()
+        .filter(|(d, since)| !(node.busy)(d) || since.elapsed() >= node.lease)
+        .map(|(d, _)| d)
+        .collect();
     let now = crate::clock::now_micros();
-    let b = leases::balance(&c, &node.shared.node, &destinations, now, node.lease)
-        .await
-        .map_err(|e| e.to_string())?;
+    let b = leases::balance(
+        &c,
+        &node.shared.node,
+        &destinations,
+        &ready,
+        now,
+        node.lease,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if !b.released.is_empty() {
+        // The nodes that should run them take them now, not at their next round.
+        if let Err(e) = c
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&super::notify::LEASES, &&*node.shared.node],
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "cannot announce leases given up; they are taken at the next round");
+        }
+    }
     let held: HashMap<String, i64> = b.held.into_iter().map(|(d, h)| (d, h.epoch)).collect();
-    let (gained, lost) = node.shared.leases.replace(held);
+    let (gained, lost) = node.shared.leases.replace(held, &b.handing_over);
     let m = &node.shared.metrics;
     m.cluster_leases_held
         .set(i64::try_from(node.shared.leases.len()).unwrap_or(i64::MAX));
+    m.cluster_leases_handing_over
+        .set(i64::try_from(b.handing_over.len()).unwrap_or(i64::MAX));
     if !gained.is_empty() || !lost.is_empty() {
         m.cluster_lease_changes
             .inc_by((gained.len() + lost.len()) as u64);
@@ -182,6 +276,7 @@ async fn balance_once(node: &Node) -> Result<(), String> {
             taken = gained.len(),
             gone = lost.len(),
             held = node.shared.leases.len(),
+            handing_over = b.handing_over.len(),
             "destination leases changed"
         );
     }
@@ -342,6 +437,10 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
                     let mut take = |h: super::notify::Heard| {
                         if h.channel == super::notify::SUBSCRIPTIONS {
                             subs = true;
+                        } else if h.channel == super::notify::LEASES {
+                            if h.payload != *node.shared.node {
+                                node.rebalance.notify_one();
+                            }
                         } else if h.channel == super::notify::RELOAD {
                             reload |= h.payload != *node.shared.node;
                         } else if let Some(d) = h.payload.strip_prefix(super::notify::OPERATOR) {

@@ -8,12 +8,15 @@
 //!   node leaving moves only its own.
 //! - `balance` makes the leases follow that: a node takes the destinations it should own
 //!   whose lease is free or expired (a new epoch each time a lease changes hands), renews
-//!   those it holds, and gives up those the hashing now gives another live node.
+//!   those it holds, and hands over those the hashing now gives another live node: it stops
+//!   starting attempts for them, keeps their leases while the attempts under way end and are
+//!   recorded (a lease period at most), then gives them up and says so (NOTIFY), and the
+//!   next owner takes them at once.
 //! - The epoch fences: an outcome is recorded only while `(owner, epoch)` is still the lease
 //!   (`holds`, checked in the transaction that records), so a node that lost its lease — a
 //!   pause, a partition — cannot write for that destination any more.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::model::{Micros, micros};
@@ -34,6 +37,8 @@ pub struct Balance {
     pub taken: Vec<String>,
     /// Given up this round (the hashing names another live node).
     pub released: Vec<String>,
+    /// Held, but being handed over to the node the hashing names (in `held` too).
+    pub handing_over: HashSet<String>,
 }
 
 /// A 64-bit FNV-1a hash of the node and the destination: stable across processes and
@@ -91,34 +96,25 @@ pub async fn live_nodes(
 /// One round for `node`: heartbeat, then take, renew and give up leases of `destinations`
 /// so that it holds exactly those the hashing gives it (and can take: one still leased to a
 /// live node that has not given it up yet waits for the next round).
+///
+/// A lease the hashing now gives another node is handed over in two steps: the first round
+/// keeps (renews) it and reports it in `handing_over`, so the node stops starting attempts
+/// for it; a later round gives it up once its destination is in `ready` (the attempts that
+/// were under way have ended and been recorded, or the hand-over has waited long enough).
+/// An attempt under way is then not cut off by the move and made a second time by the
+/// next owner.
 pub async fn balance(
     c: &tokio_postgres::Client,
     node: &str,
     destinations: &[String],
+    ready: &HashSet<String>,
     now: Micros,
     lease: Duration,
 ) -> Result<Balance, tokio_postgres::Error> {
     heartbeat(c, node, now).await?;
     let live = live_nodes(c, now, lease).await?;
     let until = now.saturating_add(micros(lease));
-    let (mine, theirs): (Vec<&String>, Vec<&String>) = destinations
-        .iter()
-        .partition(|d| owner(d, &live) == Some(node));
-    let mine: Vec<&str> = mine.into_iter().map(String::as_str).collect();
-    let theirs: Vec<&str> = theirs.into_iter().map(String::as_str).collect();
-    // Given up: held here, but another live node should run them.
-    let released: Vec<String> = c
-        .query(
-            "DELETE FROM destination_leases
-             WHERE owner = $1 AND destination = ANY($2::text[])
-             RETURNING destination",
-            &[&node, &theirs],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let before: std::collections::HashSet<String> = c
+    let before: HashSet<String> = c
         .query(
             "SELECT destination FROM destination_leases WHERE owner = $1",
             &[&node],
@@ -127,6 +123,29 @@ pub async fn balance(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let (mine, theirs): (Vec<&String>, Vec<&String>) = destinations
+        .iter()
+        .partition(|d| owner(d, &live) == Some(node));
+    let mut mine: Vec<&str> = mine.into_iter().map(String::as_str).collect();
+    // Held here, but another live node should run them: given up when ready, else kept
+    // while their attempts end.
+    let (give_up, keep): (Vec<&str>, Vec<&str>) = theirs
+        .into_iter()
+        .map(String::as_str)
+        .filter(|d| before.contains(*d))
+        .partition(|d| ready.contains(*d));
+    let released: Vec<String> = c
+        .query(
+            "DELETE FROM destination_leases
+             WHERE owner = $1 AND destination = ANY($2::text[])
+             RETURNING destination",
+            &[&node, &give_up],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    mine.extend(keep.iter().copied());
     // Taken or renewed: free, expired, or already ours (renewal keeps the epoch; a lease
     // changing hands gets the next epoch).
     let rows = c
@@ -151,6 +170,9 @@ pub async fn balance(
         let epoch: i64 = r.get(1);
         if !before.contains(&d) {
             out.taken.push(d.clone());
+        }
+        if keep.contains(&d.as_str()) {
+            out.handing_over.insert(d.clone());
         }
         out.held.insert(
             d,

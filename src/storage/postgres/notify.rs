@@ -27,6 +27,11 @@ pub const OPERATOR: &str = "operator:";
 /// announced on; the payload is the subscription's id. Every node reloads its set.
 pub const SUBSCRIPTIONS: &str = "dispatchd_subscriptions";
 
+/// The channel a node announces leases it gave up on (the payload is its node id): the
+/// others balance at once, so the node that should run them takes them without waiting for
+/// its next round.
+pub const LEASES: &str = "dispatchd_leases";
+
 /// The channel a node announces an API reload on (the payload is its node id): the others
 /// re-read their own config files.
 pub const RELOAD: &str = "dispatchd_reload";
@@ -172,7 +177,7 @@ pub async fn listen(url: &str) -> Result<mpsc::UnboundedReceiver<Heard>, tokio_p
     });
     client
         .batch_execute(&format!(
-            "LISTEN {CHANNEL}; LISTEN {SUBSCRIPTIONS}; LISTEN {RELOAD}"
+            "LISTEN {CHANNEL}; LISTEN {SUBSCRIPTIONS}; LISTEN {RELOAD}; LISTEN {LEASES}"
         ))
         .await?;
     // The session (and its LISTEN) lasts while someone receives.
