@@ -75,6 +75,8 @@ struct LogInner {
     warnings: u64,
     errors: u64,
     notable: Vec<String>,
+    /// Cluster mode: when this node's destination leases changed.
+    leases: Vec<String>,
 }
 
 impl ChildLog {
@@ -88,6 +90,9 @@ impl ChildLog {
         }
         if matches!(level, Some("WARN" | "ERROR")) && l.notable.len() < 10 {
             l.notable.push(line.clone());
+        }
+        if line.contains("destination leases changed") && l.leases.len() < 10 {
+            l.leases.push(line.clone());
         }
         if l.tail.len() == 200 {
             l.tail.pop_front();
@@ -119,6 +124,12 @@ impl ChildLog {
         );
         for line in &l.notable {
             println!("  {line}");
+        }
+        if !l.leases.is_empty() {
+            println!("daemon lease changes:");
+            for line in &l.leases {
+                println!("  {line}");
+            }
         }
     }
 }

@@ -107,6 +107,42 @@ pub(crate) async fn start_more_nodes(opts: &Options, url: &str) -> Result<Vec<(W
     Ok(out)
 }
 
+/// Cluster mode: waits until the subscription's lease is where the hashing puts it among all
+/// the nodes, with no hand-over under way, so that the window measures a settled cluster
+/// rather than a node joining. `addrs[i]` is `bench-node-{i}`.
+pub(crate) async fn settle_leases(addrs: &[SocketAddr]) -> Result<()> {
+    let names: Vec<String> = (0..addrs.len())
+        .map(|i| format!("bench-node-{i}"))
+        .collect();
+    let owner = dispatchd::storage::postgres::leases::owner(SUBSCRIPTION, &names)
+        .and_then(|o| names.iter().position(|n| n == o))
+        .context("no owner for the subscription")?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        let mut settled = true;
+        for (i, addr) in addrs.iter().enumerate() {
+            let m = scrape(*addr).await?;
+            let held = m.value("dispatchd_cluster_leases_held").unwrap_or(0.0);
+            let moving = m
+                .value("dispatchd_cluster_leases_handing_over")
+                .unwrap_or(0.0);
+            settled &= held == f64::from(u8::from(i == owner)) && moving == 0.0;
+        }
+        if settled {
+            println!(
+                "  cluster: the subscription's lease settled on bench-node-{owner} {:.1} s after the last node was ready",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the subscription's lease did not settle on bench-node-{owner} within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// SIGTERM, wait, and insist on a clean exit; returns how long it took.
 pub(crate) async fn stop_daemon(daemon: Daemon) -> Result<Duration> {
     Ok(daemon.stop(STOP_TIMEOUT).await?.1)

@@ -30,6 +30,12 @@ impl Run {
         let receiver = Receiver::start().await?;
         let (work, daemon) = start_run(opts, &receiver.url()).await?;
         let others = start_more_nodes(opts, &receiver.url()).await?;
+        if !others.is_empty() {
+            let addrs: Vec<SocketAddr> = std::iter::once(daemon.addr)
+                .chain(others.iter().map(|(_, d)| d.addr))
+                .collect();
+            settle_leases(&addrs).await?;
+        }
         Ok(Self {
             receiver,
             daemon,

@@ -161,6 +161,11 @@ pub struct Node {
     pub rebalance: tokio::sync::Notify,
 }
 
+/// The callback hosts with scheduled deliveries: destinations while they have work. Served
+/// by the partial index of the same predicate (migration 0002), whatever the collation.
+pub const CALLBACK_DESTINATIONS: &str = "SELECT DISTINCT subscription FROM deliveries
+     WHERE next_attempt_at IS NOT NULL AND subscription LIKE 'callback:%'";
+
 /// Rows one scan reads at most.
 const SCAN_LIMIT: i64 = 10_000;
 
@@ -218,11 +223,7 @@ async fn balance_once(node: &Node) -> Result<(), String> {
     let mut destinations = (node.destinations)();
     // Callback hosts are destinations while they have work.
     let callbacks = c
-        .query(
-            "SELECT DISTINCT subscription FROM deliveries
-             WHERE next_attempt_at IS NOT NULL AND subscription LIKE 'callback:%'",
-            &[],
-        )
+        .query(CALLBACK_DESTINATIONS, &[])
         .await
         .map_err(|e| e.to_string())?;
     destinations.extend(callbacks.iter().map(|r| r.get::<_, String>(0)));
