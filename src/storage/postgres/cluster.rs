@@ -109,9 +109,17 @@ impl Leases {
         handing_over: &HashSet<String>,
     ) -> (Vec<String>, Vec<String>) {
         let mut held = self.write();
+        // Gained: taken (or taken again under a new epoch), or run here again after a
+        // hand-over that stopped (the hashing gives it back): new work for it was announced
+        // to another node meanwhile, and the scan on gain finds it.
         let gained = now
             .iter()
-            .filter(|(d, e)| held.get(*d).map(|l| l.epoch) != Some(**e))
+            .filter(|(d, e)| match held.get(*d) {
+                Some(l) => {
+                    l.epoch != **e || (l.handing_over.is_some() && !handing_over.contains(*d))
+                }
+                None => true,
+            })
             .map(|(d, _)| d.clone())
             .collect();
         let lost = held
@@ -542,5 +550,52 @@ pub async fn run_retention(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[&str]) -> HashSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A lease handed over is still held for recording (its epoch) but not run (no
+    /// attempts, no new work); run again, it counts as gained, so its work is scanned for.
+    #[test]
+    fn leases_handed_over_are_held_but_not_run() {
+        let l = Leases::default();
+        let (gained, lost) = l.replace(HashMap::from([("a".into(), 1)]), &set(&[]));
+        assert_eq!((gained, lost), (vec!["a".to_string()], vec![]));
+        assert_eq!(
+            (l.running("a"), l.epoch("a"), l.holds("a")),
+            (Some(1), Some(1), true)
+        );
+
+        let (gained, lost) = l.replace(HashMap::from([("a".into(), 1)]), &set(&["a"]));
+        assert!(gained.is_empty() && lost.is_empty(), "{gained:?} {lost:?}");
+        assert_eq!(
+            (l.running("a"), l.epoch("a"), l.holds("a")),
+            (None, Some(1), false)
+        );
+        assert!(l.held_ids().is_empty());
+        assert_eq!(l.len(), 1);
+        let since = l.handing_over();
+        assert_eq!(since.len(), 1);
+        // Still handing over a round later: since when does not move.
+        l.replace(HashMap::from([("a".into(), 1)]), &set(&["a"]));
+        assert_eq!(l.handing_over(), since);
+
+        let (gained, _) = l.replace(HashMap::from([("a".into(), 1)]), &set(&[]));
+        assert_eq!(gained, vec!["a".to_string()], "run again after a hand-over");
+        assert_eq!(l.running("a"), Some(1));
+        assert!(l.handing_over().is_empty());
+
+        let (gained, _) = l.replace(HashMap::from([("a".into(), 2)]), &set(&[]));
+        assert_eq!(gained, vec!["a".to_string()], "a new epoch");
+        let (gained, lost) = l.replace(HashMap::new(), &set(&[]));
+        assert_eq!((gained, lost), (vec![], vec!["a".to_string()]));
+        assert_eq!(l.epoch("a"), None);
     }
 }
