@@ -203,6 +203,7 @@ pub async fn run_leases(node: Arc<Node>, stop: impl std::future::Future<Output =
                             .inc_by(lost.len() as u64);
                     }
                     node.shared.metrics.cluster_leases_held.set(0);
+                    node.shared.metrics.cluster_leases_handing_over.set(0);
                 }
             }
         }
