@@ -25,6 +25,17 @@ pub fn valid_id(id: &str) -> bool {
 /// The wall clock in microseconds since the Unix epoch (see `clock`).
 pub use crate::clock::now_micros;
 
+/// One shared copy of each destination name in a batch of jobs: `names` holds those seen.
+pub fn intern(
+    names: &mut std::collections::HashMap<String, std::sync::Arc<str>>,
+    name: String,
+) -> std::sync::Arc<str> {
+    names
+        .entry(name)
+        .or_insert_with_key(|n| std::sync::Arc::from(n.as_str()))
+        .clone()
+}
+
 /// A duration in microseconds, saturating (durations are bounded far below that).
 pub fn micros(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)

@@ -30,18 +30,23 @@ impl Run {
         let receiver = Receiver::start().await?;
         let (work, daemon) = start_run(opts, &receiver.url()).await?;
         let others = start_more_nodes(opts, &receiver.url()).await?;
-        if !others.is_empty() {
-            let addrs: Vec<SocketAddr> = std::iter::once(daemon.addr)
-                .chain(others.iter().map(|(_, d)| d.addr))
-                .collect();
-            settle_leases(&addrs).await?;
-        }
-        Ok(Self {
+        let run = Self {
             receiver,
             daemon,
             _work: work,
             others,
-        })
+        };
+        if !run.others.is_empty() {
+            settle_leases(&run.addrs()).await?;
+        }
+        Ok(run)
+    }
+
+    /// Every node's address: the first daemon's, then the others' (`bench-node-{i}`).
+    fn addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.daemon.addr)
+            .chain(self.others.iter().map(|(_, d)| d.addr))
+            .collect()
     }
 
     /// Publishes `batch` events a request on the mode's connections for a warm-up and the
@@ -57,11 +62,8 @@ impl Run {
         let t0 = Instant::now();
         let window = Window::after_warmup(t0, Duration::from_secs(opts.seconds()));
         let sampler = WindowSampler::spawn(self.daemon.addr, self.daemon.pid(), window);
-        let addrs: Vec<SocketAddr> = std::iter::once(self.daemon.addr)
-            .chain(self.others.iter().map(|(_, d)| d.addr))
-            .collect();
         let pubs = run_publishers(
-            &addrs,
+            &self.addrs(),
             opts.connections(),
             opts.body_bytes,
             batch,

@@ -317,9 +317,7 @@ impl Worker {
             self.queue.len() + self.parked.len(),
             AtomicOrdering::Relaxed,
         );
-        self.depth
-            .active
-            .store(self.tasks.len() + self.unrecorded, AtomicOrdering::Relaxed);
+        self.note_active();
         series.queue_depth.set(self.queue.len() as i64);
         series.in_flight.set(self.tasks.len() as i64);
         let state = match self.breaker.state(self.env.clock.now()) {
@@ -328,6 +326,13 @@ impl Worker {
             BreakerState::HalfOpen => 2,
         };
         series.breaker_state.set(state);
+    }
+
+    /// Tells the router (and a lease hand-over) how many attempts are under way or unrecorded.
+    fn note_active(&self) {
+        self.depth
+            .active
+            .store(self.tasks.len() + self.unrecorded, AtomicOrdering::Relaxed);
     }
 
     /// Runs until stopped; then lets in-flight attempts finish.
@@ -519,9 +524,7 @@ impl Worker {
             self.tasks
                 .spawn((self.env.send)(dest, job, n, event), started);
             // At once, not at the next gauge update: a lease hand-over waits for this.
-            self.depth
-                .active
-                .store(self.tasks.len() + self.unrecorded, AtomicOrdering::Relaxed);
+            self.note_active();
         }
     }
 

@@ -148,12 +148,9 @@ impl<D: Dispatch> Scheduler<D> {
         };
         let full = rows.read >= room;
         let last = rows.last;
-        let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
+        let mut names = std::collections::HashMap::new();
         for (due, id, sub, priority) in rows.jobs {
-            let sub = names
-                .entry(sub)
-                .or_insert_with_key(|s| Arc::from(s.as_str()))
-                .clone();
+            let sub = crate::model::intern(&mut names, sub);
             self.insert(Job {
                 delivery: id,
                 subscription: sub,

@@ -953,15 +953,17 @@ pub(crate) enum Streak {
 }
 
 /// The streaks a command's attempts leave, one per run of attempts of one subscription.
-pub(crate) fn streaks(records: &[AttemptRecord]) -> Vec<(Arc<str>, Streak)> {
+pub(crate) fn streaks<R: std::borrow::Borrow<AttemptRecord>>(
+    records: &[R],
+) -> Vec<(Arc<str>, Streak)> {
     records
-        .chunk_by(|a, b| a.subscription == b.subscription)
+        .chunk_by(|a, b| a.borrow().subscription == b.borrow().subscription)
         .filter_map(|run| {
-            let first = run.first()?;
-            let streak = match run.iter().rposition(|r| r.next == Next::Succeeded) {
+            let first = run.first()?.borrow();
+            let streak = match run.iter().rposition(|r| r.borrow().next == Next::Succeeded) {
                 Some(i) => match run.get(i + 1) {
                     None => Streak::Ended,
-                    Some(r) => Streak::Restarted(r.attempt.started_at),
+                    Some(r) => Streak::Restarted(r.borrow().attempt.started_at),
                 },
                 None => Streak::Failing(first.attempt.started_at),
             };

@@ -326,21 +326,13 @@ async fn scan(node: &Node, destinations: &[String], why: Scan) -> Result<usize, 
         .await
         .map_err(|e| e.to_string())?;
     let n = rows.len();
-    let mut names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut names = HashMap::new();
     let mut due = Vec::with_capacity(n);
     for r in rows {
-        if why == Scan::Notified && r.at <= now {
-            // How long a delivery made on another node took to reach its owner.
-            let lag = Duration::from_micros(u64::try_from(now - r.at).unwrap_or(0));
-            node.shared
-                .metrics
-                .cluster_notify_lag
-                .observe(lag.as_secs_f64());
+        if why == Scan::Notified {
+            notify_lag(node, r.at, now);
         }
-        let sub = names
-            .entry(r.destination.clone())
-            .or_insert_with(|| Arc::from(r.destination.as_str()))
-            .clone();
+        let sub = crate::model::intern(&mut names, r.destination);
         due.push(Due {
             at: r.at,
             delivery: r.delivery,
@@ -357,6 +349,17 @@ async fn scan(node: &Node, destinations: &[String], why: Scan) -> Result<usize, 
     Ok(n)
 }
 
+/// How long a delivery made on another node at `at` took to reach its owner.
+fn notify_lag(node: &Node, at: Micros, now: Micros) {
+    if at <= now {
+        let lag = Duration::from_micros(u64::try_from(now - at).unwrap_or(0));
+        node.shared
+            .metrics
+            .cluster_notify_lag
+            .observe(lag.as_secs_f64());
+    }
+}
+
 /// Adds the deliveries a work notification names to `out`, and how long they took to get here.
 fn handed(
     node: &Node,
@@ -365,17 +368,8 @@ fn handed(
     names: &mut HashMap<String, Arc<str>>,
     out: &mut Vec<Due>,
 ) {
-    if w.at <= now {
-        let lag = Duration::from_micros(u64::try_from(now - w.at).unwrap_or(0));
-        node.shared
-            .metrics
-            .cluster_notify_lag
-            .observe(lag.as_secs_f64());
-    }
-    let sub = names
-        .entry(w.destination)
-        .or_insert_with_key(|d| Arc::from(d.as_str()))
-        .clone();
+    notify_lag(node, w.at, now);
+    let sub = crate::model::intern(names, w.destination);
     out.extend(w.deliveries.into_iter().map(|(delivery, priority)| Due {
         at: w.at,
         delivery,

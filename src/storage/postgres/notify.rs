@@ -119,6 +119,14 @@ pub async fn announce_work(
     work: &[Work],
 ) -> Result<(), tokio_postgres::Error> {
     let payloads: Vec<String> = work.iter().flat_map(Work::payloads).collect();
+    notify_each(tx, &payloads).await
+}
+
+/// Sends each payload on `CHANNEL`, in one statement (none for none).
+async fn notify_each<P: tokio_postgres::types::ToSql + Sync>(
+    tx: &impl tokio_postgres::GenericClient,
+    payloads: &[P],
+) -> Result<(), tokio_postgres::Error> {
     if payloads.is_empty() {
         return Ok(());
     }
@@ -136,15 +144,10 @@ pub async fn announce(
     tx: &impl tokio_postgres::GenericClient,
     destinations: &[&str],
 ) -> Result<(), tokio_postgres::Error> {
-    if destinations.is_empty() {
-        return Ok(());
-    }
-    tx.execute(
-        "SELECT pg_notify($1, d) FROM (SELECT DISTINCT unnest($2::text[]) AS d) x",
-        &[&CHANNEL, &destinations],
-    )
-    .await
-    .map(drop)
+    let mut once = destinations.to_vec();
+    once.sort_unstable();
+    once.dedup();
+    notify_each(tx, &once).await
 }
 
 /// Listens on its own connection to `url` to both channels; answers what is announced, as it

@@ -679,28 +679,24 @@ impl PgStore {
             return Ok(snap);
         }
         let all: Vec<i64> = ids.iter().map(|(i, _)| db_id(*i)).collect();
-        let with_event: Vec<i64> = ids
-            .iter()
-            .filter(|(_, e)| *e)
-            .map(|(i, _)| db_id(*i))
-            .collect();
         let rows = self.rows(
             &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ANY($1)"),
             &[&all],
         )?;
         snap.deliveries = rows.iter().map(delivery_row).collect();
-        if !with_event.is_empty() {
-            let columns = EVENT_COLUMNS
-                .split(", ")
-                .map(|c| format!("e.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+        // The events of the deliveries just read that were marked.
+        let mut seqs: Vec<i64> = ids
+            .iter()
+            .filter(|(_, e)| *e)
+            .filter_map(|(i, _)| snap.deliveries.get(i))
+            .map(|d| db_id(d.event_seq))
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        if !seqs.is_empty() {
             let rows = self.rows(
-                &format!(
-                    "SELECT {columns} FROM events e
-                     WHERE e.seq IN (SELECT event_seq FROM deliveries WHERE id = ANY($1))"
-                ),
-                &[&with_event],
+                &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ANY($1)"),
+                &[&seqs],
             )?;
             for r in &rows {
                 let (seq, e) = event_row(r)?;

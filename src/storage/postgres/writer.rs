@@ -94,7 +94,15 @@ impl Cmd {
     }
 }
 
-/// A transaction of the group-commit task.
+/// Hands a command to a group-commit task: a full queue is overload, a closed one a stop.
+fn queue(tx: &mpsc::Sender<Cmd>, cmd: Cmd) -> Result<(), WriteError> {
+    tx.try_send(cmd).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
+        mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
+    })
+}
+
+/// A transaction of a group-commit task.
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
 /// Runs `sql` (prepared once per connection) and answers its rows.
@@ -207,16 +215,14 @@ impl PgWriter {
     ) -> Result<Vec<Published>, WriteError> {
         self.open()?;
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Cmd::Publish(Publish {
+        queue(
+            &self.tx,
+            Cmd::Publish(Publish {
                 events,
                 batch,
                 reply,
-            }))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
-            })?;
+            }),
+        )?;
         rx.await
             .map_err(|_| WriteError::Stopped)?
             .map_err(WriteError::from)
@@ -339,17 +345,15 @@ impl PgWriter {
                 )));
             };
             let (reply, rx) = oneshot::channel();
-            self.outcomes
-                .try_send(Cmd::Record(Record {
+            queue(
+                &self.outcomes,
+                Cmd::Record(Record {
                     destination: dest.clone(),
                     epoch,
                     records,
                     reply,
-                }))
-                .map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
-                    mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
-                })?;
+                }),
+            )?;
             let r = rx.await.map_err(|_| WriteError::Stopped)?;
             match self.outcome(r)? {
                 Recorded::Committed => {}
@@ -541,9 +545,9 @@ impl PgWriter {
     }
 }
 
-/// One transaction: the new events of every publish (duplicates skipped), their
-/// deliveries, the batches, and the attempt outcomes of the destinations still held under
-/// their epochs; commit. Answers each event's outcome in order, the deliveries made for
+/// One transaction of a group-commit task: the new events of every publish (duplicates
+/// skipped), their deliveries and the batches; or the attempt outcomes of the destinations
+/// still held under their epochs (each task is given one kind); commit. Answers each event's outcome in order, the deliveries made for
 /// destinations this node holds, and the destinations whose outcomes were fenced off.
 async fn commit(
     client: &mut deadpool_postgres::Object,
@@ -551,14 +555,6 @@ async fn commit(
     records: &[Record],
     shared: &Shared,
 ) -> Result<(Vec<Published>, Vec<Due>, Vec<Arc<str>>), PgWriteError> {
-    if !batch.is_empty() && !records.is_empty() {
-        // Publishes wait for their commit to be flushed (a 2xx promises it); outcomes need
-        // not, so they go in a transaction of their own that does not wait (see below).
-        let (out, mut due, _) = Box::pin(commit(client, batch, &[], shared)).await?;
-        let (_, retries, fenced) = Box::pin(commit(client, &[], records, shared)).await?;
-        due.extend(retries);
-        return Ok((out, due, fenced));
-    }
     let tx = client.transaction().await?;
     if batch.is_empty() {
         // Only attempt outcomes: the commit does not wait for the WAL flush. They are not
@@ -984,13 +980,9 @@ async fn apply_records(
         ],
     )
     .await?;
-    let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
+    let mut names = std::collections::HashMap::new();
     for r in &retries {
-        let sub: String = r.get(4);
-        let sub = names
-            .entry(sub)
-            .or_insert_with_key(|s| Arc::from(s.as_str()))
-            .clone();
+        let sub = crate::model::intern(&mut names, r.get(4));
         due.push(Due {
             at: r.get(2),
             delivery: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
@@ -1002,10 +994,9 @@ async fn apply_records(
         });
     }
     // Auto-disable's clock, kept as the embedded backend keeps it.
-    let owned: Vec<AttemptRecord> = records.into_iter().cloned().collect();
     let (mut ended, mut restarted, mut restarted_at, mut failing, mut failing_at) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (sub, streak) in crate::storage::embedded::writer::streaks(&owned) {
+    for (sub, streak) in crate::storage::embedded::writer::streaks(&records) {
         use crate::storage::embedded::writer::Streak;
         match streak {
             Streak::Ended => ended.push(sub.to_string()),
