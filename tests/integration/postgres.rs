@@ -297,6 +297,48 @@ async fn group_commit_and_idempotency_across_nodes() {
         400
     );
 
+    // The same id, and the same key, twice in one commit: each repeat is answered with the
+    // first, which keeps its place in the order; deliveries are made once.
+    let repeats = a
+        .publish(vec![
+            event("rep-1", None, &["crm"]),
+            event("rep-1", None, &["crm", "erp"]),
+            event("rep-2", Some("rep-key"), &["crm"]),
+            event("rep-3", Some("rep-key"), &["erp"]),
+            event("rep-4", None, &["crm"]),
+        ])
+        .await;
+    let seqs: Vec<(bool, u64)> = match repeats.as_deref() {
+        Ok(out) => out
+            .iter()
+            .map(|p| match p {
+                Published::Created { seq, .. } => (true, *seq),
+                Published::Duplicate { seq, .. } => (false, *seq),
+            })
+            .collect(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        seqs.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        vec![true, false, true, false, true],
+        "{seqs:?}"
+    );
+    assert_eq!(seqs[0].1, seqs[1].1);
+    assert_eq!(seqs[2].1, seqs[3].1);
+    assert!(seqs[0].1 < seqs[2].1 && seqs[2].1 < seqs[4].1, "{seqs:?}");
+    for (id, deliveries) in [("rep-1", 1), ("rep-2", 1), ("rep-3", 0), ("rep-4", 1)] {
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM deliveries WHERE event_id = $1",
+                id
+            )
+            .await,
+            deliveries,
+            "{id}"
+        );
+    }
+
     // The same id, and the same key under two ids, to both nodes at once.
     for round in 0..10 {
         let id = format!("same-{round}");
@@ -533,6 +575,53 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
         none.is_empty(),
         "nothing is due before it was made: {none:?}"
     );
+
+    // Many deliveries for one destination in one commit: several notifications, each within
+    // PostgreSQL's payload limit and naming at most `IDS_PER_PAYLOAD` deliveries, together
+    // exactly the deliveries made, in id order.
+    let n = 2 * notify::IDS_PER_PAYLOAD + 50;
+    let many: Vec<_> = (0..n)
+        .map(|i| event(&format!("bulk-{i}"), None, &["bulk"]))
+        .collect();
+    let published = node_b.publish(many).await;
+    assert!(published.is_ok(), "{published:?}");
+    let mut ids = Vec::new();
+    let mut payloads = 0;
+    while ids.len() < n {
+        let h = match tokio::time::timeout(Duration::from_secs(30), heard.recv()).await {
+            Ok(Some(h)) => h,
+            other => panic!("no notification: {other:?} ({} ids so far)", ids.len()),
+        };
+        assert!(h.payload.len() < 8000, "{} bytes", h.payload.len());
+        let w = notify::Work::parse(&h.payload)
+            .unwrap_or_else(|| panic!("not a work payload: {}", h.payload));
+        assert_eq!(w.destination, "bulk");
+        assert!(w.deliveries.len() <= notify::IDS_PER_PAYLOAD);
+        payloads += 1;
+        ids.extend(w.deliveries.iter().map(|(id, _)| *id));
+    }
+    assert_eq!(
+        payloads,
+        3,
+        "{n} ids in payloads of at most {}",
+        notify::IDS_PER_PAYLOAD
+    );
+    let mut stored: Vec<u64> = match c
+        .query(
+            "SELECT id FROM deliveries WHERE subscription = 'bulk' ORDER BY id",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+            .collect(),
+        Err(e) => panic!("{e}"),
+    };
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order");
+    stored.sort_unstable();
+    assert_eq!(ids, stored);
 }
 
 /// Outcomes are recorded under the lease: the holder's are committed (the attempt appended,

@@ -2,7 +2,7 @@
 //! a scan of due deliveries as the correctness path.
 //!
 //! The transaction that makes deliveries notifies `dispatchd_due` with each destination's
-//! id; PostgreSQL delivers a notification only when that transaction commits, and never for
+//! id and the new deliveries' ids (`Work`); PostgreSQL delivers a notification only when that transaction commits, and never for
 //! one that rolls back. A node listens and hands what it hears to the destinations it holds.
 //! A notification can still be lost (a dropped connection, a node that restarts), and some
 //! PostgreSQL-compatible databases have no NOTIFY at all: every node also scans its held
@@ -53,8 +53,10 @@ pub struct Heard {
     pub payload: String,
 }
 
-/// Most bytes of one work notification's payload (PostgreSQL refuses over 8000).
-const PAYLOAD_MAX: usize = 7_000;
+/// Delivery ids in one work notification at most: with ids of up to 20 digits and a
+/// destination id of a few hundred bytes, a payload stays well within PostgreSQL's 8000.
+/// The publish statement (`writer::INSERT_EVENTS`) makes the payloads.
+pub const IDS_PER_PAYLOAD: usize = 200;
 
 /// New deliveries for one destination, all due at `at`: what a publish on one node tells
 /// the node that owns the destination, so that the owner hands them to its scheduler
@@ -69,28 +71,7 @@ pub struct Work {
 }
 
 impl Work {
-    /// The payloads that carry it, each within PostgreSQL's limit.
-    pub fn payloads(&self) -> Vec<String> {
-        let head = format!("{} {} ", self.destination, self.at);
-        let mut out = Vec::new();
-        let mut p = head.clone();
-        for (id, prio) in &self.deliveries {
-            let item = format!("{id}:{prio}");
-            if p.len() > head.len() && p.len() + 1 + item.len() > PAYLOAD_MAX {
-                out.push(std::mem::replace(&mut p, head.clone()));
-            }
-            if p.len() > head.len() {
-                p.push(',');
-            }
-            p.push_str(&item);
-        }
-        if p.len() > head.len() {
-            out.push(p);
-        }
-        out
-    }
-
-    /// Reads a payload made by `payloads`; `None` for anything else (a destination id alone,
+    /// Reads a payload made by the publish statement; `None` for anything else (a destination id alone,
     /// which asks for a scan, or a payload this version does not know).
     pub fn parse(payload: &str) -> Option<Work> {
         let mut parts = payload.splitn(3, ' ');
@@ -112,32 +93,6 @@ impl Work {
     }
 }
 
-/// Announces, within the caller's transaction, new deliveries for destinations held by
-/// other nodes, with their ids.
-pub async fn announce_work(
-    tx: &impl tokio_postgres::GenericClient,
-    work: &[Work],
-) -> Result<(), tokio_postgres::Error> {
-    let payloads: Vec<String> = work.iter().flat_map(Work::payloads).collect();
-    notify_each(tx, &payloads).await
-}
-
-/// Sends each payload on `CHANNEL`, in one statement (none for none).
-async fn notify_each<P: tokio_postgres::types::ToSql + Sync>(
-    tx: &impl tokio_postgres::GenericClient,
-    payloads: &[P],
-) -> Result<(), tokio_postgres::Error> {
-    if payloads.is_empty() {
-        return Ok(());
-    }
-    tx.execute(
-        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)",
-        &[&CHANNEL, &payloads],
-    )
-    .await
-    .map(drop)
-}
-
 /// Announces, within the caller's transaction, that these destinations have new work (the
 /// owner scans for it).
 pub async fn announce(
@@ -147,7 +102,15 @@ pub async fn announce(
     let mut once = destinations.to_vec();
     once.sort_unstable();
     once.dedup();
-    notify_each(tx, &once).await
+    if once.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)",
+        &[&CHANNEL, &once],
+    )
+    .await
+    .map(drop)
 }
 
 /// Listens on its own connection to `url` to both channels; answers what is announced, as it
@@ -231,34 +194,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn work_payloads_round_trip_and_stay_within_the_limit() {
-        let w = Work {
-            destination: "callback:https://hooks.example.com:443".into(),
-            at: 1_764_000_000_123_456,
-            deliveries: (1..=2_000u64)
-                .map(|i| (i * 1_000_003, (i % 3) as i16))
-                .collect(),
-        };
-        let payloads = w.payloads();
-        assert!(payloads.len() > 1, "2,000 ids need more than one payload");
-        let mut back = Vec::new();
-        for p in &payloads {
-            assert!(p.len() <= PAYLOAD_MAX, "{} bytes", p.len());
-            let got = Work::parse(p).unwrap_or_else(|| panic!("unparsed: {p}"));
-            assert_eq!(got.destination, w.destination);
-            assert_eq!(got.at, w.at);
-            back.extend(got.deliveries);
-        }
-        assert_eq!(back, w.deliveries);
+    fn work_payloads_parse() {
+        let w =
+            Work::parse("callback:https://hooks.example.com:443 1764000000123456 7:0,1000003:2");
+        assert_eq!(
+            w,
+            Some(Work {
+                destination: "callback:https://hooks.example.com:443".into(),
+                at: 1_764_000_000_123_456,
+                deliveries: vec![(7, 0), (1_000_003, 2)],
+            })
+        );
         // A bare destination id (scan) or a damaged payload is not work.
         assert_eq!(Work::parse("bench"), None);
         assert_eq!(Work::parse("bench 12 3:x"), None);
         assert_eq!(Work::parse("bench 12 "), None);
-        let empty = Work {
-            destination: "bench".into(),
-            at: 1,
-            deliveries: Vec::new(),
-        };
-        assert!(empty.payloads().is_empty());
     }
 }

@@ -1,7 +1,9 @@
 //! Writes on PostgreSQL. Publishing keeps group commit: one writer task per node takes every
-//! publish waiting, applies them in one transaction with multi-row statements (events, then
-//! their deliveries, each one `INSERT … SELECT FROM unnest(…)`), commits, and only then
-//! answers each sender. A 2xx therefore means the event and all its deliveries are
+//! publish waiting, applies them in one statement (`INSERT_EVENTS`: the events, their
+//! deliveries and the notifications for other nodes, `INSERT … SELECT FROM unnest(…)` in one
+//! `WITH`), which commits by itself in one round trip, and only then answers each sender.
+//! Publishes that record a batch, or repeat an event id or key among them, take a
+//! transaction of several statements instead. A 2xx therefore means the event and all its deliveries are
 //! committed, as on the embedded backend. Attempt outcomes are group-committed the same way
 //! by a second task on a connection of its own, beside the publishes rather than after them:
 //! on PostgreSQL the two need not share a transaction, and neither then waits for the other's
@@ -107,33 +109,42 @@ type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
 /// Runs `sql` (prepared once per connection) and answers its rows.
 async fn q(
-    tx: &Tx<'_>,
+    c: &impl deadpool_postgres::GenericClient,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
-    let st = tx.prepare_cached(sql).await?;
-    Ok(tx.query(&st, params).await?)
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query(&st, params).await?)
 }
 
 /// Runs `sql` planned for these parameters (see `PgStore::query`): for statements that join
 /// their arrays to a large table, whose plan depends on the table's size.
 async fn q_planned(
-    tx: &Tx<'_>,
+    c: &impl deadpool_postgres::GenericClient,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
-    let st = tx.prepare(sql).await?;
-    Ok(tx.query(&st, params).await?)
+    let st = c.prepare(sql).await?;
+    Ok(c.query(&st, params).await?)
 }
 
 /// Runs `sql` (prepared once per connection) and answers the rows it changed.
 async fn x(
-    tx: &Tx<'_>,
+    c: &impl deadpool_postgres::GenericClient,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<u64, PgWriteError> {
-    let st = tx.prepare_cached(sql).await?;
-    Ok(tx.execute(&st, params).await?)
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.execute(&st, params).await?)
+}
+
+/// Column `i` of a row of this module's own statements; a type that does not match fails the
+/// transaction, not the task.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    r: &'a tokio_postgres::Row,
+    i: usize,
+) -> Result<T, PgWriteError> {
+    Ok(r.try_get(i)?)
 }
 
 /// The writes of one node on the cluster's database; cheap to clone.
@@ -555,6 +566,17 @@ async fn commit(
     records: &[Record],
     shared: &Shared,
 ) -> Result<(Vec<Published>, Vec<Due>, Vec<Arc<str>>), PgWriteError> {
+    let events: Vec<(&NewEvent, Option<&str>)> = batch
+        .iter()
+        .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
+        .collect();
+    // Publishes alone, with no batch to record and no event id or key repeated: one
+    // statement, which commits by itself.
+    if records.is_empty() && batch.iter().all(|p| p.batch.is_none()) && segments(&events).len() <= 1
+    {
+        let (out, due) = insert_events(&*client, &events, None, shared).await?;
+        return Ok((out, due, Vec::new()));
+    }
     let tx = client.transaction().await?;
     if batch.is_empty() {
         // Only attempt outcomes: the commit does not wait for the WAL flush. They are not
@@ -565,10 +587,6 @@ async fn commit(
         tx.batch_execute("SET LOCAL synchronous_commit = off")
             .await?;
     }
-    let events: Vec<(&NewEvent, Option<&str>)> = batch
-        .iter()
-        .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
-        .collect();
     let (out, mut due) = if events.is_empty() {
         (Vec::new(), Vec::new())
     } else {
@@ -616,89 +634,192 @@ async fn commit(
     Ok((out, due, fenced))
 }
 
+/// The statement that stores one segment of events (no id or key twice) with their
+/// deliveries and announces the new deliveries of destinations held elsewhere, in one round
+/// trip. `x` lists the events in the order given, so their seqs follow it; a conflicting
+/// event (its id or key already stored) is skipped, and with it its deliveries, which are
+/// made in the events' order (so their ids follow it too). The foreign keys are checked at
+/// the end of the statement, when the events are there. `w` sends one notification per
+/// destination not in `$13` (those this node holds) and per `IDS_PER_PAYLOAD` deliveries, in
+/// the form `notify::Work::parse` reads; PostgreSQL delivers it only if the statement's
+/// transaction commits. The rows: `0, seq, id` per event stored; `1, delivery, event seq,
+/// destination, priority` per delivery made for a destination in `$13`; then one row that
+/// counts the notifications (referencing `w` is what makes it run).
+static INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH x AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::smallint[], $7::text[], $8::text[])
+                  WITH ORDINALITY AS x(id, t, s, d, k, p, b, c, ord)
+         ), e AS (
+             INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
+                                 priority, receipt, batch, callback)
+             SELECT id, t, s, d, $9::bigint, k, p, $10::bigint, b, c::jsonb FROM x ORDER BY ord
+             ON CONFLICT DO NOTHING
+             RETURNING seq, id
+         ), d AS (
+             INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
+                                     attempts, next_attempt_at, created_at, updated_at,
+                                     origin, priority)
+             SELECT e.seq, x.id, x.t, y.sub, 0, 0, $9::bigint, $9::bigint, $9::bigint, 0, x.p
+             FROM unnest($11::bigint[], $12::text[]) WITH ORDINALITY AS y(ord, sub, n)
+             JOIN x ON x.ord = y.ord
+             JOIN e ON e.id = x.id
+             ORDER BY y.n
+             RETURNING id, event_seq, subscription, priority
+         ), w AS (
+             SELECT pg_notify('{channel}', subscription || ' ' || $9::bigint::text || ' '
+                              || string_agg(id::text || ':' || priority::text, ',' ORDER BY id))
+             FROM (SELECT subscription, id, priority,
+                          (row_number() OVER (PARTITION BY subscription ORDER BY id) - 1)
+                              / {per} AS part
+                   FROM d WHERE subscription <> ALL ($13::text[])) AS z
+             GROUP BY subscription, part
+         )
+         SELECT 0::smallint, seq, NULL::bigint, id, NULL::smallint FROM e
+         UNION ALL
+         SELECT 1::smallint, id, event_seq, subscription, priority FROM d
+         WHERE subscription = ANY ($13::text[])
+         UNION ALL
+         SELECT 2::smallint, count(*), NULL, NULL, NULL FROM w",
+        channel = super::notify::CHANNEL,
+        per = super::notify::IDS_PER_PAYLOAD,
+    )
+});
+
+/// The events split, in order, into runs in which no event id and no idempotency key comes
+/// twice: one `INSERT_EVENTS` each, so that a repeat is judged against the stored first one.
+fn segments(events: &[(&NewEvent, Option<&str>)]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut ids = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
+    for (i, (e, _)) in events.iter().enumerate() {
+        let key = e.idempotency_key.as_deref();
+        let repeat = ids.contains(e.id.as_str()) || key.is_some_and(|k| keys.contains(k));
+        if repeat {
+            out.push(start..i);
+            start = i;
+            ids.clear();
+            keys.clear();
+        }
+        ids.insert(e.id.as_str());
+        if let Some(k) = key {
+            keys.insert(k);
+        }
+    }
+    if start < events.len() {
+        out.push(start..events.len());
+    }
+    out
+}
+
 /// Writes events (those not stored yet) with their deliveries, announces the destinations
 /// held elsewhere that got work, and answers each event's outcome in order with the
 /// deliveries made for destinations this node holds. `receipt` names the inbound receipt
-/// the events came from.
+/// the events came from. On a connection outside a transaction, with one segment, this is
+/// one statement that commits by itself.
 async fn insert_events(
-    tx: &Tx<'_>,
+    c: &impl deadpool_postgres::GenericClient,
     events: &[(&NewEvent, Option<&str>)],
     receipt: Option<i64>,
     shared: &Shared,
 ) -> Result<(Vec<Published>, Vec<Due>), PgWriteError> {
     let now = crate::clock::now_micros();
-    let ids: Vec<&str> = events.iter().map(|(e, _)| e.id.as_str()).collect();
-    let types: Vec<&str> = events.iter().map(|(e, _)| e.event_type.as_str()).collect();
-    let sources: Vec<Option<&str>> = events.iter().map(|(e, _)| e.source.as_deref()).collect();
-    let data: Vec<&str> = events.iter().map(|(e, _)| e.data.as_str()).collect();
-    let keys: Vec<Option<&str>> = events
-        .iter()
-        .map(|(e, _)| e.idempotency_key.as_deref())
-        .collect();
-    let priorities: Vec<i16> = events
-        .iter()
-        .map(|(e, _)| i16::from(e.priority.rank()))
-        .collect();
-    let batches: Vec<Option<&str>> = events.iter().map(|(_, b)| *b).collect();
-    let callbacks: Vec<Option<String>> = events
-        .iter()
-        .map(|(e, _)| e.callback.as_ref().map(serde_json::to_string).transpose())
-        .collect::<Result<_, _>>()
-        .map_err(|e| PgWriteError::Db(e.to_string()))?;
-    let ordinals: Vec<i32> = (0..events.len())
-        .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
-        .collect();
-    // In the order given, so seqs follow it; conflicting rows (an id or key already stored,
-    // or repeated within this batch) are skipped.
-    let inserted = q(
-        tx,
-        "INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
-                                 priority, receipt, batch, callback)
-             SELECT id, t, s, d, $6, k, p, $9, b, c::jsonb
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $7::smallint[], $8::int[], $10::text[], $11::text[])
-                  AS x(id, t, s, d, k, p, ord, b, c)
-             ORDER BY ord
-             ON CONFLICT DO NOTHING
-             RETURNING seq, id",
-        &[
-            &ids,
-            &types,
-            &sources,
-            &data,
-            &keys,
-            &now,
-            &priorities,
-            &ordinals,
-            &receipt,
-            &batches,
-            &callbacks,
-        ],
-    )
-    .await?;
-    let mut created: std::collections::HashMap<String, Seq> = inserted
-        .iter()
-        .map(|r| {
-            let seq: i64 = r.get(0);
-            (r.get::<_, String>(1), u64::try_from(seq).unwrap_or(0))
-        })
-        .collect();
-    // Their deliveries, all in one statement.
-    let (mut d_seq, mut d_event, mut d_type, mut d_sub, mut d_prio, mut d_ord) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    let mut answered: Vec<Option<(Seq, u32)>> = Vec::with_capacity(events.len());
-    let mut fresh: Vec<Arc<Event>> = Vec::new();
-    for (e, b) in events {
-        match created.remove(&e.id) {
-            Some(seq) => {
-                let i = i32::try_from(fresh.len()).unwrap_or(i32::MAX);
-                fresh.push(Arc::new(Event {
+    let mut out = Vec::with_capacity(events.len());
+    let mut due = Vec::new();
+    let st = c.prepare_cached(&INSERT_EVENTS).await?;
+    for part in segments(events) {
+        let Some(seg) = events.get(part) else {
+            continue;
+        };
+        let ids: Vec<&str> = seg.iter().map(|(e, _)| e.id.as_str()).collect();
+        let types: Vec<&str> = seg.iter().map(|(e, _)| e.event_type.as_str()).collect();
+        let sources: Vec<Option<&str>> = seg.iter().map(|(e, _)| e.source.as_deref()).collect();
+        let data: Vec<&str> = seg.iter().map(|(e, _)| e.data.as_str()).collect();
+        let keys: Vec<Option<&str>> = seg
+            .iter()
+            .map(|(e, _)| e.idempotency_key.as_deref())
+            .collect();
+        let priorities: Vec<i16> = seg
+            .iter()
+            .map(|(e, _)| i16::from(e.priority.rank()))
+            .collect();
+        let batches: Vec<Option<&str>> = seg.iter().map(|(_, b)| *b).collect();
+        let callbacks: Vec<Option<String>> = seg
+            .iter()
+            .map(|(e, _)| e.callback.as_ref().map(serde_json::to_string).transpose())
+            .collect::<Result<_, _>>()
+            .map_err(|e| PgWriteError::Db(e.to_string()))?;
+        // Each delivery names its event by ordinal (from 1, as `WITH ORDINALITY` counts).
+        let (mut d_ord, mut d_sub) = (Vec::new(), Vec::new());
+        let mut held: Vec<&str> = Vec::new();
+        for (i, (e, _)) in seg.iter().enumerate() {
+            for s in &e.subscriptions {
+                d_ord.push(i64::try_from(i + 1).unwrap_or(i64::MAX));
+                d_sub.push(&**s);
+                if !held.contains(&&**s) && shared.leases.holds(s) {
+                    held.push(s);
+                }
+            }
+        }
+        let rows = c
+            .query(
+                &st,
+                &[
+                    &ids,
+                    &types,
+                    &sources,
+                    &data,
+                    &keys,
+                    &priorities,
+                    &batches,
+                    &callbacks,
+                    &now,
+                    &receipt,
+                    &d_ord,
+                    &d_sub,
+                    &held,
+                ],
+            )
+            .await?;
+        // Events stored, by id (unique within the segment): seq, and where they are.
+        let mut created: std::collections::HashMap<&str, Seq> = std::collections::HashMap::new();
+        let at: std::collections::HashMap<&str, usize> =
+            ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut by_seq: std::collections::HashMap<i64, (usize, Option<Arc<Event>>)> =
+            std::collections::HashMap::new();
+        let (mut stored, mut made) = (Vec::new(), Vec::new());
+        for r in &rows {
+            match col::<i16>(r, 0)? {
+                0 => stored.push(r),
+                1 => made.push(r),
+                _ => {}
+            }
+        }
+        for r in stored {
+            let seq: i64 = col(r, 1)?;
+            if let Some((&id, &i)) = at.get_key_value(col::<&str>(r, 3)?) {
+                created.insert(id, u64::try_from(seq).unwrap_or(0));
+                by_seq.insert(seq, (i, None));
+            }
+        }
+        // Deliveries for the destinations held here go to this node's scheduler, each with
+        // its event at hand (one copy per event).
+        for r in made {
+            let seq: i64 = col(r, 2)?;
+            let sub: &str = col(r, 3)?;
+            let Some((i, event)) = by_seq.get_mut(&seq) else {
+                continue;
+            };
+            let Some((e, b)) = seg.get(*i) else {
+                continue;
+            };
+            let Some(subscription) = e.subscriptions.iter().find(|s| &***s == sub) else {
+                continue;
+            };
+            let event = event.get_or_insert_with(|| {
+                Arc::new(Event {
                     id: e.id.clone(),
                     event_type: e.event_type.clone(),
                     source: e.source.clone(),
@@ -709,100 +830,40 @@ async fn insert_events(
                     priority: e.priority,
                     batch: b.map(str::to_string),
                     callback: e.callback.clone(),
-                }));
-                for s in &e.subscriptions {
-                    d_seq.push(i64::try_from(seq).unwrap_or(i64::MAX));
-                    d_event.push(e.id.as_str());
-                    d_type.push(e.event_type.as_str());
-                    d_sub.push(&**s);
-                    d_prio.push(i16::from(e.priority.rank()));
-                    d_ord.push(i);
-                }
-                answered.push(Some((
-                    seq,
-                    u32::try_from(e.subscriptions.len()).unwrap_or(0),
-                )));
-            }
-            None => answered.push(None),
+                })
+            });
+            due.push(Due {
+                at: now,
+                delivery: u64::try_from(col::<i64>(r, 1)?).unwrap_or(0),
+                subscription: subscription.clone(),
+                event: Some(event.clone()),
+                attempts: 0,
+                priority: super::reads::priority(col(r, 4)?),
+                operator: false,
+            });
         }
-    }
-    let mut due = Vec::new();
-    if !d_seq.is_empty() {
-        let made = q(
-            tx,
-            "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
-                                         attempts, next_attempt_at, created_at, updated_at,
-                                         origin, priority)
-                 SELECT seq, id, t, sub, 0, 0, $6, $6, $6, 0, p
-                 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::smallint[])
-                      AS x(seq, id, t, sub, p)
-                 RETURNING id, event_seq, subscription",
-            &[&d_seq, &d_event, &d_type, &d_sub, &d_prio, &now],
-        )
-        .await?;
-        // Matched back by (event, destination), which is unique among the rows made.
-        let made_for: std::collections::HashMap<(i64, &str), (i32, i16)> = d_seq
-            .iter()
-            .zip(&d_sub)
-            .zip(d_ord.iter().zip(&d_prio))
-            .map(|((seq, sub), (ord, prio))| ((*seq, *sub), (*ord, *prio)))
-            .collect();
-        let mut elsewhere: std::collections::HashMap<&str, super::notify::Work> =
-            std::collections::HashMap::new();
-        for row in &made {
-            let seq: i64 = row.get(1);
-            let sub: &str = row.get(2);
-            let Some(((_, sub), (ord, prio))) = made_for.get_key_value(&(seq, sub)) else {
-                continue;
-            };
-            if shared.leases.holds(sub) {
-                due.push(Due {
-                    at: now,
-                    delivery: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-                    subscription: Arc::from(*sub),
-                    event: usize::try_from(*ord)
-                        .ok()
-                        .and_then(|o| fresh.get(o).cloned()),
-                    attempts: 0,
-                    priority: super::reads::priority(*prio),
-                    operator: false,
-                });
-            } else {
-                let id = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-                elsewhere
-                    .entry(sub)
-                    .or_insert_with(|| super::notify::Work {
-                        destination: (*sub).to_string(),
-                        at: now,
-                        deliveries: Vec::new(),
-                    })
-                    .deliveries
-                    .push((id, *prio));
+        // Duplicates answer the event already stored (by id, or by idempotency key).
+        for (e, _) in seg {
+            match created.get(e.id.as_str()) {
+                Some(seq) => out.push(Published::Created {
+                    seq: *seq,
+                    id: e.id.clone(),
+                    deliveries: u32::try_from(e.subscriptions.len()).unwrap_or(0),
+                }),
+                None => out.push(duplicate(c, e).await?),
             }
-        }
-        // Delivered to listeners when this commits, never if it rolls back.
-        let elsewhere: Vec<super::notify::Work> = elsewhere.into_values().collect();
-        super::notify::announce_work(&**tx, &elsewhere).await?;
-    }
-    // Duplicates answer the event already stored (by id, or by idempotency key).
-    let mut out = Vec::with_capacity(events.len());
-    for ((e, _), a) in events.iter().zip(answered) {
-        match a {
-            Some((seq, deliveries)) => out.push(Published::Created {
-                seq,
-                id: e.id.clone(),
-                deliveries,
-            }),
-            None => out.push(duplicate(tx, e).await?),
         }
     }
     Ok((out, due))
 }
 
 /// The stored event a skipped one duplicates, with its delivery count.
-async fn duplicate(tx: &Tx<'_>, e: &NewEvent) -> Result<Published, PgWriteError> {
+async fn duplicate(
+    c: &impl deadpool_postgres::GenericClient,
+    e: &NewEvent,
+) -> Result<Published, PgWriteError> {
     let row = q_planned(
-        tx,
+        c,
         &format!(
             "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
                  FROM events
@@ -1147,4 +1208,35 @@ pub async fn ingest(
         },
         due,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, key: Option<&str>) -> NewEvent {
+        NewEvent {
+            id: id.into(),
+            idempotency_key: key.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn segments_split_before_a_repeated_id_or_key_and_keep_the_order() {
+        let evs = [
+            ev("a", None),
+            ev("b", Some("k1")),
+            ev("c", Some("k2")),
+            ev("a", None),       // id again: a new segment
+            ev("d", Some("k1")), // k1 is from the first segment: stays
+            ev("e", Some("k1")), // key again
+            ev("f", None),
+        ];
+        let list: Vec<(&NewEvent, Option<&str>)> = evs.iter().map(|e| (e, None)).collect();
+        assert_eq!(segments(&list), vec![0..3, 3..5, 5..7]);
+        let unique: Vec<(&NewEvent, Option<&str>)> = evs[..3].iter().map(|e| (e, None)).collect();
+        assert_eq!(segments(&unique), vec![0..3]);
+        assert!(segments(&[]).is_empty());
+    }
 }
