@@ -104,19 +104,6 @@ fn queue(tx: &mpsc::Sender<Cmd>, cmd: Cmd) -> Result<(), WriteError> {
     })
 }
 
-/// A transaction of a group-commit task.
-type Tx<'a> = deadpool_postgres::Transaction<'a>;
-
-/// Runs `sql` (prepared once per connection) and answers its rows.
-async fn q(
-    c: &impl deadpool_postgres::GenericClient,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
-    let st = c.prepare_cached(sql).await?;
-    Ok(c.query(&st, params).await?)
-}
-
 /// Runs `sql` planned for these parameters (see `PgStore::query`): for statements that join
 /// their arrays to a large table, whose plan depends on the table's size.
 async fn q_planned(
@@ -556,42 +543,48 @@ impl PgWriter {
     }
 }
 
-/// One transaction of a group-commit task: the new events of every publish (duplicates
-/// skipped), their deliveries and the batches; or the attempt outcomes of the destinations
-/// still held under their epochs (each task is given one kind); commit. Answers each event's outcome in order, the deliveries made for
-/// destinations this node holds, and the destinations whose outcomes were fenced off.
+/// One group commit: the publishes (events not stored yet, duplicates skipped, their
+/// deliveries and their batches), or the attempt outcomes of the destinations still held
+/// under their epochs; each task is given one kind. Answers each event's outcome in order,
+/// the deliveries made for destinations this node holds, and the destinations whose
+/// outcomes were fenced off.
 async fn commit(
     client: &mut deadpool_postgres::Object,
     batch: &[Publish],
     records: &[Record],
     shared: &Shared,
 ) -> Result<(Vec<Published>, Vec<Due>, Vec<Arc<str>>), PgWriteError> {
+    let mut due = Vec::new();
+    let fenced = if records.is_empty() {
+        Vec::new()
+    } else {
+        let groups: Vec<(&str, i64, &[AttemptRecord])> = records
+            .iter()
+            .map(|r| (&*r.destination, r.epoch, r.records.as_slice()))
+            .collect();
+        apply_records(client, &shared.node, &groups, &mut due)
+            .await?
+            .into_iter()
+            .map(Arc::from)
+            .collect()
+    };
+    if batch.is_empty() {
+        return Ok((Vec::new(), due, fenced));
+    }
     let events: Vec<(&NewEvent, Option<&str>)> = batch
         .iter()
         .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
         .collect();
-    // Publishes alone, with no batch to record and no event id or key repeated: one
-    // statement, which commits by itself.
-    if records.is_empty() && batch.iter().all(|p| p.batch.is_none()) && segments(&events).len() <= 1
-    {
-        let (out, due) = insert_events(&*client, &events, None, shared).await?;
-        return Ok((out, due, Vec::new()));
+    // With no batch to record and no event id or key repeated: one statement, which commits
+    // by itself.
+    if batch.iter().all(|p| p.batch.is_none()) && segments(&events).len() <= 1 {
+        let (out, made) = insert_events(&*client, &events, None, shared).await?;
+        due.extend(made);
+        return Ok((out, due, fenced));
     }
     let tx = client.transaction().await?;
-    if batch.is_empty() {
-        // Only attempt outcomes: the commit does not wait for the WAL flush. They are not
-        // acknowledged to anyone; if the database server itself crashes before the flush
-        // (never when a dispatchd node dies), the last outcomes are lost and those
-        // deliveries are attempted again: at-least-once, as promised. The next flush (the
-        // next publish's commit, or the WAL writer within 200 ms) makes them durable.
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await?;
-    }
-    let (out, mut due) = if events.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        insert_events(&tx, &events, None, shared).await?
-    };
+    let (out, made) = insert_events(&tx, &events, None, shared).await?;
+    due.extend(made);
     // Each batch keeps the seqs of its events, new or duplicate, sorted.
     let mut at = 0;
     for p in batch {
@@ -617,19 +610,6 @@ async fn commit(
             .await?;
         }
     }
-    let fenced = if records.is_empty() {
-        Vec::new()
-    } else {
-        let groups: Vec<(&str, i64, &[AttemptRecord])> = records
-            .iter()
-            .map(|r| (&*r.destination, r.epoch, r.records.as_slice()))
-            .collect();
-        apply_records(&tx, &shared.node, &groups, &mut due)
-            .await?
-            .into_iter()
-            .map(Arc::from)
-            .collect()
-    };
     tx.commit().await?;
     Ok((out, due, fenced))
 }
@@ -900,163 +880,153 @@ pub enum Recorded {
 }
 
 /// Records a destination's attempt outcomes in one transaction, fenced by its lease: the
-/// transaction first checks (and share-locks) that `node` still holds `destination` under
-/// `epoch`, so a node that lost its lease — a pause, a partition — writes nothing. As on the
-/// embedded backend, each attempt is appended and its delivery moves on (succeeded, retrying
-/// at its next time, or dead) unless it was made terminal meanwhile (cancelled while in
-/// flight): then only the attempt is kept. The writer does the same for many destinations
-/// in its group-commit transactions.
+/// transaction checks (and share-locks) that `node` still holds `destination` under `epoch`,
+/// so a node that lost its lease — a pause, a partition — writes nothing. As on the embedded
+/// backend, each attempt is appended and its delivery moves on (succeeded, retrying at its
+/// next time, or dead) unless it was made terminal meanwhile (cancelled while in flight):
+/// then only the attempt is kept. The writer does the same for many destinations in its
+/// group commits.
 pub async fn record_attempts(
     client: &mut deadpool_postgres::Object,
     (destination, node, epoch): (&str, &str, i64),
     records: &[AttemptRecord],
 ) -> Result<Recorded, PgWriteError> {
-    let tx = client.transaction().await?;
-    let fenced =
-        apply_records(&tx, node, &[(destination, epoch, records)], &mut Vec::new()).await?;
-    if fenced.is_empty() {
-        tx.commit().await?;
-        Ok(Recorded::Committed)
+    let fenced = apply_records(
+        client,
+        node,
+        &[(destination, epoch, records)],
+        &mut Vec::new(),
+    )
+    .await?;
+    Ok(if fenced.is_empty() {
+        Recorded::Committed
     } else {
-        tx.rollback().await?;
-        Ok(Recorded::Fenced)
-    }
+        Recorded::Fenced
+    })
 }
 
-/// Within `tx`: checks (and share-locks, so a takeover waits for this transaction) which of
-/// the destinations `node` still holds under the epoch given, records the outcomes of those,
-/// two statements for all of them, and answers the destinations fenced off (nothing of
-/// theirs is written).
+/// The statement that records attempt outcomes, in a transaction of its own (one round
+/// trip). `held` share-locks the leases `$17` still holds under the epochs given (a takeover
+/// waits for this transaction); only the outcomes of those destinations are written. Each
+/// delivery moves on (locked by the UPDATE against a concurrent operator), its attempt is
+/// appended under the number the UPDATE gave it, and the destinations' failure streaks are
+/// kept as the embedded backend keeps them. The commit does not wait for the WAL flush
+/// (`cfg`): outcomes are not acknowledged to anyone; if the database server itself crashes
+/// before the flush (never when a dispatchd node dies), the last outcomes are lost and those
+/// deliveries are attempted again: at-least-once, as promised. The next flush (the next
+/// publish's commit, or the WAL writer within 200 ms) makes them durable. The rows: `0,
+/// destination` per lease held; `1, destination, delivery, attempts, next attempt,
+/// priority` per delivery to retry, for this node's scheduler; one row that makes `cfg` run.
+const RECORD_OUTCOMES: &str = "
+    WITH cfg AS (
+        SELECT set_config('synchronous_commit', 'off', true) AS v
+    ), held AS (
+        SELECT l.destination FROM destination_leases l
+        JOIN unnest($15::text[], $16::bigint[]) AS g(d, e)
+          ON l.destination = g.d AND l.epoch = g.e
+        WHERE l.owner = $17 AND l.expires_at >= $14
+        FOR SHARE OF l
+    ), r AS (
+        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
+                             $5::text[], $6::text[], $7::text[], $8::smallint[],
+                             $9::bigint[], $18::text[])
+            AS x(id, started, dur, code, err, body, summary, kind, next_at, dest)
+        WHERE x.dest IN (SELECT destination FROM held)
+    ), moved AS (
+        UPDATE deliveries d SET
+            attempts = d.attempts + 1,
+            status = CASE WHEN d.status = ANY($10::smallint[]) THEN d.status
+                          WHEN r.kind = 0 THEN $11::smallint
+                          WHEN r.kind = 1 THEN $12::smallint
+                          ELSE $13::smallint END,
+            next_attempt_at = CASE WHEN d.status = ANY($10::smallint[]) THEN NULL
+                                   WHEN r.kind = 1 THEN r.next_at ELSE NULL END,
+            last_error = CASE WHEN d.status = ANY($10::smallint[]) THEN d.last_error
+                              ELSE r.summary END,
+            updated_at = $14,
+            dead_at = CASE WHEN NOT d.status = ANY($10::smallint[]) AND r.kind = 2
+                           THEN $14 ELSE d.dead_at END
+        FROM r WHERE d.id = r.id
+        RETURNING d.id, d.attempts, d.next_attempt_at, d.priority, d.subscription
+    ), appended AS (
+        INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error,
+                              response_body)
+        SELECT moved.id, moved.attempts, r.started, r.dur, r.code, r.err, r.body
+        FROM moved JOIN r ON r.id = moved.id
+    ), ended AS (
+        UPDATE subscription_state SET failing_since = NULL
+        WHERE id = ANY($19::text[]) AND failing_since IS NOT NULL
+          AND id IN (SELECT destination FROM held)
+    ), restarted AS (
+        INSERT INTO subscription_state (id, failing_since)
+        SELECT * FROM unnest($20::text[], $21::bigint[]) AS s(id, at)
+        WHERE s.id IN (SELECT destination FROM held)
+        ON CONFLICT (id) DO UPDATE SET failing_since = excluded.failing_since
+    ), failing AS (
+        INSERT INTO subscription_state (id, failing_since)
+        SELECT * FROM unnest($22::text[], $23::bigint[]) AS s(id, at)
+        WHERE s.id IN (SELECT destination FROM held)
+        ON CONFLICT (id) DO UPDATE
+        SET failing_since = COALESCE(subscription_state.failing_since, excluded.failing_since)
+    )
+    SELECT 0::smallint, destination, NULL::bigint, NULL::int, NULL::bigint, NULL::smallint
+    FROM held
+    UNION ALL
+    SELECT 1::smallint, subscription, id, attempts, next_attempt_at, priority FROM moved
+    WHERE next_attempt_at IS NOT NULL
+    UNION ALL
+    SELECT 2::smallint, v, NULL, NULL, NULL, NULL FROM cfg";
+
+/// Records the outcomes of the destinations `node` still holds under the epochs given, in one
+/// statement that commits by itself (`RECORD_OUTCOMES`; planned for these parameters, as
+/// `PgStore::query` explains), and answers the destinations fenced off (nothing of theirs is
+/// written). Deliveries to retry are added to `due`.
 async fn apply_records(
-    tx: &Tx<'_>,
+    c: &deadpool_postgres::Object,
     node: &str,
     groups: &[(&str, i64, &[AttemptRecord])],
     due: &mut Vec<Due>,
 ) -> Result<Vec<String>, PgWriteError> {
     use crate::storage::writer::Next;
+    use tokio_postgres::types::Type;
     let now = crate::clock::now_micros();
     let dests: Vec<&str> = groups.iter().map(|g| g.0).collect();
     let epochs: Vec<i64> = groups.iter().map(|g| g.1).collect();
-    let held: std::collections::HashSet<String> = q(
-        tx,
-        "SELECT l.destination FROM destination_leases l
-         JOIN unnest($1::text[], $2::bigint[]) AS x(d, e)
-           ON l.destination = x.d AND l.epoch = x.e
-         WHERE l.owner = $3 AND l.expires_at >= $4
-         FOR SHARE OF l",
-        &[&dests, &epochs, &node, &now],
-    )
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
-    let fenced: Vec<String> = dests
-        .iter()
-        .filter(|d| !held.contains(**d))
-        .map(|d| d.to_string())
-        .collect();
-    let records: Vec<&AttemptRecord> = groups
-        .iter()
-        .filter(|g| held.contains(g.0))
-        .flat_map(|g| g.2.iter())
-        .collect();
-    if records.is_empty() {
-        return Ok(fenced);
-    }
-    let mut ids = Vec::with_capacity(records.len());
+    let mut ids = Vec::new();
     let (mut started, mut dur, mut code, mut err, mut body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut summary, mut kind, mut next_at) = (Vec::new(), Vec::new(), Vec::new());
-    for r in &records {
-        let a = &r.attempt;
-        ids.push(i64::try_from(r.delivery).unwrap_or(i64::MAX));
-        started.push(a.started_at);
-        dur.push(i64::try_from(a.duration_us).unwrap_or(i64::MAX));
-        code.push(a.status_code.map(i32::from));
-        err.push(a.error.as_deref());
-        body.push(a.response_body.as_str());
-        summary.push(r.error.as_deref());
-        let (k, at): (i16, Option<i64>) = match r.next {
-            Next::Succeeded => (0, None),
-            Next::Retry { at } => (1, Some(at)),
-            Next::Dead => (2, None),
-        };
-        kind.push(k);
-        next_at.push(at);
+    let (mut summary, mut kind, mut next_at, mut dest) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (d, _, records) in groups {
+        for r in records.iter() {
+            let a = &r.attempt;
+            ids.push(i64::try_from(r.delivery).unwrap_or(i64::MAX));
+            started.push(a.started_at);
+            dur.push(i64::try_from(a.duration_us).unwrap_or(i64::MAX));
+            code.push(a.status_code.map(i32::from));
+            err.push(a.error.as_deref());
+            body.push(a.response_body.as_str());
+            summary.push(r.error.as_deref());
+            let (k, at): (i16, Option<i64>) = match r.next {
+                Next::Succeeded => (0, None),
+                Next::Retry { at } => (1, Some(at)),
+                Next::Dead => (2, None),
+            };
+            kind.push(k);
+            next_at.push(at);
+            dest.push(*d);
+        }
     }
     use DeliveryStatus as S;
     let terminal: Vec<i16> = [S::Succeeded, S::Dead, S::Cancelled]
         .iter()
         .map(|s| i16::from(s.code()))
         .collect();
-    // Each delivery moves on (locked by the UPDATE against a concurrent operator), and its
-    // attempt is appended under the number the UPDATE gave it; the retries come back, for
-    // this node's scheduler.
-    let retries = q_planned(
-        tx,
-        "WITH r AS (
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
-                                  $5::text[], $6::text[], $7::text[], $8::smallint[],
-                                  $9::bigint[])
-                 AS x(id, started, dur, code, err, body, summary, kind, next_at)
-         ), moved AS (
-             UPDATE deliveries d SET
-                 attempts = d.attempts + 1,
-                 status = CASE WHEN d.status = ANY($10::smallint[]) THEN d.status
-                               WHEN r.kind = 0 THEN $11::smallint
-                               WHEN r.kind = 1 THEN $12::smallint
-                               ELSE $13::smallint END,
-                 next_attempt_at = CASE WHEN d.status = ANY($10::smallint[]) THEN NULL
-                                        WHEN r.kind = 1 THEN r.next_at ELSE NULL END,
-                 last_error = CASE WHEN d.status = ANY($10::smallint[]) THEN d.last_error
-                                   ELSE r.summary END,
-                 updated_at = $14,
-                 dead_at = CASE WHEN NOT d.status = ANY($10::smallint[]) AND r.kind = 2
-                                THEN $14 ELSE d.dead_at END
-             FROM r WHERE d.id = r.id
-             RETURNING d.id, d.attempts, d.next_attempt_at, d.priority, d.subscription
-         ), appended AS (
-             INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error,
-                                   response_body)
-             SELECT moved.id, moved.attempts, r.started, r.dur, r.code, r.err, r.body
-             FROM moved JOIN r ON r.id = moved.id
-         )
-         SELECT id, attempts, next_attempt_at, priority, subscription FROM moved
-         WHERE next_attempt_at IS NOT NULL",
-        &[
-            &ids,
-            &started,
-            &dur,
-            &code,
-            &err,
-            &body,
-            &summary,
-            &kind,
-            &next_at,
-            &terminal,
-            &i16::from(S::Succeeded.code()),
-            &i16::from(S::Retrying.code()),
-            &i16::from(S::Dead.code()),
-            &now,
-        ],
-    )
-    .await?;
-    let mut names = std::collections::HashMap::new();
-    for r in &retries {
-        let sub = crate::model::intern(&mut names, r.get(4));
-        due.push(Due {
-            at: r.get(2),
-            delivery: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
-            subscription: sub,
-            event: None,
-            attempts: u32::try_from(r.get::<_, i32>(1)).unwrap_or(0),
-            priority: super::reads::priority(r.get(3)),
-            operator: false,
-        });
-    }
-    // Auto-disable's clock, kept as the embedded backend keeps it.
+    // Auto-disable's clock, kept as the embedded backend keeps it (the statement skips the
+    // destinations fenced off).
     let (mut ended, mut restarted, mut restarted_at, mut failing, mut failing_at) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let records: Vec<&AttemptRecord> = groups.iter().flat_map(|g| g.2.iter()).collect();
     for (sub, streak) in crate::storage::embedded::writer::streaks(&records) {
         use crate::storage::embedded::writer::Streak;
         match streak {
@@ -1071,37 +1041,65 @@ async fn apply_records(
             }
         }
     }
-    if !ended.is_empty() {
-        x(
-            tx,
-            "UPDATE subscription_state SET failing_since = NULL
-             WHERE id = ANY($1) AND failing_since IS NOT NULL",
-            &[&ended],
+    let (succeeded, retrying, dead) = (
+        i16::from(S::Succeeded.code()),
+        i16::from(S::Retrying.code()),
+        i16::from(S::Dead.code()),
+    );
+    let rows = c
+        .query_typed(
+            RECORD_OUTCOMES,
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&started, Type::INT8_ARRAY),
+                (&dur, Type::INT8_ARRAY),
+                (&code, Type::INT4_ARRAY),
+                (&err, Type::TEXT_ARRAY),
+                (&body, Type::TEXT_ARRAY),
+                (&summary, Type::TEXT_ARRAY),
+                (&kind, Type::INT2_ARRAY),
+                (&next_at, Type::INT8_ARRAY),
+                (&terminal, Type::INT2_ARRAY),
+                (&succeeded, Type::INT2),
+                (&retrying, Type::INT2),
+                (&dead, Type::INT2),
+                (&now, Type::INT8),
+                (&dests, Type::TEXT_ARRAY),
+                (&epochs, Type::INT8_ARRAY),
+                (&node, Type::TEXT),
+                (&dest, Type::TEXT_ARRAY),
+                (&ended, Type::TEXT_ARRAY),
+                (&restarted, Type::TEXT_ARRAY),
+                (&restarted_at, Type::INT8_ARRAY),
+                (&failing, Type::TEXT_ARRAY),
+                (&failing_at, Type::INT8_ARRAY),
+            ],
         )
         .await?;
+    let mut held = std::collections::HashSet::new();
+    let mut names = std::collections::HashMap::new();
+    for r in &rows {
+        match col::<i16>(r, 0)? {
+            0 => {
+                held.insert(col::<String>(r, 1)?);
+            }
+            1 => due.push(Due {
+                at: col(r, 4)?,
+                delivery: u64::try_from(col::<i64>(r, 2)?).unwrap_or(0),
+                subscription: crate::model::intern(&mut names, col(r, 1)?),
+                event: None,
+                attempts: u32::try_from(col::<i32>(r, 3)?).unwrap_or(0),
+                priority: super::reads::priority(col(r, 5)?),
+                operator: false,
+            }),
+            _ => {}
+        }
     }
-    if !restarted.is_empty() {
-        x(
-            tx,
-            "INSERT INTO subscription_state (id, failing_since)
-             SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT (id) DO UPDATE SET failing_since = excluded.failing_since",
-            &[&restarted, &restarted_at],
-        )
-        .await?;
-    }
-    if !failing.is_empty() {
-        x(
-            tx,
-            "INSERT INTO subscription_state (id, failing_since)
-             SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT (id) DO UPDATE
-             SET failing_since = COALESCE(subscription_state.failing_since, excluded.failing_since)",
-            &[&failing, &failing_at],
-        )
-        .await?;
-    }
-    Ok(fenced)
+    Ok(dests
+        .iter()
+        .filter(|d| !held.contains(**d))
+        .map(|d| d.to_string())
+        .collect())
 }
 
 /// Stores an inbound provider request as a receipt with the event made from it (and its
