@@ -36,6 +36,14 @@ use crate::storage::writer::{
 /// Publishes taken into one transaction at most.
 const MAX_BATCH: usize = 1024;
 
+/// How long a group-commit task keeps its connection's prepared statements. After five runs
+/// PostgreSQL keeps a prepared statement's generic plan, and one made while a table was small
+/// (a new cluster's first seconds) would, for the outcomes' `UPDATE … FROM unnest(…)`, scan
+/// the whole table for as long as the connection lives. Preparing again now and then bounds
+/// that to this long, while every other run reuses the plan instead of planning again (the
+/// outcome statement took about 0.4 ms to plan).
+const REPLAN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Error, Clone)]
 pub enum PgWriteError {
     #[error("database: {0}")]
@@ -102,6 +110,16 @@ fn queue(tx: &mpsc::Sender<Cmd>, cmd: Cmd) -> Result<(), WriteError> {
         mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
         mpsc::error::TrySendError::Closed(_) => WriteError::Stopped,
     })
+}
+
+/// Runs `sql` (prepared once per connection, see `REPLAN_EVERY`) and answers its rows.
+async fn q(
+    c: &impl deadpool_postgres::GenericClient,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
+    let st = c.prepare_cached(sql).await?;
+    Ok(c.query(&st, params).await?)
 }
 
 /// Runs `sql` planned for these parameters (see `PgStore::query`): for statements that join
@@ -228,6 +246,7 @@ impl PgWriter {
 
     async fn run(self, mut rx: mpsc::Receiver<Cmd>) {
         let mut conn: Option<deadpool_postgres::Object> = None;
+        let mut planned = crate::clock::Instant::now();
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -245,8 +264,17 @@ impl PgWriter {
             }
             let started = crate::clock::Instant::now();
             let result = match conn.take() {
-                Some(c) => Ok(c),
-                None => self.shared.pool.get().await.map_err(PgWriteError::from),
+                Some(c) => {
+                    if planned.elapsed() >= REPLAN_EVERY {
+                        c.statement_cache.clear();
+                        planned = crate::clock::Instant::now();
+                    }
+                    Ok(c)
+                }
+                None => {
+                    planned = crate::clock::Instant::now();
+                    self.shared.pool.get().await.map_err(PgWriteError::from)
+                }
             };
             let result = match result {
                 Ok(mut c) => {
@@ -909,7 +937,9 @@ pub async fn record_attempts(
 /// trip). `held` share-locks the leases `$17` still holds under the epochs given (a takeover
 /// waits for this transaction); only the outcomes of those destinations are written. Each
 /// delivery moves on (locked by the UPDATE against a concurrent operator), its attempt is
-/// appended under the number the UPDATE gave it, and the destinations' failure streaks are
+/// appended under the number the UPDATE gave it (from the UPDATE's own rows: a join of two
+/// CTEs would be planned as a nested loop, since a prepared statement's generic plan counts
+/// on few rows, and cost the square of the batch), and the destinations' failure streaks are
 /// kept as the embedded backend keeps them. The commit does not wait for the WAL flush
 /// (`cfg`): outcomes are not acknowledged to anyone; if the database server itself crashes
 /// before the flush (never when a dispatchd node dies), the last outcomes are lost and those
@@ -947,12 +977,12 @@ const RECORD_OUTCOMES: &str = "
             dead_at = CASE WHEN NOT d.status = ANY($10::smallint[]) AND r.kind = 2
                            THEN $14 ELSE d.dead_at END
         FROM r WHERE d.id = r.id
-        RETURNING d.id, d.attempts, d.next_attempt_at, d.priority, d.subscription
+        RETURNING d.id, d.attempts, d.next_attempt_at, d.priority, d.subscription,
+                  r.started, r.dur, r.code, r.err, r.body
     ), appended AS (
         INSERT INTO attempts (delivery, n, started_at, duration_us, status_code, error,
                               response_body)
-        SELECT moved.id, moved.attempts, r.started, r.dur, r.code, r.err, r.body
-        FROM moved JOIN r ON r.id = moved.id
+        SELECT id, attempts, started, dur, code, err, body FROM moved
     ), ended AS (
         UPDATE subscription_state SET failing_since = NULL
         WHERE id = ANY($19::text[]) AND failing_since IS NOT NULL
@@ -978,8 +1008,8 @@ const RECORD_OUTCOMES: &str = "
     SELECT 2::smallint, v, NULL, NULL, NULL, NULL FROM cfg";
 
 /// Records the outcomes of the destinations `node` still holds under the epochs given, in one
-/// statement that commits by itself (`RECORD_OUTCOMES`; planned for these parameters, as
-/// `PgStore::query` explains), and answers the destinations fenced off (nothing of theirs is
+/// statement that commits by itself (`RECORD_OUTCOMES`, prepared on the connection: see
+/// `REPLAN_EVERY`), and answers the destinations fenced off (nothing of theirs is
 /// written). Deliveries to retry are added to `due`.
 async fn apply_records(
     c: &deadpool_postgres::Object,
@@ -988,7 +1018,6 @@ async fn apply_records(
     due: &mut Vec<Due>,
 ) -> Result<Vec<String>, PgWriteError> {
     use crate::storage::writer::Next;
-    use tokio_postgres::types::Type;
     let now = crate::clock::now_micros();
     let dests: Vec<&str> = groups.iter().map(|g| g.0).collect();
     let epochs: Vec<i64> = groups.iter().map(|g| g.1).collect();
@@ -1046,36 +1075,36 @@ async fn apply_records(
         i16::from(S::Retrying.code()),
         i16::from(S::Dead.code()),
     );
-    let rows = c
-        .query_typed(
-            RECORD_OUTCOMES,
-            &[
-                (&ids, Type::INT8_ARRAY),
-                (&started, Type::INT8_ARRAY),
-                (&dur, Type::INT8_ARRAY),
-                (&code, Type::INT4_ARRAY),
-                (&err, Type::TEXT_ARRAY),
-                (&body, Type::TEXT_ARRAY),
-                (&summary, Type::TEXT_ARRAY),
-                (&kind, Type::INT2_ARRAY),
-                (&next_at, Type::INT8_ARRAY),
-                (&terminal, Type::INT2_ARRAY),
-                (&succeeded, Type::INT2),
-                (&retrying, Type::INT2),
-                (&dead, Type::INT2),
-                (&now, Type::INT8),
-                (&dests, Type::TEXT_ARRAY),
-                (&epochs, Type::INT8_ARRAY),
-                (&node, Type::TEXT),
-                (&dest, Type::TEXT_ARRAY),
-                (&ended, Type::TEXT_ARRAY),
-                (&restarted, Type::TEXT_ARRAY),
-                (&restarted_at, Type::INT8_ARRAY),
-                (&failing, Type::TEXT_ARRAY),
-                (&failing_at, Type::INT8_ARRAY),
-            ],
-        )
-        .await?;
+    let rows = q(
+        c,
+        RECORD_OUTCOMES,
+        &[
+            &ids,
+            &started,
+            &dur,
+            &code,
+            &err,
+            &body,
+            &summary,
+            &kind,
+            &next_at,
+            &terminal,
+            &succeeded,
+            &retrying,
+            &dead,
+            &now,
+            &dests,
+            &epochs,
+            &node,
+            &dest,
+            &ended,
+            &restarted,
+            &restarted_at,
+            &failing,
+            &failing_at,
+        ],
+    )
+    .await?;
     let mut held = std::collections::HashSet::new();
     let mut names = std::collections::HashMap::new();
     for r in &rows {
