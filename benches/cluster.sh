@@ -45,6 +45,9 @@ for nodes in 1 2; do
   echo
   echo "=============== $nodes node(s) ==============="
   psql_q() { as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U dispatchd -d "$db" -Atqc "$1"; }
+  # Each run starts from a checkpoint, so the server's next one (due after ~1 GiB of WAL)
+  # does not fall in the second run's window only.
+  psql_q "CHECKPOINT" >/dev/null
   lsn0=$(psql_q "SELECT pg_current_wal_lsn()")
   cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" \
     --postgres-url "postgres://dispatchd@127.0.0.1:$port/$db" --nodes "$nodes"
@@ -53,4 +56,6 @@ for nodes in 1 2; do
   wal=$(psql_q "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn0')::bigint")
   echo "postgresql: $events events, WAL $((wal / 1048576)) MiB, $((wal / (events > 0 ? events : 1))) bytes per event;" \
     "database $(psql_q "SELECT pg_size_pretty(pg_database_size(current_database()))")"
+  # Dropped, so autovacuum does not work through it during the next run.
+  as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U dispatchd -d postgres -qc "DROP DATABASE $db" >/dev/null
 done

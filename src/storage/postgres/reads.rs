@@ -668,8 +668,11 @@ pub struct PgSnapshot {
 }
 
 impl PgStore {
-    /// Reads deliveries `ids` at once, with the events of those marked.
+    /// Reads deliveries `ids` at once, with the events of those marked: both queries sent
+    /// together on one connection, each parsed, planned for its parameters and run in one
+    /// round trip, and one wait for both.
     pub fn prefetch(&self, ids: &[(DeliveryId, bool)]) -> Result<PgSnapshot, StoreError> {
+        use tokio_postgres::types::Type;
         let mut snap = PgSnapshot {
             store: self.clone(),
             deliveries: Default::default(),
@@ -679,29 +682,37 @@ impl PgStore {
             return Ok(snap);
         }
         let all: Vec<i64> = ids.iter().map(|(i, _)| db_id(*i)).collect();
-        let rows = self.rows(
-            &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ANY($1)"),
-            &[&all],
-        )?;
-        snap.deliveries = rows.iter().map(delivery_row).collect();
-        // The events of the deliveries just read that were marked.
-        let mut seqs: Vec<i64> = ids
+        let marked: Vec<i64> = ids
             .iter()
             .filter(|(_, e)| *e)
-            .filter_map(|(i, _)| snap.deliveries.get(i))
-            .map(|d| db_id(d.event_seq))
+            .map(|(i, _)| db_id(*i))
             .collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        if !seqs.is_empty() {
-            let rows = self.rows(
-                &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ANY($1)"),
-                &[&seqs],
-            )?;
-            for r in &rows {
-                let (seq, e) = event_row(r)?;
-                snap.events.insert(seq, e);
-            }
+        let read = block(async {
+            let c = self.shared.pool.get().await?;
+            let sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ANY($1)");
+            let params = [(&all as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
+            let deliveries = c.query_typed(&sql, &params);
+            let events = async {
+                if marked.is_empty() {
+                    return Ok(Vec::new());
+                }
+                c.query_typed(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events
+                         WHERE seq IN (SELECT event_seq FROM deliveries WHERE id = ANY($1))"
+                    ),
+                    &[(&marked, Type::INT8_ARRAY)],
+                )
+                .await
+            };
+            Ok(tokio::try_join!(deliveries, events)?)
+        });
+        let (deliveries, events) =
+            read.inspect_err(|_| self.shared.metrics.cluster_db_errors.inc())?;
+        snap.deliveries = deliveries.iter().map(delivery_row).collect();
+        for r in &events {
+            let (seq, e) = event_row(r)?;
+            snap.events.insert(seq, e);
         }
         Ok(snap)
     }

@@ -272,8 +272,13 @@ impl PgWriter {
                     Ok(c)
                 }
                 None => {
+                    // A pooled connection may hold statements prepared long ago.
                     planned = crate::clock::Instant::now();
-                    self.shared.pool.get().await.map_err(PgWriteError::from)
+                    let c = self.shared.pool.get().await.map_err(PgWriteError::from);
+                    if let Ok(c) = &c {
+                        c.statement_cache.clear();
+                    }
+                    c
                 }
             };
             let result = match result {
