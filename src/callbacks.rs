@@ -33,6 +33,9 @@ pub struct CallbackSettings {
     pub rate_limit: Option<f64>,
 }
 
+/// The longest host name a callback URL may have (DNS's limit).
+const MAX_HOST: usize = 253;
+
 /// A callback as the producer sent it.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +62,13 @@ pub fn accept(
         );
     }
     let url = spec::parse_destination(&req.url)?;
+    // The host names a destination (and its notifications between nodes): keep it to what
+    // DNS allows.
+    if url.host_str().is_some_and(|h| h.len() > MAX_HOST) {
+        return Err(format!(
+            "url: the host name is longer than {MAX_HOST} characters, the most DNS allows"
+        ));
+    }
     if !settings.allow.is_empty() && !settings.allow.iter().any(|a| allowed(a, &url)) {
         return Err(format!(
             "{} is not on the callback allow-list",
@@ -192,6 +202,20 @@ mod tests {
         none.secret = None;
         let e = accept(req("https://hooks.example.com/h"), &none, false).unwrap_err();
         assert!(e.contains("no default"), "{e}");
+        // A host longer than DNS allows (labels of 63, 254 characters in all) is refused;
+        // one of 253 is taken.
+        let label = "a".repeat(63);
+        let long = format!(
+            "https://{label}.{label}.{label}.{}.example/h",
+            "b".repeat(54)
+        );
+        let e = accept(req(&long), &on(&[]), false).unwrap_err();
+        assert!(e.contains("longer than 253"), "{e}");
+        let most = format!(
+            "https://{label}.{label}.{label}.{}.example/h",
+            "b".repeat(53)
+        );
+        assert!(accept(req(&most), &on(&[]), false).is_ok(), "{most}");
     }
 
     #[test]

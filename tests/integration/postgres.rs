@@ -722,6 +722,144 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
     assert_eq!(state(&c, delivery).await, (succeeded, 2, 2));
 }
 
+/// One group commit of outcomes may hold several runs of attempts of one destination, apart
+/// (another destination's between them) and even under an epoch since replaced: each
+/// destination keeps one failure streak (a success, then failures: failing since the first
+/// of those), and only the outcomes under the lease's current epoch are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoch() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dispatchd::model::{Attempt, DeliveryStatus};
+    use dispatchd::storage::postgres::{leases, writer};
+    use dispatchd::storage::writer::{AttemptRecord, Next};
+    let pg = Postgres::start();
+    pg.create_db("streaks").await;
+    let url = pg.url("streaks");
+    let mut c = connect(&url).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    let w = pg_writer(&url);
+    let published = w
+        .publish(vec![
+            event("s-1", None, &["crm"]),
+            event("s-2", None, &["crm"]),
+            event("s-3", None, &["crm"]),
+            event("s-4", None, &["erp"]),
+        ])
+        .await;
+    assert!(published.is_ok(), "{published:?}");
+    let mut ids = Vec::new();
+    for id in ["s-1", "s-2", "s-3", "s-4"] {
+        match c
+            .query_one("SELECT id FROM deliveries WHERE event_id = $1", &[&id])
+            .await
+        {
+            Ok(r) => ids.push(r.get::<_, i64>(0)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let lease = Duration::from_secs(10);
+    let dests = vec!["crm".to_string(), "erp".to_string()];
+    let now = dispatchd::clock::now_micros();
+    let ready = std::collections::HashSet::new();
+    // node-a holds both, then node-b takes them over once node-a's leases ended.
+    if let Err(e) = leases::balance(&c, "node-a", &dests, &ready, now, lease).await {
+        panic!("{e}");
+    }
+    let later = now + 3 * 10_000_000;
+    let held = match leases::balance(&c, "node-b", &dests, &ready, later, lease).await {
+        Ok(b) => b.held,
+        Err(e) => panic!("{e}"),
+    };
+    let (crm, erp) = (held["crm"].epoch, held["erp"].epoch);
+    let outcome = |delivery: i64, sub: &str, at: i64, ok: bool| AttemptRecord {
+        delivery: u64::try_from(delivery).unwrap_or(0),
+        subscription: Arc::from(sub),
+        attempt: Attempt {
+            started_at: at,
+            duration_us: 1000,
+            status_code: Some(if ok { 200 } else { 503 }),
+            error: None,
+            response_body: String::new(),
+        },
+        error: (!ok).then(|| "HTTP 503".to_string()),
+        next: if ok {
+            Next::Succeeded
+        } else {
+            Next::Retry {
+                at: later + 60_000_000,
+            }
+        },
+    };
+    let t = later;
+    let first = [
+        outcome(ids[0], "crm", t, true),
+        outcome(ids[1], "crm", t + 1, false),
+    ];
+    let other = [outcome(ids[3], "erp", t + 2, true)];
+    let second = [outcome(ids[2], "crm", t + 3, false)];
+    // A stale run: crm under the epoch node-a held, as if node-b had it queued from before.
+    let stale = [outcome(ids[3], "erp", t + 4, false)];
+    let ca = pooled(&url).await;
+    let mut due = Vec::new();
+    let fenced = writer::record_outcomes(
+        &ca,
+        "node-b",
+        &[
+            ("crm", crm, &first[..]),
+            ("erp", erp, &other[..]),
+            ("crm", crm, &second[..]),
+            ("erp", erp - 1, &stale[..]),
+        ],
+        &mut due,
+    )
+    .await;
+    match fenced {
+        Ok(f) => assert_eq!(f, vec![("erp".to_string(), erp - 1)]),
+        Err(e) => panic!("{e}"),
+    }
+    // Both crm retries come back for the scheduler; the stale erp outcome changed nothing.
+    let mut retried: Vec<u64> = due.iter().map(|d| d.delivery).collect();
+    retried.sort_unstable();
+    let want: Vec<u64> = [ids[1], ids[2]]
+        .iter()
+        .map(|i| u64::try_from(*i).unwrap_or(0))
+        .collect();
+    assert_eq!(retried, want);
+    let (succeeded, retrying) = (
+        i16::from(DeliveryStatus::Succeeded.code()),
+        i16::from(DeliveryStatus::Retrying.code()),
+    );
+    assert_eq!(state(&c, ids[0]).await, (succeeded, 1, 1));
+    assert_eq!(state(&c, ids[1]).await, (retrying, 1, 1));
+    assert_eq!(state(&c, ids[2]).await, (retrying, 1, 1));
+    assert_eq!(state(&c, ids[3]).await, (succeeded, 1, 1));
+    let failing = |id: &'static str| {
+        let c = &c;
+        async move {
+            match c
+                .query_opt(
+                    "SELECT failing_since FROM subscription_state WHERE id = $1",
+                    &[&id],
+                )
+                .await
+            {
+                Ok(r) => r.and_then(|r| r.get::<_, Option<i64>>(0)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    assert_eq!(
+        failing("crm").await,
+        Some(t + 1),
+        "failing since the first failure"
+    );
+    assert_eq!(failing("erp").await, None);
+}
+
 /// A delivery's status, attempt count, and attempts kept.
 async fn state(c: &tokio_postgres::Client, delivery: i64) -> (i16, i32, i64) {
     match c

@@ -147,11 +147,12 @@ pub async fn balance(
         .collect();
     mine.extend(keep.iter().copied());
     // Taken or renewed: free, expired, or already ours (renewal keeps the epoch; a lease
-    // changing hands gets the next epoch).
+    // changing hands gets the next epoch). Locked in destination order, as the writer's
+    // outcome statement locks them, so the two cannot deadlock.
     let rows = c
         .query(
             "INSERT INTO destination_leases AS l (destination, owner, epoch, expires_at)
-             SELECT d, $1, 1, $3 FROM unnest($2::text[]) AS x(d)
+             SELECT d, $1, 1, $3 FROM unnest($2::text[]) AS x(d) ORDER BY d
              ON CONFLICT (destination) DO UPDATE
                 SET owner = excluded.owner,
                     epoch = CASE WHEN l.owner = excluded.owner THEN l.epoch ELSE l.epoch + 1 END,

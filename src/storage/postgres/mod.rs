@@ -36,7 +36,16 @@ pub type Pool = deadpool_postgres::Pool;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        StoreError::Postgres(e.to_string())
+        StoreError::Postgres(describe(&e))
+    }
+}
+
+/// A database error for a log or an answer: with the server's own message where there is one
+/// (the client's text alone says only "db error").
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {db} ({})", db.code().code()),
+        None => e.to_string(),
     }
 }
 

@@ -53,10 +53,14 @@ pub struct Heard {
     pub payload: String,
 }
 
-/// Delivery ids in one work notification at most: with ids of up to 20 digits and a
-/// destination id of a few hundred bytes, a payload stays well within PostgreSQL's 8000.
-/// The publish statement (`writer::INSERT_EVENTS`) makes the payloads.
+/// Delivery ids in one work notification at most. The publish statement
+/// (`writer::INSERT_EVENTS`) makes the payloads, with fewer ids when the destination id is
+/// long, so that each stays within `PAYLOAD_MAX` bytes (destination ids are at most a few
+/// hundred bytes: subscription ids 64, callback hosts 253).
 pub const IDS_PER_PAYLOAD: usize = 200;
+
+/// Most bytes of one work notification's payload (PostgreSQL refuses 8000 or more).
+pub const PAYLOAD_MAX: usize = 7_000;
 
 /// New deliveries for one destination, all due at `at`: what a publish on one node tells
 /// the node that owns the destination, so that the owner hands them to its scheduler

@@ -54,7 +54,7 @@ pub enum PgWriteError {
 
 impl From<tokio_postgres::Error> for PgWriteError {
     fn from(e: tokio_postgres::Error) -> Self {
-        PgWriteError::Db(e.to_string())
+        PgWriteError::Db(super::describe(&e))
     }
 }
 
@@ -313,7 +313,10 @@ impl PgWriter {
                         drop(p.reply.send(Ok(mine)));
                     }
                     for r in records {
-                        let answer = if fenced.contains(&r.destination) {
+                        let answer = if fenced
+                            .iter()
+                            .any(|(d, e)| **d == *r.destination && *e == r.epoch)
+                        {
                             Recorded::Fenced
                         } else {
                             Recorded::Committed
@@ -322,7 +325,9 @@ impl PgWriter {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "write transaction failed; nothing of it was stored");
+                    // Nothing of it was stored, unless it failed after its statement committed
+                    // (reading a duplicate): a retry under the same id answers `duplicate`.
+                    tracing::error!(error = %e, "group commit failed; its callers get an error");
                     let e = match e {
                         WriteError::Stopped => PgWriteError::Stopped,
                         other => PgWriteError::Db(other.to_string()),
@@ -580,13 +585,13 @@ impl PgWriter {
 /// deliveries and their batches), or the attempt outcomes of the destinations still held
 /// under their epochs; each task is given one kind. Answers each event's outcome in order,
 /// the deliveries made for destinations this node holds, and the destinations whose
-/// outcomes were fenced off.
+/// outcomes were fenced off, with the epochs they were given under.
 async fn commit(
     client: &mut deadpool_postgres::Object,
     batch: &[Publish],
     records: &[Record],
     shared: &Shared,
-) -> Result<(Vec<Published>, Vec<Due>, Vec<Arc<str>>), PgWriteError> {
+) -> Result<(Vec<Published>, Vec<Due>, Vec<(String, i64)>), PgWriteError> {
     let mut due = Vec::new();
     let fenced = if records.is_empty() {
         Vec::new()
@@ -595,11 +600,7 @@ async fn commit(
             .iter()
             .map(|r| (&*r.destination, r.epoch, r.records.as_slice()))
             .collect();
-        apply_records(client, &shared.node, &groups, &mut due)
-            .await?
-            .into_iter()
-            .map(Arc::from)
-            .collect()
+        record_outcomes(client, &shared.node, &groups, &mut due).await?
     };
     if batch.is_empty() {
         return Ok((Vec::new(), due, fenced));
@@ -653,8 +654,9 @@ async fn commit(
 /// event (its id or key already stored) is skipped, and with it its deliveries, which are
 /// made in the events' order (so their ids follow it too). The foreign keys are checked at
 /// the end of the statement, when the events are there. `w` sends one notification per
-/// destination not in `$13` (those this node holds) and per `IDS_PER_PAYLOAD` deliveries, in
-/// the form `notify::Work::parse` reads; PostgreSQL delivers it only if the statement's
+/// destination not in `$13` (those this node holds) and per `IDS_PER_PAYLOAD` deliveries
+/// (fewer for a destination id so long that they would not fit in `PAYLOAD_MAX` bytes, at
+/// 24 bytes an id at most), in the form `notify::Work::parse` reads; PostgreSQL delivers it only if the statement's
 /// transaction commits. The rows: `0, seq, id` per event stored; `1, delivery, event seq,
 /// destination, priority` per delivery made for a destination in `$13`; then one row that
 /// counts the notifications (referencing `w` is what makes it run).
@@ -685,7 +687,8 @@ static INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
                               || string_agg(id::text || ':' || priority::text, ',' ORDER BY id))
              FROM (SELECT subscription, id, priority,
                           (row_number() OVER (PARTITION BY subscription ORDER BY id) - 1)
-                              / {per} AS part
+                              / LEAST({per}, GREATEST(1, ({max} - 32 - octet_length(subscription))
+                                                         / 24)) AS part
                    FROM d WHERE subscription <> ALL ($13::text[])) AS z
              GROUP BY subscription, part
          )
@@ -697,6 +700,7 @@ static INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
          SELECT 2::smallint, count(*), NULL, NULL, NULL FROM w",
         channel = super::notify::CHANNEL,
         per = super::notify::IDS_PER_PAYLOAD,
+        max = super::notify::PAYLOAD_MAX,
     )
 });
 
@@ -924,7 +928,7 @@ pub async fn record_attempts(
     (destination, node, epoch): (&str, &str, i64),
     records: &[AttemptRecord],
 ) -> Result<Recorded, PgWriteError> {
-    let fenced = apply_records(
+    let fenced = record_outcomes(
         client,
         node,
         &[(destination, epoch, records)],
@@ -940,7 +944,7 @@ pub async fn record_attempts(
 
 /// The statement that records attempt outcomes, in a transaction of its own (one round
 /// trip). `held` share-locks the leases `$17` still holds under the epochs given (a takeover
-/// waits for this transaction); only the outcomes of those destinations are written. Each
+/// waits for this transaction); only the outcomes given under those leases are written. Each
 /// delivery moves on (locked by the UPDATE against a concurrent operator), its attempt is
 /// appended under the number the UPDATE gave it (from the UPDATE's own rows: a join of two
 /// CTEs would be planned as a nested loop, since a prepared statement's generic plan counts
@@ -949,24 +953,26 @@ pub async fn record_attempts(
 /// (`cfg`): outcomes are not acknowledged to anyone; if the database server itself crashes
 /// before the flush (never when a dispatchd node dies), the last outcomes are lost and those
 /// deliveries are attempted again: at-least-once, as promised. The next flush (the next
-/// publish's commit, or the WAL writer within 200 ms) makes them durable. The rows: `0,
-/// destination` per lease held; `1, destination, delivery, attempts, next attempt,
+/// publish's commit, or the WAL writer within 200 ms) makes them durable. The leases are
+/// locked in the order `leases::balance` renews them in, so the two cannot deadlock. The
+/// rows: `0, destination, epoch` per lease held; `1, destination, delivery, attempts, next attempt,
 /// priority` per delivery to retry, for this node's scheduler; one row that makes `cfg` run.
 const RECORD_OUTCOMES: &str = "
     WITH cfg AS (
         SELECT set_config('synchronous_commit', 'off', true) AS v
     ), held AS (
-        SELECT l.destination FROM destination_leases l
+        SELECT l.destination, l.epoch FROM destination_leases l
         JOIN unnest($15::text[], $16::bigint[]) AS g(d, e)
           ON l.destination = g.d AND l.epoch = g.e
         WHERE l.owner = $17 AND l.expires_at >= $14
+        ORDER BY l.destination
         FOR SHARE OF l
     ), r AS (
         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
                              $5::text[], $6::text[], $7::text[], $8::smallint[],
-                             $9::bigint[], $18::text[])
-            AS x(id, started, dur, code, err, body, summary, kind, next_at, dest)
-        WHERE x.dest IN (SELECT destination FROM held)
+                             $9::bigint[], $18::text[], $24::bigint[])
+            AS x(id, started, dur, code, err, body, summary, kind, next_at, dest, epoch)
+        WHERE (x.dest, x.epoch) IN (SELECT destination, epoch FROM held)
     ), moved AS (
         UPDATE deliveries d SET
             attempts = d.attempts + 1,
@@ -990,21 +996,22 @@ const RECORD_OUTCOMES: &str = "
         SELECT id, attempts, started, dur, code, err, body FROM moved
     ), ended AS (
         UPDATE subscription_state SET failing_since = NULL
-        WHERE id = ANY($19::text[]) AND failing_since IS NOT NULL
-          AND id IN (SELECT destination FROM held)
+        FROM unnest($19::text[], $25::bigint[]) AS s(id, epoch)
+        WHERE subscription_state.id = s.id AND subscription_state.failing_since IS NOT NULL
+          AND (s.id, s.epoch) IN (SELECT destination, epoch FROM held)
     ), restarted AS (
         INSERT INTO subscription_state (id, failing_since)
-        SELECT * FROM unnest($20::text[], $21::bigint[]) AS s(id, at)
-        WHERE s.id IN (SELECT destination FROM held)
+        SELECT s.id, s.at FROM unnest($20::text[], $21::bigint[], $26::bigint[]) AS s(id, at, epoch)
+        WHERE (s.id, s.epoch) IN (SELECT destination, epoch FROM held)
         ON CONFLICT (id) DO UPDATE SET failing_since = excluded.failing_since
     ), failing AS (
         INSERT INTO subscription_state (id, failing_since)
-        SELECT * FROM unnest($22::text[], $23::bigint[]) AS s(id, at)
-        WHERE s.id IN (SELECT destination FROM held)
+        SELECT s.id, s.at FROM unnest($22::text[], $23::bigint[], $27::bigint[]) AS s(id, at, epoch)
+        WHERE (s.id, s.epoch) IN (SELECT destination, epoch FROM held)
         ON CONFLICT (id) DO UPDATE
         SET failing_since = COALESCE(subscription_state.failing_since, excluded.failing_since)
     )
-    SELECT 0::smallint, destination, NULL::bigint, NULL::int, NULL::bigint, NULL::smallint
+    SELECT 0::smallint, destination, epoch, NULL::int, NULL::bigint, NULL::smallint
     FROM held
     UNION ALL
     SELECT 1::smallint, subscription, id, attempts, next_attempt_at, priority FROM moved
@@ -1014,14 +1021,15 @@ const RECORD_OUTCOMES: &str = "
 
 /// Records the outcomes of the destinations `node` still holds under the epochs given, in one
 /// statement that commits by itself (`RECORD_OUTCOMES`, prepared on the connection: see
-/// `REPLAN_EVERY`), and answers the destinations fenced off (nothing of theirs is
-/// written). Deliveries to retry are added to `due`.
-async fn apply_records(
+/// `REPLAN_EVERY`), and answers the destinations and epochs fenced off (nothing of theirs is
+/// written). Deliveries to retry are added to `due`. Each destination's records may come in
+/// several groups (several runs of attempts), in the order they were made.
+pub async fn record_outcomes(
     c: &deadpool_postgres::Object,
     node: &str,
     groups: &[(&str, i64, &[AttemptRecord])],
     due: &mut Vec<Due>,
-) -> Result<Vec<String>, PgWriteError> {
+) -> Result<Vec<(String, i64)>, PgWriteError> {
     use crate::storage::writer::Next;
     let now = crate::clock::now_micros();
     let dests: Vec<&str> = groups.iter().map(|g| g.0).collect();
@@ -1029,9 +1037,9 @@ async fn apply_records(
     let mut ids = Vec::new();
     let (mut started, mut dur, mut code, mut err, mut body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut summary, mut kind, mut next_at, mut dest) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (d, _, records) in groups {
+    let (mut summary, mut kind, mut next_at, mut dest, mut epoch) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (d, e, records) in groups {
         for r in records.iter() {
             let a = &r.attempt;
             ids.push(i64::try_from(r.delivery).unwrap_or(i64::MAX));
@@ -1049,6 +1057,7 @@ async fn apply_records(
             kind.push(k);
             next_at.push(at);
             dest.push(*d);
+            epoch.push(*e);
         }
     }
     use DeliveryStatus as S;
@@ -1056,22 +1065,42 @@ async fn apply_records(
         .iter()
         .map(|s| i16::from(s.code()))
         .collect();
-    // Auto-disable's clock, kept as the embedded backend keeps it (the statement skips the
-    // destinations fenced off).
+    // Auto-disable's clock, kept as the embedded backend keeps it, from the records given
+    // under each destination's newest epoch here (an older one is fenced off for sure; the
+    // statement skips the newest too if it is). One streak per destination, however its
+    // records are spread over the group: the statement may change a destination's row once.
+    let mut newest: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for (d, e, _) in groups {
+        let n = newest.entry(*d).or_insert(*e);
+        *n = (*n).max(*e);
+    }
+    let mut records: Vec<&AttemptRecord> = groups
+        .iter()
+        .filter(|(d, e, _)| newest.get(d) == Some(e))
+        .flat_map(|g| g.2.iter())
+        .collect();
+    // Stable: each destination's records keep the order they came in.
+    records.sort_by(|a, b| a.subscription.cmp(&b.subscription));
     let (mut ended, mut restarted, mut restarted_at, mut failing, mut failing_at) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let records: Vec<&AttemptRecord> = groups.iter().flat_map(|g| g.2.iter()).collect();
+    let (mut ended_e, mut restarted_e, mut failing_e) = (Vec::new(), Vec::new(), Vec::new());
     for (sub, streak) in crate::storage::embedded::writer::streaks(&records) {
         use crate::storage::embedded::writer::Streak;
+        let epoch = newest.get(&*sub).copied().unwrap_or(0);
         match streak {
-            Streak::Ended => ended.push(sub.to_string()),
+            Streak::Ended => {
+                ended.push(sub.to_string());
+                ended_e.push(epoch);
+            }
             Streak::Restarted(t) => {
                 restarted.push(sub.to_string());
                 restarted_at.push(t);
+                restarted_e.push(epoch);
             }
             Streak::Failing(t) => {
                 failing.push(sub.to_string());
                 failing_at.push(t);
+                failing_e.push(epoch);
             }
         }
     }
@@ -1107,6 +1136,10 @@ async fn apply_records(
             &restarted_at,
             &failing,
             &failing_at,
+            &epoch,
+            &ended_e,
+            &restarted_e,
+            &failing_e,
         ],
     )
     .await?;
@@ -1115,7 +1148,7 @@ async fn apply_records(
     for r in &rows {
         match col::<i16>(r, 0)? {
             0 => {
-                held.insert(col::<String>(r, 1)?);
+                held.insert((col::<String>(r, 1)?, col::<i64>(r, 2)?));
             }
             1 => due.push(Due {
                 at: col(r, 4)?,
@@ -1129,11 +1162,13 @@ async fn apply_records(
             _ => {}
         }
     }
-    Ok(dests
+    let mut fenced: Vec<(String, i64)> = groups
         .iter()
-        .filter(|d| !held.contains(**d))
-        .map(|d| d.to_string())
-        .collect())
+        .map(|(d, e, _)| (d.to_string(), *e))
+        .filter(|g| !held.contains(g))
+        .collect();
+    fenced.dedup();
+    Ok(fenced)
 }
 
 /// Stores an inbound provider request as a receipt with the event made from it (and its
