@@ -292,7 +292,7 @@ async fn balance_once(node: &Node) -> Result<(), String> {
     }
     if !gained.is_empty() {
         drop(c);
-        scan(node, &gained, Scan::Gained).await?;
+        scan(node, &gained, Scan::Periodic).await?;
     }
     Ok(())
 }
@@ -300,10 +300,8 @@ async fn balance_once(node: &Node) -> Result<(), String> {
 /// Why a scan runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scan {
-    /// Periodic: the correctness path for lost notifications.
+    /// Periodic, or a lease taken: the correctness path.
     Periodic,
-    /// Leases just taken, or notifications heard again after a gap: everything due.
-    Gained,
     /// A notification of new work made on some node.
     Notified,
     /// A notification of an operator's retry: its deliveries go now.
@@ -324,16 +322,7 @@ async fn scan(node: &Node, destinations: &[String], why: Scan) -> Result<usize, 
     let c = node.shared.pool.get().await.map_err(|e| e.to_string())?;
     let now = crate::clock::now_micros();
     let until = now.saturating_add(micros(node.horizon));
-    // The periodic scan is for what was announced and lost: it leaves out what changed in
-    // the last scan interval, which was handed over at its commit (to this node's scheduler,
-    // or by a notification) and may be queued or under way here. Sent again, each such job
-    // would cost its destination task a read of the delivery and its event to find it stale:
-    // with two nodes under load, thousands every scan, and a pause for the work behind them.
-    let settled = match why {
-        Scan::Periodic => now.saturating_sub(micros(node.scan_interval)),
-        _ => Micros::MAX,
-    };
-    let rows = super::notify::due(&**c, &held, until, settled, SCAN_LIMIT)
+    let rows = super::notify::due(&**c, &held, until, SCAN_LIMIT)
         .await
         .map_err(|e| e.to_string())?;
     let n = rows.len();
@@ -400,15 +389,13 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
     let mut next_scan = tokio::time::Instant::now();
     let mut next_listen = tokio::time::Instant::now();
     let mut next_refresh = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut catch_up = false;
     loop {
         if heard.is_none() && tokio::time::Instant::now() >= next_listen {
             match super::notify::listen(&node.shared.url).await {
                 Ok(rx) => {
                     heard = Some(rx);
-                    // What was announced while nobody listened is found by a scan of all.
+                    // What was announced while nobody listened is found by a scan.
                     next_scan = tokio::time::Instant::now();
-                    catch_up = true;
                 }
                 Err(e) => {
                     node.shared.metrics.cluster_db_errors.inc();
@@ -419,12 +406,7 @@ pub async fn run_feed(node: Arc<Node>, stop: impl std::future::Future<Output = (
         }
         if tokio::time::Instant::now() >= next_scan {
             let held = node.shared.leases.held_ids();
-            let why = if std::mem::take(&mut catch_up) {
-                Scan::Gained
-            } else {
-                Scan::Periodic
-            };
-            if let Err(e) = scan(&node, &held, why).await {
+            if let Err(e) = scan(&node, &held, Scan::Periodic).await {
                 node.shared.metrics.cluster_db_errors.inc();
                 tracing::warn!(error = %e, "cannot scan due deliveries");
             }

@@ -167,22 +167,19 @@ pub struct Due {
     pub priority: i16,
 }
 
-/// The deliveries of these destinations due by `until` and last changed by `settled`,
-/// earliest first, at most `limit`.
+/// The deliveries of these destinations due by `until`, earliest first, at most `limit`.
 pub async fn due(
     c: &impl tokio_postgres::GenericClient,
     destinations: &[&str],
     until: Micros,
-    settled: Micros,
     limit: i64,
 ) -> Result<Vec<Due>, tokio_postgres::Error> {
     let rows = c
         .query(
             "SELECT id, subscription, next_attempt_at, priority FROM deliveries
              WHERE subscription = ANY($1::text[]) AND next_attempt_at <= $2
-               AND updated_at <= $3
-             ORDER BY next_attempt_at, id LIMIT $4",
-            &[&destinations, &until, &settled, &limit],
+             ORDER BY next_attempt_at, id LIMIT $3",
+            &[&destinations, &until, &limit],
         )
         .await?;
     Ok(rows
