@@ -57,6 +57,19 @@ async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A server with database `name` migrated to this binary's schema: the server (stopped when
+/// dropped), the database's URL and a connection to it.
+async fn migrated(name: &str) -> (Postgres, String, tokio_postgres::Client) {
+    let pg = Postgres::start();
+    pg.create_db(name).await;
+    let url = pg.url(name);
+    let mut c = connect(&url).await;
+    if let Err(e) = migrate::migrate(&mut c).await {
+        panic!("{e}");
+    }
+    (pg, url, c)
+}
+
 /// Three nodes migrating one empty database at once: exactly one applies the schema (the
 /// others wait on the advisory lock and find it done), every table is there, and migrating
 /// again changes nothing.
@@ -244,13 +257,7 @@ async fn count(c: &tokio_postgres::Client, sql: &str, id: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_and_idempotency_across_nodes() {
     use dispatchd::storage::writer::Published;
-    let pg = Postgres::start();
-    pg.create_db("publish").await;
-    let url = pg.url("publish");
-    let mut c = connect(&url).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    let (_pg, url, c) = migrated("publish").await;
     let a = pg_writer(&url);
     let b = pg_writer(&url);
 
@@ -406,12 +413,7 @@ async fn leases_spread_move_on_death_fence_and_rebalance() {
     use std::time::Duration;
 
     use dispatchd::storage::postgres::leases;
-    let pg = Postgres::start();
-    pg.create_db("leases").await;
-    let mut c = connect(&pg.url("leases")).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    let (_pg, _, c) = migrated("leases").await;
     let lease = Duration::from_secs(10);
     let sec = 1_000_000i64;
     let t0 = 1_700_000_000 * sec;
@@ -504,13 +506,7 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
     use std::time::Duration;
 
     use dispatchd::storage::postgres::notify;
-    let pg = Postgres::start();
-    pg.create_db("notify").await;
-    let url = pg.url("notify");
-    let mut c = connect(&url).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    let (_pg, url, c) = migrated("notify").await;
     let mut heard = match notify::listen(&url).await {
         Ok(rx) => rx,
         Err(e) => panic!("{e}"),
@@ -629,19 +625,12 @@ async fn new_work_is_announced_on_commit_and_found_by_a_scan() {
 /// holder's outcomes are refused whole and change nothing, while the new holder's go in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use dispatchd::model::{Attempt, DeliveryStatus};
+    use dispatchd::model::DeliveryStatus;
     use dispatchd::storage::postgres::{leases, writer};
-    use dispatchd::storage::writer::{AttemptRecord, Next, Published};
-    let pg = Postgres::start();
-    pg.create_db("fence").await;
-    let url = pg.url("fence");
-    let mut c = connect(&url).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    use dispatchd::storage::writer::{Next, Published};
+    let (_pg, url, c) = migrated("fence").await;
     let w = pg_writer(&url);
     match w
         .publish(vec![event("f-1", None, &["crm"])])
@@ -666,18 +655,14 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
         Ok(b) => b.held["crm"].epoch,
         Err(e) => panic!("{e}"),
     };
-    let outcome = |status: u16, next: Next| AttemptRecord {
-        delivery: u64::try_from(delivery).unwrap_or(0),
-        subscription: Arc::from("crm"),
-        attempt: Attempt {
-            started_at: dispatchd::clock::now_micros(),
-            duration_us: 1000,
-            status_code: Some(status),
-            error: None,
-            response_body: String::new(),
-        },
-        error: (status >= 500).then(|| format!("HTTP {status}")),
-        next,
+    let outcome = |status: u16, next: Next| {
+        attempt(
+            delivery,
+            "crm",
+            dispatchd::clock::now_micros(),
+            status,
+            next,
+        )
     };
     let mut ca = pooled(&url).await;
     let retry_at = now + 60_000_000;
@@ -728,19 +713,12 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
 /// of those), and only the outcomes under the lease's current epoch are written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoch() {
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use dispatchd::model::{Attempt, DeliveryStatus};
+    use dispatchd::model::DeliveryStatus;
     use dispatchd::storage::postgres::{leases, writer};
-    use dispatchd::storage::writer::{AttemptRecord, Next};
-    let pg = Postgres::start();
-    pg.create_db("streaks").await;
-    let url = pg.url("streaks");
-    let mut c = connect(&url).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    use dispatchd::storage::writer::Next;
+    let (_pg, url, c) = migrated("streaks").await;
     let w = pg_writer(&url);
     let published = w
         .publish(vec![
@@ -775,24 +753,15 @@ async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoc
         Err(e) => panic!("{e}"),
     };
     let (crm, erp) = (held["crm"].epoch, held["erp"].epoch);
-    let outcome = |delivery: i64, sub: &str, at: i64, ok: bool| AttemptRecord {
-        delivery: u64::try_from(delivery).unwrap_or(0),
-        subscription: Arc::from(sub),
-        attempt: Attempt {
-            started_at: at,
-            duration_us: 1000,
-            status_code: Some(if ok { 200 } else { 503 }),
-            error: None,
-            response_body: String::new(),
-        },
-        error: (!ok).then(|| "HTTP 503".to_string()),
-        next: if ok {
-            Next::Succeeded
+    let outcome = |delivery: i64, sub: &str, at: i64, ok: bool| {
+        if ok {
+            attempt(delivery, sub, at, 200, Next::Succeeded)
         } else {
-            Next::Retry {
+            let retry = Next::Retry {
                 at: later + 60_000_000,
-            }
-        },
+            };
+            attempt(delivery, sub, at, 503, retry)
+        }
     };
     let t = later;
     let first = [
@@ -860,6 +829,30 @@ async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoc
     assert_eq!(failing("erp").await, None);
 }
 
+/// An attempt of `delivery` (for destination `sub`) answered with `status` at `started_at`,
+/// and what follows it; a 5xx carries its summary, as the worker writes it.
+fn attempt(
+    delivery: impl TryInto<u64>,
+    sub: &str,
+    started_at: i64,
+    status: u16,
+    next: dispatchd::storage::writer::Next,
+) -> dispatchd::storage::writer::AttemptRecord {
+    dispatchd::storage::writer::AttemptRecord {
+        delivery: delivery.try_into().unwrap_or(0),
+        subscription: std::sync::Arc::from(sub),
+        attempt: dispatchd::model::Attempt {
+            started_at,
+            duration_us: 1000,
+            status_code: Some(status),
+            error: None,
+            response_body: String::new(),
+        },
+        error: (status >= 500).then(|| format!("HTTP {status}")),
+        next,
+    }
+}
+
 /// A delivery's status, attempt count, and attempts kept.
 async fn state(c: &tokio_postgres::Client, delivery: i64) -> (i16, i32, i64) {
     match c
@@ -882,13 +875,7 @@ async fn state(c: &tokio_postgres::Client, delivery: i64) -> (i16, i32, i64) {
 async fn inbound_receipts_are_stored_once_across_nodes() {
     use dispatchd::model::Receipt;
     use dispatchd::storage::writer::{Ingested, NewReceipt};
-    let pg = Postgres::start();
-    pg.create_db("inbound").await;
-    let url = pg.url("inbound");
-    let mut c = connect(&url).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    let (_pg, url, c) = migrated("inbound").await;
     let receipt =
         |delivery: Option<&str>, body: &str, fp: Option<(&str, i64)>, at: i64| NewReceipt {
             receipt: Receipt {
@@ -989,18 +976,10 @@ async fn inbound_receipts_are_stored_once_across_nodes() {
 /// deliveries of stored events and skips events that are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_writes_follow_the_embedded_rules() {
-    use std::sync::Arc;
-
-    use dispatchd::model::{Attempt, DeliveryStatus, Origin};
+    use dispatchd::model::{DeliveryStatus, Origin};
     use dispatchd::storage::postgres::{leases, operator, writer};
-    use dispatchd::storage::writer::{AttemptRecord, CancelOutcome, Next, RetryOutcome};
-    let pg = Postgres::start();
-    pg.create_db("operator").await;
-    let url = pg.url("operator");
-    let mut c = connect(&url).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    use dispatchd::storage::writer::{CancelOutcome, Next, RetryOutcome};
+    let (_pg, url, c) = migrated("operator").await;
     let w = pg_writer(&url);
     if let Err(e) = w
         .publish(vec![
@@ -1034,19 +1013,7 @@ async fn operator_writes_follow_the_embedded_rules() {
         Ok(b) => b.held["crm"].epoch,
         Err(e) => panic!("{e}"),
     };
-    let rec = |id: u64, status: u16, next: Next| AttemptRecord {
-        delivery: id,
-        subscription: Arc::from("crm"),
-        attempt: Attempt {
-            started_at: now,
-            duration_us: 1,
-            status_code: Some(status),
-            error: None,
-            response_body: String::new(),
-        },
-        error: None,
-        next,
-    };
+    let rec = |id: u64, status: u16, next: Next| attempt(id, "crm", now, status, next);
     let mut ca = pooled(&url).await;
     let r = writer::record_attempts(
         &mut ca,
@@ -1137,18 +1104,9 @@ async fn operator_writes_follow_the_embedded_rules() {
 /// attempts, keeps events with live work, and runs on one node at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_sweeps_on_one_node_and_keeps_live_work() {
-    use std::sync::Arc;
-
-    use dispatchd::model::Attempt;
     use dispatchd::storage::postgres::{leases, retention, writer};
-    use dispatchd::storage::writer::{AttemptRecord, Next};
-    let pg = Postgres::start();
-    pg.create_db("retention").await;
-    let url = pg.url("retention");
-    let mut c = connect(&url).await;
-    if let Err(e) = migrate::migrate(&mut c).await {
-        panic!("{e}");
-    }
+    use dispatchd::storage::writer::Next;
+    let (_pg, url, mut c) = migrated("retention").await;
     let w = pg_writer(&url);
     if let Err(e) = w
         .publish(vec![
@@ -1183,19 +1141,7 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
         Ok(b) => b.held["crm"].epoch,
         Err(e) => panic!("{e}"),
     };
-    let done = AttemptRecord {
-        delivery: u64::try_from(first).unwrap_or(0),
-        subscription: Arc::from("crm"),
-        attempt: Attempt {
-            started_at: now,
-            duration_us: 1,
-            status_code: Some(200),
-            error: None,
-            response_body: String::new(),
-        },
-        error: None,
-        next: Next::Succeeded,
-    };
+    let done = attempt(first, "crm", now, 200, Next::Succeeded);
     let mut ca = pooled(&url).await;
     let r = writer::record_attempts(&mut ca, ("crm", "node-a", epoch), &[done]).await;
     assert!(matches!(r, Ok(writer::Recorded::Committed)), "{r:?}");

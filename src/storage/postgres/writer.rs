@@ -112,37 +112,6 @@ fn queue(tx: &mpsc::Sender<Cmd>, cmd: Cmd) -> Result<(), WriteError> {
     })
 }
 
-/// Runs `sql` (prepared once per connection, see `REPLAN_EVERY`) and answers its rows.
-async fn q(
-    c: &impl deadpool_postgres::GenericClient,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
-    let st = c.prepare_cached(sql).await?;
-    Ok(c.query(&st, params).await?)
-}
-
-/// Runs `sql` planned for these parameters (see `PgStore::query`): for statements that join
-/// their arrays to a large table, whose plan depends on the table's size.
-async fn q_planned(
-    c: &impl deadpool_postgres::GenericClient,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<tokio_postgres::Row>, PgWriteError> {
-    let st = c.prepare(sql).await?;
-    Ok(c.query(&st, params).await?)
-}
-
-/// Runs `sql` (prepared once per connection) and answers the rows it changed.
-async fn x(
-    c: &impl deadpool_postgres::GenericClient,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<u64, PgWriteError> {
-    let st = c.prepare_cached(sql).await?;
-    Ok(c.execute(&st, params).await?)
-}
-
 /// Column `i` of a row of this module's own statements; a type that does not match fails the
 /// transaction, not the task.
 fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
@@ -609,15 +578,16 @@ async fn commit(
         .iter()
         .flat_map(|p| p.events.iter().map(|e| (e, p.batch.as_deref())))
         .collect();
+    let parts = segments(&events);
     // With no batch to record and no event id or key repeated: one statement, which commits
     // by itself.
-    if batch.iter().all(|p| p.batch.is_none()) && segments(&events).len() <= 1 {
-        let (out, made) = insert_events(&*client, &events, None, shared).await?;
+    if batch.iter().all(|p| p.batch.is_none()) && parts.len() <= 1 {
+        let (out, made) = insert_events(&*client, &events, &parts, None, shared).await?;
         due.extend(made);
         return Ok((out, due, fenced));
     }
     let tx = client.transaction().await?;
-    let (out, made) = insert_events(&tx, &events, None, shared).await?;
+    let (out, made) = insert_events(&tx, &events, &parts, None, shared).await?;
     due.extend(made);
     // Each batch keeps the seqs of its events, new or duplicate, sorted.
     let mut at = 0;
@@ -635,8 +605,7 @@ async fn commit(
                 .collect();
             seqs.sort_unstable();
             seqs.dedup();
-            x(
-                &tx,
+            tx.execute(
                 "INSERT INTO batches (id, created_at, seqs) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO NOTHING",
                 &[id, &crate::clock::now_micros(), &seqs],
@@ -734,11 +703,12 @@ fn segments(events: &[(&NewEvent, Option<&str>)]) -> Vec<std::ops::Range<usize>>
 /// Writes events (those not stored yet) with their deliveries, announces the destinations
 /// held elsewhere that got work, and answers each event's outcome in order with the
 /// deliveries made for destinations this node holds. `receipt` names the inbound receipt
-/// the events came from. On a connection outside a transaction, with one segment, this is
-/// one statement that commits by itself.
+/// the events came from; `parts` are the events' `segments`. On a connection outside a
+/// transaction, with one segment, this is one statement that commits by itself.
 async fn insert_events(
     c: &impl deadpool_postgres::GenericClient,
     events: &[(&NewEvent, Option<&str>)],
+    parts: &[std::ops::Range<usize>],
     receipt: Option<i64>,
     shared: &Shared,
 ) -> Result<(Vec<Published>, Vec<Due>), PgWriteError> {
@@ -746,8 +716,8 @@ async fn insert_events(
     let mut out = Vec::with_capacity(events.len());
     let mut due = Vec::new();
     let st = c.prepare_cached(&INSERT_EVENTS).await?;
-    for part in segments(events) {
-        let Some(seg) = events.get(part) else {
+    for part in parts {
+        let Some(seg) = events.get(part.clone()) else {
             continue;
         };
         let ids: Vec<&str> = seg.iter().map(|(e, _)| e.id.as_str()).collect();
@@ -770,16 +740,20 @@ async fn insert_events(
             .map_err(|e| PgWriteError::Db(e.to_string()))?;
         // Each delivery names its event by ordinal (from 1, as `WITH ORDINALITY` counts).
         let (mut d_ord, mut d_sub) = (Vec::new(), Vec::new());
-        let mut held: Vec<&str> = Vec::new();
+        let mut named: Vec<&str> = Vec::new();
         for (i, (e, _)) in seg.iter().enumerate() {
             for s in &e.subscriptions {
                 d_ord.push(i64::try_from(i + 1).unwrap_or(i64::MAX));
                 d_sub.push(&**s);
-                if !held.contains(&&**s) && shared.leases.holds(s) {
-                    held.push(s);
+                if !named.contains(&&**s) {
+                    named.push(s);
                 }
             }
         }
+        let held: Vec<&str> = named
+            .into_iter()
+            .filter(|s| shared.leases.holds(s))
+            .collect();
         let rows = c
             .query(
                 &st,
@@ -800,10 +774,11 @@ async fn insert_events(
                 ],
             )
             .await?;
-        // Events stored, by id (unique within the segment): seq, and where they are.
-        let mut created: std::collections::HashMap<&str, Seq> = std::collections::HashMap::new();
+        // Each event's seq if it was stored (ids are unique within the segment), and the
+        // stored events by seq, with the copy made for this node's scheduler.
         let at: std::collections::HashMap<&str, usize> =
             ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut seqs: Vec<Option<Seq>> = vec![None; seg.len()];
         let mut by_seq: std::collections::HashMap<i64, (usize, Option<Arc<Event>>)> =
             std::collections::HashMap::new();
         let (mut stored, mut made) = (Vec::new(), Vec::new());
@@ -816,8 +791,10 @@ async fn insert_events(
         }
         for r in stored {
             let seq: i64 = col(r, 1)?;
-            if let Some((&id, &i)) = at.get_key_value(col::<&str>(r, 3)?) {
-                created.insert(id, u64::try_from(seq).unwrap_or(0));
+            if let Some(&i) = at.get(col::<&str>(r, 3)?)
+                && let Some(slot) = seqs.get_mut(i)
+            {
+                *slot = Some(u64::try_from(seq).unwrap_or(0));
                 by_seq.insert(seq, (i, None));
             }
         }
@@ -860,10 +837,10 @@ async fn insert_events(
             });
         }
         // Duplicates answer the event already stored (by id, or by idempotency key).
-        for (e, _) in seg {
-            match created.get(e.id.as_str()) {
+        for ((e, _), seq) in seg.iter().zip(seqs) {
+            match seq {
                 Some(seq) => out.push(Published::Created {
-                    seq: *seq,
+                    seq,
                     id: e.id.clone(),
                     deliveries: u32::try_from(e.subscriptions.len()).unwrap_or(0),
                 }),
@@ -879,18 +856,15 @@ async fn duplicate(
     c: &impl deadpool_postgres::GenericClient,
     e: &NewEvent,
 ) -> Result<Published, PgWriteError> {
-    let row = q_planned(
-        c,
-        &format!(
-            "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
-                 FROM events
-                 WHERE id = $1 OR ($2::text IS NOT NULL AND idempotency_key = $2)
-                 ORDER BY seq LIMIT 1",
-            super::reads::EVENT_COLUMNS
-        ),
-        &[&e.id, &e.idempotency_key],
-    )
-    .await?;
+    let sql = format!(
+        "SELECT {}, (SELECT count(*) FROM deliveries d WHERE d.event_seq = events.seq)
+         FROM events
+         WHERE id = $1 OR ($2::text IS NOT NULL AND idempotency_key = $2)
+         ORDER BY seq LIMIT 1",
+        super::reads::EVENT_COLUMNS
+    );
+    // Prepared afresh, not cached: planned for these parameters (see `PgStore::query`).
+    let row = c.query(sql.as_str(), &[&e.id, &e.idempotency_key]).await?;
     let Some(row) = row.first() else {
         return Err(PgWriteError::Db(format!(
             "event {} was neither stored nor found",
@@ -1109,40 +1083,41 @@ pub async fn record_outcomes(
         i16::from(S::Retrying.code()),
         i16::from(S::Dead.code()),
     );
-    let rows = q(
-        c,
-        RECORD_OUTCOMES,
-        &[
-            &ids,
-            &started,
-            &dur,
-            &code,
-            &err,
-            &body,
-            &summary,
-            &kind,
-            &next_at,
-            &terminal,
-            &succeeded,
-            &retrying,
-            &dead,
-            &now,
-            &dests,
-            &epochs,
-            &node,
-            &dest,
-            &ended,
-            &restarted,
-            &restarted_at,
-            &failing,
-            &failing_at,
-            &epoch,
-            &ended_e,
-            &restarted_e,
-            &failing_e,
-        ],
-    )
-    .await?;
+    let st = c.prepare_cached(RECORD_OUTCOMES).await?;
+    let rows = c
+        .query(
+            &st,
+            &[
+                &ids,
+                &started,
+                &dur,
+                &code,
+                &err,
+                &body,
+                &summary,
+                &kind,
+                &next_at,
+                &terminal,
+                &succeeded,
+                &retrying,
+                &dead,
+                &now,
+                &dests,
+                &epochs,
+                &node,
+                &dest,
+                &ended,
+                &restarted,
+                &restarted_at,
+                &failing,
+                &failing_at,
+                &epoch,
+                &ended_e,
+                &restarted_e,
+                &failing_e,
+            ],
+        )
+        .await?;
     let mut held = std::collections::HashSet::new();
     let mut names = std::collections::HashMap::new();
     for r in &rows {
@@ -1245,7 +1220,9 @@ pub async fn ingest(
             ));
         }
     }
-    let (out, due) = insert_events(&tx, &[(&event, None)], Some(receipt_id), shared).await?;
+    let events = [(&event, None)];
+    let (out, due) =
+        insert_events(&tx, &events, &segments(&events), Some(receipt_id), shared).await?;
     let Some(Published::Created {
         seq,
         id,
