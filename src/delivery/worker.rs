@@ -447,12 +447,14 @@ impl Worker {
         }
         // One read transaction for the whole run of attempts started here (on PostgreSQL,
         // one query for the jobs that can start now).
-        let mut snap: Option<Arc<Snapshot>> = None;
+        let mut view: Option<Arc<Snapshot>> = None;
+        // The job a view was last read again for: it is not read for twice.
+        let mut reread = None;
         while !self.queue.is_empty() && self.has_room() {
-            let snap = match &snap {
-                Some(s) => s,
+            let snap = match &view {
+                Some(s) => s.clone(),
                 None => match self.snapshot() {
-                    Ok(s) => snap.insert(s),
+                    Ok(s) => view.insert(s).clone(),
                     Err(e) => {
                         tracing::error!(subscription = %self.dest.sub_id, error = %e, "cannot read deliveries");
                         self.wake_at = Some(self.env.clock.now() + Duration::from_secs(1));
@@ -470,7 +472,17 @@ impl Worker {
                 }
             }
             let Some(job) = self.pick() else { return };
-            let Some((n, event)) = self.load(snap, &job) else {
+            if !snap.answers(job.delivery, job.event.is_none()) && reread != Some(job.delivery) {
+                // Past what the view was read for: the queue held more than one read takes
+                // (a scan handing over jobs already done, say). The next stretch of the
+                // queue is read in one query, not each job in a query of its own.
+                reread = Some(job.delivery);
+                self.queue.insert(job);
+                self.cached = None;
+                view = None;
+                continue;
+            }
+            let Some((n, event)) = self.load(&snap, &job) else {
                 // Stale (moved on, cancelled, rescheduled): drop it. A FIFO head stops
                 // holding the rest back only once it has ended: a stale copy of its job
                 // (one handed over twice, say by a commit and by a scan, and run once)

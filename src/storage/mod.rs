@@ -66,6 +66,16 @@ impl Snapshot {
         }
     }
 
+    /// Whether this view was read for delivery `id` (with its event, if `event`), so that
+    /// asking it costs no further read. The embedded view answers everything from its read
+    /// transaction.
+    pub fn answers(&self, id: DeliveryId, event: bool) -> bool {
+        match self {
+            Snapshot::Embedded(_) => true,
+            Snapshot::Postgres(s) => s.answers(id, event),
+        }
+    }
+
     /// Whether this view holds each of these deliveries at the due time given (and its
     /// event, where marked): a view read earlier may then serve them.
     pub fn covers(&self, jobs: &[(DeliveryId, Micros, bool)]) -> bool {

@@ -5,8 +5,8 @@ use dispatchd::storage::postgres::migrate::{self, MigrateError, SCHEMA_VERSION};
 
 use crate::support::postgres::Postgres;
 
-/// A node's writer on `url`, holding no leases (every new delivery is announced).
-fn pg_writer(url: &str) -> dispatchd::storage::writer::WriterHandle {
+/// What a node's backend shares, on `url`, holding no leases.
+fn shared(url: &str) -> dispatchd::storage::postgres::Shared {
     use dispatchd::storage::postgres;
     let pool = match postgres::pool(url, 4) {
         Ok(p) => p,
@@ -16,15 +16,21 @@ fn pg_writer(url: &str) -> dispatchd::storage::writer::WriterHandle {
         Ok(m) => std::sync::Arc::new(m),
         Err(e) => panic!("{e}"),
     };
-    let shared = postgres::Shared {
+    postgres::Shared {
         pool,
         url: std::sync::Arc::from(url),
         node: std::sync::Arc::from("test-node"),
         leases: Default::default(),
         metrics,
-    };
+    }
+}
+
+/// A node's writer on `url`, holding no leases (every new delivery is announced).
+fn pg_writer(url: &str) -> dispatchd::storage::writer::WriterHandle {
+    use dispatchd::storage::postgres;
     dispatchd::storage::writer::WriterHandle::Postgres(postgres::writer::PgWriter::spawn(
-        shared, None,
+        shared(url),
+        None,
     ))
 }
 
@@ -1187,4 +1193,89 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
     )
     .await;
     assert_eq!(left, 0, "attempts went with their delivery");
+}
+
+/// A destination task's read for a run of attempts answers, with no further query, every
+/// delivery it was read for (one gone: none; one asked for twice: with its event), and the
+/// events of those still scheduled; the event of a delivery already done is not read at all.
+/// Shown by stopping the server after the read: what the read holds still answers, anything
+/// else fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_read_answers_what_it_was_read_for_without_another_query() {
+    use dispatchd::model::DeliveryStatus;
+    use dispatchd::storage::Store;
+    use dispatchd::storage::postgres::reads::PgStore;
+    let (pg, url, c) = migrated("snapshot").await;
+    let w = pg_writer(&url);
+    let published = w
+        .publish(vec![
+            event("s-1", None, &["crm"]),
+            event("s-2", None, &["crm"]),
+            event("s-3", None, &["crm"]),
+        ])
+        .await;
+    assert!(published.is_ok(), "{published:?}");
+    let mut rows = Vec::new();
+    for id in ["s-1", "s-2", "s-3"] {
+        match c
+            .query_one(
+                "SELECT id, event_seq FROM deliveries WHERE event_id = $1",
+                &[&id],
+            )
+            .await
+        {
+            Ok(r) => rows.push((r.get::<_, i64>(0), r.get::<_, i64>(1))),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let [(d1, e1), (d2, e2), (d3, _)] = rows[..] else {
+        panic!("{rows:?}")
+    };
+    // s-2's delivery is done: no longer scheduled.
+    let done = i16::from(DeliveryStatus::Succeeded.code());
+    if let Err(e) = c
+        .execute(
+            "UPDATE deliveries SET status = $2, next_attempt_at = NULL WHERE id = $1",
+            &[&d2, &done],
+        )
+        .await
+    {
+        panic!("{e}");
+    }
+    let id = |d: i64| u64::try_from(d).unwrap_or(0);
+    let gone = id(d3) + 1000;
+    let store = Store::Postgres(PgStore::new(shared(&url)));
+    // d1 is asked for twice, the second time without its event (as a FIFO head is).
+    let ids = [
+        (id(d1), true),
+        (id(d2), true),
+        (gone, false),
+        (id(d1), false),
+    ];
+    let snap = match store.snapshot_for(&ids) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    drop(c);
+    drop(pg);
+
+    assert!(snap.answers(id(d1), true) && snap.answers(id(d2), true));
+    assert!(snap.answers(gone, false) && !snap.answers(gone, true));
+    assert!(!snap.answers(id(d3), false), "not read for");
+    match snap.delivery(id(d1)) {
+        Ok(Some(d)) => assert!(d.next_attempt_at.is_some(), "{d:?}"),
+        other => panic!("{other:?}"),
+    }
+    match snap.event_by_seq(u64::try_from(e1).unwrap_or(0)) {
+        Ok(Some(e)) => assert_eq!(e.id, "s-1"),
+        other => panic!("{other:?}"),
+    }
+    match snap.delivery(id(d2)) {
+        Ok(Some(d)) => assert_eq!(d.status, DeliveryStatus::Succeeded),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(snap.delivery(gone), Ok(None)));
+    // Neither was read: asking goes to the server, which is gone.
+    assert!(snap.event_by_seq(u64::try_from(e2).unwrap_or(0)).is_err());
+    assert!(snap.delivery(id(d3)).is_err());
 }

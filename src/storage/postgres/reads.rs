@@ -663,6 +663,8 @@ fn attempt_row(r: &tokio_postgres::Row, at: usize) -> Attempt {
 /// in one query up front; anything else is read when asked.
 pub struct PgSnapshot {
     store: PgStore,
+    /// The deliveries the read was made for, and whether their events were asked for too.
+    asked: std::collections::HashMap<DeliveryId, bool>,
     deliveries: std::collections::HashMap<DeliveryId, Delivery>,
     events: std::collections::HashMap<Seq, Event>,
 }
@@ -675,9 +677,14 @@ impl PgStore {
         use tokio_postgres::types::Type;
         let mut snap = PgSnapshot {
             store: self.clone(),
+            asked: Default::default(),
             deliveries: Default::default(),
             events: Default::default(),
         };
+        for (id, event) in ids {
+            // One id may come twice (a FIFO head is asked for without its event too).
+            *snap.asked.entry(*id).or_default() |= *event;
+        }
         if ids.is_empty() {
             return Ok(snap);
         }
@@ -699,7 +706,8 @@ impl PgStore {
                 c.query_typed(
                     &format!(
                         "SELECT {EVENT_COLUMNS} FROM events
-                         WHERE seq IN (SELECT event_seq FROM deliveries WHERE id = ANY($1))"
+                         WHERE seq IN (SELECT event_seq FROM deliveries
+                                       WHERE id = ANY($1) AND next_attempt_at IS NOT NULL)"
                     ),
                     &[(&marked, Type::INT8_ARRAY)],
                 )
@@ -729,9 +737,18 @@ impl PgSnapshot {
         })
     }
 
+    /// Whether this view was read for `id` (with its event, if `event`): what it answers
+    /// for it is then final, and no further read is made. A delivery that was not scheduled
+    /// when read comes without its event, which no attempt needs.
+    pub fn answers(&self, id: DeliveryId, event: bool) -> bool {
+        self.asked.get(&id).is_some_and(|e| *e || !event)
+    }
+
     pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
         match self.deliveries.get(&id) {
             Some(d) => Ok(Some(d.clone())),
+            // Read for, and not there: gone.
+            None if self.asked.contains_key(&id) => Ok(None),
             None => self.store.delivery(id),
         }
     }
