@@ -1193,6 +1193,25 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
     )
     .await;
     assert_eq!(left, 0, "attempts went with their delivery");
+    // Nothing is left pointing at what was removed.
+    let orphans: (i64, i64) = match c
+        .query_one(
+            "SELECT (SELECT count(*) FROM deliveries d
+                     WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = d.event_seq)),
+                    (SELECT count(*) FROM attempts a
+                     WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = a.delivery))",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => (r.get(0), r.get(1)),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        orphans,
+        (0, 0),
+        "deliveries and attempts went with their events"
+    );
 }
 
 /// A destination task's read for a run of attempts answers, with no further query, every
@@ -1278,4 +1297,85 @@ async fn a_destination_read_answers_what_it_was_read_for_without_another_query()
     // Neither was read: asking goes to the server, which is gone.
     assert!(snap.event_by_seq(u64::try_from(e2).unwrap_or(0)).is_err());
     assert!(snap.delivery(id(d3)).is_err());
+}
+
+/// A replay that meets retention removing its event waits for it, then makes nothing: no
+/// delivery is left pointing at a removed event (no foreign key would refuse one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_meeting_retention_waits_and_makes_nothing_for_a_removed_event() {
+    use dispatchd::model::Origin;
+    use dispatchd::storage::postgres::operator;
+    let (_pg, url, c) = migrated("replay_race").await;
+    let w = pg_writer(&url);
+    let published = w.publish(vec![event("q-1", None, &["crm"])]).await;
+    assert!(published.is_ok(), "{published:?}");
+    let seq: i64 = match c
+        .query_one("SELECT seq FROM events WHERE id = 'q-1'", &[])
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(e) => panic!("{e}"),
+    };
+    // Retention's side, as its statement does: the event and its deliveries removed, not
+    // yet committed.
+    let mut sweeper = connect(&url).await;
+    let tx = match sweeper.transaction().await {
+        Ok(t) => t,
+        Err(e) => panic!("{e}"),
+    };
+    for sql in [
+        "DELETE FROM deliveries WHERE event_seq = $1",
+        "DELETE FROM events WHERE seq = $1",
+    ] {
+        if let Err(e) = tx.execute(sql, &[&seq]).await {
+            panic!("{sql}: {e}");
+        }
+    }
+    let mut replayer = connect(&url).await;
+    let pid: i32 = match replayer.query_one("SELECT pg_backend_pid()", &[]).await {
+        Ok(r) => r.get(0),
+        Err(e) => panic!("{e}"),
+    };
+    let replay = tokio::spawn(async move {
+        let seq = u64::try_from(seq).unwrap_or(0);
+        operator::create_deliveries(&mut replayer, &[(seq, "erp")], Origin::Replay).await
+    });
+    // The replay waits on the event's row lock before retention commits.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting = match c
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                &[&pid],
+            )
+            .await
+        {
+            Ok(r) => r.is_some(),
+            Err(e) => panic!("{e}"),
+        };
+        if waiting {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline && !replay.is_finished(),
+            "the replay did not wait for retention's removal of its event"
+        );
+        tokio::task::yield_now().await;
+    }
+    if let Err(e) = tx.commit().await {
+        panic!("{e}");
+    }
+    match replay.await {
+        Ok(Ok(made)) => assert_eq!(made, 0, "nothing made for a removed event"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM deliveries WHERE event_seq::text = $1",
+            &seq.to_string()
+        )
+        .await,
+        0
+    );
 }

@@ -10,6 +10,7 @@ use thiserror::Error;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_schema.sql"),
     include_str!("migrations/0002_callback_destinations.sql"),
+    include_str!("migrations/0003_no_foreign_keys.sql"),
 ];
 
 /// The schema version this binary writes.

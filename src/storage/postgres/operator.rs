@@ -145,6 +145,9 @@ pub async fn create_deliveries(
              SELECT e.seq, e.id, e.event_type, x.sub, 0, 0, $3, $3, $3, $4, e.priority
              FROM unnest($1::bigint[], $2::text[]) AS x(seq, sub)
              JOIN events e ON e.seq = x.seq
+             -- Held until commit: retention cannot remove the event under its new delivery
+             -- (no foreign key checks it), and one it removed first makes none.
+             FOR KEY SHARE OF e
              RETURNING subscription",
             &[&seqs, &subs, &now, &origin],
         )

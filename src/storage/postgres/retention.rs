@@ -15,8 +15,9 @@ pub enum Swept {
 }
 
 /// Removes up to `limit` events received before `cutoff` whose deliveries are all terminal
-/// and last changed before `cutoff`, in one transaction: deliveries and attempts go by
-/// cascade, receipts and de-duplication keys with their events, batches with their events.
+/// and last changed before `cutoff`, in one transaction: their deliveries and attempts in
+/// the same statement (no foreign key does it: see migration 3), receipts and
+/// de-duplication keys with their events, batches with their events.
 pub async fn sweep(
     client: &mut tokio_postgres::Client,
     cutoff: crate::model::Micros,
@@ -59,10 +60,20 @@ async fn remove(
                          AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $1))
                  ORDER BY e.seq
                  LIMIT $2
-                 FOR UPDATE SKIP LOCKED)
-             DELETE FROM events e USING doomed
-             WHERE e.seq = doomed.seq
-             RETURNING e.receipt, e.batch",
+                 FOR UPDATE SKIP LOCKED
+             ), gone AS (
+                 DELETE FROM events e USING doomed
+                 WHERE e.seq = doomed.seq
+                 RETURNING e.seq, e.receipt, e.batch
+             ), deliveries_gone AS (
+                 DELETE FROM deliveries d USING gone
+                 WHERE d.event_seq = gone.seq
+                 RETURNING d.id
+             ), attempts_gone AS (
+                 DELETE FROM attempts a USING deliveries_gone
+                 WHERE a.delivery = deliveries_gone.id
+             )
+             SELECT receipt, batch FROM gone",
             &[&cutoff, &limit],
         )
         .await?;

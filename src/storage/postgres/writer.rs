@@ -621,8 +621,8 @@ async fn commit(
 /// deliveries and announces the new deliveries of destinations held elsewhere, in one round
 /// trip. `x` lists the events in the order given, so their seqs follow it; a conflicting
 /// event (its id or key already stored) is skipped, and with it its deliveries, which are
-/// made in the events' order (so their ids follow it too). The foreign keys are checked at
-/// the end of the statement, when the events are there. `w` sends one notification per
+/// made in the events' order (so their ids follow it too), from the events just stored (no
+/// foreign key checks them: see migration 3). `w` sends one notification per
 /// destination not in `$13` (those this node holds) and per `IDS_PER_PAYLOAD` deliveries
 /// (fewer for a destination id so long that they would not fit in `PAYLOAD_MAX` bytes, at
 /// 24 bytes an id at most), in the form `notify::Work::parse` reads; PostgreSQL delivers it only if the statement's
