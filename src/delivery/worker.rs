@@ -566,7 +566,9 @@ impl Worker {
             .map(|(id, _, needs_event)| (id, needs_event))
             .collect();
         if let Some(head) = self.blocked_by {
-            ids.push((head, false));
+            // With its event when its job is queued and will start first (FIFO).
+            let needs_event = self.queue.get(head).is_some_and(|j| j.event.is_none());
+            ids.push((head, needs_event));
         }
         let s = Arc::new(self.env.store.snapshot_for(&ids)?);
         self.cached = Some((now, s.clone()));

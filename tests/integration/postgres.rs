@@ -835,6 +835,23 @@ async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoc
     assert_eq!(failing("erp").await, None);
 }
 
+/// Deliveries whose event is gone, and attempts whose delivery is gone.
+async fn orphans(c: &tokio_postgres::Client) -> (i64, i64) {
+    match c
+        .query_one(
+            "SELECT (SELECT count(*) FROM deliveries d
+                     WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = d.event_seq)),
+                    (SELECT count(*) FROM attempts a
+                     WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = a.delivery))",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => (r.get(0), r.get(1)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// An attempt of `delivery` (for destination `sub`) answered with `status` at `started_at`,
 /// and what follows it; a 5xx carries its summary, as the worker writes it.
 fn attempt(
@@ -1194,19 +1211,7 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
     .await;
     assert_eq!(left, 0, "attempts went with their delivery");
     // Nothing is left pointing at what was removed.
-    let orphans: (i64, i64) = match c
-        .query_one(
-            "SELECT (SELECT count(*) FROM deliveries d
-                     WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.seq = d.event_seq)),
-                    (SELECT count(*) FROM attempts a
-                     WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = a.delivery))",
-            &[],
-        )
-        .await
-    {
-        Ok(r) => (r.get(0), r.get(1)),
-        Err(e) => panic!("{e}"),
-    };
+    let orphans = orphans(&c).await;
     assert_eq!(
         orphans,
         (0, 0),
@@ -1299,68 +1304,115 @@ async fn a_destination_read_answers_what_it_was_read_for_without_another_query()
     assert!(snap.delivery(id(d3)).is_err());
 }
 
-/// A replay that meets retention removing its event waits for it, then makes nothing: no
-/// delivery is left pointing at a removed event (no foreign key would refuse one).
+/// Retention against an operator, with retention's own two steps: while a sweep holds the
+/// expired events locked, a replay of one and a retry of its delivery wait, and find it
+/// gone once the sweep commits (no delivery or attempt is left pointing at a removed
+/// event: no foreign key would refuse one). Live work that reached another expired event
+/// between the two steps keeps that event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_meeting_retention_waits_and_makes_nothing_for_a_removed_event() {
-    use dispatchd::model::Origin;
-    use dispatchd::storage::postgres::operator;
-    let (_pg, url, c) = migrated("replay_race").await;
+async fn operators_meeting_retention_wait_and_live_work_keeps_its_event() {
+    use dispatchd::model::{DeliveryStatus, Origin};
+    use dispatchd::storage::postgres::{operator, retention};
+    use dispatchd::storage::writer::RetryOutcome;
+    let (_pg, url, c) = migrated("operator_race").await;
     let w = pg_writer(&url);
-    let published = w.publish(vec![event("q-1", None, &["crm"])]).await;
-    assert!(published.is_ok(), "{published:?}");
-    let seq: i64 = match c
-        .query_one("SELECT seq FROM events WHERE id = 'q-1'", &[])
+    for id in ["q-0", "q-1", "q-2"] {
+        let published = w.publish(vec![event(id, None, &["crm"])]).await;
+        assert!(published.is_ok(), "{published:?}");
+    }
+    let mut rows = Vec::new();
+    for id in ["q-0", "q-1"] {
+        match c
+            .query_one(
+                "SELECT event_seq, id FROM deliveries WHERE event_id = $1",
+                &[&id],
+            )
+            .await
+        {
+            Ok(r) => rows.push((r.get::<_, i64>(0), r.get::<_, i64>(1))),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let [(seq0, _), (seq1, d1)] = rows[..] else {
+        panic!("{rows:?}")
+    };
+    // Both delivered; q-2, the newest, stays whatever happens.
+    let done = i16::from(DeliveryStatus::Succeeded.code());
+    if let Err(e) = c
+        .execute(
+            "UPDATE deliveries SET status = $1, next_attempt_at = NULL
+             WHERE event_id IN ('q-0', 'q-1')",
+            &[&done],
+        )
         .await
     {
-        Ok(r) => r.get(0),
-        Err(e) => panic!("{e}"),
-    };
-    // Retention's side, as its statement does: the event and its deliveries removed, not
-    // yet committed.
+        panic!("{e}");
+    }
+    let cutoff = dispatchd::clock::now_micros() + 3_600_000_000;
     let mut sweeper = connect(&url).await;
     let tx = match sweeper.transaction().await {
         Ok(t) => t,
         Err(e) => panic!("{e}"),
     };
-    for sql in [
-        "DELETE FROM deliveries WHERE event_seq = $1",
-        "DELETE FROM events WHERE seq = $1",
-    ] {
-        if let Err(e) = tx.execute(sql, &[&seq]).await {
-            panic!("{sql}: {e}");
+    match retention::expired(&tx, cutoff, 100).await {
+        Ok(doomed) => assert_eq!(doomed, vec![seq0, seq1]),
+        Err(e) => panic!("{e}"),
+    }
+    // Live work reaches q-0 by a path that takes no lock.
+    if let Err(e) = c
+        .execute(
+            "INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
+                                     next_attempt_at, created_at, updated_at, origin)
+             SELECT seq, id, event_type, 'erp', 0, $2, $2, $2, 1 FROM events WHERE seq = $1",
+            &[&seq0, &dispatchd::clock::now_micros()],
+        )
+        .await
+    {
+        panic!("{e}");
+    }
+    // A replay of q-1 and a retry of its delivery, each on a connection of its own.
+    let mut replayer = connect(&url).await;
+    let mut retrier = connect(&url).await;
+    let mut pids = Vec::new();
+    for client in [&replayer, &retrier] {
+        match client.query_one("SELECT pg_backend_pid()", &[]).await {
+            Ok(r) => pids.push(r.get::<_, i32>(0)),
+            Err(e) => panic!("{e}"),
         }
     }
-    let mut replayer = connect(&url).await;
-    let pid: i32 = match replayer.query_one("SELECT pg_backend_pid()", &[]).await {
-        Ok(r) => r.get(0),
-        Err(e) => panic!("{e}"),
-    };
+    let id = |v: i64| u64::try_from(v).unwrap_or(0);
     let replay = tokio::spawn(async move {
-        let seq = u64::try_from(seq).unwrap_or(0);
-        operator::create_deliveries(&mut replayer, &[(seq, "erp")], Origin::Replay).await
+        operator::create_deliveries(&mut replayer, &[(id(seq1), "erp")], Origin::Replay).await
     });
-    // The replay waits on the event's row lock before retention commits.
+    let retry =
+        tokio::spawn(
+            async move { operator::retry_deliveries(&mut retrier, &[id(d1)], None).await },
+        );
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let waiting = match c
-            .query_opt(
-                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
-                &[&pid],
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE pid = ANY($1) AND wait_event_type = 'Lock'",
+                &[&pids],
             )
             .await
         {
-            Ok(r) => r.is_some(),
+            Ok(r) => r.get::<_, i64>(0),
             Err(e) => panic!("{e}"),
         };
-        if waiting {
+        if waiting == 2 {
             break;
         }
         assert!(
-            tokio::time::Instant::now() < deadline && !replay.is_finished(),
-            "the replay did not wait for retention's removal of its event"
+            tokio::time::Instant::now() < deadline && !replay.is_finished() && !retry.is_finished(),
+            "the replay and the retry did not both wait for the sweep"
         );
         tokio::task::yield_now().await;
+    }
+    match retention::remove_locked(&tx, &[seq0, seq1], cutoff).await {
+        Ok(n) => assert_eq!(n, 1, "q-1 only: q-0 has live work"),
+        Err(e) => panic!("{e}"),
     }
     if let Err(e) = tx.commit().await {
         panic!("{e}");
@@ -1369,13 +1421,24 @@ async fn a_replay_meeting_retention_waits_and_makes_nothing_for_a_removed_event(
         Ok(Ok(made)) => assert_eq!(made, 0, "nothing made for a removed event"),
         other => panic!("{other:?}"),
     }
+    match retry.await {
+        Ok(Ok(out)) => assert!(matches!(out[..], [RetryOutcome::NotFound]), "{out:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM events WHERE id LIKE $1", "q-%").await,
+        2,
+        "q-0 and q-2 stay"
+    );
     assert_eq!(
         count(
             &c,
-            "SELECT count(*) FROM deliveries WHERE event_seq::text = $1",
-            &seq.to_string()
+            "SELECT count(*) FROM deliveries WHERE event_id = $1",
+            "q-0"
         )
         .await,
-        0
+        2
     );
+    let orphans = orphans(&c).await;
+    assert_eq!(orphans, (0, 0));
 }

@@ -2,7 +2,8 @@
 //! yet succeeded, or only dead ones for a redrive, is due now, its attempt count kept),
 //! cancel (a delivery not yet terminal is never attempted again), and new deliveries of
 //! stored events (replay, redrive). Each runs in one transaction, locks the rows it changes
-//! (`FOR UPDATE`, so an attempt being recorded for them waits or is waited for), and
+//! (`FOR UPDATE`, so an attempt being recorded for them waits or is waited for) after
+//! share-locking their events (so retention does not remove an event under them), and
 //! announces the destinations that got work, so their owners hear at commit.
 
 use crate::model::{Delivery, DeliveryId, DeliveryStatus, Origin, Seq};
@@ -11,11 +12,26 @@ use crate::storage::writer::{CancelOutcome, RetryOutcome};
 use super::reads::{DELIVERY_COLUMNS, delivery_row, origin_code};
 use super::writer::PgWriteError;
 
+/// Delivery `id`, locked for an operator's change, with its event share-locked first (the
+/// order retention takes them in: it locks the event, then removes its deliveries). Retention
+/// then cannot remove the event while this transaction may make the delivery live again, and
+/// a delivery whose event retention is removing is waited for and found gone.
 async fn locked(
     tx: &tokio_postgres::Transaction<'_>,
     id: DeliveryId,
 ) -> Result<Option<Delivery>, PgWriteError> {
     let id = i64::try_from(id).unwrap_or(i64::MAX);
+    let event = tx
+        .query_opt(
+            "SELECT seq FROM events
+             WHERE seq = (SELECT event_seq FROM deliveries WHERE id = $1)
+             FOR KEY SHARE",
+            &[&id],
+        )
+        .await?;
+    if event.is_none() {
+        return Ok(None);
+    }
     let row = tx
         .query_opt(
             &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = $1 FOR UPDATE"),

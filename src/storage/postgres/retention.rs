@@ -15,9 +15,9 @@ pub enum Swept {
 }
 
 /// Removes up to `limit` events received before `cutoff` whose deliveries are all terminal
-/// and last changed before `cutoff`, in one transaction: their deliveries and attempts in
-/// the same statement (no foreign key does it: see migration 3), receipts and
-/// de-duplication keys with their events, batches with their events.
+/// and last changed before `cutoff`, in one transaction (`expired`, then `remove_locked`):
+/// their deliveries and attempts with them, receipts and de-duplication keys with their
+/// events, batches with their events.
 pub async fn sweep(
     client: &mut tokio_postgres::Client,
     cutoff: crate::model::Micros,
@@ -45,25 +45,62 @@ async fn remove(
     limit: i64,
 ) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    // Decided inside the transaction, rows locked: an operator's retry that lands between a
-    // read and this write keeps its event.
+    let doomed = expired(&tx, cutoff, limit).await?;
+    let n = if doomed.is_empty() {
+        0
+    } else {
+        remove_locked(&tx, &doomed, cutoff).await?
+    };
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// The first step of a sweep: up to `limit` events received before `cutoff` whose
+/// deliveries all ended before it, locked (`FOR UPDATE`) in `tx`, skipping any an operator
+/// is working on. From here until `tx` ends, a replay, redrive, retry or cancel of them
+/// waits (each share-locks the event first).
+pub async fn expired(
+    tx: &tokio_postgres::Transaction<'_>,
+    cutoff: crate::model::Micros,
+    limit: i64,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "SELECT e.seq FROM events e
+             WHERE e.received_at < $1
+               -- The newest event stays, as on the embedded backend.
+               AND e.seq < (SELECT max(seq) FROM events)
+               AND NOT EXISTS (
+                   SELECT 1 FROM deliveries d
+                   WHERE d.event_seq = e.seq
+                     AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $1))
+             ORDER BY e.seq
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+            &[&cutoff, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The second step: removes the events `expired` locked, with their deliveries and attempts
+/// (no foreign key does it: see migration 3), their receipts and their batches. A statement
+/// of its own, so it sees what committed before the locks were taken: an event an operator
+/// gave live work in between (a replay, a retry) is kept. Answers how many events went.
+pub async fn remove_locked(
+    tx: &tokio_postgres::Transaction<'_>,
+    doomed: &[i64],
+    cutoff: crate::model::Micros,
+) -> Result<u64, tokio_postgres::Error> {
     let gone = tx
         .query(
-            "WITH doomed AS (
-                 SELECT e.seq FROM events e
-                 WHERE e.received_at < $1
-                   -- The newest event stays, as on the embedded backend.
-                   AND e.seq < (SELECT max(seq) FROM events)
+            "WITH gone AS (
+                 DELETE FROM events e
+                 WHERE e.seq = ANY($1)
                    AND NOT EXISTS (
                        SELECT 1 FROM deliveries d
                        WHERE d.event_seq = e.seq
-                         AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $1))
-                 ORDER BY e.seq
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED
-             ), gone AS (
-                 DELETE FROM events e USING doomed
-                 WHERE e.seq = doomed.seq
+                         AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $2))
                  RETURNING e.seq, e.receipt, e.batch
              ), deliveries_gone AS (
                  DELETE FROM deliveries d USING gone
@@ -74,7 +111,7 @@ async fn remove(
                  WHERE a.delivery = deliveries_gone.id
              )
              SELECT receipt, batch FROM gone",
-            &[&cutoff, &limit],
+            &[&doomed, &cutoff],
         )
         .await?;
     let receipts: Vec<i64> = gone.iter().filter_map(|r| r.get(0)).collect();
@@ -91,6 +128,5 @@ async fn remove(
         tx.execute("DELETE FROM batches WHERE id = ANY($1)", &[&batches])
             .await?;
     }
-    tx.commit().await?;
     Ok(gone.len() as u64)
 }
