@@ -74,28 +74,53 @@ pub fn delivery_row(row: &tokio_postgres::Row) -> (DeliveryId, Delivery) {
 }
 
 pub fn event_row(row: &tokio_postgres::Row) -> Result<(Seq, Event), StoreError> {
-    let callback: Option<String> = row.get(10);
+    event_row_at(row, 0)
+}
+
+/// `event_row` for `EVENT_COLUMNS` starting at column `at`.
+fn event_row_at(row: &tokio_postgres::Row, at: usize) -> Result<(Seq, Event), StoreError> {
+    let callback: Option<String> = row.get(at + 10);
     let callback: Option<Callback> = callback
         .map(|c| serde_json::from_str(&c))
         .transpose()
         .map_err(|e| StoreError::Decode("callback", e.to_string()))?;
-    let receipt: Option<i64> = row.get(7);
+    let receipt: Option<i64> = row.get(at + 7);
     Ok((
-        seq_of(row.get(0)),
+        seq_of(row.get(at)),
         Event {
-            id: row.get(1),
-            event_type: row.get(2),
-            source: row.get(3),
-            data: row.get(4),
-            received_at: row.get(5),
-            idempotency_key: row.get(6),
+            id: row.get(at + 1),
+            event_type: row.get(at + 2),
+            source: row.get(at + 3),
+            data: row.get(at + 4),
+            received_at: row.get(at + 5),
+            idempotency_key: row.get(at + 6),
             receipt: receipt.map(seq_of),
-            priority: priority(row.get(8)),
-            batch: row.get(9),
+            priority: priority(row.get(at + 8)),
+            batch: row.get(at + 9),
             callback,
         },
     ))
 }
+
+/// A run's deliveries (`$1`) with the events of those in `$2` still scheduled, in one query:
+/// `DELIVERY_COLUMNS`, then `EVENT_COLUMNS` (null where no event comes with the row).
+static DELIVERIES_WITH_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let qualified = |alias: &str, columns: &str| {
+        columns
+            .split(',')
+            .map(|c| format!("{alias}.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "SELECT {}, {} FROM deliveries d
+         LEFT JOIN events e
+           ON e.seq = d.event_seq AND d.next_attempt_at IS NOT NULL AND d.id = ANY($2)
+         WHERE d.id = ANY($1)",
+        qualified("d", DELIVERY_COLUMNS),
+        qualified("e", EVENT_COLUMNS)
+    )
+});
 
 /// A page of rows read with `LIMIT limit`: a full one says where the next starts.
 fn page<T>(items: Vec<T>, limit: i64, cursor: impl Fn(&T) -> u64) -> Page<T> {
@@ -670,9 +695,8 @@ pub struct PgSnapshot {
 }
 
 impl PgStore {
-    /// Reads deliveries `ids` at once, with the events of those marked: both queries sent
-    /// together on one connection, each parsed, planned for its parameters and run in one
-    /// round trip, and one wait for both.
+    /// Reads deliveries `ids` at once, with the events of those marked that are still
+    /// scheduled: one query (`DELIVERIES_WITH_EVENTS`), planned for its parameters.
     pub fn prefetch(&self, ids: &[(DeliveryId, bool)]) -> Result<PgSnapshot, StoreError> {
         use tokio_postgres::types::Type;
         let mut snap = PgSnapshot {
@@ -694,33 +718,32 @@ impl PgStore {
             .filter(|(_, e)| *e)
             .map(|(i, _)| db_id(*i))
             .collect();
-        let read = block(async {
+        let rows = block(async {
             let c = self.shared.pool.get().await?;
-            let sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ANY($1)");
-            let params = [(&all as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
-            let deliveries = c.query_typed(&sql, &params);
-            let events = async {
-                if marked.is_empty() {
-                    return Ok(Vec::new());
-                }
+            let rows = if marked.is_empty() {
                 c.query_typed(
-                    &format!(
-                        "SELECT {EVENT_COLUMNS} FROM events
-                         WHERE seq IN (SELECT event_seq FROM deliveries
-                                       WHERE id = ANY($1) AND next_attempt_at IS NOT NULL)"
-                    ),
-                    &[(&marked, Type::INT8_ARRAY)],
+                    &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ANY($1)"),
+                    &[(&all as &(dyn ToSql + Sync), Type::INT8_ARRAY)],
                 )
-                .await
+                .await?
+            } else {
+                c.query_typed(
+                    &DELIVERIES_WITH_EVENTS,
+                    &[(&all, Type::INT8_ARRAY), (&marked, Type::INT8_ARRAY)],
+                )
+                .await?
             };
-            Ok(tokio::try_join!(deliveries, events)?)
-        });
-        let (deliveries, events) =
-            read.inspect_err(|_| self.shared.metrics.cluster_db_errors.inc())?;
-        snap.deliveries = deliveries.iter().map(delivery_row).collect();
-        for r in &events {
-            let (seq, e) = event_row(r)?;
-            snap.events.insert(seq, e);
+            Ok(rows)
+        })
+        .inspect_err(|_| self.shared.metrics.cluster_db_errors.inc())?;
+        let events_at = DELIVERY_COLUMNS.split(',').count();
+        for r in &rows {
+            let (id, d) = delivery_row(r);
+            if !marked.is_empty() && r.get::<_, Option<i64>>(events_at).is_some() {
+                let (seq, e) = event_row_at(r, events_at)?;
+                snap.events.insert(seq, e);
+            }
+            snap.deliveries.insert(id, d);
         }
         Ok(snap)
     }
