@@ -538,6 +538,14 @@ pub async fn run_retention(
                     }
                 }
                 Ok(super::retention::Swept::Skipped) => break,
+                Ok(super::retention::Swept::NewerSchema(v)) => {
+                    tracing::error!(
+                        schema = v,
+                        known = super::migrate::SCHEMA_VERSION,
+                        "the database was migrated by a newer dispatchd: this node runs no retention; upgrade it"
+                    );
+                    break;
+                }
                 Err(e) => {
                     shared.metrics.cluster_db_errors.inc();
                     tracing::warn!(error = %e, "retention sweep failed");

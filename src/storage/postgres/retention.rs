@@ -12,6 +12,10 @@ pub enum Swept {
     Skipped,
     /// Events removed (their deliveries, attempts, receipts and batches with them).
     Removed(u64),
+    /// The database's schema (this version) is newer than this node knows: what goes with an
+    /// event may have changed, so this node leaves retention to the nodes of the release
+    /// that migrated it.
+    NewerSchema(i64),
 }
 
 /// Removes up to `limit` events received before `cutoff` whose deliveries are all terminal
@@ -23,6 +27,18 @@ pub async fn sweep(
     cutoff: crate::model::Micros,
     limit: i64,
 ) -> Result<Swept, tokio_postgres::Error> {
+    let found = client
+        .query_opt(
+            "SELECT value FROM dispatchd_meta WHERE key = 'schema_version'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get::<_, String>(0));
+    // One that cannot be read is taken for newer: nothing is removed on a guess.
+    let found = found.map_or(i64::MAX, |v| v.parse().unwrap_or(i64::MAX));
+    if found > super::migrate::SCHEMA_VERSION {
+        return Ok(Swept::NewerSchema(found));
+    }
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
         .await?
