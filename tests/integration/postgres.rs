@@ -1474,7 +1474,7 @@ async fn retention_is_left_to_the_release_that_migrated_the_schema() {
     let cutoff = dispatchd::clock::now_micros() + 3_600_000_000;
     let swept = retention::sweep(&mut c, cutoff, 100).await;
     assert!(
-        matches!(swept, Ok(retention::Swept::NewerSchema(v)) if v == newer),
+        matches!(swept, Ok(retention::Swept::NewerSchema(Some(v))) if v == newer),
         "{swept:?}"
     );
     assert_eq!(
@@ -1482,12 +1482,55 @@ async fn retention_is_left_to_the_release_that_migrated_the_schema() {
         2,
         "nothing removed"
     );
-    if let Err(e) = c.execute(&set_version(SCHEMA_VERSION), &[]).await {
+    // A version that cannot be read counts as newer.
+    if let Err(e) = c
+        .execute(
+            "UPDATE dispatchd_meta SET value = 'x' WHERE key = 'schema_version'",
+            &[],
+        )
+        .await
+    {
         panic!("{e}");
     }
     let swept = retention::sweep(&mut c, cutoff, 100).await;
     assert!(
+        matches!(swept, Ok(retention::Swept::NewerSchema(None))),
+        "{swept:?}"
+    );
+    // A migration under way (its lock held): the sweep waits for the next round.
+    if let Err(e) = c.execute(&set_version(SCHEMA_VERSION), &[]).await {
+        panic!("{e}");
+    }
+    let migrating = connect(&url).await;
+    if let Err(e) = migrating
+        .execute("SELECT pg_advisory_lock($1)", &[&0x6469_7370_6174_6368_i64])
+        .await
+    {
+        panic!("{e}");
+    }
+    let swept = retention::sweep(&mut c, cutoff, 100).await;
+    assert!(matches!(swept, Ok(retention::Swept::Skipped)), "{swept:?}");
+    if let Err(e) = migrating
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&0x6469_7370_6174_6368_i64],
+        )
+        .await
+    {
+        panic!("{e}");
+    }
+    // Its own schema again: n-1 goes (n-2, the newest event, always stays).
+    let swept = retention::sweep(&mut c, cutoff, 100).await;
+    assert!(
         matches!(swept, Ok(retention::Swept::Removed(1))),
         "{swept:?}"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM events WHERE id LIKE $1", "n-%").await,
+        1
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM events WHERE id = $1", "n-2").await,
+        1
     );
 }

@@ -539,10 +539,11 @@ pub async fn run_retention(
                 }
                 Ok(super::retention::Swept::Skipped) => break,
                 Ok(super::retention::Swept::NewerSchema(v)) => {
+                    let found = v.map_or_else(|| "unreadable".to_string(), |v| v.to_string());
                     tracing::error!(
-                        schema = v,
+                        schema = %found,
                         known = super::migrate::SCHEMA_VERSION,
-                        "the database was migrated by a newer dispatchd: this node runs no retention; upgrade it"
+                        "the database's schema is not one this node knows (a newer dispatchd migrated it?): this node runs no retention; upgrade it"
                     );
                     break;
                 }

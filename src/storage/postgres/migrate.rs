@@ -16,8 +16,9 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// The advisory lock key every node takes while migrating (`dispatchd` in ASCII).
-const LOCK_KEY: i64 = 0x6469_7370_6174_6368;
+/// The advisory lock key every node takes while migrating (`dispatchd` in ASCII); a
+/// retention sweep holds it shared, so no migration commits under one.
+pub(crate) const LOCK_KEY: i64 = 0x6469_7370_6174_6368;
 
 #[derive(Debug, Error)]
 pub enum MigrateError {

@@ -783,3 +783,34 @@ impl PgSnapshot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The joined read names every column of both lists, each under its table, in the order
+    /// `delivery_row` and `event_row_at` read them (a column list entry that is not a plain
+    /// column would break the split and this count).
+    #[test]
+    fn the_joined_read_names_every_column_under_its_table() {
+        let sql: &str = &DELIVERIES_WITH_EVENTS;
+        let select = sql
+            .strip_prefix("SELECT ")
+            .and_then(|s| s.split(" FROM ").next())
+            .unwrap_or_default();
+        let columns: Vec<&str> = select.split(", ").collect();
+        assert_eq!(columns.len(), 12 + 11, "{select}");
+        assert_eq!(DELIVERY_COLUMNS.split(',').count(), 12);
+        assert!(
+            columns[..12].iter().all(|c| c.starts_with("d.")),
+            "{select}"
+        );
+        assert!(
+            columns[12..].iter().all(|c| c.starts_with("e.")),
+            "{select}"
+        );
+        assert_eq!(columns[0], "d.id");
+        assert_eq!(columns[12], "e.seq");
+        assert_eq!(columns[22], "e.callback::text");
+    }
+}

@@ -12,10 +12,10 @@ pub enum Swept {
     Skipped,
     /// Events removed (their deliveries, attempts, receipts and batches with them).
     Removed(u64),
-    /// The database's schema (this version) is newer than this node knows: what goes with an
-    /// event may have changed, so this node leaves retention to the nodes of the release
-    /// that migrated it.
-    NewerSchema(i64),
+    /// The database's schema is newer than this node knows (this version; none when the
+    /// version could not be read): what goes with an event may have changed, so this node
+    /// leaves retention to the nodes of the release that migrated it.
+    NewerSchema(Option<i64>),
 }
 
 /// Removes up to `limit` events received before `cutoff` whose deliveries are all terminal
@@ -27,18 +27,6 @@ pub async fn sweep(
     cutoff: crate::model::Micros,
     limit: i64,
 ) -> Result<Swept, tokio_postgres::Error> {
-    let found = client
-        .query_opt(
-            "SELECT value FROM dispatchd_meta WHERE key = 'schema_version'",
-            &[],
-        )
-        .await?
-        .map(|r| r.get::<_, String>(0));
-    // One that cannot be read is taken for newer: nothing is removed on a guess.
-    let found = found.map_or(i64::MAX, |v| v.parse().unwrap_or(i64::MAX));
-    if found > super::migrate::SCHEMA_VERSION {
-        return Ok(Swept::NewerSchema(found));
-    }
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
         .await?
@@ -50,17 +38,41 @@ pub async fn sweep(
     let unlocked = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await;
-    let n = result?;
+    let swept = result?;
     unlocked?;
-    Ok(Swept::Removed(n))
+    Ok(swept)
 }
 
 async fn remove(
     client: &mut tokio_postgres::Client,
     cutoff: crate::model::Micros,
     limit: i64,
-) -> Result<u64, tokio_postgres::Error> {
+) -> Result<Swept, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // The migration lock, shared until the transaction ends: no migration commits while
+    // this sweep decides by the schema it reads next. One under way: skip this round.
+    let got: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock_shared($1)",
+            &[&super::migrate::LOCK_KEY],
+        )
+        .await?
+        .get(0);
+    if !got {
+        return Ok(Swept::Skipped);
+    }
+    let found = tx
+        .query_opt(
+            "SELECT value FROM dispatchd_meta WHERE key = 'schema_version'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get::<_, String>(0));
+    // One that cannot be read is taken for newer: nothing is removed on a guess.
+    match found.and_then(|v| v.parse::<i64>().ok()) {
+        Some(v) if v <= super::migrate::SCHEMA_VERSION => {}
+        other => return Ok(Swept::NewerSchema(other)),
+    }
     let doomed = expired(&tx, cutoff, limit).await?;
     let n = if doomed.is_empty() {
         0
@@ -68,7 +80,7 @@ async fn remove(
         remove_locked(&tx, &doomed, cutoff).await?
     };
     tx.commit().await?;
-    Ok(n)
+    Ok(Swept::Removed(n))
 }
 
 /// The first step of a sweep: up to `limit` events received before `cutoff` whose
