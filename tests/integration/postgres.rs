@@ -646,13 +646,7 @@ async fn a_node_that_lost_its_lease_cannot_record_outcomes() {
         Ok([Published::Created { .. }]) => {}
         other => panic!("{other:?}"),
     }
-    let delivery: i64 = match c
-        .query_one("SELECT id FROM deliveries WHERE event_id = 'f-1'", &[])
-        .await
-    {
-        Ok(r) => r.get(0),
-        Err(e) => panic!("{e}"),
-    };
+    let (delivery, _) = delivery_of(&c, "f-1").await;
     let lease = Duration::from_secs(10);
     let dests = vec!["crm".to_string()];
     let now = dispatchd::clock::now_micros();
@@ -737,13 +731,7 @@ async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoc
     assert!(published.is_ok(), "{published:?}");
     let mut ids = Vec::new();
     for id in ["s-1", "s-2", "s-3", "s-4"] {
-        match c
-            .query_one("SELECT id FROM deliveries WHERE event_id = $1", &[&id])
-            .await
-        {
-            Ok(r) => ids.push(r.get::<_, i64>(0)),
-            Err(e) => panic!("{e}"),
-        }
+        ids.push(delivery_of(&c, id).await.0);
     }
     let lease = Duration::from_secs(10);
     let dests = vec!["crm".to_string(), "erp".to_string()];
@@ -833,6 +821,20 @@ async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoc
         "failing since the first failure"
     );
     assert_eq!(failing("erp").await, None);
+}
+
+/// The delivery made for event `id` (its only one), and the event's seq.
+async fn delivery_of(c: &tokio_postgres::Client, id: &str) -> (i64, i64) {
+    match c
+        .query_one(
+            "SELECT id, event_seq FROM deliveries WHERE event_id = $1",
+            &[&id],
+        )
+        .await
+    {
+        Ok(r) => (r.get(0), r.get(1)),
+        Err(e) => panic!("{id}: {e}"),
+    }
 }
 
 /// Deliveries whose event is gone, and attempts whose delivery is gone.
@@ -1143,13 +1145,7 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
     {
         panic!("{e}");
     }
-    let first: i64 = match c
-        .query_one("SELECT id FROM deliveries WHERE event_id = 'r-1'", &[])
-        .await
-    {
-        Ok(r) => r.get(0),
-        Err(e) => panic!("{e}"),
-    };
+    let (first, _) = delivery_of(&c, "r-1").await;
     let now = dispatchd::clock::now_micros();
     let epoch = match leases::balance(
         &c,
@@ -1241,16 +1237,7 @@ async fn a_destination_read_answers_what_it_was_read_for_without_another_query()
     assert!(published.is_ok(), "{published:?}");
     let mut rows = Vec::new();
     for id in ["s-1", "s-2", "s-3"] {
-        match c
-            .query_one(
-                "SELECT id, event_seq FROM deliveries WHERE event_id = $1",
-                &[&id],
-            )
-            .await
-        {
-            Ok(r) => rows.push((r.get::<_, i64>(0), r.get::<_, i64>(1))),
-            Err(e) => panic!("{e}"),
-        }
+        rows.push(delivery_of(&c, id).await);
     }
     let [(d1, e1), (d2, e2), (d3, _)] = rows[..] else {
         panic!("{rows:?}")
@@ -1322,18 +1309,9 @@ async fn operators_meeting_retention_wait_and_live_work_keeps_its_event() {
     }
     let mut rows = Vec::new();
     for id in ["q-0", "q-1"] {
-        match c
-            .query_one(
-                "SELECT event_seq, id FROM deliveries WHERE event_id = $1",
-                &[&id],
-            )
-            .await
-        {
-            Ok(r) => rows.push((r.get::<_, i64>(0), r.get::<_, i64>(1))),
-            Err(e) => panic!("{e}"),
-        }
+        rows.push(delivery_of(&c, id).await);
     }
-    let [(seq0, _), (seq1, d1)] = rows[..] else {
+    let [(_, seq0), (d1, seq1)] = rows[..] else {
         panic!("{rows:?}")
     };
     // Both delivered; q-2, the newest, stays whatever happens.

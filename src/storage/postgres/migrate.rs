@@ -57,7 +57,7 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Migrated, Mi
 }
 
 async fn apply(client: &mut tokio_postgres::Client) -> Result<Migrated, MigrateError> {
-    let from = version(client).await?;
+    let from = version(&*client).await?;
     if from > SCHEMA_VERSION {
         return Err(MigrateError::TooNew {
             found: from,
@@ -87,8 +87,9 @@ async fn apply(client: &mut tokio_postgres::Client) -> Result<Migrated, MigrateE
     })
 }
 
-/// The schema version the database records; 0 for an empty database.
-pub async fn version(client: &tokio_postgres::Client) -> Result<i64, MigrateError> {
+/// The schema version the database records; 0 for an empty database. On a connection or
+/// inside a transaction.
+pub async fn version(client: &impl tokio_postgres::GenericClient) -> Result<i64, MigrateError> {
     let exists: bool = client
         .query_one("SELECT to_regclass('dispatchd_meta') IS NOT NULL", &[])
         .await?

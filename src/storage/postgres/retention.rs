@@ -61,17 +61,12 @@ async fn remove(
     if !got {
         return Ok(Swept::Skipped);
     }
-    let found = tx
-        .query_opt(
-            "SELECT value FROM dispatchd_meta WHERE key = 'schema_version'",
-            &[],
-        )
-        .await?
-        .map(|r| r.get::<_, String>(0));
-    // One that cannot be read is taken for newer: nothing is removed on a guess.
-    match found.and_then(|v| v.parse::<i64>().ok()) {
-        Some(v) if v <= super::migrate::SCHEMA_VERSION => {}
-        other => return Ok(Swept::NewerSchema(other)),
+    match super::migrate::version(&tx).await {
+        Ok(v) if v <= super::migrate::SCHEMA_VERSION => {}
+        Ok(v) => return Ok(Swept::NewerSchema(Some(v))),
+        Err(super::migrate::MigrateError::Db(e)) => return Err(e),
+        // One that cannot be read is taken for newer: nothing is removed on a guess.
+        Err(_) => return Ok(Swept::NewerSchema(None)),
     }
     let doomed = expired(&tx, cutoff, limit).await?;
     let n = if doomed.is_empty() {
@@ -82,6 +77,13 @@ async fn remove(
     tx.commit().await?;
     Ok(Swept::Removed(n))
 }
+
+/// An event whose deliveries all ended before the cutoff (`$1`): both steps of a sweep judge
+/// by it, the second again after the first's locks.
+const ENDED: &str = "NOT EXISTS (
+                   SELECT 1 FROM deliveries d
+                   WHERE d.event_seq = e.seq
+                     AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $1))";
 
 /// The first step of a sweep: up to `limit` events received before `cutoff` whose
 /// deliveries all ended before it, locked (`FOR UPDATE`) in `tx`, skipping any an operator
@@ -94,17 +96,16 @@ pub async fn expired(
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
     let rows = tx
         .query(
-            "SELECT e.seq FROM events e
+            &format!(
+                "SELECT e.seq FROM events e
              WHERE e.received_at < $1
                -- The newest event stays, as on the embedded backend.
                AND e.seq < (SELECT max(seq) FROM events)
-               AND NOT EXISTS (
-                   SELECT 1 FROM deliveries d
-                   WHERE d.event_seq = e.seq
-                     AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $1))
+               AND {ENDED}
              ORDER BY e.seq
              LIMIT $2
-             FOR UPDATE SKIP LOCKED",
+             FOR UPDATE SKIP LOCKED"
+            ),
             &[&cutoff, &limit],
         )
         .await?;
@@ -122,13 +123,11 @@ pub async fn remove_locked(
 ) -> Result<u64, tokio_postgres::Error> {
     let gone = tx
         .query(
-            "WITH gone AS (
+            &format!(
+                "WITH gone AS (
                  DELETE FROM events e
-                 WHERE e.seq = ANY($1)
-                   AND NOT EXISTS (
-                       SELECT 1 FROM deliveries d
-                       WHERE d.event_seq = e.seq
-                         AND (d.status NOT IN (2, 4, 5) OR d.updated_at >= $2))
+                 WHERE e.seq = ANY($2)
+                   AND {ENDED}
                  RETURNING e.seq, e.receipt, e.batch
              ), deliveries_gone AS (
                  DELETE FROM deliveries d USING gone
@@ -138,8 +137,9 @@ pub async fn remove_locked(
                  DELETE FROM attempts a USING deliveries_gone
                  WHERE a.delivery = deliveries_gone.id
              )
-             SELECT receipt, batch FROM gone",
-            &[&doomed, &cutoff],
+             SELECT receipt, batch FROM gone"
+            ),
+            &[&cutoff, &doomed],
         )
         .await?;
     let receipts: Vec<i64> = gone.iter().filter_map(|r| r.get(0)).collect();
