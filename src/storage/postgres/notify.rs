@@ -1,14 +1,19 @@
 //! How new work reaches the node that owns its destination: LISTEN/NOTIFY as the fast path,
 //! a scan of due deliveries as the correctness path.
 //!
-//! The transaction that makes deliveries notifies `dispatchd_due` with each destination's
-//! id and the new deliveries' ids (`Work`); PostgreSQL delivers a notification only when that transaction commits, and never for
-//! one that rolls back. A node listens and hands what it hears to the destinations it holds.
-//! A notification can still be lost (a dropped connection, a node that restarts), and some
-//! PostgreSQL-compatible databases have no NOTIFY at all: every node also scans its held
+//! A node that makes deliveries for destinations held elsewhere announces them on
+//! `dispatchd_due` once its transaction has committed (`Announcer`), with each destination's
+//! id and the new deliveries' ids (`Work`). It does not notify inside the transaction:
+//! PostgreSQL serialises the commits of all transactions that notify, across the whole
+//! server, with a lock held through each one's WAL flush, so the publishes of every node
+//! would commit one after another instead of flushing together. A node listens and hands
+//! what it hears to the destinations it holds. A notification can be lost (a node that dies
+//! between its commit and the announcement, a dropped connection, a node that restarts), and
+//! some PostgreSQL-compatible databases have no NOTIFY at all: every node also scans its held
 //! destinations' due deliveries periodically (`due`), so a lost notification only costs
 //! latency.
 
+use std::fmt::Write as _;
 use std::future::poll_fn;
 
 use tokio::sync::mpsc;
@@ -53,10 +58,10 @@ pub struct Heard {
     pub payload: String,
 }
 
-/// Delivery ids in one work notification at most. The publish statement
-/// (`writer::INSERT_EVENTS`) makes the payloads, with fewer ids when the destination id is
-/// long, so that each stays within `PAYLOAD_MAX` bytes (destination ids are at most a few
-/// hundred bytes: subscription ids 64, callback hosts 253).
+/// Delivery ids in one work notification at most; `Work::payloads` puts fewer in when the
+/// destination id is long, so that each payload stays within `PAYLOAD_MAX` bytes
+/// (destination ids are at most a few hundred bytes: subscription ids 64, callback hosts
+/// 253).
 pub const IDS_PER_PAYLOAD: usize = 200;
 
 /// Most bytes of one work notification's payload (PostgreSQL refuses 8000 or more).
@@ -75,7 +80,28 @@ pub struct Work {
 }
 
 impl Work {
-    /// Reads a payload made by the publish statement; `None` for anything else (a destination id alone,
+    /// The payloads that announce this work: one per `IDS_PER_PAYLOAD` deliveries, fewer
+    /// when the destination id is long (an id with its priority takes 24 bytes at most, the
+    /// destination and the time at most 32 besides its id).
+    pub fn payloads(&self) -> Vec<String> {
+        let per = IDS_PER_PAYLOAD
+            .min((PAYLOAD_MAX.saturating_sub(32 + self.destination.len()) / 24).max(1));
+        self.deliveries
+            .chunks(per)
+            .map(|part| {
+                let mut p = format!("{} {} ", self.destination, self.at);
+                for (i, (id, prio)) in part.iter().enumerate() {
+                    if i > 0 {
+                        p.push(',');
+                    }
+                    let _ = write!(p, "{id}:{prio}");
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// Reads a payload made by `payloads`; `None` for anything else (a destination id alone,
     /// which asks for a scan, or a payload this version does not know).
     pub fn parse(payload: &str) -> Option<Work> {
         let mut parts = payload.splitn(3, ' ');
@@ -115,6 +141,86 @@ pub async fn announce(
     )
     .await
     .map(drop)
+}
+
+/// Announcements waiting for the announcer at most; past that they are dropped (the owners'
+/// scans find the work).
+const ANNOUNCE_QUEUE: usize = 4096;
+
+/// Payloads sent in one statement at most.
+const ANNOUNCE_BATCH: usize = 4096;
+
+/// Sends work notifications for transactions that have committed, on a connection of its
+/// own, off the committing task's path: every announcement waiting goes in one statement,
+/// which notifies in a transaction that writes nothing and so waits for no WAL flush.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Announcer {
+    tx: mpsc::Sender<Vec<String>>,
+}
+
+impl Announcer {
+    /// Starts the announcing task on connections from `pool`.
+    pub fn spawn(pool: super::Pool, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        let (tx, rx) = mpsc::channel(ANNOUNCE_QUEUE);
+        tokio::spawn(announce_all(pool, metrics, rx));
+        Announcer { tx }
+    }
+
+    /// Announces `work`, whose transaction has committed. Never waits: with the queue full
+    /// (the database slow or gone) the announcement is dropped and the owner's scan finds
+    /// the work.
+    pub fn send(&self, work: &[Work]) {
+        let payloads: Vec<String> = work.iter().flat_map(Work::payloads).collect();
+        if !payloads.is_empty() && self.tx.try_send(payloads).is_err() {
+            tracing::debug!("announcement queue full; the owners' scans will find the work");
+        }
+    }
+}
+
+async fn announce_all(
+    pool: super::Pool,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    mut rx: mpsc::Receiver<Vec<String>>,
+) {
+    let mut conn: Option<deadpool_postgres::Object> = None;
+    while let Some(mut payloads) = rx.recv().await {
+        while payloads.len() < ANNOUNCE_BATCH {
+            match rx.try_recv() {
+                Ok(more) => payloads.extend(more),
+                Err(_) => break,
+            }
+        }
+        let c = match conn.take() {
+            Some(c) => Ok(c),
+            None => pool.get().await,
+        };
+        let sent = match c {
+            Ok(c) => match notify_all(&c, &payloads).await {
+                Ok(_) => {
+                    conn = Some(c);
+                    Ok(())
+                }
+                Err(e) => Err(super::describe(&e)),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            metrics.cluster_db_errors.inc();
+            tracing::warn!(error = %e, "cannot announce new work; the owners' scans will find it");
+        }
+    }
+}
+
+/// One statement, one round trip (prepared once per connection).
+async fn notify_all(
+    c: &deadpool_postgres::Object,
+    payloads: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    let st = c
+        .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)")
+        .await?;
+    c.execute(&st, &[&CHANNEL, &payloads]).await.map(drop)
 }
 
 /// Listens on its own connection to `url` to both channels; answers what is announced, as it
@@ -213,5 +319,44 @@ mod tests {
         assert_eq!(Work::parse("bench"), None);
         assert_eq!(Work::parse("bench 12 3:x"), None);
         assert_eq!(Work::parse("bench 12 "), None);
+    }
+
+    #[test]
+    fn payloads_fit_and_read_back_as_the_work_they_announce() {
+        for destination in [
+            "a".to_string(),
+            format!("callback:https://{}:443", "h".repeat(253)),
+        ] {
+            let work = Work {
+                destination: destination.clone(),
+                at: i64::MAX,
+                deliveries: (0..1000).map(|i| (u64::MAX - i, i16::MAX)).collect(),
+            };
+            let payloads = work.payloads();
+            // Every id once, in order, and no payload past the limit even with the widest
+            // numbers.
+            assert!(
+                payloads.len() >= 1000 / IDS_PER_PAYLOAD,
+                "{}",
+                payloads.len()
+            );
+            let mut back = Vec::new();
+            for p in &payloads {
+                assert!(p.len() <= PAYLOAD_MAX, "{} bytes", p.len());
+                let w = Work::parse(p).expect("a payload made here parses");
+                assert_eq!(
+                    (w.destination.as_str(), w.at),
+                    (destination.as_str(), i64::MAX)
+                );
+                back.extend(w.deliveries);
+            }
+            assert_eq!(back, work.deliveries);
+        }
+        let none = Work {
+            destination: "a".into(),
+            at: 1,
+            deliveries: Vec::new(),
+        };
+        assert!(none.payloads().is_empty());
     }
 }

@@ -1,7 +1,7 @@
 //! Writes on PostgreSQL. Publishing keeps group commit: one writer task per node takes every
-//! publish waiting, applies them in one statement (`INSERT_EVENTS`: the events, their
-//! deliveries and the notifications for other nodes, `INSERT … SELECT FROM unnest(…)` in one
-//! `WITH`), which commits by itself in one round trip, and only then answers each sender.
+//! publish waiting, applies them in one statement (`INSERT_EVENTS`: the events and their
+//! deliveries, `INSERT … SELECT FROM unnest(…)` in one `WITH`), which commits by itself in
+//! one round trip, and only then answers each sender.
 //! Publishes that record a batch, or repeat an event id or key among them, take a
 //! transaction of several statements instead. A 2xx therefore means the event and all its deliveries are
 //! committed, as on the embedded backend. Attempt outcomes are group-committed the same way
@@ -16,8 +16,10 @@
 //! same id at once, PostgreSQL makes the second insert wait for the first transaction; once
 //! that commits the second finds the row and answers it as a duplicate.
 //!
-//! New deliveries reach their destination's owner at commit: this node's scheduler directly
-//! for the destinations it holds, a NOTIFY for the others (`notify`).
+//! New deliveries reach their destination's owner once committed: this node's scheduler
+//! directly for the destinations it holds, a NOTIFY sent after the commit for the others
+//! (`notify::Announcer`; never inside the publish's own transaction, whose commit would
+//! then wait for every other node's).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +28,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
+use super::notify::{Announcer, Work};
 use crate::model::{DeliveryId, DeliveryStatus, Event, Micros, Origin, Seq};
 use crate::storage::schema::SubscriptionRecord;
 use crate::storage::writer::{
@@ -132,6 +135,8 @@ pub struct PgWriter {
     failed: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
     due: Option<DueSink>,
+    /// Tells the other nodes of the work this node's commits made for them.
+    announcer: Announcer,
     commits: Arc<AtomicU64>,
 }
 
@@ -144,6 +149,7 @@ impl PgWriter {
         let w = PgWriter {
             tx,
             outcomes,
+            announcer: Announcer::spawn(shared.pool.clone(), shared.metrics.clone()),
             shared,
             failed: Arc::default(),
             stopped: Arc::default(),
@@ -261,7 +267,12 @@ impl PgWriter {
                 Err(e) => Err(e),
             };
             match self.outcome(result) {
-                Ok((mut out, due, fenced)) => {
+                Ok(Committed {
+                    mut out,
+                    due,
+                    elsewhere,
+                    fenced,
+                }) => {
                     self.commits.fetch_add(1, Ordering::Relaxed);
                     let m = &self.shared.metrics;
                     m.durable_seconds.observe(started.elapsed().as_secs_f64());
@@ -270,11 +281,8 @@ impl PgWriter {
                         .filter(|p| matches!(p, Published::Created { .. }))
                         .count();
                     m.events_stored.inc_by(stored as u64);
-                    if let Some(sink) = &self.due
-                        && !due.is_empty()
-                    {
-                        let _ = sink.send(due);
-                    }
+                    self.hand_over(due);
+                    self.announcer.send(&elsewhere);
                     // The answers in the order the events came, handed back per sender.
                     for p in publishes {
                         let rest = out.split_off(p.events.len().min(out.len()));
@@ -320,8 +328,9 @@ impl PgWriter {
             ingest(&mut c, new, event, &self.shared).await
         }
         .await;
-        let (ingested, due) = self.outcome(r)?;
+        let (ingested, due, elsewhere) = self.outcome(r)?;
         self.hand_over(due);
+        self.announcer.send(&elsewhere);
         Ok(ingested)
     }
 
@@ -550,17 +559,28 @@ impl PgWriter {
     }
 }
 
+/// What one group commit did.
+#[derive(Default)]
+struct Committed {
+    /// Each event's outcome, in order.
+    out: Vec<Published>,
+    /// Deliveries made or rescheduled for destinations this node holds.
+    due: Vec<Due>,
+    /// Deliveries made for destinations held elsewhere, to announce.
+    elsewhere: Vec<Work>,
+    /// The destinations whose outcomes were fenced off, with the epochs they came under.
+    fenced: Vec<(String, i64)>,
+}
+
 /// One group commit: the publishes (events not stored yet, duplicates skipped, their
 /// deliveries and their batches), or the attempt outcomes of the destinations still held
-/// under their epochs; each task is given one kind. Answers each event's outcome in order,
-/// the deliveries made for destinations this node holds, and the destinations whose
-/// outcomes were fenced off, with the epochs they were given under.
+/// under their epochs; each task is given one kind.
 async fn commit(
     client: &mut deadpool_postgres::Object,
     batch: &[Publish],
     records: &[Record],
     shared: &Shared,
-) -> Result<(Vec<Published>, Vec<Due>, Vec<(String, i64)>), PgWriteError> {
+) -> Result<Committed, PgWriteError> {
     let mut due = Vec::new();
     let fenced = if records.is_empty() {
         Vec::new()
@@ -572,7 +592,11 @@ async fn commit(
         record_outcomes(client, &shared.node, &groups, &mut due).await?
     };
     if batch.is_empty() {
-        return Ok((Vec::new(), due, fenced));
+        return Ok(Committed {
+            due,
+            fenced,
+            ..Committed::default()
+        });
     }
     let events: Vec<(&NewEvent, Option<&str>)> = batch
         .iter()
@@ -582,12 +606,17 @@ async fn commit(
     // With no batch to record and no event id or key repeated: one statement, which commits
     // by itself.
     if batch.iter().all(|p| p.batch.is_none()) && parts.len() <= 1 {
-        let (out, made) = insert_events(&*client, &events, &parts, None, shared).await?;
+        let (out, made, elsewhere) = insert_events(&*client, &events, &parts, None, shared).await?;
         due.extend(made);
-        return Ok((out, due, fenced));
+        return Ok(Committed {
+            out,
+            due,
+            elsewhere,
+            fenced,
+        });
     }
     let tx = client.transaction().await?;
-    let (out, made) = insert_events(&tx, &events, &parts, None, shared).await?;
+    let (out, made, elsewhere) = insert_events(&tx, &events, &parts, None, shared).await?;
     due.extend(made);
     // Each batch keeps the seqs of its events, new or duplicate, sorted.
     let mut at = 0;
@@ -614,64 +643,47 @@ async fn commit(
         }
     }
     tx.commit().await?;
-    Ok((out, due, fenced))
+    Ok(Committed {
+        out,
+        due,
+        elsewhere,
+        fenced,
+    })
 }
 
 /// The statement that stores one segment of events (no id or key twice) with their
-/// deliveries and announces the new deliveries of destinations held elsewhere, in one round
-/// trip. `x` lists the events in the order given, so their seqs follow it; a conflicting
-/// event (its id or key already stored) is skipped, and with it its deliveries, which are
-/// made in the events' order (so their ids follow it too), from the events just stored (no
-/// foreign key checks them: see migration 3). `w` sends one notification per
-/// destination not in `$13` (those this node holds) and per `IDS_PER_PAYLOAD` deliveries
-/// (fewer for a destination id so long that they would not fit in `PAYLOAD_MAX` bytes, at
-/// 24 bytes an id at most), in the form `notify::Work::parse` reads; PostgreSQL delivers it only if the statement's
-/// transaction commits. The rows: `0, seq, id` per event stored; `1, delivery, event seq,
-/// destination, priority` per delivery made for a destination in `$13`; then one row that
-/// counts the notifications (referencing `w` is what makes it run).
-static INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "WITH x AS (
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                  $6::smallint[], $7::text[], $8::text[])
-                  WITH ORDINALITY AS x(id, t, s, d, k, p, b, c, ord)
-         ), e AS (
-             INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
-                                 priority, receipt, batch, callback)
-             SELECT id, t, s, d, $9::bigint, k, p, $10::bigint, b, c::jsonb FROM x ORDER BY ord
-             ON CONFLICT DO NOTHING
-             RETURNING seq, id
-         ), d AS (
-             INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
-                                     attempts, next_attempt_at, created_at, updated_at,
-                                     origin, priority)
-             SELECT e.seq, x.id, x.t, y.sub, 0, 0, $9::bigint, $9::bigint, $9::bigint, 0, x.p
-             FROM unnest($11::bigint[], $12::text[]) WITH ORDINALITY AS y(ord, sub, n)
-             JOIN x ON x.ord = y.ord
-             JOIN e ON e.id = x.id
-             ORDER BY y.n
-             RETURNING id, event_seq, subscription, priority
-         ), w AS (
-             SELECT pg_notify('{channel}', subscription || ' ' || $9::bigint::text || ' '
-                              || string_agg(id::text || ':' || priority::text, ',' ORDER BY id))
-             FROM (SELECT subscription, id, priority,
-                          (row_number() OVER (PARTITION BY subscription ORDER BY id) - 1)
-                              / LEAST({per}, GREATEST(1, ({max} - 32 - octet_length(subscription))
-                                                         / 24)) AS part
-                   FROM d WHERE subscription <> ALL ($13::text[])) AS z
-             GROUP BY subscription, part
-         )
-         SELECT 0::smallint, seq, NULL::bigint, id, NULL::smallint FROM e
-         UNION ALL
-         SELECT 1::smallint, id, event_seq, subscription, priority FROM d
-         WHERE subscription = ANY ($13::text[])
-         UNION ALL
-         SELECT 2::smallint, count(*), NULL, NULL, NULL FROM w",
-        channel = super::notify::CHANNEL,
-        per = super::notify::IDS_PER_PAYLOAD,
-        max = super::notify::PAYLOAD_MAX,
+/// deliveries, in one round trip. `x` lists the events in the order given, so their seqs
+/// follow it; a conflicting event (its id or key already stored) is skipped, and with it its
+/// deliveries, which are made in the events' order (so their ids follow it too), from the
+/// events just stored (no foreign key checks them: see migration 3). It notifies no one:
+/// the deliveries for destinations held elsewhere are announced after the commit (see
+/// `notify`). The rows: `0, seq, id` per event stored; `1, delivery, event seq, destination,
+/// priority` per delivery made.
+const INSERT_EVENTS: &str = "
+    WITH x AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::smallint[], $7::text[], $8::text[])
+             WITH ORDINALITY AS x(id, t, s, d, k, p, b, c, ord)
+    ), e AS (
+        INSERT INTO events (id, event_type, source, data, received_at, idempotency_key,
+                            priority, receipt, batch, callback)
+        SELECT id, t, s, d, $9::bigint, k, p, $10::bigint, b, c::jsonb FROM x ORDER BY ord
+        ON CONFLICT DO NOTHING
+        RETURNING seq, id
+    ), d AS (
+        INSERT INTO deliveries (event_seq, event_id, event_type, subscription, status,
+                                attempts, next_attempt_at, created_at, updated_at,
+                                origin, priority)
+        SELECT e.seq, x.id, x.t, y.sub, 0, 0, $9::bigint, $9::bigint, $9::bigint, 0, x.p
+        FROM unnest($11::bigint[], $12::text[]) WITH ORDINALITY AS y(ord, sub, n)
+        JOIN x ON x.ord = y.ord
+        JOIN e ON e.id = x.id
+        ORDER BY y.n
+        RETURNING id, event_seq, subscription, priority
     )
-});
+    SELECT 0::smallint, seq, NULL::bigint, id, NULL::smallint FROM e
+    UNION ALL
+    SELECT 1::smallint, id, event_seq, subscription, priority FROM d";
 
 /// The events split, in order, into runs in which no event id and no idempotency key comes
 /// twice: one `INSERT_EVENTS` each, so that a repeat is judged against the stored first one.
@@ -700,22 +712,24 @@ fn segments(events: &[(&NewEvent, Option<&str>)]) -> Vec<std::ops::Range<usize>>
     out
 }
 
-/// Writes events (those not stored yet) with their deliveries, announces the destinations
-/// held elsewhere that got work, and answers each event's outcome in order with the
-/// deliveries made for destinations this node holds. `receipt` names the inbound receipt
-/// the events came from; `parts` are the events' `segments`. On a connection outside a
-/// transaction, with one segment, this is one statement that commits by itself.
+/// Writes events (those not stored yet) with their deliveries, and answers each event's
+/// outcome in order, the deliveries made for destinations this node holds, and the work
+/// made for destinations held elsewhere (to announce once the transaction has committed).
+/// `receipt` names the inbound receipt the events came from; `parts` are the events'
+/// `segments`. On a connection outside a transaction, with one segment, this is one
+/// statement that commits by itself.
 async fn insert_events(
     c: &impl deadpool_postgres::GenericClient,
     events: &[(&NewEvent, Option<&str>)],
     parts: &[std::ops::Range<usize>],
     receipt: Option<i64>,
     shared: &Shared,
-) -> Result<(Vec<Published>, Vec<Due>), PgWriteError> {
+) -> Result<(Vec<Published>, Vec<Due>, Vec<Work>), PgWriteError> {
     let now = crate::clock::now_micros();
     let mut out = Vec::with_capacity(events.len());
     let mut due = Vec::new();
-    let st = c.prepare_cached(&INSERT_EVENTS).await?;
+    let mut elsewhere: Vec<Work> = Vec::new();
+    let st = c.prepare_cached(INSERT_EVENTS).await?;
     for part in parts {
         let Some(seg) = events.get(part.clone()) else {
             continue;
@@ -740,20 +754,12 @@ async fn insert_events(
             .map_err(|e| PgWriteError::Db(e.to_string()))?;
         // Each delivery names its event by ordinal (from 1, as `WITH ORDINALITY` counts).
         let (mut d_ord, mut d_sub) = (Vec::new(), Vec::new());
-        let mut named: Vec<&str> = Vec::new();
         for (i, (e, _)) in seg.iter().enumerate() {
             for s in &e.subscriptions {
                 d_ord.push(i64::try_from(i + 1).unwrap_or(i64::MAX));
                 d_sub.push(&**s);
-                if !named.contains(&&**s) {
-                    named.push(s);
-                }
             }
         }
-        let held: Vec<&str> = named
-            .into_iter()
-            .filter(|s| shared.leases.holds(s))
-            .collect();
         let rows = c
             .query(
                 &st,
@@ -770,7 +776,6 @@ async fn insert_events(
                     &receipt,
                     &d_ord,
                     &d_sub,
-                    &held,
                 ],
             )
             .await?;
@@ -799,10 +804,24 @@ async fn insert_events(
             }
         }
         // Deliveries for the destinations held here go to this node's scheduler, each with
-        // its event at hand (one copy per event).
+        // its event at hand (one copy per event); the others are work to announce.
+        let mut held: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
         for r in made {
             let seq: i64 = col(r, 2)?;
             let sub: &str = col(r, 3)?;
+            if !*held.entry(sub).or_insert_with(|| shared.leases.holds(sub)) {
+                let delivery = u64::try_from(col::<i64>(r, 1)?).unwrap_or(0);
+                let prio: i16 = col(r, 4)?;
+                match elsewhere.iter_mut().find(|w| w.destination == sub) {
+                    Some(w) => w.deliveries.push((delivery, prio)),
+                    None => elsewhere.push(Work {
+                        destination: sub.to_string(),
+                        at: now,
+                        deliveries: vec![(delivery, prio)],
+                    }),
+                }
+                continue;
+            }
             let Some((i, event)) = by_seq.get_mut(&seq) else {
                 continue;
             };
@@ -848,7 +867,10 @@ async fn insert_events(
             }
         }
     }
-    Ok((out, due))
+    for w in &mut elsewhere {
+        w.deliveries.sort_unstable();
+    }
+    Ok((out, due, elsewhere))
 }
 
 /// The stored event a skipped one duplicates, with its delivery count.
@@ -1156,7 +1178,7 @@ pub async fn ingest(
     new: NewReceipt,
     event: NewEvent,
     shared: &Shared,
-) -> Result<(Ingested, Vec<Due>), PgWriteError> {
+) -> Result<(Ingested, Vec<Due>, Vec<Work>), PgWriteError> {
     let r = &new.receipt;
     let tx = client.transaction().await?;
     let headers = serde_json::to_string(&r.headers).map_err(|e| PgWriteError::Db(e.to_string()))?;
@@ -1217,11 +1239,12 @@ pub async fn ingest(
                     event_id: seen.get(1),
                 },
                 Vec::new(),
+                Vec::new(),
             ));
         }
     }
     let events = [(&event, None)];
-    let (out, due) =
+    let (out, due, elsewhere) =
         insert_events(&tx, &events, &segments(&events), Some(receipt_id), shared).await?;
     let Some(Published::Created {
         seq,
@@ -1251,6 +1274,7 @@ pub async fn ingest(
             deliveries,
         },
         due,
+        elsewhere,
     ))
 }
 
