@@ -7,12 +7,17 @@
 # receiver in the bench process), which also measures a bare hyper server with a reqwest
 # client in the same process, as the reference to quote ratios against.
 #
-#   bash benches/cluster.sh [SECONDS]        # default 10 s per run
+#   bash benches/cluster.sh [SECONDS] [DESTINATIONS]   # default 10 s per run, 1 destination
+#
+# With DESTINATIONS > 1 the events are spread over that many subscriptions (one event type
+# each), whose leases spread over the nodes: every node then delivers, and every node's
+# publishes make work for destinations another node holds.
 #
 # Not part of `cargo test`. Needs PostgreSQL's server programs (apt-get install postgresql).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"
+DESTINATIONS="${2:-1}"
 
 bin=""
 for d in $(command -v initdb >/dev/null 2>&1 && dirname "$(command -v initdb)") /usr/lib/postgresql/*/bin; do
@@ -49,7 +54,7 @@ for nodes in 1 2; do
   # does not fall in the second run's window only.
   psql_q "CHECKPOINT" >/dev/null
   lsn0=$(psql_q "SELECT pg_current_wal_lsn()")
-  cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" \
+  cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" --destinations "$DESTINATIONS" \
     --postgres-url "postgres://dispatchd@127.0.0.1:$port/$db" --nodes "$nodes"
   # What the database wrote for it: WAL per event (published and delivered) and table sizes.
   events=$(psql_q "SELECT count(*) FROM events")

@@ -16,20 +16,37 @@ const BODY_MIDDLE: &str = r#"","pad":""#;
 const BODY_END: &str = r#""}}"#;
 
 impl EventRequest {
-    pub fn body_start(conn: usize) -> String {
-        format!(r#"{{"type":"bench.event","data":{{"conn":{conn},"n":""#)
+    /// The event type the benches publish unless told otherwise.
+    pub const EVENT_TYPE: &str = "bench.event";
+
+    fn body_start(conn: usize, event_type: &str) -> String {
+        format!(r#"{{"type":"{event_type}","data":{{"conn":{conn},"n":""#)
     }
 
     /// The body length for a requested size: at least what the fields need.
     pub fn body_len(wanted: usize) -> usize {
-        let fixed = Self::body_start(0).len() + COUNTER_DIGITS + BODY_MIDDLE.len() + BODY_END.len();
+        let fixed = Self::body_start(0, Self::EVENT_TYPE).len()
+            + COUNTER_DIGITS
+            + BODY_MIDDLE.len()
+            + BODY_END.len();
         wanted.max(fixed)
     }
 
     /// `count` events of `body_bytes` each per request: one `POST /v1/events` when `count` is
     /// 1, else one `POST /v1/events/batch`.
     pub fn batch(addr: SocketAddr, conn: usize, body_bytes: usize, count: usize) -> Self {
-        let start = Self::body_start(conn);
+        Self::typed(addr, conn, body_bytes, count, Self::EVENT_TYPE)
+    }
+
+    /// As `batch`, with events of type `event_type` (no quotes or backslashes in it).
+    pub fn typed(
+        addr: SocketAddr,
+        conn: usize,
+        body_bytes: usize,
+        count: usize,
+        event_type: &str,
+    ) -> Self {
+        let start = Self::body_start(conn, event_type);
         let fixed = start.len() + COUNTER_DIGITS + BODY_MIDDLE.len() + BODY_END.len();
         let pad = body_bytes.saturating_sub(fixed);
         let count = count.max(1);

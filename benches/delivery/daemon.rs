@@ -28,12 +28,17 @@ pub(crate) fn config_text(opts: &Options, url: &str, backlog: bool, node: usize)
              [cluster]\nnode_id = \"bench-node-{node}\"\n\n"
         ));
     }
-    t.push_str("[delivery]\nallow_private_networks = true\n\n");
-    t.push_str(&format!(
-        "[[subscriptions]]\nid = \"{SUBSCRIPTION}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
-         max_in_flight = {}\nretry = {{ max_attempts = 10, initial = \"1h\", max = \"2h\" }}\n",
-        opts.max_in_flight()
-    ));
+    t.push_str("[delivery]\nallow_private_networks = true\n");
+    for (id, event_type) in opts.subscriptions() {
+        t.push_str(&format!(
+            "\n[[subscriptions]]\nid = \"{id}\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n\
+             max_in_flight = {}\nretry = {{ max_attempts = 10, initial = \"1h\", max = \"2h\" }}\n",
+            opts.max_in_flight()
+        ));
+        if let Some(types) = event_type {
+            t.push_str(&format!("event_types = [\"{types}\"]\n"));
+        }
+    }
     if backlog {
         // Every attempt fails: a breaker that opens would defer them without attempting.
         t.push_str("breaker = { failure_threshold = 4000000000, min_requests = 4000000000 }\n");
@@ -107,16 +112,29 @@ pub(crate) async fn start_more_nodes(opts: &Options, url: &str) -> Result<Vec<(W
     Ok(out)
 }
 
-/// Cluster mode: waits until the subscription's lease is where the hashing puts it among all
-/// the nodes, with no hand-over under way, so that the window measures a settled cluster
+/// Cluster mode: waits until every subscription's lease is where the hashing puts it among
+/// all the nodes, with no hand-over under way, so that the window measures a settled cluster
 /// rather than a node joining. `addrs[i]` is `bench-node-{i}`.
-pub(crate) async fn settle_leases(addrs: &[SocketAddr]) -> Result<()> {
+pub(crate) async fn settle_leases(opts: &Options, addrs: &[SocketAddr]) -> Result<()> {
     let names: Vec<String> = (0..addrs.len())
         .map(|i| format!("bench-node-{i}"))
         .collect();
-    let owner = dispatchd::storage::postgres::leases::owner(SUBSCRIPTION, &names)
-        .and_then(|o| names.iter().position(|n| n == o))
-        .context("no owner for the subscription")?;
+    // How many leases each node should end up with.
+    let mut share = vec![0_usize; names.len()];
+    for (id, _) in opts.subscriptions() {
+        let owner = dispatchd::storage::postgres::leases::owner(&id, &names)
+            .and_then(|o| names.iter().position(|n| n == o))
+            .with_context(|| format!("no owner for subscription {id}"))?;
+        if let Some(s) = share.get_mut(owner) {
+            *s += 1;
+        }
+    }
+    let placed = share
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("bench-node-{i} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60);
     loop {
@@ -127,17 +145,18 @@ pub(crate) async fn settle_leases(addrs: &[SocketAddr]) -> Result<()> {
             let moving = m
                 .value("dispatchd_cluster_leases_handing_over")
                 .unwrap_or(0.0);
-            settled &= held == f64::from(u8::from(i == owner)) && moving == 0.0;
+            let want = share.get(i).copied().unwrap_or(0);
+            settled &= held == want as f64 && moving == 0.0;
         }
         if settled {
             println!(
-                "  cluster: the subscription's lease settled on bench-node-{owner} {:.1} s after the last node was ready",
+                "  cluster: the leases settled ({placed}) {:.1} s after the last node was ready",
                 started.elapsed().as_secs_f64()
             );
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("the subscription's lease did not settle on bench-node-{owner} within 60 s");
+            bail!("the leases did not settle ({placed}) within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -153,7 +153,11 @@ usage: cargo bench --bench delivery -- [throughput|latency|backlog] [options]
   --postgres-url URL   cluster mode: run the daemon on this PostgreSQL database (an empty
                        one; benches/cluster.sh starts a server and makes one per run)
   --nodes N            cluster mode: daemons sharing the database, publishers spread over
-                       them round-robin (default 1)";
+                       them round-robin (default 1)
+  --destinations N     throughput, latency: N subscriptions to the receiver, each taking one
+                       event type; the connections publish the types in turn, so every event
+                       has one delivery (default 1; in cluster mode the leases spread them
+                       over the nodes)";
 
 /// The subscription's secret; the receiver verifies signatures with it.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -214,6 +218,8 @@ struct Options {
     postgres_url: Option<String>,
     /// Cluster mode: how many nodes.
     nodes: usize,
+    /// Subscriptions, each taking one event type (`Options::subscriptions`).
+    destinations: usize,
 }
 
 impl Mode {
@@ -246,6 +252,47 @@ impl Options {
             Mode::Throughput | Mode::Latency => 1,
             Mode::Backlog => 500,
         })
+    }
+
+    /// The subscriptions, with the event type each takes: one (`SUBSCRIPTION`, every event)
+    /// or `destinations` of them, `bench.d{i}` each. Their ids are picked so that the leases
+    /// split evenly over the nodes (`bench-node-{i}`): the bench measures destinations spread
+    /// over a cluster, not how a few ids happen to hash.
+    fn subscriptions(&self) -> Vec<(String, Option<String>)> {
+        if self.destinations <= 1 {
+            return vec![(SUBSCRIPTION.to_string(), None)];
+        }
+        let nodes: Vec<String> = (0..self.nodes.max(1))
+            .map(|i| format!("bench-node-{i}"))
+            .collect();
+        let mut share = vec![0_usize; nodes.len()];
+        let mut out = Vec::with_capacity(self.destinations);
+        for k in 0..100_000 {
+            if out.len() == self.destinations {
+                break;
+            }
+            let id = format!("{SUBSCRIPTION}-{k}");
+            let owner = dispatchd::storage::postgres::leases::owner(&id, &nodes)
+                .and_then(|o| nodes.iter().position(|n| n == o));
+            let fewest = share.iter().copied().min().unwrap_or(0);
+            if let Some(o) = owner
+                && share.get(o) == Some(&fewest)
+            {
+                share[o] += 1;
+                out.push((id, Some(format!("bench.d{}", out.len()))));
+            }
+        }
+        out
+    }
+
+    /// The event type connection `conn` publishes. Connections go to the nodes round-robin,
+    /// so the types are dealt over each node's share in turn: every node publishes to every
+    /// destination.
+    fn event_type(&self, conn: usize) -> String {
+        if self.destinations <= 1 {
+            return EventRequest::EVENT_TYPE.to_string();
+        }
+        format!("bench.d{}", (conn / self.nodes.max(1)) % self.destinations)
     }
 
     fn connections(&self) -> usize {
@@ -287,6 +334,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         wait_secs: 1200,
         postgres_url: None,
         nodes: 1,
+        destinations: 1,
     };
     let mut mode_seen = false;
     common::args::parse(args, USAGE, |flag, value| {
@@ -337,6 +385,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 }
                 o.nodes = usize::try_from(n)?;
             }
+            "--destinations" => {
+                let n = positive(flag, &value()?)?;
+                if n > 64 {
+                    bail!("--destinations: at most 64");
+                }
+                o.destinations = usize::try_from(n)?;
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -346,6 +401,9 @@ fn parse_options(args: &[String]) -> Result<Options> {
     }
     if o.nodes > 1 && o.mode == Mode::Backlog {
         bail!("--nodes: the backlog mode runs one node");
+    }
+    if o.destinations > 1 && o.mode == Mode::Backlog {
+        bail!("--destinations: the backlog mode has one destination");
     }
     if o.mode == Mode::Latency && o.batch() > 1 {
         bail!("--batch: latency publishes one event per request");

@@ -28,18 +28,18 @@ impl PubStats {
     }
 }
 
-/// Runs `conns` publishing connections until the window ends: closed loops, or paced by
+/// Runs the mode's publishing connections until the window ends: closed loops, or paced by
 /// `pace` = (common start, period per connection).
 pub(crate) async fn run_publishers(
     addrs: &[SocketAddr],
-    conns: usize,
-    body_bytes: usize,
+    opts: &Options,
     batch: usize,
     window: Window,
     pace: Option<(Instant, Duration)>,
 ) -> Result<PubStats> {
     let sent = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
+    let conns = opts.connections();
     for id in 0..conns {
         let Some(&addr) = addrs.get(id % addrs.len().max(1)) else {
             bail!("no daemon to publish to");
@@ -55,7 +55,7 @@ pub(crate) async fn run_publishers(
             window,
             ticker,
             sent.clone(),
-            EventRequest::batch(addr, id, body_bytes, batch),
+            EventRequest::typed(addr, id, opts.body_bytes, batch, &opts.event_type(id)),
         ));
     }
     let mut total = PubStats::default();

@@ -22,8 +22,18 @@ pub(crate) fn print_setup(opts: &Options, work: &Workdir, url: &str) {
         work.data_dir().display(),
         opts.cache_size.as_deref().unwrap_or("default")
     );
+    let subs = opts.subscriptions();
+    let named = match subs.as_slice() {
+        [(id, None)] => format!("subscription {id:?}"),
+        _ => format!(
+            "{} subscriptions {:?}..{:?}, one event type each (bench.d0..), spread over the connections",
+            subs.len(),
+            subs.first().map(|s| s.0.as_str()).unwrap_or_default(),
+            subs.last().map(|s| s.0.as_str()).unwrap_or_default()
+        ),
+    };
     println!(
-        "  subscription {SUBSCRIPTION:?} -> {url}, max_in_flight {}, retry initial 1h max 2h",
+        "  {named} -> {url}, max_in_flight {}, retry initial 1h max 2h",
         opts.max_in_flight()
     );
 }

@@ -37,7 +37,7 @@ impl Run {
             others,
         };
         if !run.others.is_empty() {
-            settle_leases(&run.addrs()).await?;
+            settle_leases(opts, &run.addrs()).await?;
         }
         Ok(run)
     }
@@ -64,8 +64,7 @@ impl Run {
         let sampler = WindowSampler::spawn(self.daemon.addr, self.daemon.pid(), window);
         let pubs = run_publishers(
             &self.addrs(),
-            opts.connections(),
-            opts.body_bytes,
+            opts,
             batch,
             window,
             pace.map(|period| (t0, period)),
