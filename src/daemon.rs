@@ -418,7 +418,10 @@ async fn open_storage(
             };
             tracing::info!(node = %pg.node_id, lease = ?pg.lease, "cluster mode: PostgreSQL backend");
             Ok(Storage {
-                store: Store::Postgres(postgres::PgStore::new(shared.clone())),
+                store: Store::Postgres(
+                    postgres::PgStore::new(shared.clone())
+                        .with_context(|| format!("cannot open PostgreSQL database {location}"))?,
+                ),
                 writer: crate::storage::writer::WriterHandle::Postgres(
                     postgres::writer::PgWriter::spawn(shared.clone(), Some(due_tx)),
                 ),

@@ -1255,7 +1255,10 @@ async fn a_destination_read_answers_what_it_was_read_for_without_another_query()
     }
     let id = |d: i64| u64::try_from(d).unwrap_or(0);
     let gone = id(d3) + 1000;
-    let store = Store::Postgres(PgStore::new(shared(&url)));
+    let store = match PgStore::new(shared(&url)) {
+        Ok(s) => Store::Postgres(s),
+        Err(e) => panic!("{e}"),
+    };
     // d1 is asked for twice, the second time without its event (as a FIFO head is).
     let ids = [
         (id(d1), true),

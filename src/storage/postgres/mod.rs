@@ -57,9 +57,21 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 
 /// Opens a pool of `size` connections to `url` (made as they are first needed).
 pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
-    let config: tokio_postgres::Config = url
+    pool_with(url, size, None)
+}
+
+/// As `pool`, each session started with these server settings too (`-c name=value …`).
+pub fn pool_with(url: &str, size: usize, settings: Option<&str>) -> Result<Pool, StoreError> {
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| StoreError::Postgres(e.to_string()))?;
+    if let Some(s) = settings {
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {s}"),
+            _ => s.to_string(),
+        };
+        config.options(&options);
+    }
     let manager = deadpool_postgres::Manager::from_config(
         config,
         tokio_postgres::NoTls,
