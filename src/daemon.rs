@@ -389,7 +389,10 @@ async fn open_storage(
         crate::config::Backend::Postgres(pg) => {
             use crate::storage::postgres;
             let location = database_name(&pg.url);
-            let pool = postgres::pool(&pg.url, pg.pool)
+            // A quarter of the node's connections (at least one) serve its destination tasks'
+            // reads (`PgStore::new`), the rest everything else.
+            let queue_reads = (pg.pool / 4).max(1);
+            let pool = postgres::pool(&pg.url, pg.pool.saturating_sub(queue_reads).max(1))
                 .with_context(|| format!("cannot use PostgreSQL database {location}"))?;
             {
                 let mut c = pool
@@ -419,7 +422,7 @@ async fn open_storage(
             tracing::info!(node = %pg.node_id, lease = ?pg.lease, "cluster mode: PostgreSQL backend");
             Ok(Storage {
                 store: Store::Postgres(
-                    postgres::PgStore::new(shared.clone())
+                    postgres::PgStore::new(shared.clone(), queue_reads)
                         .with_context(|| format!("cannot open PostgreSQL database {location}"))?,
                 ),
                 writer: crate::storage::writer::WriterHandle::Postgres(

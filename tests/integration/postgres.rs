@@ -1255,7 +1255,7 @@ async fn a_destination_read_answers_what_it_was_read_for_without_another_query()
     }
     let id = |d: i64| u64::try_from(d).unwrap_or(0);
     let gone = id(d3) + 1000;
-    let store = match PgStore::new(shared(&url)) {
+    let store = match PgStore::new(shared(&url), 2) {
         Ok(s) => Store::Postgres(s),
         Err(e) => panic!("{e}"),
     };

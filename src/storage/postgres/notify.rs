@@ -150,10 +150,10 @@ const ANNOUNCE_QUEUE: usize = 4096;
 /// Payloads sent in one statement at most.
 const ANNOUNCE_BATCH: usize = 4096;
 
-/// Sends work notifications for transactions that have committed, on a connection of its
-/// own, off the committing task's path: every announcement waiting goes in one statement,
-/// which notifies in a transaction that writes nothing and so waits for no WAL flush.
-/// Cheap to clone.
+/// Sends work notifications for transactions that have committed, off the committing task's
+/// path: every announcement waiting goes in one statement, on a pooled connection (handed
+/// back after it), which notifies in a transaction that writes nothing and so waits for no
+/// WAL flush. Cheap to clone.
 #[derive(Clone)]
 pub struct Announcer {
     tx: mpsc::Sender<Vec<String>>,
@@ -183,7 +183,6 @@ async fn announce_all(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     mut rx: mpsc::Receiver<Vec<String>>,
 ) {
-    let mut conn: Option<deadpool_postgres::Object> = None;
     while let Some(mut payloads) = rx.recv().await {
         while payloads.len() < ANNOUNCE_BATCH {
             match rx.try_recv() {
@@ -191,18 +190,10 @@ async fn announce_all(
                 Err(_) => break,
             }
         }
-        let c = match conn.take() {
-            Some(c) => Ok(c),
-            None => pool.get().await,
-        };
-        let sent = match c {
-            Ok(c) => match notify_all(&c, &payloads).await {
-                Ok(_) => {
-                    conn = Some(c);
-                    Ok(())
-                }
-                Err(e) => Err(super::describe(&e)),
-            },
+        let sent = match pool.get().await {
+            Ok(c) => notify_all(&c, &payloads)
+                .await
+                .map_err(|e| super::describe(&e)),
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = sent {

@@ -155,14 +155,11 @@ const QUEUE_READ_SETTINGS: &str =
     "-c enable_seqscan=off -c enable_hashjoin=off -c enable_mergejoin=off";
 
 impl PgStore {
-    /// Reads through `shared`'s pool, and the destination tasks' reads through a pool of the
-    /// same size of their own.
-    pub fn new(shared: Shared) -> Result<Self, StoreError> {
-        let queue_reads = super::pool_with(
-            &shared.url,
-            shared.pool.status().max_size,
-            Some(QUEUE_READ_SETTINGS),
-        )?;
+    /// Reads through `shared`'s pool, and the destination tasks' reads through a pool of
+    /// `queue_reads` connections of their own.
+    pub fn new(shared: Shared, queue_reads: usize) -> Result<Self, StoreError> {
+        let queue_reads =
+            super::pool_with(&shared.url, queue_reads.max(1), Some(QUEUE_READ_SETTINGS))?;
         Ok(Self {
             shared,
             queue_reads,
