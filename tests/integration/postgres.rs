@@ -729,10 +729,11 @@ async fn a_group_of_outcomes_keeps_one_streak_per_destination_and_fences_by_epoc
         ])
         .await;
     assert!(published.is_ok(), "{published:?}");
-    let mut ids = Vec::new();
-    for id in ["s-1", "s-2", "s-3", "s-4"] {
-        ids.push(delivery_of(&c, id).await.0);
-    }
+    let ids: Vec<i64> = deliveries_of(&c, &["s-1", "s-2", "s-3", "s-4"])
+        .await
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
     let lease = Duration::from_secs(10);
     let dests = vec!["crm".to_string(), "erp".to_string()];
     let now = dispatchd::clock::now_micros();
@@ -835,6 +836,15 @@ async fn delivery_of(c: &tokio_postgres::Client, id: &str) -> (i64, i64) {
         Ok(r) => (r.get(0), r.get(1)),
         Err(e) => panic!("{id}: {e}"),
     }
+}
+
+/// `delivery_of` for each of these events, in order.
+async fn deliveries_of(c: &tokio_postgres::Client, ids: &[&str]) -> Vec<(i64, i64)> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(delivery_of(c, id).await);
+    }
+    out
 }
 
 /// Deliveries whose event is gone, and attempts whose delivery is gone.
@@ -1235,10 +1245,7 @@ async fn a_destination_read_answers_what_it_was_read_for_without_another_query()
         ])
         .await;
     assert!(published.is_ok(), "{published:?}");
-    let mut rows = Vec::new();
-    for id in ["s-1", "s-2", "s-3"] {
-        rows.push(delivery_of(&c, id).await);
-    }
+    let rows = deliveries_of(&c, &["s-1", "s-2", "s-3"]).await;
     let [(d1, e1), (d2, e2), (d3, _)] = rows[..] else {
         panic!("{rows:?}")
     };
@@ -1310,10 +1317,7 @@ async fn operators_meeting_retention_wait_and_live_work_keeps_its_event() {
         let published = w.publish(vec![event(id, None, &["crm"])]).await;
         assert!(published.is_ok(), "{published:?}");
     }
-    let mut rows = Vec::new();
-    for id in ["q-0", "q-1"] {
-        rows.push(delivery_of(&c, id).await);
-    }
+    let rows = deliveries_of(&c, &["q-0", "q-1"]).await;
     let [(_, seq0), (d1, seq1)] = rows[..] else {
         panic!("{rows:?}")
     };

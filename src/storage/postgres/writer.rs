@@ -805,20 +805,26 @@ async fn insert_events(
         }
         // Deliveries for the destinations held here go to this node's scheduler, each with
         // its event at hand (one copy per event); the others are work to announce.
-        let mut held: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
+        // Per destination: `None` if held here, else where its work is in `elsewhere`.
+        let mut placed: std::collections::HashMap<&str, Option<usize>> =
+            std::collections::HashMap::new();
         for r in made {
             let seq: i64 = col(r, 2)?;
             let sub: &str = col(r, 3)?;
-            if !*held.entry(sub).or_insert_with(|| shared.leases.holds(sub)) {
-                let delivery = u64::try_from(col::<i64>(r, 1)?).unwrap_or(0);
-                let prio: i16 = col(r, 4)?;
-                match elsewhere.iter_mut().find(|w| w.destination == sub) {
-                    Some(w) => w.deliveries.push((delivery, prio)),
-                    None => elsewhere.push(Work {
+            let place = *placed.entry(sub).or_insert_with(|| {
+                (!shared.leases.holds(sub)).then(|| {
+                    elsewhere.push(Work {
                         destination: sub.to_string(),
                         at: now,
-                        deliveries: vec![(delivery, prio)],
-                    }),
+                        deliveries: Vec::new(),
+                    });
+                    elsewhere.len() - 1
+                })
+            });
+            if let Some(i) = place {
+                let delivery = u64::try_from(col::<i64>(r, 1)?).unwrap_or(0);
+                if let Some(w) = elsewhere.get_mut(i) {
+                    w.deliveries.push((delivery, col(r, 4)?));
                 }
                 continue;
             }
