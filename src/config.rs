@@ -755,8 +755,15 @@ pub fn validate(
                     String::new()
                 }
             };
-            if raw.storage.postgres_pool < 2 || raw.storage.postgres_pool > 1000 {
-                c.err(None, "storage.postgres_pool", "must be between 2 and 1000");
+            // A node keeps two connections for its group commits (publishes, outcomes) and
+            // gives a quarter to its destinations' reads; fewer than six would leave its
+            // lease rounds, scans and API reads waiting on the pool.
+            if raw.storage.postgres_pool < 6 || raw.storage.postgres_pool > 1000 {
+                c.err(
+                    None,
+                    "storage.postgres_pool",
+                    "must be between 6 and 1000 (a node keeps two for its group commits and a quarter for its destinations' reads)",
+                );
             }
             let lease = raw.cluster.lease.0;
             if lease < Duration::from_secs(1) || lease > Duration::from_secs(3600) {
@@ -1178,6 +1185,20 @@ retry = { max_attempts = 8, initial = "5s", max = "1h" }
             e.contains("cluster.lease") && e.contains("cluster.scan_interval"),
             "{e}"
         );
+        let pool = |n: u32| {
+            format!(
+                "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://h/db\"\npostgres_pool = {n}\n"
+            )
+        };
+        let e = errors(&pool(5));
+        assert!(
+            e.contains("storage.postgres_pool") && e.contains("6"),
+            "{e}"
+        );
+        match parse_ok(&pool(6)).backend {
+            Backend::Postgres(p) => assert_eq!(p.pool, 6),
+            other => panic!("{other:?}"),
+        }
         let c = parse_ok(
             "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://u:pw@h:5433/db\"\n\
              [cluster]\nnode_id = \"node-a\"\nlease = \"5s\"\n",
