@@ -762,7 +762,29 @@ async fn fifo_order_holds_across_a_restart(b: Backend) {
     drop(tmp);
 }
 
+/// `dispatchd_scheduled_deliveries` counts the deliveries waiting in the durable schedule
+/// (counted off the scheduler's own task, every 5 s).
+async fn the_schedule_gauge_counts_deliveries_waiting_to_retry(b: Backend) {
+    let rx = Receiver::start().await;
+    rx.script([Reply::Status(500), Reply::Status(500), Reply::Status(500)]);
+    let s = Sub::new("s", &rx.url("/")).retry(5, "1h", "2h").to_toml();
+    let d = b.start(&config(&s));
+    for _ in 0..3 {
+        d.publish("a.b", json!({})).await;
+    }
+    rx.wait_for(3, WAIT).await;
+    eventually("three deliveries in the schedule gauge", || async {
+        let text = d.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("dispatchd_scheduled_deliveries "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|n| *n == 3.0)
+    })
+    .await;
+}
+
 crate::both!(
+    the_schedule_gauge_counts_deliveries_waiting_to_retry,
     delivers_a_signed_standard_webhook,
     retries_until_the_receiver_recovers,
     dead_letters_after_max_attempts,
