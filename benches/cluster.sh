@@ -7,17 +7,25 @@
 # receiver in the bench process), which also measures a bare hyper server with a reqwest
 # client in the same process, as the reference to quote ratios against.
 #
-#   bash benches/cluster.sh [SECONDS] [DESTINATIONS]   # default 10 s per run, 1 destination
+#   bash benches/cluster.sh [SECONDS] [DESTINATIONS] [WORKERS]
+#                               # default 10 s per run, 1 destination, workers one per CPU
 #
 # With DESTINATIONS > 1 the events are spread over that many subscriptions (one event type
 # each), whose leases spread over the nodes: every node then delivers, and every node's
 # publishes make work for destinations another node holds.
+#
+# WORKERS sets each node's runtime worker threads (TOKIO_WORKER_THREADS). By default every
+# node has one per CPU, so two nodes on this machine run twice the threads of one on the
+# same cores, beside the database and the load; WORKERS=1 on a 2-CPU machine gives each of
+# two nodes its share of the machine instead.
 #
 # Not part of `cargo test`. Needs PostgreSQL's server programs (apt-get install postgresql).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"
 DESTINATIONS="${2:-1}"
+WORKERS=()
+if [ -n "${3:-}" ]; then WORKERS=(--node-workers "$3"); fi
 
 bin=""
 for d in $(command -v initdb >/dev/null 2>&1 && dirname "$(command -v initdb)") /usr/lib/postgresql/*/bin; do
@@ -54,12 +62,15 @@ for nodes in 1 2; do
   # does not fall in the second run's window only.
   psql_q "CHECKPOINT" >/dev/null
   lsn0=$(psql_q "SELECT pg_current_wal_lsn()")
-  cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" --destinations "$DESTINATIONS" \
+  psql_q "SELECT pg_stat_reset_shared('wal')" >/dev/null
+  cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" --destinations "$DESTINATIONS" "${WORKERS[@]}" \
     --postgres-url "postgres://dispatchd@127.0.0.1:$port/$db" --nodes "$nodes"
   # What the database wrote for it: WAL per event (published and delivered) and table sizes.
   events=$(psql_q "SELECT count(*) FROM events")
   wal=$(psql_q "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn0')::bigint")
-  echo "postgresql: $events events, WAL $((wal / 1048576)) MiB, $((wal / (events > 0 ? events : 1))) bytes per event;" \
+  syncs=$(psql_q "SELECT wal_sync FROM pg_stat_wal")
+  echo "postgresql: $events events, WAL $((wal / 1048576)) MiB, $((wal / (events > 0 ? events : 1))) bytes per event," \
+    "$syncs WAL flushes ($((syncs * 1000 / (events > 0 ? events : 1))) per 1000 events);" \
     "database $(psql_q "SELECT pg_size_pretty(pg_database_size(current_database()))")"
   # Dropped, so autovacuum does not work through it during the next run.
   as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U dispatchd -d postgres -qc "DROP DATABASE $db" >/dev/null

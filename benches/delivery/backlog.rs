@@ -130,7 +130,7 @@ pub(crate) async fn backlog(opts: &Options) -> Result<()> {
         stopped.as_secs_f64()
     );
 
-    let restarted = start_daemon(&work).await?;
+    let restarted = start_daemon(&work, opts.node_workers).await?;
     let ready_at = wait_ready(restarted.addr, restarted.spawned + START_TIMEOUT).await?;
     let to_ready = ready_at.saturating_duration_since(restarted.spawned);
     println!(

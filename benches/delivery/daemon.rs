@@ -75,10 +75,15 @@ impl Workdir {
 /// The real daemon, on a loopback port.
 pub(crate) type Daemon = Listening;
 
-/// Starts the daemon on `work`'s config and data directory.
-pub(crate) async fn start_daemon(work: &Workdir) -> Result<Daemon> {
+/// Starts the daemon on `work`'s config and data directory, with `workers` runtime worker
+/// threads when given (`TOKIO_WORKER_THREADS`; the daemon's default is one per CPU).
+pub(crate) async fn start_daemon(work: &Workdir, workers: Option<usize>) -> Result<Daemon> {
     common::proc::start_daemon(&work.data_dir(), |cmd| {
         cmd.arg("--config").arg(&work.config).env_remove("RUST_LOG");
+        match workers {
+            Some(n) => cmd.env("TOKIO_WORKER_THREADS", n.to_string()),
+            None => cmd.env_remove("TOKIO_WORKER_THREADS"),
+        };
     })
     .await
 }
@@ -87,7 +92,7 @@ pub(crate) async fn start_daemon(work: &Workdir) -> Result<Daemon> {
 /// waits until it is ready, and prints the run's title and setup.
 pub(crate) async fn start_run(opts: &Options, url: &str) -> Result<(Workdir, Daemon)> {
     let work = Workdir::new(&config_text(opts, url, opts.mode == Mode::Backlog, 0))?;
-    let daemon = start_daemon(&work).await?;
+    let daemon = start_daemon(&work, opts.node_workers).await?;
     wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
     println!("dispatchd delivery benchmark: {}", opts.mode.name());
     print_setup(opts, &work, url);
@@ -99,7 +104,7 @@ pub(crate) async fn start_more_nodes(opts: &Options, url: &str) -> Result<Vec<(W
     let mut out = Vec::new();
     for node in 1..opts.nodes {
         let work = Workdir::new(&config_text(opts, url, false, node))?;
-        let daemon = start_daemon(&work).await?;
+        let daemon = start_daemon(&work, opts.node_workers).await?;
         wait_ready(daemon.addr, Instant::now() + START_TIMEOUT).await?;
         out.push((work, daemon));
     }

@@ -157,7 +157,10 @@ usage: cargo bench --bench delivery -- [throughput|latency|backlog] [options]
   --destinations N     throughput, latency: N subscriptions to the receiver, each taking one
                        event type; the connections publish the types in turn, so every event
                        has one delivery (default 1; in cluster mode the leases spread them
-                       over the nodes)";
+                       over the nodes)
+  --node-workers N     runtime worker threads of each daemon (TOKIO_WORKER_THREADS; default
+                       one per CPU): nodes sharing this machine can be sized to their share
+                       of it";
 
 /// The subscription's secret; the receiver verifies signatures with it.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -220,6 +223,8 @@ struct Options {
     nodes: usize,
     /// Subscriptions, each taking one event type (`Options::subscriptions`).
     destinations: usize,
+    /// Runtime worker threads of each daemon (`None`: the daemon's default, one per CPU).
+    node_workers: Option<usize>,
 }
 
 impl Mode {
@@ -335,6 +340,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         postgres_url: None,
         nodes: 1,
         destinations: 1,
+        node_workers: None,
     };
     let mut mode_seen = false;
     common::args::parse(args, USAGE, |flag, value| {
@@ -391,6 +397,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     bail!("--destinations: at most 64");
                 }
                 o.destinations = usize::try_from(n)?;
+            }
+            "--node-workers" => {
+                let n = positive(flag, &value()?)?;
+                if n > 64 {
+                    bail!("--node-workers: at most 64");
+                }
+                o.node_workers = Some(usize::try_from(n)?);
             }
             _ => return Ok(false),
         }

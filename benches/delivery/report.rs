@@ -18,9 +18,13 @@ pub(crate) fn ms(h: &Histogram, q: f64) -> String {
 
 pub(crate) fn print_setup(opts: &Options, work: &Workdir, url: &str) {
     println!(
-        "  dispatchd: release build, data dir {} (one journal fsync per group commit), storage.cache_size {}",
+        "  dispatchd: release build, data dir {} (one journal fsync per group commit), storage.cache_size {}, {}",
         work.data_dir().display(),
-        opts.cache_size.as_deref().unwrap_or("default")
+        opts.cache_size.as_deref().unwrap_or("default"),
+        match opts.node_workers {
+            Some(n) => format!("{n} runtime worker thread(s) per node"),
+            None => "runtime worker threads one per CPU".to_owned(),
+        }
     );
     let subs = opts.subscriptions();
     let named = match subs.as_slice() {

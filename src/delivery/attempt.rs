@@ -360,8 +360,9 @@ pub fn outcome(
     }
 }
 
-/// Records a run of outcomes through the writer, in one command and one commit.
-pub async fn record(writer: WriterHandle, outcomes: Vec<Outcome>) -> Recorded {
+/// Records a run of outcomes through the writer, in one command and one commit; `awaited`:
+/// the destination starts nothing until it is recorded (FIFO).
+pub async fn record(writer: WriterHandle, outcomes: Vec<Outcome>, awaited: bool) -> Recorded {
     let mut records = Vec::with_capacity(outcomes.len());
     let mut finished = Vec::with_capacity(outcomes.len());
     for mut o in outcomes {
@@ -375,7 +376,7 @@ pub async fn record(writer: WriterHandle, outcomes: Vec<Outcome>) -> Recorded {
         });
         records.push(o.record);
     }
-    let result = writer.record_attempts(records).await;
+    let result = writer.record_outcomes(records, awaited).await;
     if let Err(e) = &result {
         tracing::error!(attempts = finished.len(), error = %e, "cannot record attempts; they will be repeated");
     }

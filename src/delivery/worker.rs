@@ -699,8 +699,10 @@ impl Worker {
         self.unrecorded += outcomes.len();
         let jobs = outcomes.iter().map(|o| o.job.without_event()).collect();
         let writer = self.dest.writer.clone();
+        // FIFO starts nothing until this is recorded; unordered attempts go on meanwhile.
+        let awaited = self.dest.sub.ordering == Ordering::Fifo;
         self.recording
-            .spawn(attempt::record(writer, outcomes), jobs);
+            .spawn(attempt::record(writer, outcomes, awaited), jobs);
     }
 
     /// Outcomes that did not reach the disk: their deliveries go again shortly.

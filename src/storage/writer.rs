@@ -77,9 +77,24 @@ impl WriterHandle {
         both!(self, w => w.ingest(receipt, event).await)
     }
 
-    /// Records finished attempts (on PostgreSQL, only while this node holds the lease).
+    /// Records finished attempts (on PostgreSQL, only while this node holds the lease),
+    /// committed as soon as the writer gets to them.
     pub async fn record_attempts(&self, records: Vec<AttemptRecord>) -> Result<(), WriteError> {
-        both!(self, w => w.record_attempts(records).await)
+        self.record_outcomes(records, true).await
+    }
+
+    /// Records finished attempts; `awaited` says whether their destination waits for the
+    /// commit before its next attempt (FIFO). On PostgreSQL outcomes nothing waits on may be
+    /// held a few milliseconds to share a commit with others.
+    pub async fn record_outcomes(
+        &self,
+        records: Vec<AttemptRecord>,
+        awaited: bool,
+    ) -> Result<(), WriteError> {
+        match self {
+            WriterHandle::Embedded(w) => w.record_attempts(records).await,
+            WriterHandle::Postgres(w) => w.record_attempts(records, awaited).await,
+        }
     }
 
     /// Moves a delivery to a new due time without spending an attempt.

@@ -39,6 +39,11 @@ use crate::storage::writer::{
 /// Publishes taken into one transaction at most.
 const MAX_BATCH: usize = 1024;
 
+/// How long the outcomes' task may hold outcomes that no destination waits on (see
+/// `Linger`), and how many it holds at most.
+const OUTCOME_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+const OUTCOME_LINGER_UNTIL: usize = 64;
+
 /// How long a group-commit task keeps its connection's prepared statements. After five runs
 /// PostgreSQL keeps a prepared statement's generic plan, and one made while a table was small
 /// (a new cluster's first seconds) would, for the outcomes' `UPDATE … FROM unnest(…)`, scan
@@ -87,7 +92,42 @@ struct Record {
     destination: Arc<str>,
     epoch: i64,
     records: Vec<AttemptRecord>,
+    /// Its destination waits for this commit before the next attempt (FIFO): no lingering.
+    awaited: bool,
     reply: oneshot::Sender<Result<Recorded, PgWriteError>>,
+}
+
+/// How a group-commit task gathers a batch once it has the first command. Publishes take
+/// what is waiting: their senders wait for the answer. Outcomes of destinations that do not
+/// wait on them (unordered) wait up to `OUTCOME_LINGER` for more, until
+/// `OUTCOME_LINGER_UNTIL` are waiting or one that is awaited comes: each node commits its
+/// outcomes apart, so that a cluster taking the whatever-is-waiting batch of one node would
+/// make as many outcome statements per event as it has nodes (measured: 10 outcomes per
+/// statement on each of two nodes against 32 on one, and two nodes 25-30% below one with
+/// their destinations spread; lingering, 12%).
+#[derive(Clone, Copy)]
+enum Linger {
+    No,
+    Outcomes,
+}
+
+impl Linger {
+    /// Whether `batch` should wait for more.
+    fn waits(self, batch: &[Cmd]) -> bool {
+        match self {
+            Linger::No => false,
+            Linger::Outcomes => {
+                let mut n = 0;
+                for c in batch {
+                    match c {
+                        Cmd::Record(r) if !r.awaited => n += r.records.len(),
+                        _ => return false,
+                    }
+                }
+                n < OUTCOME_LINGER_UNTIL && batch.len() < MAX_BATCH
+            }
+        }
+    }
 }
 
 /// What the group-commit tasks take. Publishes and attempt outcomes go to two tasks of their
@@ -156,8 +196,8 @@ impl PgWriter {
             due,
             commits: Arc::default(),
         };
-        tokio::spawn(w.clone().run(rx));
-        tokio::spawn(w.clone().run(outcomes_rx));
+        tokio::spawn(w.clone().run(rx, Linger::No));
+        tokio::spawn(w.clone().run(outcomes_rx, Linger::Outcomes));
         w
     }
 
@@ -219,7 +259,7 @@ impl PgWriter {
             .map_err(WriteError::from)
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Cmd>) {
+    async fn run(self, mut rx: mpsc::Receiver<Cmd>, linger: Linger) {
         let mut conn: Option<deadpool_postgres::Object> = None;
         let mut planned = crate::clock::Instant::now();
         while let Some(first) = rx.recv().await {
@@ -228,6 +268,13 @@ impl PgWriter {
                 match rx.try_recv() {
                     Ok(p) => batch.push(p),
                     Err(_) => break,
+                }
+            }
+            let until = tokio::time::Instant::now() + OUTCOME_LINGER;
+            while linger.waits(&batch) {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(c)) => batch.push(c),
+                    Ok(None) | Err(_) => break,
                 }
             }
             let (mut publishes, mut records) = (Vec::new(), Vec::new());
@@ -343,7 +390,13 @@ impl PgWriter {
     }
 
     /// Records one destination's finished attempts, fenced by this node's lease on it.
-    pub async fn record_attempts(&self, records: Vec<AttemptRecord>) -> Result<(), WriteError> {
+    /// `awaited`: the destination waits for this commit before its next attempt (FIFO), so
+    /// it is not held back to share a commit with later outcomes (`Linger`).
+    pub async fn record_attempts(
+        &self,
+        records: Vec<AttemptRecord>,
+        awaited: bool,
+    ) -> Result<(), WriteError> {
         self.open()?;
         let mut by_dest: Vec<(Arc<str>, Vec<AttemptRecord>)> = Vec::new();
         for r in records {
@@ -365,6 +418,7 @@ impl PgWriter {
                     destination: dest.clone(),
                     epoch,
                     records,
+                    awaited,
                     reply,
                 }),
             )?;
@@ -1312,5 +1366,57 @@ mod tests {
         let unique: Vec<(&NewEvent, Option<&str>)> = evs[..3].iter().map(|e| (e, None)).collect();
         assert_eq!(segments(&unique), vec![0..3]);
         assert!(segments(&[]).is_empty());
+    }
+
+    /// A run of `n` outcomes of `destination`; `awaited` as FIFO sends them.
+    fn record(destination: &str, n: usize, awaited: bool) -> Cmd {
+        let one = AttemptRecord {
+            delivery: 1,
+            subscription: destination.into(),
+            attempt: crate::model::Attempt {
+                started_at: 0,
+                duration_us: 0,
+                status_code: Some(200),
+                error: None,
+                response_body: String::new(),
+            },
+            error: None,
+            next: crate::storage::writer::Next::Succeeded,
+        };
+        Cmd::Record(Record {
+            destination: destination.into(),
+            epoch: 1,
+            records: vec![one; n],
+            awaited,
+            reply: oneshot::channel().0,
+        })
+    }
+
+    #[test]
+    fn outcomes_linger_only_while_nothing_waits_on_them_and_the_batch_is_small() {
+        let publish = || {
+            Cmd::Publish(Publish {
+                events: vec![ev("a", None)],
+                batch: None,
+                reply: oneshot::channel().0,
+            })
+        };
+        // Publishes never wait: their senders wait for the answer.
+        assert!(!Linger::No.waits(&[record("a", 1, false)]));
+        assert!(!Linger::Outcomes.waits(&[publish()]));
+        // Unordered outcomes wait for company, up to the target count.
+        assert!(Linger::Outcomes.waits(&[record("a", 1, false)]));
+        let almost = [
+            record("a", OUTCOME_LINGER_UNTIL - 2, false),
+            record("b", 1, false),
+        ];
+        assert!(Linger::Outcomes.waits(&almost));
+        assert!(!Linger::Outcomes.waits(&[
+            record("a", OUTCOME_LINGER_UNTIL - 1, false),
+            record("b", 1, false)
+        ]));
+        // A FIFO destination's outcome goes at once, with whatever is waiting beside it.
+        assert!(!Linger::Outcomes.waits(&[record("a", 1, false), record("f", 1, true)]));
+        assert!(!Linger::Outcomes.waits(&[record("f", 1, true)]));
     }
 }
