@@ -3,7 +3,8 @@
 //!
 //! A node that makes deliveries for destinations held elsewhere announces them on
 //! `dispatchd_due` once its transaction has committed (`Announcer`), with each destination's
-//! id and the new deliveries' ids (`Work`). It does not notify inside the transaction:
+//! id and the new deliveries' ids (`Work`); an operator's write announces the destinations
+//! it gave work to, after its commit too. No transaction that writes notifies:
 //! PostgreSQL serialises the commits of all transactions that notify, across the whole
 //! server, with a lock held through each one's WAL flush, so the publishes of every node
 //! would commit one after another instead of flushing together. A node listens and hands
@@ -123,26 +124,6 @@ impl Work {
     }
 }
 
-/// Announces, within the caller's transaction, that these destinations have new work (the
-/// owner scans for it).
-pub async fn announce(
-    tx: &impl tokio_postgres::GenericClient,
-    destinations: &[&str],
-) -> Result<(), tokio_postgres::Error> {
-    let mut once = destinations.to_vec();
-    once.sort_unstable();
-    once.dedup();
-    if once.is_empty() {
-        return Ok(());
-    }
-    tx.execute(
-        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)",
-        &[&CHANNEL, &once],
-    )
-    .await
-    .map(drop)
-}
-
 /// Announcements waiting for the announcer at most; past that they are dropped (the owners'
 /// scans find the work).
 const ANNOUNCE_QUEUE: usize = 4096;
@@ -171,7 +152,19 @@ impl Announcer {
     /// (the database slow or gone) the announcement is dropped and the owner's scan finds
     /// the work.
     pub fn send(&self, work: &[Work]) {
-        let payloads: Vec<String> = work.iter().flat_map(Work::payloads).collect();
+        self.queue(work.iter().flat_map(Work::payloads).collect());
+    }
+
+    /// Asks the owners of these destinations to scan for their work, which a transaction
+    /// that has committed made or changed: each payload a destination id, or one with the
+    /// `OPERATOR` prefix. Sent once each; dropped, like `send`'s, when the queue is full.
+    pub fn wake(&self, mut payloads: Vec<String>) {
+        payloads.sort_unstable();
+        payloads.dedup();
+        self.queue(payloads);
+    }
+
+    fn queue(&self, payloads: Vec<String>) {
         if !payloads.is_empty() && self.tx.try_send(payloads).is_err() {
             tracing::debug!("announcement queue full; the owners' scans will find the work");
         }

@@ -4,7 +4,8 @@
 //! stored events (replay, redrive). Each runs in one transaction, locks the rows it changes
 //! (`FOR UPDATE`, so an attempt being recorded for them waits or is waited for) after
 //! share-locking their events (so retention does not remove an event under them), and
-//! announces the destinations that got work, so their owners hear at commit.
+//! answers the announcements to send once it has committed (`notify::Announcer::wake`),
+//! so that the destinations' owners hear of the work.
 
 use crate::model::{Delivery, DeliveryId, DeliveryStatus, Origin, Seq};
 use crate::storage::writer::{CancelOutcome, RetryOutcome};
@@ -42,12 +43,13 @@ async fn locked(
 }
 
 /// Makes these deliveries due now (only those of status `only`, when given; never a
-/// succeeded one), keeping their attempt counts.
+/// succeeded one), keeping their attempt counts. Answers the outcomes, and the
+/// announcements to send once committed.
 pub async fn retry_deliveries(
     client: &mut tokio_postgres::Client,
     ids: &[DeliveryId],
     only: Option<DeliveryStatus>,
-) -> Result<Vec<RetryOutcome>, PgWriteError> {
+) -> Result<(Vec<RetryOutcome>, Vec<String>), PgWriteError> {
     let now = crate::clock::now_micros();
     let tx = client.transaction().await?;
     let mut out = Vec::with_capacity(ids.len());
@@ -82,20 +84,13 @@ pub async fn retry_deliveries(
             ],
         )
         .await?;
-        woken.push(d.subscription.clone());
+        // An operator's retry goes now, through an open breaker's cooldown, on whichever
+        // node runs the destination: the announcement says so.
+        woken.push(format!("{}{}", super::notify::OPERATOR, d.subscription));
         out.push(RetryOutcome::Scheduled(d));
     }
-    let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
-    // An operator's retry goes now, through an open breaker's cooldown, on whichever node
-    // runs the destination: the announcement says so.
-    let woken: Vec<String> = woken
-        .iter()
-        .map(|d| format!("{}{d}", super::notify::OPERATOR))
-        .collect();
-    let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
-    super::notify::announce(&tx, &woken).await?;
     tx.commit().await?;
-    Ok(out)
+    Ok((out, woken))
 }
 
 /// Cancels these deliveries unless already terminal; `reason` becomes their last error.
@@ -140,12 +135,13 @@ pub async fn cancel_deliveries(
 }
 
 /// New deliveries, due now, of stored events to destinations (replay, redrive); events
-/// removed meanwhile are skipped. Answers how many were made.
+/// removed meanwhile are skipped. Answers how many were made, and the announcements to send
+/// once committed.
 pub async fn create_deliveries(
     client: &mut tokio_postgres::Client,
     items: &[(Seq, &str)],
     origin: Origin,
-) -> Result<u64, PgWriteError> {
+) -> Result<(u64, Vec<String>), PgWriteError> {
     let now = crate::clock::now_micros();
     let origin = origin_code(origin);
     let seqs: Vec<i64> = items
@@ -168,9 +164,7 @@ pub async fn create_deliveries(
             &[&seqs, &subs, &now, &origin],
         )
         .await?;
-    let woken: Vec<String> = made.iter().map(|r| r.get(0)).collect();
-    let woken: Vec<&str> = woken.iter().map(String::as_str).collect();
-    super::notify::announce(&tx, &woken).await?;
     tx.commit().await?;
-    Ok(made.len() as u64)
+    let woken = made.iter().map(|r| r.get(0)).collect();
+    Ok((made.len() as u64, woken))
 }

@@ -522,7 +522,9 @@ impl PgWriter {
             super::operator::retry_deliveries(&mut c, &ids, only).await
         }
         .await;
-        self.outcome(r)
+        let (out, woken) = self.outcome(r)?;
+        self.announcer.wake(woken);
+        Ok(out)
     }
 
     pub async fn cancel_deliveries(
@@ -551,7 +553,9 @@ impl PgWriter {
             super::operator::create_deliveries(&mut c, &items, origin).await
         }
         .await;
-        Ok(u32::try_from(self.outcome(r)?).unwrap_or(u32::MAX))
+        let (made, woken) = self.outcome(r)?;
+        self.announcer.wake(woken);
+        Ok(u32::try_from(made).unwrap_or(u32::MAX))
     }
 
     pub async fn put_subscription(
