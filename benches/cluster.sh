@@ -49,6 +49,7 @@ trap cleanup EXIT
 as_pg "$bin/initdb" -D "$work/data" -U dispatchd --auth=trust -E UTF8 >/dev/null
 as_pg "$bin/pg_ctl" -D "$work/data" -o "-p $port -c listen_addresses=127.0.0.1 -k $work -c max_connections=200" \
   -l "$work/server.log" -w start >/dev/null
+pg_major=$("$bin/postgres" --version | awk '{print $3}' | cut -d. -f1)
 echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (default settings but max_connections 200; fsync on)"
 
 cargo build --release --bench delivery >/dev/null 2>&1 || cargo build --release --bench delivery
@@ -62,16 +63,28 @@ for nodes in 1 2; do
   # does not fall in the second run's window only.
   psql_q "CHECKPOINT" >/dev/null
   lsn0=$(psql_q "SELECT pg_current_wal_lsn()")
-  psql_q "SELECT pg_stat_reset_shared('wal')" >/dev/null
+  # WAL flushes: pg_stat_wal.wal_sync on PostgreSQL 14 to 17, pg_stat_io from 18 on.
+  if [ "$pg_major" -ge 18 ]; then
+    syncs_sql="SELECT coalesce(sum(fsyncs), 0)::bigint FROM pg_stat_io WHERE object = 'wal'"
+  elif [ "$pg_major" -ge 14 ]; then
+    syncs_sql="SELECT wal_sync FROM pg_stat_wal"
+  else
+    syncs_sql=""
+  fi
+  syncs0=0
+  if [ -n "$syncs_sql" ]; then syncs0=$(psql_q "$syncs_sql" || echo 0); fi
   cargo bench --bench delivery -- throughput --connections 64 --seconds "$SECONDS_PER_RUN" --destinations "$DESTINATIONS" "${WORKERS[@]}" \
     --postgres-url "postgres://dispatchd@127.0.0.1:$port/$db" --nodes "$nodes"
   # What the database wrote for it: WAL per event (published and delivered) and table sizes.
   events=$(psql_q "SELECT count(*) FROM events")
   wal=$(psql_q "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn0')::bigint")
-  syncs=$(psql_q "SELECT wal_sync FROM pg_stat_wal")
+  flushes="WAL flushes not counted before PostgreSQL 14"
+  if [ -n "$syncs_sql" ]; then
+    syncs=$(( $(psql_q "$syncs_sql" || echo "$syncs0") - syncs0 ))
+    flushes="$syncs WAL flushes ($((syncs * 1000 / (events > 0 ? events : 1))) per 1000 events)"
+  fi
   echo "postgresql: $events events, WAL $((wal / 1048576)) MiB, $((wal / (events > 0 ? events : 1))) bytes per event," \
-    "$syncs WAL flushes ($((syncs * 1000 / (events > 0 ? events : 1))) per 1000 events);" \
-    "database $(psql_q "SELECT pg_size_pretty(pg_database_size(current_database()))")"
+    "$flushes; database $(psql_q "SELECT pg_size_pretty(pg_database_size(current_database()))")"
   # Dropped, so autovacuum does not work through it during the next run.
   as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U dispatchd -d postgres -qc "DROP DATABASE $db" >/dev/null
 done

@@ -203,11 +203,13 @@ async fn run(o: Options) -> Result<()> {
             next,
         });
         if records.len() >= 2000 {
-            writer.record_attempts(std::mem::take(&mut records)).await?;
+            writer
+                .record_outcomes(std::mem::take(&mut records), true)
+                .await?;
         }
     }
     if !records.is_empty() {
-        writer.record_attempts(records).await?;
+        writer.record_outcomes(records, true).await?;
     }
     println!(
         "  recorded {} succeeded and {} dead in {:.1} s",

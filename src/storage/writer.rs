@@ -77,15 +77,10 @@ impl WriterHandle {
         both!(self, w => w.ingest(receipt, event).await)
     }
 
-    /// Records finished attempts (on PostgreSQL, only while this node holds the lease),
-    /// committed as soon as the writer gets to them.
-    pub async fn record_attempts(&self, records: Vec<AttemptRecord>) -> Result<(), WriteError> {
-        self.record_outcomes(records, true).await
-    }
-
-    /// Records finished attempts; `awaited` says whether their destination waits for the
-    /// commit before its next attempt (FIFO). On PostgreSQL outcomes nothing waits on may be
-    /// held a few milliseconds to share a commit with others.
+    /// Records finished attempts (on PostgreSQL, only while this node holds the lease);
+    /// `awaited` says whether their destination waits for the commit before its next
+    /// attempt (FIFO). On PostgreSQL outcomes nothing waits on may be held a few
+    /// milliseconds to share a commit with others.
     pub async fn record_outcomes(
         &self,
         records: Vec<AttemptRecord>,
@@ -93,7 +88,7 @@ impl WriterHandle {
     ) -> Result<(), WriteError> {
         match self {
             WriterHandle::Embedded(w) => w.record_attempts(records).await,
-            WriterHandle::Postgres(w) => w.record_attempts(records, awaited).await,
+            WriterHandle::Postgres(w) => w.record_outcomes(records, awaited).await,
         }
     }
 

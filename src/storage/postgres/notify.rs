@@ -3,8 +3,9 @@
 //!
 //! A node that makes deliveries for destinations held elsewhere announces them on
 //! `dispatchd_due` once its transaction has committed (`Announcer`), with each destination's
-//! id and the new deliveries' ids (`Work`); an operator's write announces the destinations
-//! it gave work to, after its commit too. No transaction that writes notifies:
+//! id and the new deliveries' ids (`Work`); an operator's write tells the owners of the
+//! destinations it gave work to right after its commit (`wake`). Neither notifies inside
+//! its transaction:
 //! PostgreSQL serialises the commits of all transactions that notify, across the whole
 //! server, with a lock held through each one's WAL flush, so the publishes of every node
 //! would commit one after another instead of flushing together. A node listens and hands
@@ -128,6 +129,33 @@ impl Work {
 /// scans find the work).
 const ANNOUNCE_QUEUE: usize = 4096;
 
+/// Tells the owners of `destinations` that an operator's write, just committed, gave them
+/// work (retry, redrive, replay): each scans for it and starts it at once, through an open
+/// breaker's cooldown (`OPERATOR`). Sent on the writer's own connection, once each, in a
+/// transaction that writes nothing; not queued like `Announcer::send`, so that a busy
+/// node's announcements cannot crowd it out. If it fails the write stands (it has
+/// committed), and the owner's scan finds the work without the cooldown's exception.
+pub async fn wake(c: &impl tokio_postgres::GenericClient, destinations: &[String]) {
+    let mut payloads: Vec<String> = destinations
+        .iter()
+        .map(|d| format!("{OPERATOR}{d}"))
+        .collect();
+    payloads.sort_unstable();
+    payloads.dedup();
+    if payloads.is_empty() {
+        return;
+    }
+    if let Err(e) = c
+        .execute(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)",
+            &[&CHANNEL, &payloads],
+        )
+        .await
+    {
+        tracing::warn!(error = %super::describe(&e), "cannot tell the owners of an operator's work; their scans will find it");
+    }
+}
+
 /// Payloads sent in one statement at most.
 const ANNOUNCE_BATCH: usize = 4096;
 
@@ -152,19 +180,7 @@ impl Announcer {
     /// (the database slow or gone) the announcement is dropped and the owner's scan finds
     /// the work.
     pub fn send(&self, work: &[Work]) {
-        self.queue(work.iter().flat_map(Work::payloads).collect());
-    }
-
-    /// Asks the owners of these destinations to scan for their work, which a transaction
-    /// that has committed made or changed: each payload a destination id, or one with the
-    /// `OPERATOR` prefix. Sent once each; dropped, like `send`'s, when the queue is full.
-    pub fn wake(&self, mut payloads: Vec<String>) {
-        payloads.sort_unstable();
-        payloads.dedup();
-        self.queue(payloads);
-    }
-
-    fn queue(&self, payloads: Vec<String>) {
+        let payloads: Vec<String> = work.iter().flat_map(Work::payloads).collect();
         if !payloads.is_empty() && self.tx.try_send(payloads).is_err() {
             tracing::debug!("announcement queue full; the owners' scans will find the work");
         }

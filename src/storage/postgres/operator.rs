@@ -4,8 +4,7 @@
 //! stored events (replay, redrive). Each runs in one transaction, locks the rows it changes
 //! (`FOR UPDATE`, so an attempt being recorded for them waits or is waited for) after
 //! share-locking their events (so retention does not remove an event under them), and
-//! answers the announcements to send once it has committed (`notify::Announcer::wake`),
-//! so that the destinations' owners hear of the work.
+//! once committed tells the owners of the destinations that got work (`notify::wake`).
 
 use crate::model::{Delivery, DeliveryId, DeliveryStatus, Origin, Seq};
 use crate::storage::writer::{CancelOutcome, RetryOutcome};
@@ -43,13 +42,12 @@ async fn locked(
 }
 
 /// Makes these deliveries due now (only those of status `only`, when given; never a
-/// succeeded one), keeping their attempt counts. Answers the outcomes, and the
-/// announcements to send once committed.
+/// succeeded one), keeping their attempt counts.
 pub async fn retry_deliveries(
     client: &mut tokio_postgres::Client,
     ids: &[DeliveryId],
     only: Option<DeliveryStatus>,
-) -> Result<(Vec<RetryOutcome>, Vec<String>), PgWriteError> {
+) -> Result<Vec<RetryOutcome>, PgWriteError> {
     let now = crate::clock::now_micros();
     let tx = client.transaction().await?;
     let mut out = Vec::with_capacity(ids.len());
@@ -84,13 +82,12 @@ pub async fn retry_deliveries(
             ],
         )
         .await?;
-        // An operator's retry goes now, through an open breaker's cooldown, on whichever
-        // node runs the destination: the announcement says so.
-        woken.push(format!("{}{}", super::notify::OPERATOR, d.subscription));
+        woken.push(d.subscription.clone());
         out.push(RetryOutcome::Scheduled(d));
     }
     tx.commit().await?;
-    Ok((out, woken))
+    super::notify::wake(client, &woken).await;
+    Ok(out)
 }
 
 /// Cancels these deliveries unless already terminal; `reason` becomes their last error.
@@ -135,13 +132,12 @@ pub async fn cancel_deliveries(
 }
 
 /// New deliveries, due now, of stored events to destinations (replay, redrive); events
-/// removed meanwhile are skipped. Answers how many were made, and the announcements to send
-/// once committed.
+/// removed meanwhile are skipped. Answers how many were made.
 pub async fn create_deliveries(
     client: &mut tokio_postgres::Client,
     items: &[(Seq, &str)],
     origin: Origin,
-) -> Result<(u64, Vec<String>), PgWriteError> {
+) -> Result<u64, PgWriteError> {
     let now = crate::clock::now_micros();
     let origin = origin_code(origin);
     let seqs: Vec<i64> = items
@@ -165,6 +161,7 @@ pub async fn create_deliveries(
         )
         .await?;
     tx.commit().await?;
-    let woken = made.iter().map(|r| r.get(0)).collect();
-    Ok((made.len() as u64, woken))
+    let woken: Vec<String> = made.iter().map(|r| r.get(0)).collect();
+    super::notify::wake(client, &woken).await;
+    Ok(made.len() as u64)
 }

@@ -145,7 +145,7 @@ pub struct PgStore {
 }
 
 /// The sessions of `PgStore::queue_reads`. Their statements are prepared once per
-/// connection, so they run on a generic plan after five runs; planning took two to three
+/// connection and run on a generic plan from the first run; planning took two to three
 /// times as long as running them (0.14-0.2 ms against 0.07 ms for 30 deliveries with their
 /// events). A generic plan made while a table was small (a new cluster's first minute,
 /// before autovacuum analyzes it again) would scan the table whole, or hash it, for

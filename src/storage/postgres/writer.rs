@@ -7,7 +7,8 @@
 //! committed, as on the embedded backend. Attempt outcomes are group-committed the same way
 //! by a second task on a connection of its own, beside the publishes rather than after them:
 //! on PostgreSQL the two need not share a transaction, and neither then waits for the other's
-//! commit. The other writes (operator actions, inbound receipts, subscriptions) each run in
+//! commit. Outcomes that no destination waits on may wait a few milliseconds for others to
+//! share their commit (`unawaited`). The other writes (operator actions, inbound receipts, subscriptions) each run in
 //! a transaction of their own on a pooled connection: they come from many tasks at once and
 //! PostgreSQL runs them side by side.
 //!
@@ -39,10 +40,12 @@ use crate::storage::writer::{
 /// Publishes taken into one transaction at most.
 const MAX_BATCH: usize = 1024;
 
-/// How long the outcomes' task may hold outcomes that no destination waits on (see
-/// `Linger`), and how many it holds at most.
+/// How long an outcome that no destination waits on may wait for others to share its
+/// commit (see `unawaited`), counted from when it was handed to the writer.
 const OUTCOME_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
-const OUTCOME_LINGER_UNTIL: usize = 64;
+
+/// Outcomes waiting that end the lingering: enough to share a commit.
+const OUTCOME_LINGER_MAX: usize = 64;
 
 /// How long a group-commit task keeps its connection's prepared statements. After five runs
 /// PostgreSQL keeps a prepared statement's generic plan, and one made while a table was small
@@ -94,40 +97,55 @@ struct Record {
     records: Vec<AttemptRecord>,
     /// Its destination waits for this commit before the next attempt (FIFO): no lingering.
     awaited: bool,
+    /// When it was handed to the writer.
+    queued: tokio::time::Instant,
     reply: oneshot::Sender<Result<Recorded, PgWriteError>>,
 }
 
-/// How a group-commit task gathers a batch once it has the first command. Publishes take
-/// what is waiting: their senders wait for the answer. Outcomes of destinations that do not
-/// wait on them (unordered) wait up to `OUTCOME_LINGER` for more, until
-/// `OUTCOME_LINGER_UNTIL` are waiting or one that is awaited comes: each node commits its
-/// outcomes apart, so that a cluster taking the whatever-is-waiting batch of one node would
-/// make as many outcome statements per event as it has nodes (measured: 10 outcomes per
-/// statement on each of two nodes against 32 on one, and two nodes 25-30% below one with
-/// their destinations spread; lingering, 12%).
-#[derive(Clone, Copy)]
-enum Linger {
-    No,
-    Outcomes,
+/// Outcomes in `batch` plus `more`, when none of them is awaited: the outcomes' task waits
+/// for more while this is under `OUTCOME_LINGER_MAX`, for `OUTCOME_LINGER` from the oldest.
+/// An awaited one (FIFO) ends the wait: its commit goes at once, with whatever is waiting.
+///
+/// Why wait: each node group-commits its outcomes apart, and an outcome commit does not
+/// wait for a WAL flush, so a task that took only what was waiting ran as fast as its
+/// statement, in small runs, and a cluster made as many outcome statements per event as it
+/// has nodes: 10.6 outcomes a statement on each of two nodes against 32 on one, with four
+/// destinations spread over them. Publishes never wait: their senders wait for the answer.
+fn unawaited(batch: &[Cmd]) -> Option<usize> {
+    batch.iter().try_fold(0, |n, c| match c {
+        Cmd::Record(r) if !r.awaited => Some(n + r.records.len()),
+        _ => None,
+    })
 }
 
-impl Linger {
-    /// Whether `batch` should wait for more.
-    fn waits(self, batch: &[Cmd]) -> bool {
-        match self {
-            Linger::No => false,
-            Linger::Outcomes => {
-                let mut n = 0;
-                for c in batch {
-                    match c {
-                        Cmd::Record(r) if !r.awaited => n += r.records.len(),
-                        _ => return false,
-                    }
-                }
-                n < OUTCOME_LINGER_UNTIL && batch.len() < MAX_BATCH
-            }
+/// One batch: `first` and the commands waiting after it, up to `MAX_BATCH`; for the
+/// outcomes' task (`linger`), then more as they come while `unawaited` allows, until
+/// `OUTCOME_LINGER` after the oldest was queued.
+async fn gather(first: Cmd, rx: &mut mpsc::Receiver<Cmd>, linger: bool) -> Vec<Cmd> {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(c) => batch.push(c),
+            Err(_) => break,
         }
     }
+    let Some(Cmd::Record(oldest)) = batch.first().filter(|_| linger) else {
+        return batch;
+    };
+    let until = oldest.queued + OUTCOME_LINGER;
+    let mut waiting = unawaited(&batch);
+    while waiting.is_some_and(|n| n < OUTCOME_LINGER_MAX) && batch.len() < MAX_BATCH {
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(c)) => {
+                waiting = waiting
+                    .zip(unawaited(std::slice::from_ref(&c)))
+                    .map(|(a, b)| a + b);
+                batch.push(c);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// What the group-commit tasks take. Publishes and attempt outcomes go to two tasks of their
@@ -196,8 +214,8 @@ impl PgWriter {
             due,
             commits: Arc::default(),
         };
-        tokio::spawn(w.clone().run(rx, Linger::No));
-        tokio::spawn(w.clone().run(outcomes_rx, Linger::Outcomes));
+        tokio::spawn(w.clone().run(rx, false));
+        tokio::spawn(w.clone().run(outcomes_rx, true));
         w
     }
 
@@ -259,24 +277,13 @@ impl PgWriter {
             .map_err(WriteError::from)
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Cmd>, linger: Linger) {
+    /// The group-commit loop of one task; `linger`: the outcomes' task, whose batches may
+    /// wait for company (`unawaited`).
+    async fn run(self, mut rx: mpsc::Receiver<Cmd>, linger: bool) {
         let mut conn: Option<deadpool_postgres::Object> = None;
         let mut planned = crate::clock::Instant::now();
         while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(p) => batch.push(p),
-                    Err(_) => break,
-                }
-            }
-            let until = tokio::time::Instant::now() + OUTCOME_LINGER;
-            while linger.waits(&batch) {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(c)) => batch.push(c),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            let batch = gather(first, &mut rx, linger).await;
             let (mut publishes, mut records) = (Vec::new(), Vec::new());
             for c in batch {
                 match c {
@@ -391,8 +398,8 @@ impl PgWriter {
 
     /// Records one destination's finished attempts, fenced by this node's lease on it.
     /// `awaited`: the destination waits for this commit before its next attempt (FIFO), so
-    /// it is not held back to share a commit with later outcomes (`Linger`).
-    pub async fn record_attempts(
+    /// it is not held back to share a commit with later outcomes (`unawaited`).
+    pub async fn record_outcomes(
         &self,
         records: Vec<AttemptRecord>,
         awaited: bool,
@@ -419,6 +426,7 @@ impl PgWriter {
                     epoch,
                     records,
                     awaited,
+                    queued: tokio::time::Instant::now(),
                     reply,
                 }),
             )?;
@@ -522,9 +530,7 @@ impl PgWriter {
             super::operator::retry_deliveries(&mut c, &ids, only).await
         }
         .await;
-        let (out, woken) = self.outcome(r)?;
-        self.announcer.wake(woken);
-        Ok(out)
+        self.outcome(r)
     }
 
     pub async fn cancel_deliveries(
@@ -553,9 +559,7 @@ impl PgWriter {
             super::operator::create_deliveries(&mut c, &items, origin).await
         }
         .await;
-        let (made, woken) = self.outcome(r)?;
-        self.announcer.wake(woken);
-        Ok(u32::try_from(made).unwrap_or(u32::MAX))
+        Ok(u32::try_from(self.outcome(r)?).unwrap_or(u32::MAX))
     }
 
     pub async fn put_subscription(
@@ -1392,12 +1396,30 @@ mod tests {
             epoch: 1,
             records: vec![one; n],
             awaited,
+            queued: tokio::time::Instant::now(),
             reply: oneshot::channel().0,
         })
     }
 
-    #[test]
-    fn outcomes_linger_only_while_nothing_waits_on_them_and_the_batch_is_small() {
+    /// Commands received from a channel by `gather`, and how long it took.
+    async fn gathered(cmds: Vec<Cmd>, linger: bool) -> (usize, std::time::Duration) {
+        let (tx, mut rx) = mpsc::channel(MAX_BATCH);
+        let mut cmds = cmds.into_iter();
+        let Some(first) = cmds.next() else {
+            return (0, std::time::Duration::ZERO);
+        };
+        for c in cmds {
+            assert!(tx.try_send(c).is_ok());
+        }
+        let started = tokio::time::Instant::now();
+        let batch = gather(first, &mut rx, linger).await;
+        drop(tx);
+        (batch.len(), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_linger_only_while_nothing_waits_on_them_and_the_batch_is_small() {
+        use std::time::Duration;
         let publish = || {
             Cmd::Publish(Publish {
                 events: vec![ev("a", None)],
@@ -1406,21 +1428,52 @@ mod tests {
             })
         };
         // Publishes never wait: their senders wait for the answer.
-        assert!(!Linger::No.waits(&[record("a", 1, false)]));
-        assert!(!Linger::Outcomes.waits(&[publish()]));
-        // Unordered outcomes wait for company, up to the target count.
-        assert!(Linger::Outcomes.waits(&[record("a", 1, false)]));
-        let almost = [
-            record("a", OUTCOME_LINGER_UNTIL - 2, false),
+        assert_eq!(
+            gathered(vec![publish(), publish()], false).await,
+            (2, Duration::ZERO)
+        );
+        assert_eq!(
+            gathered(vec![record("a", 1, false)], false).await,
+            (1, Duration::ZERO)
+        );
+        // Unordered outcomes wait for company, up to OUTCOME_LINGER from the oldest...
+        assert_eq!(
+            gathered(vec![record("a", 1, false)], true).await,
+            (1, OUTCOME_LINGER)
+        );
+        let old = record("a", 1, false);
+        tokio::time::advance(Duration::from_millis(4)).await;
+        assert_eq!(
+            gathered(vec![old], true).await,
+            (1, Duration::from_millis(1))
+        );
+        // ... unless enough are waiting, or one is awaited (FIFO): then they go at once.
+        let enough = vec![
+            record("a", OUTCOME_LINGER_MAX - 1, false),
             record("b", 1, false),
         ];
-        assert!(Linger::Outcomes.waits(&almost));
-        assert!(!Linger::Outcomes.waits(&[
-            record("a", OUTCOME_LINGER_UNTIL - 1, false),
-            record("b", 1, false)
-        ]));
-        // A FIFO destination's outcome goes at once, with whatever is waiting beside it.
-        assert!(!Linger::Outcomes.waits(&[record("a", 1, false), record("f", 1, true)]));
-        assert!(!Linger::Outcomes.waits(&[record("f", 1, true)]));
+        assert_eq!(gathered(enough, true).await, (2, Duration::ZERO));
+        let fifo = vec![record("a", 1, false), record("f", 1, true)];
+        assert_eq!(gathered(fifo, true).await, (2, Duration::ZERO));
+        assert_eq!(
+            gathered(vec![record("f", 1, true)], true).await,
+            (1, Duration::ZERO)
+        );
+        // Outcomes coming while it waits join the batch; an awaited one ends the wait.
+        let (tx, mut rx) = mpsc::channel(8);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert!(tx.send(record("b", 1, false)).await.is_ok());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert!(tx.send(record("f", 1, true)).await.is_ok());
+            tx
+        });
+        let started = tokio::time::Instant::now();
+        let batch = gather(record("a", 1, false), &mut rx, true).await;
+        assert_eq!(
+            (batch.len(), started.elapsed()),
+            (3, Duration::from_millis(2))
+        );
+        assert!(late.await.is_ok());
     }
 }
