@@ -249,6 +249,14 @@ fn event(id: &str, key: Option<&str>, subs: &[&str]) -> dispatchd::storage::writ
     }
 }
 
+/// Takes or gives back (`call`: `pg_advisory_lock` or `pg_advisory_unlock`) the session's
+/// advisory lock `key`, as another node's retention or migration would.
+async fn advisory(c: &tokio_postgres::Client, call: &str, key: i64) {
+    if let Err(e) = c.execute(&format!("SELECT {call}($1)"), &[&key]).await {
+        panic!("{call}: {e}");
+    }
+}
+
 async fn count(c: &tokio_postgres::Client, sql: &str, id: &str) -> i64 {
     match c.query_one(sql, &[&id]).await {
         Ok(r) => r.get(0),
@@ -1177,24 +1185,14 @@ async fn retention_sweeps_on_one_node_and_keeps_live_work() {
 
     // Another node is sweeping: this one skips.
     let holder = connect(&url).await;
-    if let Err(e) = holder
-        .execute("SELECT pg_advisory_lock($1)", &[&0x7265_7461_696e_i64])
-        .await
-    {
-        panic!("{e}");
-    }
+    advisory(&holder, "pg_advisory_lock", 0x7265_7461_696e).await;
     let cutoff = now + 3_600_000_000;
     let skipped = retention::sweep(&mut c, cutoff, 100).await;
     assert!(
         matches!(skipped, Ok(retention::Swept::Skipped)),
         "{skipped:?}"
     );
-    if let Err(e) = holder
-        .execute("SELECT pg_advisory_unlock($1)", &[&0x7265_7461_696e_i64])
-        .await
-    {
-        panic!("{e}");
-    }
+    advisory(&holder, "pg_advisory_unlock", 0x7265_7461_696e).await;
     let swept = retention::sweep(&mut c, cutoff, 100).await;
     assert!(
         matches!(swept, Ok(retention::Swept::Removed(2))),
@@ -1487,23 +1485,10 @@ async fn retention_is_left_to_the_release_that_migrated_the_schema() {
         panic!("{e}");
     }
     let migrating = connect(&url).await;
-    if let Err(e) = migrating
-        .execute("SELECT pg_advisory_lock($1)", &[&0x6469_7370_6174_6368_i64])
-        .await
-    {
-        panic!("{e}");
-    }
+    advisory(&migrating, "pg_advisory_lock", 0x6469_7370_6174_6368).await;
     let swept = retention::sweep(&mut c, cutoff, 100).await;
     assert!(matches!(swept, Ok(retention::Swept::Skipped)), "{swept:?}");
-    if let Err(e) = migrating
-        .execute(
-            "SELECT pg_advisory_unlock($1)",
-            &[&0x6469_7370_6174_6368_i64],
-        )
-        .await
-    {
-        panic!("{e}");
-    }
+    advisory(&migrating, "pg_advisory_unlock", 0x6469_7370_6174_6368).await;
     // Its own schema again: n-1 goes (n-2, the newest event, always stays).
     let swept = retention::sweep(&mut c, cutoff, 100).await;
     assert!(

@@ -639,7 +639,6 @@ mod tests {
 
     use super::*;
 
-    use crate::model::Attempt;
     use crate::storage::embedded::writer::{self, AttemptRecord, NewEvent, Next};
 
     const TYPES: [&str; 3] = ["order.created", "order.paid", "rare"];
@@ -679,22 +678,13 @@ mod tests {
         let records = all
             .iter()
             .filter(|(id, _)| id % 4 != 0)
-            .map(|(id, d)| AttemptRecord {
-                delivery: *id,
-                subscription: Arc::from(d.subscription.as_str()),
-                attempt: Attempt {
-                    started_at: 0,
-                    duration_us: 0,
-                    status_code: Some(200),
-                    error: None,
-                    response_body: String::new(),
-                },
-                error: None,
-                next: match id % 4 {
+            .map(|(id, d)| {
+                let next = match id % 4 {
                     1 => Next::Succeeded,
                     2 => Next::Dead,
                     _ => Next::Retry { at: i64::MAX / 2 },
-                },
+                };
+                AttemptRecord::answered(*id, &d.subscription, 200, next)
             })
             .collect();
         if let Err(e) = w.record_attempts(records).await {

@@ -138,6 +138,27 @@ pub struct AttemptRecord {
     pub next: Next,
 }
 
+#[cfg(test)]
+impl AttemptRecord {
+    /// A test's attempt of `delivery` answered with HTTP `status` at time 0 (its summary
+    /// `HTTP {status}` unless 2xx), leading to `next`.
+    pub fn answered(delivery: DeliveryId, subscription: &str, status: u16, next: Next) -> Self {
+        AttemptRecord {
+            delivery,
+            subscription: Arc::from(subscription),
+            attempt: Attempt {
+                started_at: 0,
+                duration_us: 0,
+                status_code: Some(status),
+                error: None,
+                response_body: String::new(),
+            },
+            error: (!(200..300).contains(&status)).then(|| format!("HTTP {status}")),
+            next,
+        }
+    }
+}
+
 /// A persisted switch on a subscription (410 Gone, auto-disable, pause).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SubscriptionState {

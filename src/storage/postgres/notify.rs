@@ -129,32 +129,8 @@ impl Work {
 /// scans find the work).
 const ANNOUNCE_QUEUE: usize = 4096;
 
-/// Tells the owners of `destinations` that an operator's write, just committed, gave them
-/// work (retry, redrive, replay): each scans for it and starts it at once, through an open
-/// breaker's cooldown (`OPERATOR`). Sent on the writer's own connection, once each, in a
-/// transaction that writes nothing; not queued like `Announcer::send`, so that a busy
-/// node's announcements cannot crowd it out. If it fails the write stands (it has
-/// committed), and the owner's scan finds the work without the cooldown's exception.
-pub async fn wake(c: &impl tokio_postgres::GenericClient, destinations: &[String]) {
-    let mut payloads: Vec<String> = destinations
-        .iter()
-        .map(|d| format!("{OPERATOR}{d}"))
-        .collect();
-    payloads.sort_unstable();
-    payloads.dedup();
-    if payloads.is_empty() {
-        return;
-    }
-    if let Err(e) = c
-        .execute(
-            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)",
-            &[&CHANNEL, &payloads],
-        )
-        .await
-    {
-        tracing::warn!(error = %super::describe(&e), "cannot tell the owners of an operator's work; their scans will find it");
-    }
-}
+/// Notifies `$1` once with each payload of the array `$2`, in one statement.
+const NOTIFY_EACH: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)";
 
 /// Payloads sent in one statement at most.
 const ANNOUNCE_BATCH: usize = 4096;
@@ -217,10 +193,29 @@ async fn notify_all(
     c: &deadpool_postgres::Object,
     payloads: &[String],
 ) -> Result<(), tokio_postgres::Error> {
-    let st = c
-        .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS x(p)")
-        .await?;
+    let st = c.prepare_cached(NOTIFY_EACH).await?;
     c.execute(&st, &[&CHANNEL, &payloads]).await.map(drop)
+}
+
+/// Tells the owners of `destinations` that an operator's write, just committed, gave them
+/// work (retry, redrive, replay): each scans for it and starts it at once, through an open
+/// breaker's cooldown (`OPERATOR`). Sent on the writer's own connection, once each, in a
+/// transaction that writes nothing; not queued like `Announcer::send`, so that a busy
+/// node's announcements cannot crowd it out. If it fails the write stands (it has
+/// committed), and the owner's scan finds the work without the cooldown's exception.
+pub async fn wake(c: &impl tokio_postgres::GenericClient, destinations: &[String]) {
+    let mut payloads: Vec<String> = destinations
+        .iter()
+        .map(|d| format!("{OPERATOR}{d}"))
+        .collect();
+    payloads.sort_unstable();
+    payloads.dedup();
+    if payloads.is_empty() {
+        return;
+    }
+    if let Err(e) = c.execute(NOTIFY_EACH, &[&CHANNEL, &payloads]).await {
+        tracing::warn!(error = %super::describe(&e), "cannot tell the owners of an operator's work; their scans will find it");
+    }
 }
 
 /// Listens on its own connection to `url` to both channels; answers what is announced, as it

@@ -1378,19 +1378,8 @@ mod tests {
 
     /// A run of `n` outcomes of `destination`; `awaited` as FIFO sends them.
     fn record(destination: &str, n: usize, awaited: bool) -> Cmd {
-        let one = AttemptRecord {
-            delivery: 1,
-            subscription: destination.into(),
-            attempt: crate::model::Attempt {
-                started_at: 0,
-                duration_us: 0,
-                status_code: Some(200),
-                error: None,
-                response_body: String::new(),
-            },
-            error: None,
-            next: crate::storage::writer::Next::Succeeded,
-        };
+        let one =
+            AttemptRecord::answered(1, destination, 200, crate::storage::writer::Next::Succeeded);
         Cmd::Record(Record {
             destination: destination.into(),
             epoch: 1,

@@ -337,7 +337,6 @@ mod tests {
 
     use super::*;
 
-    use crate::model::Attempt;
     use crate::storage::embedded::Store;
     use crate::storage::embedded::writer::{self, AttemptRecord, Next};
     use crate::storage::schema::*;
@@ -390,19 +389,7 @@ mod tests {
     }
 
     fn attempt(id: DeliveryId, sub: &str, next: Next) -> AttemptRecord {
-        AttemptRecord {
-            delivery: id,
-            subscription: Arc::from(sub),
-            attempt: Attempt {
-                started_at: 0,
-                duration_us: 0,
-                status_code: Some(500),
-                error: None,
-                response_body: String::new(),
-            },
-            error: Some("HTTP 500".into()),
-            next,
-        }
+        AttemptRecord::answered(id, sub, 500, next)
     }
 
     /// Auto-disable's clock (the failing mark) is written by the command recording the

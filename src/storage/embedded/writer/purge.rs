@@ -223,7 +223,7 @@ mod tests {
     use super::super::{AttemptRecord, NewEvent, Next};
     use super::*;
 
-    use crate::model::{Attempt, now_micros};
+    use crate::model::now_micros;
 
     fn event(n: u32) -> NewEvent {
         NewEvent {
@@ -238,19 +238,7 @@ mod tests {
     }
 
     fn succeeded(delivery: DeliveryId) -> AttemptRecord {
-        AttemptRecord {
-            delivery,
-            subscription: Arc::from("s"),
-            attempt: Attempt {
-                started_at: now_micros(),
-                duration_us: 1,
-                status_code: Some(200),
-                error: None,
-                response_body: String::new(),
-            },
-            error: None,
-            next: Next::Succeeded,
-        }
+        AttemptRecord::answered(delivery, "s", 200, Next::Succeeded)
     }
 
     #[tokio::test]
