@@ -35,6 +35,20 @@ const CACHED_VIEW: Duration = Duration::from_millis(20);
 /// Cluster mode: queued jobs whose deliveries one read takes.
 const PREFETCH: usize = 256;
 
+/// Cluster mode: whether `job` was made by this node's own commit less than `CACHED_VIEW`
+/// before `now`. Such a job comes with its event (the commit had it at hand; a job found by
+/// a scan, announced by another node or made by an outcome has none), and is due when the
+/// event was received: the commit stamped both with one time, and made the delivery
+/// scheduled, due then, with no attempt. That commit is a view of the delivery as recent as
+/// a read kept for `CACHED_VIEW` would be, so the job starts on it without a read. (An
+/// operator's cancel that lands meanwhile is then as late as one landing during the
+/// attempt: the attempt is recorded, and the delivery stays cancelled.)
+fn committed_here(job: &Job, now: Micros) -> bool {
+    job.event.as_ref().is_some_and(|e| {
+        e.received_at == job.due && now.saturating_sub(e.received_at) < micros(CACHED_VIEW)
+    })
+}
+
 /// How many jobs a destination holds, shared with the router that feeds it.
 #[derive(Debug, Default)]
 pub struct Depth {
@@ -124,13 +138,16 @@ impl Queue {
         Some(job)
     }
 
-    /// The first `n` jobs in the order they may go: delivery, due time, and whether its
-    /// event has to be read.
-    fn first(&self, n: usize) -> Vec<(DeliveryId, Micros, bool)> {
+    /// Of the first `n` jobs in the order they may go, those to read before they start
+    /// (not `committed_here` at `now`): delivery, due time, and whether its event has to be
+    /// read too.
+    fn first(&self, n: usize, now: Micros) -> Vec<(DeliveryId, Micros, bool)> {
         self.order
             .iter()
             .take(n)
-            .filter_map(|(_, id)| self.jobs.get(id).map(|j| (*id, j.due, j.event.is_none())))
+            .filter_map(|(_, id)| self.jobs.get(id))
+            .filter(|j| !committed_here(j, now))
+            .map(|j| (j.delivery, j.due, j.event.is_none()))
             .collect()
     }
 
@@ -446,7 +463,8 @@ impl Worker {
             return;
         }
         // One read transaction for the whole run of attempts started here (on PostgreSQL,
-        // one query for the jobs that can start now).
+        // one query for the jobs that can start now, but those `committed_here`).
+        let clustered = self.env.leases.is_some();
         let mut view: Option<Arc<Snapshot>> = None;
         // The job a view was last read again for: it is not read for twice.
         let mut reread = None;
@@ -472,7 +490,11 @@ impl Worker {
                 }
             }
             let Some(job) = self.pick() else { return };
-            if !snap.answers(job.delivery, job.event.is_none()) && reread != Some(job.delivery) {
+            let here = clustered && committed_here(&job, self.env.clock.now_micros());
+            if !here
+                && !snap.answers(job.delivery, job.event.is_none())
+                && reread != Some(job.delivery)
+            {
                 // Past what the view was read for: the queue held more than one read takes
                 // (a scan handing over jobs already done, say). The next stretch of the
                 // queue is read in one query, not each job in a query of its own.
@@ -482,7 +504,11 @@ impl Worker {
                 view = None;
                 continue;
             }
-            let Some((n, event)) = self.load(&snap, &job) else {
+            let loaded = match &job.event {
+                Some(e) if here => Some((1, e.clone())),
+                _ => self.load(&snap, &job),
+            };
+            let Some((n, event)) = loaded else {
                 // Stale (moved on, cancelled, rescheduled): drop it. A FIFO head stops
                 // holding the rest back only once it has ended: a stale copy of its job
                 // (one handed over twice, say by a commit and by a scan, and run once)
@@ -547,21 +573,22 @@ impl Worker {
     /// only while it has every job about to start at the due time the job carries (so a
     /// job is never dropped as stale on an old view), and only until this task records an
     /// outcome (so a delivery whose outcome was just recorded is never attempted again on
-    /// an old view of it).
+    /// an old view of it). Jobs `committed_here` are not read: their commit is their view.
     fn snapshot(&mut self) -> Result<Arc<Snapshot>, crate::storage::StoreError> {
         if self.env.leases.is_none() {
             return Ok(Arc::new(self.env.store.snapshot()?));
         }
         let now = self.env.clock.now();
+        let now_micros = self.env.clock.now_micros();
         if let Some((at, s)) = &self.cached
             && now.saturating_duration_since(*at) < CACHED_VIEW
-            && s.covers(&self.queue.first(self.room()))
+            && s.covers(&self.queue.first(self.room(), now_micros))
         {
             return Ok(s.clone());
         }
         let mut ids: Vec<(DeliveryId, bool)> = self
             .queue
-            .first(PREFETCH)
+            .first(PREFETCH, now_micros)
             .into_iter()
             .map(|(id, _, needs_event)| (id, needs_event))
             .collect();
@@ -924,5 +951,49 @@ mod tests {
         assert_eq!(failed, vec!["two"]);
         assert!(t.is_empty());
         assert!(t.meta.is_empty(), "metadata left behind");
+    }
+
+    #[test]
+    fn only_a_job_this_node_committed_a_moment_ago_starts_without_a_read() {
+        let at: Micros = 1_700_000_000_000_000;
+        let job = |due: Micros, event: bool| Job {
+            delivery: 1,
+            subscription: "s".into(),
+            due,
+            event: event.then(|| {
+                Arc::new(crate::model::Event {
+                    id: "e".into(),
+                    event_type: "t".into(),
+                    source: None,
+                    data: "{}".into(),
+                    received_at: at,
+                    idempotency_key: None,
+                    receipt: None,
+                    priority: Default::default(),
+                    batch: None,
+                    callback: None,
+                })
+            }),
+            priority: Default::default(),
+            operator: false,
+        };
+        let view = micros(CACHED_VIEW);
+        // Made by this node's commit: due when received, with its event in hand, for as
+        // long as a kept view would be used.
+        assert!(committed_here(&job(at, true), at));
+        assert!(committed_here(&job(at, true), at + view - 1));
+        assert!(!committed_here(&job(at, true), at + view));
+        // Found by a scan, announced, or made by an outcome: no event in hand.
+        assert!(!committed_here(&job(at, false), at));
+        // Due at another time than its event's receipt: not a fresh delivery.
+        assert!(!committed_here(&job(at + 1_000_000, true), at + 1_000_000));
+        // The queue's reads leave such jobs out, and only them.
+        let mut q = Queue::new(Ordering::Fifo);
+        q.insert(job(at, true));
+        let mut other = job(at, false);
+        other.delivery = 2;
+        q.insert(other);
+        assert_eq!(q.first(10, at), vec![(2, at, true)]);
+        assert_eq!(q.first(10, at + view), vec![(1, at, false), (2, at, true)]);
     }
 }
