@@ -130,6 +130,8 @@ struct Shared {
     tx: Sender<Msg>,
     applier: Mutex<Option<JoinHandle<()>>>,
     checkpoint: Checkpoint,
+    /// The thread of the last checkpoint, joined once the applier (which starts them) ended.
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
     /// Tests stop the applier to take the files as a crash leaves them.
     halted: AtomicBool,
     /// Tests make the applier's writes to the database file fail.
@@ -288,6 +290,7 @@ pub fn open(path: &Path, size: u64) -> Result<JournaledFile, JournalError> {
         tx,
         applier: Mutex::new(None),
         checkpoint: Checkpoint::default(),
+        checkpointer: Mutex::new(None),
         halted: AtomicBool::new(false),
         #[cfg(test)]
         fail_applies: AtomicBool::new(false),
@@ -589,8 +592,9 @@ impl Shared {
         }
     }
 
-    /// Ends the syncer (after it made every record sealed so far durable) and then the
-    /// applier (after it copied them into the database file).
+    /// Ends the syncer (after it made every record sealed so far durable), then the applier
+    /// (after it copied them into the database file), then a checkpoint still running: once
+    /// this returns no thread of the journal touches its files.
     fn stop_threads(&self) {
         let _ = self.to_sync.send(None);
         if let Some(h) = lock(&self.syncer).take() {
@@ -598,6 +602,10 @@ impl Shared {
         }
         let _ = self.tx.send(Msg::Stop);
         if let Some(h) = lock(&self.applier).take() {
+            let _ = h.join();
+        }
+        let checkpointer = lock(&self.checkpointer).take();
+        if let Some(h) = checkpointer {
             let _ = h.join();
         }
         // Nothing can become durable any more.
@@ -745,14 +753,23 @@ impl Applier {
                 }
                 shared.checkpoint.done.notify_all();
             });
-        if let Err(e) = spawned {
-            let mut ck = lock(&self.shared.checkpoint.state);
-            ck.running = false;
-            ck.failed = Some(e.to_string());
-            self.shared.checkpoint.done.notify_all();
-            return Err(e);
+        match spawned {
+            Ok(h) => {
+                // Only one checkpoint runs at a time: the previous one has finished its work.
+                let previous = lock(&self.shared.checkpointer).replace(h);
+                if let Some(previous) = previous {
+                    let _ = previous.join();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let mut ck = lock(&self.shared.checkpoint.state);
+                ck.running = false;
+                ck.failed = Some(e.to_string());
+                self.shared.checkpoint.done.notify_all();
+                Err(e)
+            }
         }
-        Ok(())
     }
 }
 
@@ -825,14 +842,17 @@ impl Syncer {
         Ok(())
     }
 
-    /// Makes the records written since the last flush durable (one fsync), passes them to
-    /// the applier and publishes the new durable epoch.
+    /// Makes the records written since the last flush durable (one fsync), publishes the new
+    /// durable epoch and passes the records to the applier.
     fn flush(&self, p: &Position, written: &mut Vec<Record>) -> io::Result<()> {
         let sh = &*self.shared;
         let Some(last) = written.last().map(|r| r.epoch) else {
             return Ok(());
         };
         sh.files[p.active].sync_data()?;
+        // Published before the applier sees the records: if it then fails on one, the commits
+        // that are in the journal must still be reported durable, not failed.
+        lock(&sh.state).durable = last;
         for r in written.drain(..) {
             sh.tx
                 .send(Msg::Record {
@@ -842,7 +862,6 @@ impl Syncer {
                 })
                 .map_err(|_| closed())?;
         }
-        lock(&sh.state).durable = last;
         sh.settle();
         Ok(())
     }
