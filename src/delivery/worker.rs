@@ -42,11 +42,47 @@ const PREFETCH: usize = 256;
 /// scheduled, due then, with no attempt. That commit is a view of the delivery as recent as
 /// a read kept for `CACHED_VIEW` would be, so the job starts on it without a read. (An
 /// operator's cancel that lands meanwhile is then as late as one landing during the
-/// attempt: the attempt is recorded, and the delivery stays cancelled.)
+/// attempt: the attempt is recorded, and the delivery stays cancelled.) A clock that
+/// stepped back makes no job fresh. The caller also checks that no attempt of the delivery
+/// started meanwhile (`RecentStarts`): a scan may have handed it over first.
 fn committed_here(job: &Job, now: Micros) -> bool {
     job.event.as_ref().is_some_and(|e| {
-        e.received_at == job.due && now.saturating_sub(e.received_at) < micros(CACHED_VIEW)
+        e.received_at == job.due
+            && (0..micros(CACHED_VIEW)).contains(&now.saturating_sub(e.received_at))
     })
+}
+
+/// Cluster mode: the deliveries whose attempts a destination task started in the last
+/// `CACHED_VIEW`. A delivery made by this node's commit may also be found by a scan that
+/// read the row between the commit and its hand-over; that copy, without its event, is read
+/// and may start first. The commit's copy then comes with its event, and is young enough for
+/// `committed_here`: it must be read (and dropped as moved on), not started again. Any
+/// attempt of a delivery younger than `CACHED_VIEW` started within `CACHED_VIEW`, so this
+/// covers them all.
+#[derive(Default)]
+struct RecentStarts {
+    order: std::collections::VecDeque<(Micros, DeliveryId)>,
+    at: HashMap<DeliveryId, Micros>,
+}
+
+impl RecentStarts {
+    fn started(&mut self, id: DeliveryId, now: Micros) {
+        while let Some(&(t, old)) = self.order.front() {
+            if now.saturating_sub(t) < micros(CACHED_VIEW) {
+                break;
+            }
+            self.order.pop_front();
+            if self.at.get(&old) == Some(&t) {
+                self.at.remove(&old);
+            }
+        }
+        self.order.push_back((now, id));
+        self.at.insert(id, now);
+    }
+
+    fn contains(&self, id: DeliveryId) -> bool {
+        self.at.contains_key(&id)
+    }
 }
 
 /// How many jobs a destination holds, shared with the router that feeds it.
@@ -255,6 +291,8 @@ pub struct Worker {
     epoch: Option<i64>,
     /// Cluster mode: the last view read for a run of attempts, and when (see `snapshot`).
     cached: Option<(Instant, Arc<Snapshot>)>,
+    /// Cluster mode: attempts started lately, which `committed_here` jobs must not repeat.
+    recent: RecentStarts,
 }
 
 impl Worker {
@@ -312,6 +350,7 @@ impl Worker {
             wake_at: None,
             epoch: Some(0),
             cached: None,
+            recent: RecentStarts::default(),
             depth,
         }
     }
@@ -418,6 +457,10 @@ impl Worker {
             return;
         }
         if self.env.attempting.contains(job.delivery) {
+            // A second copy of a delivery under way: it is read again once the attempt is
+            // recorded, never started on the event it may carry.
+            let mut job = job;
+            job.event = None;
             self.parked.insert(job.delivery, job);
             return;
         }
@@ -490,7 +533,9 @@ impl Worker {
                 }
             }
             let Some(job) = self.pick() else { return };
-            let here = clustered && committed_here(&job, self.env.clock.now_micros());
+            let here = clustered
+                && committed_here(&job, self.env.clock.now_micros())
+                && !self.recent.contains(job.delivery);
             if !here
                 && !snap.answers(job.delivery, job.event.is_none())
                 && reread != Some(job.delivery)
@@ -545,6 +590,10 @@ impl Worker {
                 return;
             }
             self.env.attempting.start(job.delivery);
+            if clustered {
+                self.recent
+                    .started(job.delivery, self.env.clock.now_micros());
+            }
             if let Some(c) = self
                 .dest
                 .series
@@ -987,6 +1036,21 @@ mod tests {
         assert!(!committed_here(&job(at, false), at));
         // Due at another time than its event's receipt: not a fresh delivery.
         assert!(!committed_here(&job(at + 1_000_000, true), at + 1_000_000));
+        // A clock that stepped back makes nothing fresh.
+        assert!(!committed_here(&job(at, true), at - 1));
+        // An attempt started lately is remembered for CACHED_VIEW after it, so a second
+        // copy of its job is read, not started; then forgotten as later ones start.
+        let mut recent = RecentStarts::default();
+        recent.started(1, at);
+        recent.started(2, at + view - 1);
+        assert!(recent.contains(1) && recent.contains(2) && !recent.contains(3));
+        recent.started(3, at + view);
+        assert!(!recent.contains(1) && recent.contains(2) && recent.contains(3));
+        // Started again: the later start counts.
+        recent.started(2, at + view + 1);
+        recent.started(4, at + 2 * view);
+        assert!(recent.contains(2) && !recent.contains(3) && recent.contains(4));
+        assert_eq!(recent.order.len(), 2);
         // The queue's reads leave such jobs out, and only them.
         let mut q = Queue::new(Ordering::Fifo);
         q.insert(job(at, true));
