@@ -232,17 +232,12 @@ async fn gone_disables_the_subscription(b: Backend) {
     // Counted once the change is in force: whoever sees the count sees the change, not the
     // other way round (in cluster mode the change's notification may apply it on this node
     // before the destination task that asked for it hears back).
-    loop {
+    eventually("the gone disable to be counted", || async {
         let body = d.metrics().await;
-        if body.contains("dispatchd_subscriptions_disabled_total{reason=\"gone\"} 1") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not counted: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        body.contains("dispatchd_subscriptions_disabled_total{reason=\"gone\"} 1")
+            .then_some(())
+    })
+    .await;
 }
 
 async fn a_timeout_is_retried(b: Backend) {
@@ -621,18 +616,12 @@ async fn a_subscription_failing_for_the_auto_disable_period_is_disabled() {
         .to_toml();
     let d = Daemon::start(&cfg);
     d.publish("a", json!({})).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually("the subscription to be auto-disabled", || async {
         let text = d.metrics().await;
-        if text.contains("dispatchd_subscriptions_disabled_total{reason=\"auto_disabled\"} 1") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never auto-disabled:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        text.contains("dispatchd_subscriptions_disabled_total{reason=\"auto_disabled\"} 1")
+            .then_some(())
+    })
+    .await;
     // Disabled: new events no longer fan out to it.
     let next = d.publish("a", json!({})).await;
     assert_eq!(next["deliveries"], 0, "{next}");
